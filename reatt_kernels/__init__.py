@@ -1,0 +1,20 @@
+"""reatt-kernels: Triton, CUDA and C++ kernels for Retrieval as Attention (ReAtt).
+
+Public API (shapes in each docstring):
+- :func:`maxsim`, :func:`maxsim_packed`, :func:`maxsim_grouped`: late-interaction scoring, fwd + bwd.
+- :func:`available_backends`: each backend's status ("ok" or the reasons it cannot run here).
+
+Importing this package touches no CUDA and does not import triton.
+"""
+from ._dispatch import BackendUnavailableError, available_backends
+from .ops.maxsim import maxsim, maxsim_grouped, maxsim_packed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "maxsim",
+    "maxsim_packed",
+    "maxsim_grouped",
+    "available_backends",
+    "BackendUnavailableError",
+]

@@ -1,0 +1,85 @@
+"""Loads the compiled module ``reatt_kernels._C`` once, and keeps the import error for the backends' reasons list.
+
+The module links no libtorch: every binding takes raw data pointers (``int``), sizes, strides, a dtype code and, for
+CUDA, the stream handle. The helpers here turn tensors into those arguments.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+# Must match csrc/common.h::DType.
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.int32: 3,
+    torch.int64: 4,
+    torch.uint8: 5,
+    torch.bool: 6,
+    torch.int16: 7,
+}
+
+_C = None
+_IMPORT_ERROR: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    global _C, _IMPORT_ERROR
+    try:
+        from reatt_kernels import _C as mod  # type: ignore[attr-defined]
+
+        _C = mod
+    except Exception as exc:  # pragma: no cover - depends on the build
+        _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    return _C
+
+
+def ext():
+    """The compiled module, or None when it was not built or failed to load."""
+    return _load()
+
+
+def import_error() -> Optional[str]:
+    _load()
+    return _IMPORT_ERROR
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    mod = ext()
+    return dict(mod.build_info()) if mod is not None else {}
+
+
+def cuda_built() -> bool:
+    return bool(build_info().get("cuda", False))
+
+
+def has(name: str) -> bool:
+    """True when the compiled module exposes binding ``name`` (an op whose sources were built)."""
+    mod = ext()
+    return mod is not None and hasattr(mod, name)
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"reatt_kernels._C has no code for dtype {t.dtype}") from None
+
+
+def ptr(t: Optional[torch.Tensor]) -> int:
+    """Data pointer of ``t`` (0 for None or an empty tensor)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return t.data_ptr()
+
+
+def stream(t: torch.Tensor) -> int:
+    """Raw ``cudaStream_t`` of the current stream on ``t``'s device (0 on CPU)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream

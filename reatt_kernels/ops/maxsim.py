@@ -1,0 +1,276 @@
+"""MaxSim custom ops ``reatt::maxsim_fwd`` / ``reatt::maxsim_bwd``, their autograd, and the functional API.
+
+Every backend module registered below provides the same launcher contract::
+
+    _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean) -> (scores, argmax)
+    _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic) -> (dq, dd, dbias)
+    _maxsim_not_supported_reasons(tensors, **facts) -> list[str]        (optional)
+
+with the canonical layout of :mod:`reatt_kernels.reference.maxsim` (``q_mask`` is always a bool tensor here; ``d`` is
+padded [Nd, Ld, D] with optional ``d_mask``, or packed [T, D] with ``d_offsets``; grouped = padded + ``group_size``).
+Scores are fp32 [Bq, C] and argmax int32 [Bq, C, Lq]; dq/dd come back in the inputs' dtypes and shapes, dbias fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._dispatch import get_impl, register_impl, select
+
+register_impl("maxsim", "torch", "reatt_kernels.reference.maxsim")
+register_impl("maxsim", "cpu", "reatt_kernels.cpu.maxsim")
+register_impl("maxsim", "triton", "reatt_kernels.triton.maxsim")
+register_impl("maxsim", "cuda", "reatt_kernels.cuda.maxsim")
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _score_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _n_cols(q: Tensor, d: Tensor, d_offsets: Optional[Tensor], group_size: int):
+    if group_size:
+        return group_size
+    return d_offsets.shape[0] - 1 if d_offsets is not None else d.shape[0]
+
+
+@torch.library.custom_op("reatt::maxsim_fwd", mutates_args=())
+def maxsim_fwd(
+    q: Tensor,
+    d: Tensor,
+    q_mask: Tensor,
+    d_mask: Optional[Tensor],
+    d_offsets: Optional[Tensor],
+    pos_bias: Optional[Tensor],
+    group_size: int,
+    mean: bool,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Scores fp32 [Bq, C] and argmax int32 [Bq, C, Lq] (C = Nd, or group_size when grouped)."""
+    Bq, Lq = q.shape[0], q.shape[1]
+    C = _n_cols(q, d, d_offsets, group_size)
+    if Bq == 0 or C == 0 or Lq == 0:
+        # Nothing to launch: a query with no tokens scores 0 against everything.
+        return (torch.zeros((Bq, C), dtype=_score_dtype(q), device=q.device),
+                torch.full((Bq, C, Lq), -1, dtype=torch.int32, device=q.device))
+    scores, argmax = get_impl("maxsim", backend)._maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)
+    return scores, argmax
+
+
+@maxsim_fwd.register_fake
+def _maxsim_fwd_fake(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, deterministic, backend):
+    Bq, Lq = q.shape[0], q.shape[1]
+    C = _n_cols(q, d, d_offsets, group_size)
+    return q.new_empty((Bq, C), dtype=_score_dtype(q)), q.new_empty((Bq, C, Lq), dtype=torch.int32)
+
+
+@torch.library.custom_op("reatt::maxsim_bwd", mutates_args=())
+def maxsim_bwd(
+    grad: Tensor,
+    q: Tensor,
+    d: Tensor,
+    q_mask: Tensor,
+    d_offsets: Optional[Tensor],
+    argmax: Tensor,
+    n_bias: int,
+    group_size: int,
+    mean: bool,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq (like q), dd (like d), dbias [n_bias] (fp32, fp64 for fp64 inputs), all contiguous."""
+    if grad.numel() == 0 or q.shape[1] == 0:
+        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device), torch.zeros(d.shape, dtype=d.dtype, device=d.device),
+                torch.zeros((n_bias,), dtype=_score_dtype(q), device=q.device))
+    dq, dd, db = get_impl("maxsim", backend)._maxsim_bwd(
+        grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic
+    )
+    return dq.contiguous(), dd.contiguous(), db.contiguous()
+
+
+@maxsim_bwd.register_fake
+def _maxsim_bwd_fake(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic, backend):
+    return q.new_empty(q.shape), d.new_empty(d.shape), q.new_empty((n_bias,), dtype=_score_dtype(q))
+
+
+def _setup_context(ctx, inputs, output):
+    q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, deterministic, backend = inputs
+    _, argmax = output
+    ctx.save_for_backward(q, d, q_mask, d_offsets, argmax)
+    ctx.n_bias = pos_bias.shape[0] if pos_bias is not None else 0
+    ctx.bias_dtype = pos_bias.dtype if pos_bias is not None else None
+    ctx.group_size, ctx.mean, ctx.deterministic, ctx.backend = group_size, mean, deterministic, backend
+    ctx.mark_non_differentiable(argmax)
+
+
+def _backward(ctx, g_scores, g_argmax):
+    q, d, q_mask, d_offsets, argmax = ctx.saved_tensors
+    g = g_scores.to(_score_dtype(q))
+    dq, dd, db = torch.ops.reatt.maxsim_bwd(
+        g, q, d, q_mask, d_offsets, argmax, ctx.n_bias, ctx.group_size, ctx.mean, ctx.deterministic, ctx.backend
+    )
+    dbias = db.to(ctx.bias_dtype) if ctx.n_bias else None
+    return (dq if ctx.needs_input_grad[0] else None, dd if ctx.needs_input_grad[1] else None,
+            None, None, None, dbias, None, None, None, None)
+
+
+maxsim_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- validation --------------------------------------------------------------------------------------------------------
+def _check_tensor(name: str, t, ndim: int, shape_desc: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_desc}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {shape_desc}, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_mask(name: str, m, shape: tuple, ref: Tensor) -> None:
+    if m is None:
+        return
+    if not isinstance(m, Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor of shape {shape}, got {type(m).__name__}")
+    if m.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = real token), got {m.dtype}")
+    if tuple(m.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(m.shape)}")
+    if m.device != ref.device:
+        raise ValueError(f"{name} is on {m.device} but q is on {ref.device}")
+
+
+def _check_common(q, d, pos_bias, reduce, d_name="d") -> None:
+    if q.dtype != d.dtype:
+        raise TypeError(f"q and {d_name} must have the same dtype, got {q.dtype} and {d.dtype}")
+    if q.device != d.device:
+        raise ValueError(f"q is on {q.device} but {d_name} is on {d.device}")
+    if q.shape[-1] != d.shape[-1]:
+        raise ValueError(f"q and {d_name} must have the same dim (last axis), got {q.shape[-1]} and {d.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("q must have dim >= 1")
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    if pos_bias is not None:
+        if not isinstance(pos_bias, Tensor):
+            raise TypeError(f"pos_bias must be a float torch.Tensor [R], got {type(pos_bias).__name__}")
+        if pos_bias.dim() != 1 or pos_bias.shape[0] == 0:
+            raise ValueError(f"pos_bias must be 1-D [R] with R >= 1, got shape {tuple(pos_bias.shape)}")
+        if not pos_bias.is_floating_point():
+            raise TypeError(f"pos_bias must be a float tensor, got {pos_bias.dtype}")
+        if pos_bias.device != q.device:
+            raise ValueError(f"pos_bias is on {pos_bias.device} but q is on {q.device}")
+
+
+def check_offsets(d_offsets, n_tokens: int, ref: Tensor, name: str = "d_offsets") -> None:
+    """Offsets must be int64 [Nd + 1], start at 0, never decrease, and end at the token count."""
+    if not isinstance(d_offsets, Tensor):
+        raise TypeError(f"{name} must be an int64 torch.Tensor [Nd + 1], got {type(d_offsets).__name__}")
+    if d_offsets.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {d_offsets.dtype}")
+    if d_offsets.dim() != 1 or d_offsets.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D [Nd + 1] with at least one entry, got shape {tuple(d_offsets.shape)}")
+    if d_offsets.device != ref.device:
+        raise ValueError(f"{name} is on {d_offsets.device} but q is on {ref.device}")
+    if torch.compiler.is_compiling():
+        return  # data-dependent checks would break the graph; eager calls check them
+    first, last = int(d_offsets[0]), int(d_offsets[-1])
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {first}")
+    if last != n_tokens:
+        raise ValueError(f"{name} must end at the number of token rows ({n_tokens}), got {last}")
+    if d_offsets.shape[0] > 1 and bool((d_offsets[1:] < d_offsets[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing (document b is rows offsets[b]:offsets[b+1])")
+
+
+def _q_mask(q: Tensor, q_mask: Optional[Tensor]) -> Tensor:
+    if q_mask is None:
+        return torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+    return q_mask
+
+
+# ---- functional API ----------------------------------------------------------------------------------------------------
+def maxsim(q, d, q_mask=None, d_mask=None, *, pos_bias=None, reduce="sum", backend="auto", return_argmax=False,
+           deterministic=False):
+    """All-pairs MaxSim: every query against every padded document.
+
+    Args:
+        q: [Bq, Lq, dim] float32/float16/bfloat16 (any strides).
+        d: [Nd, Ld, dim], same dtype and device as q.
+        q_mask: bool [Bq, Lq] or None (True = real token). d_mask: bool [Nd, Ld] or None.
+        pos_bias: float [R] or None: ReAtt's relative-position bias per distance r = n_a + j - i (clamped to [0, R-1]).
+        reduce: "sum" (search) or "mean" (over valid query tokens; ReAtt training).
+        backend: "auto", "torch", "cpu", "triton" or "cuda" (``REATT_BACKEND`` overrides "auto").
+        return_argmax: also return the winning document token per (query, doc, query token), int32 [Bq, Nd, Lq]
+            (-1 for a masked query token or an empty document).
+        deterministic: make the backward's dd accumulation bitwise reproducible.
+    Returns:
+        float32 scores [Bq, Nd] (and the argmax). An empty document scores -inf; a query with no valid token scores 0.
+        Differentiable w.r.t. q, d and pos_bias (through the argmax; no token-pair scores are stored).
+    """
+    _check_tensor("q", q, 3, "[Bq, Lq, dim]")
+    _check_tensor("d", d, 3, "[Nd, Ld, dim]")
+    _check_common(q, d, pos_bias, reduce)
+    _check_mask("q_mask", q_mask, q.shape[:2], q)
+    _check_mask("d_mask", d_mask, d.shape[:2], q)
+    qm = _q_mask(q, q_mask)
+    name = select("maxsim", [q, d, qm, d_mask, pos_bias], backend, dim=q.shape[-1], layout="padded", n_q=q.shape[0])
+    scores, argmax = torch.ops.reatt.maxsim_fwd(q, d, qm, d_mask, None, pos_bias, 0, reduce == "mean", deterministic, name)
+    return (scores, argmax) if return_argmax else scores
+
+
+def maxsim_packed(q, d_tokens, d_offsets, q_mask=None, *, pos_bias=None, reduce="sum", backend="auto",
+                  return_argmax=False, deterministic=False):
+    """All-pairs MaxSim against ragged documents stored back to back (the index layout; no work on padding).
+
+    Args:
+        q: [Bq, Lq, dim]. d_tokens: [T, dim]. d_offsets: int64 [Nd + 1]; document b is rows d_offsets[b]:d_offsets[b+1]
+            (offsets start at 0, never decrease, end at T). Other arguments as in :func:`maxsim`.
+    Returns:
+        float32 scores [Bq, Nd] (and int32 argmax [Bq, Nd, Lq], positions inside each document).
+    """
+    _check_tensor("q", q, 3, "[Bq, Lq, dim]")
+    _check_tensor("d_tokens", d_tokens, 2, "[T, dim]")
+    _check_common(q, d_tokens, pos_bias, reduce, "d_tokens")
+    _check_mask("q_mask", q_mask, q.shape[:2], q)
+    check_offsets(d_offsets, d_tokens.shape[0], q)
+    qm = _q_mask(q, q_mask)
+    name = select("maxsim", [q, d_tokens, qm, d_offsets, pos_bias], backend, dim=q.shape[-1], layout="packed",
+                  n_q=q.shape[0])
+    scores, argmax = torch.ops.reatt.maxsim_fwd(q, d_tokens, qm, None, d_offsets, pos_bias, 0, reduce == "mean",
+                                               deterministic, name)
+    return (scores, argmax) if return_argmax else scores
+
+
+def maxsim_grouped(q, d, q_mask=None, d_mask=None, *, pos_bias=None, reduce="sum", backend="auto",
+                   return_argmax=False, deterministic=False):
+    """Grouped MaxSim for training: each query scores only its own n documents.
+
+    Args:
+        q: [B, Lq, dim]. d: [B, n, Ld, dim]. q_mask: bool [B, Lq]. d_mask: bool [B, n, Ld]. Others as in :func:`maxsim`.
+    Returns:
+        float32 scores [B, n] (and int32 argmax [B, n, Lq]).
+    """
+    _check_tensor("q", q, 3, "[B, Lq, dim]")
+    _check_tensor("d", d, 4, "[B, n, Ld, dim]")
+    _check_common(q, d, pos_bias, reduce)
+    if d.shape[0] != q.shape[0]:
+        raise ValueError(f"d must be [B, n, Ld, dim] with B = q.shape[0] = {q.shape[0]}, got {tuple(d.shape)}")
+    _check_mask("q_mask", q_mask, q.shape[:2], q)
+    _check_mask("d_mask", d_mask, d.shape[:3], q)
+    B, n, Ld, D = d.shape
+    qm = _q_mask(q, q_mask)
+    d_flat = d.reshape(B * n, Ld, D)
+    dm_flat = d_mask.reshape(B * n, Ld) if d_mask is not None else None
+    name = select("maxsim", [q, d_flat, qm, dm_flat, pos_bias], backend, dim=D, layout="grouped", n_q=B)
+    if n == 0:
+        scores = torch.zeros((B, 0), dtype=_score_dtype(q), device=q.device)
+        argmax = torch.zeros((B, 0, q.shape[1]), dtype=torch.int32, device=q.device)
+    else:
+        scores, argmax = torch.ops.reatt.maxsim_fwd(q, d_flat, qm, dm_flat, None, pos_bias, n, reduce == "mean",
+                                                   deterministic, name)
+    return (scores, argmax) if return_argmax else scores
