@@ -8,6 +8,7 @@ Importing this package touches no CUDA and does not import triton.
 """
 from ._dispatch import BackendUnavailableError, available_backends
 from .ops.maxsim import maxsim, maxsim_grouped, maxsim_packed
+from .ops.distill import distill_kl, reader_teacher, retrieval_distill_loss
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,9 @@ __all__ = [
     "maxsim",
     "maxsim_packed",
     "maxsim_grouped",
+    "reader_teacher",
+    "distill_kl",
+    "retrieval_distill_loss",
     "available_backends",
     "BackendUnavailableError",
 ]
