@@ -1,0 +1,563 @@
+r"""MaxSim in Triton: a fused, FlashAttention-style forward and an argmax-driven backward.
+
+Semantics are those of :mod:`reatt_kernels.reference.maxsim` (THE spec); the launcher contract is the one at the top of
+:mod:`reatt_kernels.ops.maxsim`. Shapes below: q [Bq, Lq, D]; d padded [Nd, Ld, D] (+ d_mask) or packed [T, D] with
+int64 offsets [Nd + 1]; grouped = padded with doc b owned by query b // n (output column b % n).
+
+Design note
+===========
+Forward (``_maxsim_fwd_kernel``). One program owns a block of *rows* and a contiguous range of documents. A row is a
+(query a, query token i) pair; a block holds QB queries x M_TOK tokens (M_TOK = next power of two of Lq, at most 128;
+longer queries are split into token chunks whose partial sums are added afterwards). The q block is loaded once and
+stays resident in registers. The program streams its documents tile by tile (BLOCK_N tokens x D), computes the
+[M, BLOCK_N] scores with ``tl.dot`` (fp16/bf16 on tensor cores with fp32 accumulation; fp32 with
+``input_precision="ieee"`` so fp32 tolerances hold), adds the position bias, masks, and folds each tile into a running
+max and argmax held in registers (strict ``>`` across tiles + ``tie_break_left`` inside a tile = ties to the lowest j).
+At the end of a document it reduces its rows per query (a [QB, M_TOK] reshape + sum) and writes one fp32 score per
+(query, doc) and the int32 argmax per row. Nothing of size Bq x Nd x Lq x Ld ever exists in memory.
+
+Two regimes on the GPU (H100: 3.0 TB/s HBM, ~700 TFLOP/s bf16 dense):
+
+* few queries vs many documents is HBM-bound. 1 query x 200k docs x 128 tok x 128 dim fp16 reads 6.55 GB of documents
+  once and does 2 * 32 * 128 * 128 = 1.05 MFLOP per 32 KiB document: 32 FLOP/byte, far under the ~230 FLOP/byte ridge.
+  So each document tile is read exactly once (a single query block: QB covers all queries), q stays resident, and each
+  program walks ``docs_per_prog`` consecutive documents so the grid is several waves of 132 SMs while q is re-read from
+  L2 only once per program (8 KiB per 16+ docs, i.e. < 2% extra traffic). The doc loop is the pipelined loop
+  (num_stages >= 3) so loads of the next document overlap the dot and the max of the current one. Floor: 6.55 GB /
+  2.94 TB/s = 2.2 ms; the target 3.1 ms (or the ANCHORS 2.3 ms) needs >= 70-95% of HBM, which is what a streaming
+  kernel with 3-stage pipelining reaches on H100 (unmeasured here: no GPU on the development machine).
+* many queries vs many documents is compute-bound. 64 q x 6400 docs x Lq 32 x Ld 200 x d 64 is 335 GFLOP (0.5 ms at
+  700 TFLOP/s) against 164 MB of documents. A program then takes QB = 4 queries (M = 128 rows), so every document tile
+  loaded into shared memory feeds a 128 x BLOCK_N x D tensor-core dot: 2 * 128 = 256 FLOP per byte loaded, and the
+  16 query blocks re-read each tile from L2, not HBM, because consecutive program ids share the document range.
+
+Backward (argmax only; no token-pair scores are recomputed):
+
+* ``_maxsim_bwd_dq_kernel`` gathers: dq[a, i] = sum_c w[a, c] * d[doc(a, c), argmax[a, c, i]] with w = grad (/ n_a for
+  mean). One program owns one query's token chunk and a chunk of columns; its partial dq (fp32) goes to a
+  [chunks, Bq, Lq, D] buffer summed in a fixed order, so dq is deterministic. Bytes: Bq*C*Lq*(4 + 2D) gathered, i.e.
+  64*6400*32*(4+128) = 1.7 GB for the training shape (0.6 ms at HBM speed; much of it hits L2).
+  The same loop accumulates dpos_bias as a per-program histogram over the distance bins (a [M_TOK, NB] compare per
+  column), written as per-program partials and summed in a fixed order: deterministic in both modes.
+  In the atomic mode (``deterministic=False``) the loop also scatters w * q[a, i] into an fp32 dd buffer with
+  ``tl.atomic_add`` (Bq*C*Lq*D fp32 atomics: 0.84e9 for the training shape) then casts it to d's dtype.
+* ``_maxsim_bwd_dd_kernel`` (``deterministic=True``) owns one document tile (BLOCK_N tokens) and loops over the
+  queries that score it in a fixed order: dd[b, j] = sum_a w[a, b] * onehot(argmax[a, b, :] == j) @ q[a]. The one-hot
+  [BLOCK_N, Lq] matrix is exact in every dtype, so the tensor-core dot sums exact products in fp32, and w is applied in
+  fp32 afterwards. It costs the forward's FLOPs (2 * Bq*Lq*T*D) but no atomics, no fp32 dd buffer (dd is written once,
+  in d's dtype), and it is bitwise reproducible. For the training shape this is 335 GFLOP on tensor cores plus
+  re-reading q[a] (4 KiB) from L2 per (tile, query); it may well beat the atomics there: benchmark both.
+
+64-bit offsets everywhere: every index that multiplies a stride is cast to int64 first (1 query x 200k docs x 128 x
+128 is 3.3e9 elements > 2^31). Dims up to 256 are padded to a power of two with masked loads (dim 7, 33 work).
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) the cost is programs x loop steps, so the launchers use one program for all
+queries and as many documents as possible with big tiles, and upcast operands to fp32 before ``tl.dot`` (the
+interpreter multiplies the raw bits of fp16/bf16 operands).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+
+MAX_DIM = 256  # q/d tiles hold the whole (padded) dim; larger dims would spill registers
+MAX_TOK = 128  # query tokens per row block; longer queries are split into token chunks
+MAX_BINS = 2048  # pos_bias bins held by the backward's histogram; beyond that dpos_bias is computed by torch
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _np2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# ---- forward -----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _maxsim_fwd_kernel(
+    q_ptr, d_ptr, qmask_ptr, dmask_ptr, off_ptr, bias_ptr, nq_ptr, scores_ptr, argmax_ptr,
+    Bq, Lq, Ld, D, C, R, Nd, group_size, docs_per_prog, n_qblocks, n_tchunks,
+    stride_qb, stride_ql, stride_qd,
+    stride_db, stride_dl, stride_dd,
+    stride_mb, stride_ml,
+    QB: tl.constexpr, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, TILES: tl.constexpr,
+    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_DMASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MEAN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """scores[t, a, c] (token chunk t's partial sum) and argmax[a, c, i] for one row block x one document range.
+
+    Per document tile: reads BLOCK_N * D * elt bytes (+ BLOCK_N mask bytes), does 2 * M * BLOCK_N * D FLOPs
+    (M = QB * M_TOK rows), plus M * BLOCK_N bias gathers from an L1-resident [R] table when HAS_BIAS.
+    """
+    M: tl.constexpr = QB * M_TOK
+    pid = tl.program_id(0)
+    # Row block fastest: programs launched together share a document range, so a document tile comes from HBM once
+    # and from L2 for the other row blocks.
+    qblk = pid % n_qblocks
+    dchunk = pid // n_qblocks
+    tchunk = qblk % n_tchunks
+    a0 = (qblk // n_tchunks) * QB
+    i0 = tchunk * M_TOK
+
+    rows = tl.arange(0, M)
+    a = a0 + rows // M_TOK  # query of each row
+    i = i0 + rows % M_TOK  # raw token position of each row
+    row_ok = (a < Bq) & (i < Lq)
+    a64 = tl.cast(a, tl.int64)
+    i64 = i.to(tl.int64)
+    qm = tl.load(qmask_ptr + a64 * Lq + i64, mask=row_ok, other=0) != 0
+    valid = row_ok & qm
+    na = tl.load(nq_ptr + a64, mask=a < Bq, other=0)  # valid tokens of each row's query (n_a)
+
+    k = tl.arange(0, D_PAD)
+    k_ok = k < D
+    k64 = k.to(tl.int64)
+    qt = tl.load(q_ptr + a64[:, None] * stride_qb + i64[:, None] * stride_ql + k64[None, :] * stride_qd,
+                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+
+    # Document range of this program.
+    if GROUPED:
+        n_chunks_per_q = tl.cdiv(group_size, docs_per_prog)
+        owner = a0  # QB == 1 when grouped
+        c_lo = (dchunk % n_chunks_per_q) * docs_per_prog
+        c_hi = tl.minimum(c_lo + docs_per_prog, group_size)
+        b_lo = owner * group_size + c_lo
+        b_hi = owner * group_size + c_hi
+        col_base = owner * group_size
+    else:
+        b_lo = dchunk * docs_per_prog
+        b_hi = tl.minimum(b_lo + docs_per_prog, Nd)
+        col_base = 0
+
+    cols = tl.arange(0, BLOCK_N)
+    for b in range(b_lo, b_hi):
+        b64 = tl.cast(b, tl.int64)
+        m = tl.full([M], float("-inf"), tl.float32)
+        am = tl.full([M], -1, tl.int32)
+        if PACKED:
+            start = tl.load(off_ptr + b64)
+            length = (tl.load(off_ptr + b64 + 1) - start).to(tl.int32)
+            for j0 in range(0, length, BLOCK_N):
+                j = j0 + cols
+                j_ok = j < length
+                dt = tl.load(d_ptr + (start + j.to(tl.int64))[None, :] * stride_dl + k64[:, None] * stride_dd,
+                             mask=j_ok[None, :] & k_ok[:, None], other=0.0)
+                if UPCAST:
+                    dt = dt.to(tl.float32)
+                if IEEE:
+                    s = tl.dot(qt, dt, input_precision="ieee")
+                else:
+                    s = tl.dot(qt, dt)
+                if HAS_BIAS:
+                    r = tl.minimum(tl.maximum(na[:, None] + j[None, :] - i[:, None], 0), R - 1)
+                    s += tl.load(bias_ptr + r)
+                s = tl.where(j_ok[None, :], s, float("-inf"))
+                tmax = tl.max(s, axis=1)
+                targ = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32)
+                upd = tmax > m  # strict: an equal value in a later tile never beats the earlier (lower) j
+                m = tl.where(upd, tmax, m)
+                am = tl.where(upd, targ + j0, am)
+        else:
+            for t in tl.static_range(TILES):
+                j = t * BLOCK_N + cols
+                j_ok = j < Ld
+                j64 = j.to(tl.int64)
+                if HAS_DMASK:
+                    j_ok = j_ok & (tl.load(dmask_ptr + b64 * stride_mb + j64 * stride_ml, mask=j_ok, other=0) != 0)
+                dt = tl.load(d_ptr + b64 * stride_db + j64[None, :] * stride_dl + k64[:, None] * stride_dd,
+                             mask=(j < Ld)[None, :] & k_ok[:, None], other=0.0)
+                if UPCAST:
+                    dt = dt.to(tl.float32)
+                if IEEE:
+                    s = tl.dot(qt, dt, input_precision="ieee")
+                else:
+                    s = tl.dot(qt, dt)
+                if HAS_BIAS:
+                    r = tl.minimum(tl.maximum(na[:, None] + j[None, :] - i[:, None], 0), R - 1)
+                    s += tl.load(bias_ptr + r)
+                s = tl.where(j_ok[None, :], s, float("-inf"))
+                tmax = tl.max(s, axis=1)
+                targ = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32)
+                upd = tmax > m
+                m = tl.where(upd, tmax, m)
+                am = tl.where(upd, targ + t * BLOCK_N, am)
+        # Masked query tokens add nothing; an empty document leaves m = -inf on valid rows, so its score is -inf
+        # (and a query with no valid token sums nothing: 0).
+        contrib = tl.where(valid, m, 0.0)
+        score = tl.sum(tl.reshape(contrib, [QB, M_TOK]), axis=1)
+        qa = a0 + tl.arange(0, QB)
+        if MEAN:
+            nqa = tl.load(nq_ptr + qa.to(tl.int64), mask=qa < Bq, other=1)
+            score = score / tl.maximum(nqa, 1).to(tl.float32)
+        col = tl.cast(b - col_base, tl.int64)
+        tl.store(scores_ptr + tchunk.to(tl.int64) * Bq * C + qa.to(tl.int64) * C + col, score, mask=qa < Bq)
+        tl.store(argmax_ptr + (a64 * C + col) * Lq + i64, tl.where(valid, am, -1), mask=row_ok)
+
+
+def _pos_bias_f32(pos_bias):
+    return pos_bias.to(torch.float32).contiguous()
+
+
+def _u8(mask):
+    return mask.view(torch.uint8)
+
+
+def _nonempty(d):
+    """A zero-size d has no valid pointer to pass; every load of it is masked off, so one dummy element stands in."""
+    return d if d.numel() > 0 else torch.zeros((1,) * d.dim(), dtype=d.dtype, device=d.device)
+
+
+def _fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs_per_q, grouped, interp, device):
+    """(QB, M_TOK, BLOCK_N, docs_per_prog, num_warps, num_stages) for this problem."""
+    M_TOK = min(_np2(Lq), MAX_TOK)
+    if grouped:
+        M_TOK = max(M_TOK, 16)  # tl.dot needs M >= 16 and a grouped block holds a single query
+        QB = 1
+    if interp:
+        # Cost is programs x loop steps: every query in one block (up to 256 rows), whole documents per tile,
+        # all documents in one program.
+        if not grouped:
+            QB = max(1, min(_np2(Bq), 256 // M_TOK))
+        BLOCK_N = max(16, min(_np2(Ld_tile), 256))
+        return QB, M_TOK, BLOCK_N, max(1, n_docs_per_q), 4, 1
+    if not grouped:
+        # HBM regime (few query rows): one block holds all queries so each document is read from HBM exactly once.
+        # Compute regime: 128 rows per block (4 queries of 32 tokens): a 128 x BLOCK_N x D dot per loaded tile.
+        QB = max(1, min(_np2(Bq), max(1, 128 // M_TOK)))
+        QB = max(QB, 16 // M_TOK)
+    M = QB * M_TOK
+    BLOCK_N = 128 if D_PAD <= 64 and M <= 64 else 64
+    if D_PAD >= 256:
+        BLOCK_N = 32
+    BLOCK_N = max(16, min(BLOCK_N, _np2(Ld_tile)))
+    n_qblocks = _cdiv(Bq, QB) * _cdiv(Lq, M_TOK) if not grouped else Bq * _cdiv(Lq, M_TOK)
+    # Several waves of programs over the SMs, but enough documents per program to amortise loading q.
+    n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    target = 8 * n_sm
+    docs_per_prog = max(1, min(64, _cdiv(n_docs_per_q * n_qblocks, target)))
+    num_warps = 8 if M * BLOCK_N >= 128 * 64 else 4
+    num_stages = 3 if D_PAD <= 128 else 2
+    return QB, M_TOK, BLOCK_N, docs_per_prog, num_warps, num_stages
+
+
+def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+    """Scores fp32 [Bq, C] and argmax int32 [Bq, C, Lq] (launcher contract of reatt_kernels.ops.maxsim)."""
+    Bq, Lq, D = q.shape
+    packed = d_offsets is not None
+    grouped = group_size > 0
+    Nd = d_offsets.shape[0] - 1 if packed else d.shape[0]
+    C = group_size if grouped else Nd
+    dev = q.device
+    interp = _interpret() or dev.type == "cpu"
+    if packed:
+        lens = d_offsets[1:] - d_offsets[:-1]
+        # Only the interpreter needs the longest document (to size one tile per document); the GPU path never syncs.
+        Ld_tile = int(lens.max().item()) if (interp and Nd > 0) else 128
+        Ld = 0
+    else:
+        Ld = d.shape[1]
+        Ld_tile = Ld
+    D_PAD = max(16, _np2(D))
+    QB, M_TOK, BLOCK_N, docs_per_prog, num_warps, num_stages = _fwd_config(
+        Bq, Lq, Ld_tile, D_PAD, C, grouped, interp, dev)
+    n_tchunks = _cdiv(Lq, M_TOK)
+    n_qblocks = (Bq if grouped else _cdiv(Bq, QB)) * n_tchunks
+    n_dchunks = _cdiv(C, docs_per_prog)
+
+    scores = empty((Bq, C), torch.float32, dev) if n_tchunks == 1 else empty((n_tchunks, Bq, C), torch.float32, dev)
+    argmax = empty((Bq, C, Lq), torch.int32, dev)
+    qmask = _u8(q_mask.contiguous())
+    nq = q_mask.sum(1, dtype=torch.int32)
+    bias = _pos_bias_f32(pos_bias) if pos_bias is not None else nq  # dummy pointer when there is no bias
+    dmask = _u8(d_mask) if d_mask is not None else qmask
+    off = d_offsets if packed else nq
+    if packed:
+        s_db, s_dl, s_dd = 0, d.stride(0), d.stride(1)
+    else:
+        s_db, s_dl, s_dd = d.stride(0), d.stride(1), d.stride(2)
+    s_mb, s_ml = (dmask.stride(0), dmask.stride(1)) if d_mask is not None and d_mask.numel() > 0 else (0, 0)
+    if d_mask is not None and d_mask.numel() == 0:
+        dmask = qmask
+    grid = (n_qblocks * n_dchunks,)
+    _maxsim_fwd_kernel[grid](
+        q, _nonempty(d), qmask, dmask, off, bias, nq, scores, argmax,
+        Bq, Lq, Ld, D, C, pos_bias.shape[0] if pos_bias is not None else 1, Nd, group_size, docs_per_prog,
+        n_qblocks, n_tchunks,
+        q.stride(0), q.stride(1), q.stride(2),
+        s_db, s_dl, s_dd,
+        s_mb, s_ml,
+        QB=QB, M_TOK=M_TOK, BLOCK_N=BLOCK_N, D_PAD=D_PAD, TILES=_cdiv(Ld, BLOCK_N),
+        PACKED=packed, GROUPED=grouped, HAS_DMASK=d_mask is not None, HAS_BIAS=pos_bias is not None,
+        MEAN=mean, UPCAST=interp, IEEE=(q.dtype == torch.float32 or interp),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if n_tchunks > 1:
+        scores = scores.sum(0)  # token chunks of long queries, added in a fixed order
+    return scores, argmax
+
+
+# ---- backward ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _maxsim_bwd_dq_kernel(
+    grad_ptr, q_ptr, d_ptr, off_ptr, argmax_ptr, nq_ptr, dqp_ptr, dbp_ptr, dd32_ptr,
+    Bq, Lq, Ld, D, C, R, group_size, cols_per_prog, n_tchunks,
+    stride_gb, stride_gc,
+    stride_qb, stride_ql, stride_qd,
+    stride_db, stride_dl, stride_dd,
+    M_TOK: tl.constexpr, D_PAD: tl.constexpr, NB: tl.constexpr,
+    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, MEAN: tl.constexpr,
+    ATOMIC_DD: tl.constexpr,
+):
+    """Partial dq[chunk, a, i, :] (gather), partial dpos_bias[pid, :] (histogram), and, in the atomic mode, the dd
+    scatter, for one query token chunk x one column chunk.
+
+    Per column: reads M_TOK argmax ints + M_TOK gathered rows of D elements; the atomic mode adds M_TOK * D fp32
+    atomics; the bias histogram costs M_TOK * NB compares.
+    """
+    pid = tl.program_id(0)
+    n_qprog = Bq * n_tchunks
+    qprog = pid % n_qprog
+    cchunk = pid // n_qprog
+    a = qprog // n_tchunks
+    i = (qprog % n_tchunks) * M_TOK + tl.arange(0, M_TOK)
+    row_ok = i < Lq
+    a64 = tl.cast(a, tl.int64)
+    i64 = i.to(tl.int64)
+    k = tl.arange(0, D_PAD)
+    k_ok = k < D
+    k64 = k.to(tl.int64)
+    na = tl.load(nq_ptr + a64)
+    if ATOMIC_DD:
+        qt = tl.load(q_ptr + a64 * stride_qb + i64[:, None] * stride_ql + k64[None, :] * stride_qd,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.zeros([M_TOK, D_PAD], tl.float32)
+    if HAS_BIAS:
+        bins = tl.arange(0, NB)
+        hist = tl.zeros([NB], tl.float32)
+    c_lo = cchunk * cols_per_prog
+    c_hi = tl.minimum(c_lo + cols_per_prog, C)
+    for c in range(c_lo, c_hi):
+        c64 = tl.cast(c, tl.int64)
+        g = tl.load(grad_ptr + a64 * stride_gb + c64 * stride_gc)
+        if MEAN:
+            g = g / tl.maximum(na, 1).to(tl.float32)
+        if GROUPED:
+            doc = a64 * group_size + c64
+        else:
+            doc = c64
+        am = tl.load(argmax_ptr + (a64 * C + c64) * Lq + i64, mask=row_ok, other=-1)
+        ok = am >= 0  # -1: masked query token or empty document
+        am64 = tl.maximum(am, 0).to(tl.int64)
+        if PACKED:
+            row = tl.load(off_ptr + doc) + am64  # token row in [T, D]
+            dptr = d_ptr + row[:, None] * stride_dl + k64[None, :] * stride_dd
+        else:
+            row = doc * Ld + am64  # token row of the contiguous dd buffer [Nd * Ld, D]
+            dptr = d_ptr + doc * stride_db + am64[:, None] * stride_dl + k64[None, :] * stride_dd
+        drow = tl.load(dptr, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.where(ok[:, None], g * drow, 0.0)
+        if ATOMIC_DD:
+            tl.atomic_add(dd32_ptr + row[:, None] * D + k64[None, :], g * qt, mask=ok[:, None] & k_ok[None, :],
+                          sem="relaxed")
+        if HAS_BIAS:
+            r = tl.minimum(tl.maximum(na + am - i, 0), R - 1)
+            hit = ok[:, None] & (r[:, None] == bins[None, :])
+            hist += tl.sum(tl.where(hit, g, 0.0), axis=0)
+    tl.store(dqp_ptr + ((cchunk.to(tl.int64) * Bq + a64) * Lq + i64[:, None]) * D + k64[None, :], acc,
+             mask=row_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        tl.store(dbp_ptr + pid.to(tl.int64) * NB + bins, hist)
+
+
+@triton.jit
+def _maxsim_bwd_dd_kernel(
+    grad_ptr, q_ptr, off_ptr, argmax_ptr, nq_ptr, dd_ptr,
+    Bq, Lq, Ld, D, C, group_size, n_tiles,
+    stride_gb, stride_gc,
+    stride_qb, stride_ql, stride_qd,
+    BLOCK_N: tl.constexpr, LQ_T: tl.constexpr, D_PAD: tl.constexpr,
+    PACKED: tl.constexpr, GROUPED: tl.constexpr, MEAN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Deterministic dd for one document tile: dd[b, j] = sum_a w[a, b] * (onehot(argmax[a, b, :] == j) @ q[a]),
+    queries in a fixed order, written once in dd's dtype.
+
+    Per (tile, query): reads Lq argmax ints + Lq * D q elements (L2-resident), 2 * BLOCK_N * Lq * D tensor-core FLOPs.
+    """
+    pid = tl.program_id(0)
+    b = pid // n_tiles
+    b64 = tl.cast(b, tl.int64)
+    tile = pid % n_tiles
+    j = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, D_PAD)
+    k_ok = k < D
+    k64 = k.to(tl.int64)
+    if PACKED:
+        start = tl.load(off_ptr + b64)
+        length = (tl.load(off_ptr + b64 + 1) - start).to(tl.int32)
+        row = start + j.to(tl.int64)
+    else:
+        length = Ld
+        row = b64 * Ld + j.to(tl.int64)
+    j_ok = j < length
+    if GROUPED:
+        a_lo = b // group_size
+        a_hi = a_lo + 1
+        col = (b % group_size).to(tl.int64)
+    else:
+        a_lo = 0
+        a_hi = Bq
+        col = b64
+    # A tile past the end of a short packed document: nothing to do, nothing to write.
+    a_hi = tl.where(tile * BLOCK_N >= length, a_lo, a_hi)
+    acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for a in range(a_lo, a_hi):
+        a64 = tl.cast(a, tl.int64)
+        g = tl.load(grad_ptr + a64 * stride_gb + col * stride_gc)
+        if MEAN:
+            g = g / tl.maximum(tl.load(nq_ptr + a64), 1).to(tl.float32)
+        part = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        for i0 in range(0, Lq, LQ_T):
+            i = i0 + tl.arange(0, LQ_T)
+            i_ok = i < Lq
+            i64 = i.to(tl.int64)
+            am = tl.load(argmax_ptr + (a64 * C + col) * Lq + i64, mask=i_ok, other=-1)
+            qt = tl.load(q_ptr + a64 * stride_qb + i64[:, None] * stride_ql + k64[None, :] * stride_qd,
+                         mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                qt = qt.to(tl.float32)
+            onehot = (j[:, None] == am[None, :]).to(qt.dtype)  # exact in every dtype; -1 never matches
+            if IEEE:
+                part += tl.dot(onehot, qt, input_precision="ieee")
+            else:
+                part += tl.dot(onehot, qt)
+        acc += g * part  # w applied in fp32 after the exact one-hot sum
+    tl.store(dd_ptr + row[:, None] * D + k64[None, :], acc.to(dd_ptr.dtype.element_ty),
+             mask=j_ok[:, None] & k_ok[None, :])
+
+
+def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
+    """dq like q, dd like d (contiguous, input dtypes), dbias fp32 [n_bias] (launcher contract of ops.maxsim)."""
+    Bq, Lq, D = q.shape
+    C = argmax.shape[1]
+    packed = d_offsets is not None
+    grouped = group_size > 0
+    dev = q.device
+    interp = _interpret() or dev.type == "cpu"
+    Nd = d_offsets.shape[0] - 1 if packed else d.shape[0]
+    Ld = 0 if packed else d.shape[1]
+    ntok = d.shape[0] if packed else Nd * Ld
+    D_PAD = max(16, _np2(D))
+    M_TOK = min(_np2(Lq), MAX_TOK)
+    n_tchunks = _cdiv(Lq, M_TOK)
+    nq = q_mask.sum(1, dtype=torch.int32)
+    grad = grad.to(torch.float32)
+    ld_max = Ld
+    if packed:
+        ld_max = int((d_offsets[1:] - d_offsets[:-1]).max().item()) if Nd > 0 else 0
+    # Distances r = clamp(n_a + j - i, 0, R - 1) never exceed Lq + Ld_max - 1: only those bins need a counter.
+    n_bins = min(n_bias, Lq + ld_max) if n_bias > 0 else 0
+    kernel_bias = 0 < n_bins <= MAX_BINS
+    NB = _np2(n_bins) if kernel_bias else 1
+
+    # Column chunks: enough programs to fill the GPU (a few waves), few enough that the partial dq buffer stays small.
+    n_qprog = Bq * n_tchunks
+    if interp:
+        n_cchunks = 1
+    else:
+        n_sm = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
+        n_cchunks = max(1, min(_cdiv(4 * n_sm, n_qprog), _cdiv(C, 16), 64))
+    cols_per_prog = _cdiv(C, n_cchunks)
+    n_cchunks = _cdiv(C, cols_per_prog)
+    n_prog = n_qprog * n_cchunks
+
+    dqp = empty((n_cchunks, Bq, Lq, D), torch.float32, dev)
+    dbp = empty((n_prog, NB), torch.float32, dev) if kernel_bias else nq
+    atomic = not deterministic
+    dd32 = torch.zeros((ntok, D), dtype=torch.float32, device=dev) if (atomic and ntok > 0) else dqp
+    if packed:
+        s_db, s_dl, s_dd = 0, d.stride(0), d.stride(1)
+    else:
+        s_db, s_dl, s_dd = d.stride(0), d.stride(1), d.stride(2)
+    off = d_offsets if packed else nq
+    _maxsim_bwd_dq_kernel[(n_prog,)](
+        grad, q, _nonempty(d), off, argmax, nq, dqp, dbp, dd32,
+        Bq, Lq, Ld, D, C, max(n_bias, 1), group_size, cols_per_prog, n_tchunks,
+        grad.stride(0), grad.stride(1),
+        q.stride(0), q.stride(1), q.stride(2),
+        s_db, s_dl, s_dd,
+        M_TOK=M_TOK, D_PAD=D_PAD, NB=NB,
+        PACKED=packed, GROUPED=grouped, HAS_BIAS=kernel_bias, MEAN=mean, ATOMIC_DD=atomic and ntok > 0,
+        num_warps=4,
+    )
+    dq = (dqp.sum(0) if n_cchunks > 1 else dqp[0]).to(q.dtype)
+
+    if atomic:
+        dd = dd32.to(d.dtype).reshape(d.shape) if ntok > 0 else torch.zeros(d.shape, dtype=d.dtype, device=dev)
+    else:
+        dd = empty(d.shape, d.dtype, dev)
+        if ntok > 0 and Nd > 0:
+            BLOCK_N = max(16, min(_np2(ld_max), 256 if interp else 64))
+            n_tiles = max(1, _cdiv(ld_max, BLOCK_N))
+            LQ_T = max(16, min(_np2(Lq), MAX_TOK))
+            _maxsim_bwd_dd_kernel[(Nd * n_tiles,)](
+                grad, q, off, argmax, nq, dd,
+                Bq, Lq, Ld, D, C, group_size, n_tiles,
+                grad.stride(0), grad.stride(1),
+                q.stride(0), q.stride(1), q.stride(2),
+                BLOCK_N=BLOCK_N, LQ_T=LQ_T, D_PAD=D_PAD,
+                PACKED=packed, GROUPED=grouped, MEAN=mean, UPCAST=interp,
+                IEEE=(q.dtype == torch.float32 or interp),
+                num_warps=4 if D_PAD <= 64 else 8,
+            )
+
+    if n_bias == 0:
+        dbias = torch.zeros((0,), dtype=torch.float32, device=dev)
+    elif kernel_bias:
+        dbias = torch.zeros((n_bias,), dtype=torch.float32, device=dev)
+        dbias[:n_bins] = dbp.sum(0)[:n_bins]  # per-program histograms added in a fixed order
+    else:
+        dbias = _dbias_torch(grad, q_mask, nq, argmax, n_bias, mean)
+    return dq, dd, dbias
+
+
+def _dbias_torch(grad, q_mask, nq, argmax, n_bias, mean):
+    """dpos_bias for very wide bias tables (> MAX_BINS live bins): materialises [Bq, C, Lq] once, sorted-free but
+    deterministic (torch's deterministic index_add)."""
+    Bq, C, Lq = argmax.shape
+    w = grad / nq.clamp(min=1).to(torch.float32)[:, None] if mean else grad
+    valid = argmax >= 0
+    r = (nq[:, None, None] + argmax - torch.arange(Lq, device=argmax.device)[None, None, :]).clamp(0, n_bias - 1)
+    W = w[:, :, None].expand(Bq, C, Lq)
+    out = torch.zeros((n_bias,), dtype=torch.float32, device=grad.device)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out.index_add_(0, r[valid].long(), W[valid])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    return out
+
+
+def _maxsim_not_supported_reasons(tensors, dim=None, layout=None, n_q=None, **facts):
+    reasons = []
+    if dim is not None and dim > MAX_DIM:
+        reasons.append(f"dim {dim} > {MAX_DIM} (the Triton kernels hold the whole padded dim in one tile)")
+    return reasons
