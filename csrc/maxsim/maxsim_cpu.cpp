@@ -1,0 +1,549 @@
+// MaxSim on the CPU: forward (scores + argmax) and backward (dq gather, dd scatter, dbias), all three layouts
+// (padded + d_mask, packed + offsets, grouped), fp32 / fp16 / bf16 inputs with fp32 accumulation, any strides.
+// Semantics: reatt_kernels/reference/maxsim.py (THE spec).
+//
+// Structure: the kernels live in maxsim_cpu_isa.inc and are compiled four times here, each inside a namespace under
+// `#pragma GCC target`: avx512bf16 (AVX-512 + VDPBF16PS for bf16 inputs), avx512, avx2 (+FMA, F16C) and scalar
+// (portable C++ the compiler vectorises for the baseline ISA). maxsim_*_cpu pick the best one the running CPU
+// supports (__builtin_cpu_supports), so the binary runs on any x86-64 without -march=native. Other architectures get
+// the scalar path only.
+//
+// Parallelism (OpenMP, thread count passed in from torch.get_num_threads()):
+// - forward: over (document, query chunk) items; each (query, document) pair is computed by one thread with a fixed
+//   operation order, so scores and argmax are bitwise independent of the thread count.
+// - backward: dq over (query, token) rows (each row sums its documents in order); dd over documents (each document's
+//   rows are owned by one thread, summed over (query, token) in order); dbias in fixed blocks of documents whose
+//   partial sums are added in block order. So the backward is deterministic for every thread count, and the
+//   `deterministic` flag of the op is a no-op on this backend.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define REATT_X86 1
+#include <immintrin.h>
+#else
+#define REATT_X86 0
+#endif
+
+#ifdef REATT_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#include "common.h"
+#include "maxsim/maxsim_cpu.h"
+
+namespace py = pybind11;
+
+namespace reatt {
+namespace maxsim_cpu {
+
+// fp32 -> fp16 / bf16, round to nearest even (NaN stays NaN, overflow goes to inf).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (or inf) rounds to inf
+  const uint32_t e = ax >> 23;
+  if (ax < 0x38800000u) {  // below 2^-14: a half subnormal, in units of 2^-24
+    if (ax < 0x33000000u) return sign;  // < 2^-25 (2^-25 itself ties to even: 0)
+    const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+    const uint32_t s = 126u - e;  // 14..24
+    uint32_t q = m >> s;
+    const uint32_t rem = m & ((1u << s) - 1u), half = 1u << (s - 1u);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return sign | static_cast<uint16_t>(q);
+  }
+  uint32_t h = ((e - 112u) << 10) | ((ax & 0x7fffffu) >> 13);
+  const uint32_t rem = ax & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is the correct rounding
+  return sign | static_cast<uint16_t>(h);
+}
+
+// Store one fp32 row as dtype (contiguous).
+inline void store_row(const float* src, int64_t D, int dtype, char* out) {
+  if (dtype == kFloat32) {
+    std::memcpy(out, src, sizeof(float) * D);
+    return;
+  }
+  uint16_t* o = reinterpret_cast<uint16_t*>(out);
+  if (dtype == kBFloat16) {
+    for (int64_t k = 0; k < D; ++k) o[k] = float_to_bf16(src[k]);
+  } else {
+    for (int64_t k = 0; k < D; ++k) o[k] = float_to_half(src[k]);
+  }
+}
+
+// ---- the per-ISA instantiations -----------------------------------------------------------------------------------------
+#if REATT_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")
+namespace avx512bf16 {
+#define REATT_BF16DP 1
+constexpr int W = 16;
+constexpr int NJ_MAX = 12;  // 2 x 12 zmm accumulators + 2 query vectors of the 32 registers
+#define REATT_NJ_LIST 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+using Vf = __m512;
+using Vi = __m512i;
+static inline Vf v_zero() { return _mm512_setzero_ps(); }
+static inline Vf v_load(const float* p) { return _mm512_loadu_ps(p); }
+static inline Vf v_set1(float x) { return _mm512_set1_ps(x); }
+static inline Vf v_fma(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline Vf v_add(Vf a, Vf b) { return _mm512_add_ps(a, b); }
+static inline void v_store(float* p, Vf v) { _mm512_storeu_ps(p, v); }
+static inline Vi vi_load(const int32_t* p) { return _mm512_loadu_si512(p); }
+static inline void vi_store(int32_t* p, Vi v) { _mm512_storeu_si512(p, v); }
+static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
+  const __mmask16 gt = _mm512_cmp_ps_mask(s, m, _CMP_GT_OQ);
+  m = _mm512_mask_mov_ps(m, gt, s);
+  id = _mm512_mask_set1_epi32(id, gt, j);
+}
+static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + k))));
+  for (; k < n; ++k) d[k] = half_to_float(s[k]);
+}
+#include "maxsim/maxsim_cpu_isa.inc"
+#undef REATT_BF16DP
+#undef REATT_NJ_LIST
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+namespace avx512 {
+#define REATT_BF16DP 0
+constexpr int W = 16;
+constexpr int NJ_MAX = 12;
+#define REATT_NJ_LIST 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+using Vf = __m512;
+using Vi = __m512i;
+static inline Vf v_zero() { return _mm512_setzero_ps(); }
+static inline Vf v_load(const float* p) { return _mm512_loadu_ps(p); }
+static inline Vf v_set1(float x) { return _mm512_set1_ps(x); }
+static inline Vf v_fma(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline Vf v_add(Vf a, Vf b) { return _mm512_add_ps(a, b); }
+static inline void v_store(float* p, Vf v) { _mm512_storeu_ps(p, v); }
+static inline Vi vi_load(const int32_t* p) { return _mm512_loadu_si512(p); }
+static inline void vi_store(int32_t* p, Vi v) { _mm512_storeu_si512(p, v); }
+static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
+  const __mmask16 gt = _mm512_cmp_ps_mask(s, m, _CMP_GT_OQ);
+  m = _mm512_mask_mov_ps(m, gt, s);
+  id = _mm512_mask_set1_epi32(id, gt, j);
+}
+static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + k))));
+  for (; k < n; ++k) d[k] = half_to_float(s[k]);
+}
+#include "maxsim/maxsim_cpu_isa.inc"
+#undef REATT_BF16DP
+#undef REATT_NJ_LIST
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define REATT_BF16DP 0
+constexpr int W = 8;
+constexpr int NJ_MAX = 6;  // 2 x 6 ymm accumulators + 2 query vectors + 1 broadcast of the 16 registers
+#define REATT_NJ_LIST 1, 2, 3, 4, 5, 6
+using Vf = __m256;
+using Vi = __m256i;
+static inline Vf v_zero() { return _mm256_setzero_ps(); }
+static inline Vf v_load(const float* p) { return _mm256_loadu_ps(p); }
+static inline Vf v_set1(float x) { return _mm256_set1_ps(x); }
+static inline Vf v_fma(Vf a, Vf b, Vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline Vf v_add(Vf a, Vf b) { return _mm256_add_ps(a, b); }
+static inline void v_store(float* p, Vf v) { _mm256_storeu_ps(p, v); }
+static inline Vi vi_load(const int32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline void vi_store(int32_t* p, Vi v) { _mm256_storeu_si256((__m256i*)p, v); }
+static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
+  const __m256 gt = _mm256_cmp_ps(s, m, _CMP_GT_OQ);
+  m = _mm256_blendv_ps(m, s, gt);
+  id = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(id), _mm256_castsi256_ps(_mm256_set1_epi32(j)), gt));
+}
+static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + k))));
+  for (; k < n; ++k) d[k] = half_to_float(s[k]);
+}
+#include "maxsim/maxsim_cpu_isa.inc"
+#undef REATT_BF16DP
+#undef REATT_NJ_LIST
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // REATT_X86
+
+// Portable fallback: W-lane structs the compiler vectorises for whatever the baseline ISA is (SSE2 on x86-64).
+namespace scalar {
+#define REATT_BF16DP 0
+constexpr int W = 8;
+constexpr int NJ_MAX = 4;
+#define REATT_NJ_LIST 1, 2, 3, 4
+struct Vf {
+  float v[W];
+};
+struct Vi {
+  int32_t v[W];
+};
+static inline Vf v_zero() {
+  Vf r;
+  for (int l = 0; l < W; ++l) r.v[l] = 0.f;
+  return r;
+}
+static inline Vf v_load(const float* p) {
+  Vf r;
+  for (int l = 0; l < W; ++l) r.v[l] = p[l];
+  return r;
+}
+static inline Vf v_set1(float x) {
+  Vf r;
+  for (int l = 0; l < W; ++l) r.v[l] = x;
+  return r;
+}
+static inline Vf v_fma(Vf a, Vf b, Vf c) {
+  for (int l = 0; l < W; ++l) c.v[l] += a.v[l] * b.v[l];
+  return c;
+}
+static inline Vf v_add(Vf a, Vf b) {
+  for (int l = 0; l < W; ++l) a.v[l] += b.v[l];
+  return a;
+}
+static inline void v_store(float* p, Vf v) {
+  for (int l = 0; l < W; ++l) p[l] = v.v[l];
+}
+static inline Vi vi_load(const int32_t* p) {
+  Vi r;
+  for (int l = 0; l < W; ++l) r.v[l] = p[l];
+  return r;
+}
+static inline void vi_store(int32_t* p, Vi v) {
+  for (int l = 0; l < W; ++l) p[l] = v.v[l];
+}
+static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
+  for (int l = 0; l < W; ++l) {
+    const bool gt = s.v[l] > m.v[l];
+    m.v[l] = gt ? s.v[l] : m.v[l];
+    id.v[l] = gt ? j : id.v[l];
+  }
+}
+static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
+  for (int64_t k = 0; k < n; ++k) d[k] = half_to_float(s[k]);
+}
+#include "maxsim/maxsim_cpu_isa.inc"
+#undef REATT_BF16DP
+#undef REATT_NJ_LIST
+}  // namespace scalar
+
+// ---- run-time ISA choice -------------------------------------------------------------------------------------------------
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+struct IsaOps {
+  const char* name;
+  int W;
+  void (*pack)(const FwdArgs&, int64_t);
+  void (*doc)(const FwdArgs&, int64_t, int64_t, int64_t, float*);
+  int64_t (*dq_rows)(const BwdArgs&, const float*, const int32_t*, int64_t, int64_t, float*, float*);
+  int64_t (*dd_docs)(const BwdArgs&, const float*, const int32_t*, const float*, int64_t, int64_t, float*, float*);
+};
+
+#define REATT_OPS(ns) \
+  IsaOps { #ns, ns::W, &ns::fwd_pack_query, &ns::fwd_doc, &ns::bwd_dq_rows, &ns::bwd_dd_docs }
+
+static int best_isa() {
+#if REATT_X86
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return kAvx512Bf16;
+  if (avx512) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+static const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
+
+// `isa`: "auto" (the best this CPU supports), or a name of kIsaNames no better than that (tests use it to run every
+// path on one machine).
+static IsaOps pick(const std::string& isa) {
+  const int best = best_isa();
+  int want = best;
+  if (isa != "auto") {
+    want = -1;
+    for (int k = 0; k < 4; ++k)
+      if (isa == kIsaNames[k]) want = k;
+    REATT_CHECK(want >= 0, "isa must be auto, scalar, avx2, avx512 or avx512_bf16, got '" + isa + "'");
+    REATT_CHECK(want <= best, "isa '" + isa + "' is not supported by this CPU (best: " + kIsaNames[best] + ")");
+  }
+  switch (want) {
+#if REATT_X86
+    case kAvx512Bf16: return REATT_OPS(avx512bf16);
+    case kAvx512: return REATT_OPS(avx512);
+    case kAvx2: return REATT_OPS(avx2);
+#endif
+    default: return REATT_OPS(scalar);
+  }
+}
+
+static int threads_for(int n_threads) {
+  REATT_CHECK(n_threads >= 1, "n_threads must be >= 1, got " + std::to_string(n_threads));
+#ifdef REATT_WITH_OPENMP
+  return n_threads;
+#else
+  return 1;
+#endif
+}
+
+static void check_dtype(int dtype) {
+  REATT_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
+              std::string("q/d dtype must be float32, float16 or bfloat16, got ") + dtype_name(dtype));
+}
+
+// Longest document of a packed layout, validating the offsets on the way (they index memory).
+static int64_t packed_lmax(const int64_t* off, int64_t Nd) {
+  REATT_CHECK(off[0] == 0, "d_offsets must start at 0");
+  int64_t lmax = 0;
+  for (int64_t b = 0; b < Nd; ++b) {
+    const int64_t len = off[b + 1] - off[b];
+    REATT_CHECK(len >= 0, "d_offsets must be non-decreasing");
+    lmax = len > lmax ? len : lmax;
+  }
+  return lmax;
+}
+
+// ---- forward --------------------------------------------------------------------------------------------------------------
+void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, int64_t sq_b, int64_t sq_l,
+                    int64_t sq_d, uintptr_t q_mask, uintptr_t d, int64_t Nd, int64_t Ld, int64_t sd_b, int64_t sd_l,
+                    int64_t sd_d, uintptr_t d_mask, uintptr_t d_offsets, uintptr_t pos_bias, int64_t R,
+                    int64_t group_size, bool mean, uintptr_t scores, uintptr_t argmax, int n_threads,
+                    const std::string& isa) {
+  check_dtype(dtype);
+  REATT_CHECK(Bq >= 0 && Lq >= 0 && Nd >= 0 && Ld >= 0, "q / d sizes must be >= 0");
+  REATT_CHECK(D >= 1, "q must have dim >= 1");
+  REATT_CHECK(group_size >= 0, "group_size must be >= 0");
+  REATT_CHECK(group_size == 0 || Nd == Bq * group_size, "grouped layout needs Nd == Bq * group_size documents");
+  REATT_CHECK(group_size == 0 || d_offsets == 0, "grouped layout takes padded documents (no d_offsets)");
+  REATT_CHECK(d_offsets == 0 || d_mask == 0, "d_mask is for the padded layout only (packed has d_offsets)");
+  REATT_CHECK(pos_bias == 0 || R >= 1, "pos_bias must have R >= 1 entries");
+  const int nt = threads_for(n_threads);
+  const IsaOps ops = pick(isa);
+
+  FwdArgs A{};
+  A.q = reinterpret_cast<const void*>(q);
+  A.Bq = Bq, A.Lq = Lq, A.D = D, A.sq_b = sq_b, A.sq_l = sq_l, A.sq_d = sq_d;
+  A.q_mask = reinterpret_cast<const uint8_t*>(q_mask);
+  A.d = reinterpret_cast<const void*>(d);
+  A.Nd = Nd, A.Ld = Ld, A.sd_b = sd_b, A.sd_l = sd_l, A.sd_d = sd_d;
+  A.d_mask = reinterpret_cast<const uint8_t*>(d_mask);
+  A.offsets = reinterpret_cast<const int64_t*>(d_offsets);
+  A.dtype = dtype;
+  A.bias = reinterpret_cast<const float*>(pos_bias);
+  A.R = pos_bias ? R : 0;
+  A.group_size = group_size;
+  A.mean = mean;
+  A.scores = reinterpret_cast<float*>(scores);
+  A.argmax = reinterpret_cast<int32_t*>(argmax);
+  A.C = group_size ? group_size : Nd;
+  if (Bq == 0 || A.C == 0 || Lq == 0) {
+    // Nothing to scan: write the defined results (0 scores for empty queries, -1 argmax) if anything is there.
+    for (int64_t t = 0; t < Bq * A.C; ++t) A.scores[t] = 0.f;
+    return;
+  }
+  REATT_CHECK(q != 0 && q_mask != 0 && scores != 0 && argmax != 0, "q, q_mask, scores and argmax must be non-null");
+  if (A.offsets != nullptr) {
+    A.Lmax = packed_lmax(A.offsets, Nd);
+    REATT_CHECK(A.Lmax == 0 || d != 0, "d_tokens must be non-null when documents have tokens");
+  } else {
+    A.Lmax = Ld;
+    REATT_CHECK(Ld == 0 || d != 0, "d must be non-null when documents have tokens");
+  }
+  REATT_CHECK(A.Lmax < (int64_t(1) << 31), "documents must have < 2^31 tokens (argmax is int32)");
+  A.Lmax = A.Lmax < 1 ? 1 : A.Lmax;
+  A.Lqp = (Lq + ops.W - 1) / ops.W * ops.W;
+  A.bf16dp = std::string(ops.name) == "avx512bf16" && dtype == kBFloat16;
+  A.Dp = A.bf16dp ? (D + 1) / 2 * 2 : D;
+  A.qpack_stride = A.bf16dp ? (A.Dp / 2) * A.Lqp : D * A.Lqp;
+  std::vector<float> qpack(static_cast<size_t>(Bq * A.qpack_stride));  // fp32 or uint32 words: both 4 bytes
+  std::vector<int32_t> n_valid(static_cast<size_t>(Bq));
+  A.bias_stride = A.bias ? A.Lqp + A.Lmax - 1 : 0;
+  std::vector<float> bias_tab(static_cast<size_t>(Bq * A.bias_stride));
+  A.qpack = qpack.data();
+  A.n_valid = n_valid.data();
+  A.bias_tab = bias_tab.data();
+
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t a = 0; a < Bq; ++a) ops.pack(A, a);
+
+  // Work items: (document, chunk of queries). All pairs with few documents split the queries so every thread gets
+  // work; grouped documents have their one query.
+  int64_t n_ach = 1, qch = Bq;
+  if (!group_size && Nd < 4 * nt) {
+    n_ach = (4 * nt + Nd - 1) / Nd;
+    n_ach = n_ach > Bq ? Bq : n_ach;
+    qch = (Bq + n_ach - 1) / n_ach;
+    n_ach = (Bq + qch - 1) / qch;
+  }
+  const int64_t n_items = Nd * n_ach;
+  const size_t scratch_floats = static_cast<size_t>(2 * A.Lqp + A.Lmax * A.Dp + 16);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> scratch(scratch_floats);
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const int64_t b = it / n_ach, ac = it % n_ach;
+      int64_t a0, a1;
+      if (group_size) {
+        a0 = b / group_size;
+        a1 = a0 + 1;
+      } else {
+        a0 = ac * qch;
+        a1 = a0 + qch < Bq ? a0 + qch : Bq;
+      }
+      ops.doc(A, b, a0, a1, scratch.data());
+    }
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------------------------------------
+void maxsim_bwd_cpu(uintptr_t grad, uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, int64_t sq_b,
+                    int64_t sq_l, int64_t sq_d, uintptr_t q_mask, uintptr_t d, int64_t Nd, int64_t Ld, int64_t sd_b,
+                    int64_t sd_l, int64_t sd_d, uintptr_t d_offsets, uintptr_t argmax, int64_t R, int64_t group_size,
+                    bool mean, uintptr_t dq, uintptr_t dd, uintptr_t dbias, int n_threads, const std::string& isa) {
+  check_dtype(dtype);
+  REATT_CHECK(Bq >= 0 && Lq >= 0 && Nd >= 0 && Ld >= 0 && R >= 0, "sizes must be >= 0");
+  REATT_CHECK(D >= 1, "q must have dim >= 1");
+  REATT_CHECK(group_size >= 0, "group_size must be >= 0");
+  REATT_CHECK(group_size == 0 || Nd == Bq * group_size, "grouped layout needs Nd == Bq * group_size documents");
+  const int nt = threads_for(n_threads);
+  const IsaOps ops = pick(isa);
+
+  BwdArgs B{};
+  B.grad = reinterpret_cast<const float*>(grad);
+  B.q = reinterpret_cast<const void*>(q);
+  B.Bq = Bq, B.Lq = Lq, B.D = D, B.sq_b = sq_b, B.sq_l = sq_l, B.sq_d = sq_d;
+  B.q_mask = reinterpret_cast<const uint8_t*>(q_mask);
+  B.d = reinterpret_cast<const void*>(d);
+  B.Nd = Nd, B.Ld = Ld, B.sd_b = sd_b, B.sd_l = sd_l, B.sd_d = sd_d;
+  B.offsets = reinterpret_cast<const int64_t*>(d_offsets);
+  B.dtype = dtype;
+  B.argmax = reinterpret_cast<const int32_t*>(argmax);
+  B.R = R;
+  B.group_size = group_size;
+  B.mean = mean;
+  B.dq = reinterpret_cast<void*>(dq);
+  B.dd = reinterpret_cast<void*>(dd);
+  B.dbias = reinterpret_cast<float*>(dbias);
+  B.C = group_size ? group_size : Nd;
+  if (B.offsets != nullptr) {
+    packed_lmax(B.offsets, Nd);
+    B.n_tokens = B.offsets[Nd];
+  } else {
+    B.n_tokens = Nd * Ld;
+  }
+  const size_t esz = dtype == kFloat32 ? 4 : 2;
+  if (B.n_tokens > 0) REATT_CHECK(dd != 0, "dd must be non-null");
+  if (Bq * Lq > 0) REATT_CHECK(dq != 0, "dq must be non-null");
+  if (R > 0) REATT_CHECK(dbias != 0, "dbias must be non-null when n_bias > 0");
+  for (int64_t r = 0; r < R; ++r) B.dbias[r] = 0.f;
+  if (Bq == 0 || Lq == 0 || B.C == 0) {
+    if (B.n_tokens > 0) std::memset(B.dd, 0, static_cast<size_t>(B.n_tokens * D) * esz);
+    if (Bq * Lq > 0) std::memset(B.dq, 0, static_cast<size_t>(Bq * Lq * D) * esz);
+    return;
+  }
+  REATT_CHECK(grad != 0 && q != 0 && q_mask != 0 && argmax != 0, "grad, q, q_mask and argmax must be non-null");
+
+  // Per-(query, column) weights g / n_a (mean) and the query tokens in fp32, contiguous.
+  std::vector<int32_t> n_valid(static_cast<size_t>(Bq));
+  std::vector<float> w(static_cast<size_t>(Bq * B.C));
+  std::vector<float> q32(static_cast<size_t>(Bq * Lq * D));
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t a = 0; a < Bq; ++a) {
+    int32_t n = 0;
+    for (int64_t i = 0; i < Lq; ++i) n += B.q_mask[a * Lq + i] ? 1 : 0;
+    n_valid[a] = n;
+    const float div = static_cast<float>(n < 1 ? 1 : n);
+    for (int64_t c = 0; c < B.C; ++c) w[a * B.C + c] = mean ? B.grad[a * B.C + c] / div : B.grad[a * B.C + c];
+    for (int64_t i = 0; i < Lq; ++i) {
+      const char* row = static_cast<const char*>(B.q) + (a * sq_b + i * sq_l) * static_cast<int64_t>(esz);
+      float* dst = q32.data() + (a * Lq + i) * D;
+      for (int64_t k = 0; k < D; ++k) {
+        const int64_t off = k * sq_d;
+        dst[k] = dtype == kFloat32 ? reinterpret_cast<const float*>(row)[off]
+                 : dtype == kFloat16 ? half_to_float(reinterpret_cast<const uint16_t*>(row)[off])
+                                     : bf16_to_float(reinterpret_cast<const uint16_t*>(row)[off]);
+      }
+    }
+  }
+
+  // Documents are handled in fixed blocks (independent of the thread count); each block owns one dbias partial.
+  constexpr int64_t kDocBlock = 64;
+  const int64_t n_blocks = (Nd + kDocBlock - 1) / kDocBlock;
+  std::vector<float> parts(static_cast<size_t>(n_blocks * R));
+  int64_t Lmax = 1;
+  if (B.offsets != nullptr) {
+    for (int64_t b = 0; b < Nd; ++b) Lmax = std::max<int64_t>(Lmax, B.offsets[b + 1] - B.offsets[b]);
+  } else {
+    Lmax = std::max<int64_t>(Lmax, Ld);
+  }
+  int64_t bad = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : bad)
+  {
+    std::vector<float> acc(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
+    std::vector<float> tile(static_cast<size_t>(Lmax * D));
+    // dq: rows (a, i) in chunks.
+#pragma omp for schedule(dynamic, 4) nowait
+    for (int64_t r = 0; r < Bq * Lq; ++r) bad += ops.dq_rows(B, w.data(), n_valid.data(), r, r + 1, acc.data(), tmp.data());
+    // dd and dbias: blocks of documents.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t b0 = blk * kDocBlock, b1 = std::min(Nd, b0 + kDocBlock);
+      bad += ops.dd_docs(B, w.data(), n_valid.data(), q32.data(), b0, b1, parts.data() + blk * R, tile.data());
+    }
+  }
+  REATT_CHECK(bad == 0, "argmax holds a token index outside its document (" + std::to_string(bad) + " entries)");
+  for (int64_t blk = 0; blk < n_blocks; ++blk)
+    for (int64_t r = 0; r < R; ++r) B.dbias[r] += parts[blk * R + r];
+}
+
+std::string maxsim_cpu_isa() { return kIsaNames[best_isa()]; }
+
+}  // namespace maxsim_cpu
+
+// Thin bindings: raw pointers (int), sizes and strides in elements, dtype codes (reatt_kernels/_ext.py).
+static RegisterBindings maxsim_cpu_bindings([](py::module_& m) {
+  m.def("maxsim_fwd_cpu", &maxsim_cpu::maxsim_fwd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "MaxSim forward on the CPU: writes scores fp32 [Bq, C] and argmax int32 [Bq, C, Lq]",
+        py::arg("q"), py::arg("dtype"), py::arg("Bq"), py::arg("Lq"), py::arg("D"), py::arg("sq_b"), py::arg("sq_l"),
+        py::arg("sq_d"), py::arg("q_mask"), py::arg("d"), py::arg("Nd"), py::arg("Ld"), py::arg("sd_b"),
+        py::arg("sd_l"), py::arg("sd_d"), py::arg("d_mask"), py::arg("d_offsets"), py::arg("pos_bias"), py::arg("R"),
+        py::arg("group_size"), py::arg("mean"), py::arg("scores"), py::arg("argmax"), py::arg("n_threads"),
+        py::arg("isa") = "auto");
+  m.def("maxsim_bwd_cpu", &maxsim_cpu::maxsim_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "MaxSim backward on the CPU: writes dq, dd (input dtype, contiguous) and dbias fp32 [R]; deterministic",
+        py::arg("grad"), py::arg("q"), py::arg("dtype"), py::arg("Bq"), py::arg("Lq"), py::arg("D"), py::arg("sq_b"),
+        py::arg("sq_l"), py::arg("sq_d"), py::arg("q_mask"), py::arg("d"), py::arg("Nd"), py::arg("Ld"),
+        py::arg("sd_b"), py::arg("sd_l"), py::arg("sd_d"), py::arg("d_offsets"), py::arg("argmax"), py::arg("R"),
+        py::arg("group_size"), py::arg("mean"), py::arg("dq"), py::arg("dd"), py::arg("dbias"), py::arg("n_threads"),
+        py::arg("isa") = "auto");
+  m.def("maxsim_cpu_isa", &maxsim_cpu::maxsim_cpu_isa, "The best MaxSim CPU kernel ISA this machine supports");
+});
+
+}  // namespace reatt
