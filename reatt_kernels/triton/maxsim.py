@@ -68,7 +68,7 @@ from .._alloc import empty
 
 MAX_DIM = 256  # q/d tiles hold the whole (padded) dim; larger dims would spill registers
 MAX_TOK = 128  # query tokens per row block; longer queries are split into token chunks
-MAX_BINS = 2048  # pos_bias bins held by the backward's histogram; beyond that dpos_bias is computed by torch
+MAX_HIST = 16384  # (query token x distance bin) fp32 counters of the backward's dpos_bias histogram (64 regs/thread)
 
 
 def _interpret() -> bool:
@@ -244,7 +244,9 @@ def _fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs_per_q, grouped, interp, device):
         QB = max(1, min(_np2(Bq), max(1, 128 // M_TOK)))
         QB = max(QB, 16 // M_TOK)
     M = QB * M_TOK
-    BLOCK_N = 128 if D_PAD <= 64 and M <= 64 else 64
+    # HBM regime: a whole 128-token document per tile (one 32 KiB load at d = 128). Compute regime: M = 128 rows x
+    # 64 tokens, a 32 KiB fp32 score tile (32 registers per thread with 8 warps) next to the resident q block.
+    BLOCK_N = 128 if (M <= 64 and D_PAD <= 128) else 64
     if D_PAD >= 256:
         BLOCK_N = 32
     BLOCK_N = max(16, min(BLOCK_N, _np2(Ld_tile)))
@@ -351,7 +353,9 @@ def _maxsim_bwd_dq_kernel(
     acc = tl.zeros([M_TOK, D_PAD], tl.float32)
     if HAS_BIAS:
         bins = tl.arange(0, NB)
-        hist = tl.zeros([NB], tl.float32)
+        # Per (row, bin) counters, reduced over rows once at the end: a cross-thread reduction per column would cost
+        # more than the compares.
+        hist = tl.zeros([M_TOK, NB], tl.float32)
     c_lo = cchunk * cols_per_prog
     c_hi = tl.minimum(c_lo + cols_per_prog, C)
     for c in range(c_lo, c_hi):
@@ -380,11 +384,11 @@ def _maxsim_bwd_dq_kernel(
         if HAS_BIAS:
             r = tl.minimum(tl.maximum(na + am - i, 0), R - 1)
             hit = ok[:, None] & (r[:, None] == bins[None, :])
-            hist += tl.sum(tl.where(hit, g, 0.0), axis=0)
+            hist += tl.where(hit, g, 0.0)
     tl.store(dqp_ptr + ((cchunk.to(tl.int64) * Bq + a64) * Lq + i64[:, None]) * D + k64[None, :], acc,
              mask=row_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
-        tl.store(dbp_ptr + pid.to(tl.int64) * NB + bins, hist)
+        tl.store(dbp_ptr + pid.to(tl.int64) * NB + bins, tl.sum(hist, axis=0))
 
 
 @triton.jit
@@ -453,6 +457,21 @@ def _maxsim_bwd_dd_kernel(
              mask=j_ok[:, None] & k_ok[None, :])
 
 
+def _bwd_config(Bq, Lq, C, ld_max, D_PAD, interp, device):
+    """(M_TOK and column chunks of the dq kernel, BLOCK_N, LQ_T and num_warps of the deterministic dd kernel)."""
+    M_TOK = min(_np2(Lq), MAX_TOK)
+    LQ_T = max(16, M_TOK)  # the one-hot dot's K: tl.dot needs K >= 16
+    n_qprog = Bq * _cdiv(Lq, M_TOK)
+    if interp:
+        return M_TOK, 1, max(16, min(_np2(ld_max), 256)), LQ_T, 4
+    # Enough dq programs for a few waves over the SMs, few enough that the partial dq buffer stays small.
+    n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    n_cchunks = max(1, min(_cdiv(4 * n_sm, n_qprog), _cdiv(C, 16), 64))
+    # dd: 128-token tiles halve the L2 re-reads of q[a] (one per tile and query) against 64-token tiles.
+    BLOCK_N = max(16, min(_np2(ld_max), 128 if D_PAD <= 128 else 64))
+    return M_TOK, n_cchunks, BLOCK_N, LQ_T, 8
+
+
 def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
     """dq like q, dd like d (contiguous, input dtypes), dbias fp32 [n_bias] (launcher contract of ops.maxsim)."""
     Bq, Lq, D = q.shape
@@ -465,25 +484,20 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     Ld = 0 if packed else d.shape[1]
     ntok = d.shape[0] if packed else Nd * Ld
     D_PAD = max(16, _np2(D))
-    M_TOK = min(_np2(Lq), MAX_TOK)
-    n_tchunks = _cdiv(Lq, M_TOK)
     nq = q_mask.sum(1, dtype=torch.int32)
     grad = grad.to(torch.float32)
     ld_max = Ld
     if packed:
         ld_max = int((d_offsets[1:] - d_offsets[:-1]).max().item()) if Nd > 0 else 0
+    M_TOK, n_cchunks, DD_BLOCK_N, LQ_T, dd_warps = _bwd_config(Bq, Lq, C, ld_max, D_PAD, interp, dev)
+    n_tchunks = _cdiv(Lq, M_TOK)
     # Distances r = clamp(n_a + j - i, 0, R - 1) never exceed Lq + Ld_max - 1: only those bins need a counter.
     n_bins = min(n_bias, Lq + ld_max) if n_bias > 0 else 0
-    kernel_bias = 0 < n_bins <= MAX_BINS
-    NB = _np2(n_bins) if kernel_bias else 1
+    NB = _np2(n_bins) if n_bins > 0 else 1
+    kernel_bias = n_bins > 0 and M_TOK * NB <= MAX_HIST
+    NB = NB if kernel_bias else 1
 
-    # Column chunks: enough programs to fill the GPU (a few waves), few enough that the partial dq buffer stays small.
     n_qprog = Bq * n_tchunks
-    if interp:
-        n_cchunks = 1
-    else:
-        n_sm = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
-        n_cchunks = max(1, min(_cdiv(4 * n_sm, n_qprog), _cdiv(C, 16), 64))
     cols_per_prog = _cdiv(C, n_cchunks)
     n_cchunks = _cdiv(C, cols_per_prog)
     n_prog = n_qprog * n_cchunks
@@ -514,9 +528,8 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     else:
         dd = empty(d.shape, d.dtype, dev)
         if ntok > 0 and Nd > 0:
-            BLOCK_N = max(16, min(_np2(ld_max), 256 if interp else 64))
+            BLOCK_N = DD_BLOCK_N
             n_tiles = max(1, _cdiv(ld_max, BLOCK_N))
-            LQ_T = max(16, min(_np2(Lq), MAX_TOK))
             _maxsim_bwd_dd_kernel[(Nd * n_tiles,)](
                 grad, q, off, argmax, nq, dd,
                 Bq, Lq, Ld, D, C, group_size, n_tiles,
@@ -525,7 +538,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
                 BLOCK_N=BLOCK_N, LQ_T=LQ_T, D_PAD=D_PAD,
                 PACKED=packed, GROUPED=grouped, MEAN=mean, UPCAST=interp,
                 IEEE=(q.dtype == torch.float32 or interp),
-                num_warps=4 if D_PAD <= 64 else 8,
+                num_warps=dd_warps,
             )
 
     if n_bias == 0:
@@ -539,8 +552,8 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
 
 
 def _dbias_torch(grad, q_mask, nq, argmax, n_bias, mean):
-    """dpos_bias for very wide bias tables (> MAX_BINS live bins): materialises [Bq, C, Lq] once, sorted-free but
-    deterministic (torch's deterministic index_add)."""
+    """dpos_bias when the kernel's histogram would not fit in registers (M_TOK x live bins > MAX_HIST): materialises
+    [Bq, C, Lq] indices once and uses torch's deterministic index_add."""
     Bq, C, Lq = argmax.shape
     w = grad / nq.clamp(min=1).to(torch.float32)[:, None] if mean else grad
     valid = argmax >= 0

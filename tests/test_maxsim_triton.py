@@ -1,0 +1,238 @@
+"""Triton MaxSim beyond the shared matrix (tests/test_maxsim.py): both dd modes, the GPU tilings (several programs per
+query, multi-tile documents, token chunks, column chunks) forced under the interpreter, dim 256, long queries, wide
+bias tables, and GPU-only large / > 2^31-element checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reatt_kernels as rk
+from reatt_kernels.reference import maxsim_bwd_ref, maxsim_fwd_ref
+
+from .test_maxsim import make_case, run_api, run_ref
+from .utils import assert_close_to_ref, device_for, discrete, needs_triton
+
+pytestmark = needs_triton
+DEV = device_for("triton")
+
+
+def _tm():
+    from reatt_kernels.triton import maxsim as tm
+
+    return tm
+
+
+def _canonical(case):
+    """(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size) in the launcher's canonical layout."""
+    c = case
+    q_mask = c["q_mask"] if c["q_mask"] is not None else torch.ones(c["q"].shape[:2], dtype=torch.bool, device=DEV)
+    if c["layout"] == "grouped":
+        B, n, Ld, D = c["d"].shape
+        dm = c["d_mask"].reshape(B * n, Ld) if c["d_mask"] is not None else None
+        return c["q"], c["d"].reshape(B * n, Ld, D), q_mask, dm, None, c["pos_bias"], n
+    return c["q"], c["d"], q_mask, c["d_mask"], c["d_offsets"], c["pos_bias"], 0
+
+
+def _check_fwd_bwd(case, dtype, mean=True, modes=(False, True)):
+    """Forward (scores, exact argmax on discrete inputs) and both backward modes against the float64 reference."""
+    tm = _tm()
+    q, d, qm, dm, off, pb, n = _canonical(case)
+    s, am = tm._maxsim_fwd(q, d, qm, dm, off, pb, n, mean)
+    r64, am_ref = maxsim_fwd_ref(q.double(), d.double(), qm, dm, off, pb.double() if pb is not None else None, n, mean)
+    assert torch.equal(am.cpu(), am_ref.cpu()), "argmax differs from the reference"
+    assert_close_to_ref(s, r64, None, dtype, name="scores")
+    g = torch.randn(s.shape, device=DEV)
+    g = torch.where(torch.isfinite(r64), g, torch.zeros_like(g))
+    R = pb.shape[0] if pb is not None else 0
+    ref = maxsim_bwd_ref(g.double(), q.double(), d.double(), qm, off, am_ref, R, n, mean)
+    base = maxsim_bwd_ref(g, q, d, qm, off, am_ref, R, n, mean)  # PyTorch in the same dtype: the error scale
+    outs = []
+    for det in modes:
+        got = tm._maxsim_bwd(g, q, d, qm, off, am, R, n, mean, det)
+        for name, x, r, b in zip(("dq", "dd", "dbias"), got, ref, base):
+            assert x.shape == r.shape and x.dtype == b.dtype, f"{name}: {x.shape} {x.dtype}"
+            assert_close_to_ref(x, r, b, dtype, factor=3.0, name=f"{name} det={det}")
+        outs.append(got)
+    return outs
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["padded", "packed", "grouped"])
+def test_maxsim_triton_dd_modes(layout, dtype, deterministic):
+    """The atomic and the deterministic dd scatter each match the float64 reference (through the public API)."""
+    case = make_case(layout, (3, 7, 5, 13, 33), dtype, DEV, gen=lambda s: discrete(s))
+    for k in ("q", "d", "pos_bias"):
+        case[k] = case[k].detach().clone().requires_grad_(True)
+    out = run_api(case, "triton", "mean", deterministic=deterministic)
+    g = torch.randn(out.shape, device=DEV)
+    ref_case = {k: v for k, v in case.items()}
+    q64, d64, pb64 = (case[k].detach().double().requires_grad_(True) for k in ("q", "d", "pos_bias"))
+    r, _ = run_ref(dict(ref_case, q=q64, d=d64, pos_bias=pb64), "mean")
+    g = torch.where(torch.isfinite(r.detach()).to(DEV), g, torch.zeros_like(g))
+    out.backward(g)
+    r.backward(g.double())
+    bc = {k: (v.detach().clone().requires_grad_(True) if k in ("q", "d", "pos_bias") else v) for k, v in case.items()}
+    run_api(bc, "torch", "mean").backward(g)
+    for key, t64 in (("q", q64), ("d", d64), ("pos_bias", pb64)):
+        assert_close_to_ref(case[key].grad, t64.grad, bc[key].grad, dtype, factor=3.0, name=f"d{key} det={deterministic}")
+
+
+@pytest.fixture
+def gpu_tiling(monkeypatch):
+    """Force the GPU-shaped tilings under the interpreter: 2 queries per block, 4-token chunks (Lq 9 -> 3 chunks),
+    16-token tiles (multi-tile documents), 3 documents per program (several programs per query, a ragged last one),
+    3 column chunks in the dq kernel and 16-token dd tiles. On a GPU every tl.dot keeps M, K >= 16."""
+    tm = _tm()
+    fwd_config, bwd_config = tm._fwd_config, tm._bwd_config
+    gpu = torch.cuda.is_available()
+
+    def small_fwd(Bq, Lq, Ld_tile, D_PAD, n_docs, grouped, interp, device):
+        QB, M_TOK, BLOCK_N, dpp, nw, ns = fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs, grouped, interp, device)
+        if grouped:
+            return 1, (16 if gpu else 4), 16, 3, nw, ns
+        return (4 if gpu else 2), 4, 16, 3, nw, ns
+
+    def small_bwd(Bq, Lq, C, ld_max, D_PAD, interp, device):
+        M_TOK, n_cchunks, BLOCK_N, LQ_T, nw = bwd_config(Bq, Lq, C, ld_max, D_PAD, interp, device)
+        return 4, min(3, C), 16, (16 if gpu else 4), nw
+
+    monkeypatch.setattr(tm, "_fwd_config", small_fwd)
+    monkeypatch.setattr(tm, "_bwd_config", small_bwd)
+    return tm
+
+
+def test_maxsim_triton_packed_many_docs(gpu_tiling):
+    """A packed corpus of 20 ragged documents (0..40 tokens, some empty) split over many programs per query."""
+    torch.manual_seed(1)
+    Bq, Lq, D, Nd = 3, 9, 24, 20
+    lens = torch.randint(0, 41, (Nd,))
+    lens[[0, 7, 19]] = torch.tensor([0, 40, 0])
+    off = torch.zeros(Nd + 1, dtype=torch.int64)
+    off[1:] = lens.cumsum(0)
+    q_mask = torch.rand(Bq, Lq) < 0.8
+    q_mask[1] = False
+    case = dict(layout="packed", q=discrete((Bq, Lq, D), device=DEV), d=discrete((int(off[-1]), D), device=DEV),
+                d_offsets=off.to(DEV), d_mask=None, q_mask=q_mask.to(DEV),
+                pos_bias=torch.randn(Lq + 50, device=DEV))
+    _check_fwd_bwd(case, torch.float32, mean=True)
+
+
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+def test_maxsim_triton_padded_tiled(gpu_tiling, layout):
+    """Padded (d_mask, 3 tiles of 16 per document) and grouped layouts under the GPU-shaped tilings, fp16."""
+    case = make_case(layout, (3, 9, 7, 40, 16), torch.float16, DEV, gen=lambda s: discrete(s))
+    _check_fwd_bwd(case, torch.float16)
+
+
+def test_maxsim_triton_dim256():
+    """The largest supported dim (one 256-wide tile), bf16, padded with masks and bias."""
+    case = make_case("padded", (2, 5, 3, 7, 256), torch.bfloat16, DEV, gen=lambda s: discrete(s))
+    _check_fwd_bwd(case, torch.bfloat16)
+
+
+def test_maxsim_triton_long_query():
+    """Lq = 130 > 128: the query is split into token chunks whose partial sums are added after the kernel."""
+    case = make_case("padded", (1, 130, 2, 3, 16), torch.float32, DEV, gen=lambda s: discrete(s), masks=False)
+    _check_fwd_bwd(case, torch.float32, modes=(True,))
+
+
+def test_maxsim_triton_wide_bias_fallback(monkeypatch):
+    """Bias tables too wide for the in-register histogram fall back to torch's deterministic index_add."""
+    tm = _tm()
+    monkeypatch.setattr(tm, "MAX_HIST", 4)
+    case = make_case("packed", (2, 5, 4, 6, 16), torch.float32, DEV, gen=lambda s: discrete(s))
+    _check_fwd_bwd(case, torch.float32, modes=(False,))
+
+
+def test_maxsim_triton_deterministic_bitwise(gpu_tiling):
+    """deterministic=True is bitwise reproducible with several column chunks and dd tiles (and agrees with atomics)."""
+    case = make_case("padded", (3, 7, 5, 20, 16), torch.float32, DEV)
+    tm = gpu_tiling
+    q, d, qm, dm, off, pb, n = _canonical(case)
+    s, am = tm._maxsim_fwd(q, d, qm, dm, off, pb, n, True)
+    g = torch.randn(s.shape, device=DEV).masked_fill(torch.isinf(s), 0.0)
+    a = tm._maxsim_bwd(g, q, d, qm, off, am, pb.shape[0], n, True, True)
+    b = tm._maxsim_bwd(g, q, d, qm, off, am, pb.shape[0], n, True, True)
+    c = tm._maxsim_bwd(g, q, d, qm, off, am, pb.shape[0], n, True, False)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
+
+
+def test_maxsim_triton_not_supported():
+    with pytest.raises(rk.BackendUnavailableError, match="dim 300"):
+        rk.maxsim(torch.randn(1, 2, 300, device=DEV), torch.randn(2, 3, 300, device=DEV), backend="triton")
+
+
+def test_maxsim_triton_torch_compile():
+    torch._dynamo.reset()
+    q = torch.randn(3, 5, 16, device=DEV, requires_grad=True)
+    d = torch.randn(4, 6, 16, device=DEV, requires_grad=True)
+    pb = torch.randn(12, device=DEV, requires_grad=True)
+
+    def f(q, d, pb):
+        return rk.maxsim(q, d, pos_bias=pb, reduce="mean", backend="triton").logsumexp(-1).sum()
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, d, pb)
+    out.backward()
+    ref = f(q.detach(), d.detach(), pb.detach())
+    torch.testing.assert_close(out, ref)
+    assert q.grad is not None and d.grad is not None and pb.grad is not None
+
+
+# ---- GPU only ------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_maxsim_triton_large_random_gpu(dtype):
+    """16 queries x 20k padded documents (real GPU configs: compute regime, many programs) vs the torch backend, and
+    a training-like fwd + bwd in both dd modes."""
+    q = torch.randn(16, 32, 128, device="cuda", dtype=dtype)
+    d = torch.randn(20000, 128, 128, device="cuda", dtype=dtype)
+    d_mask = torch.rand(20000, 128, device="cuda") < 0.9
+    d_mask[::97] = False
+    out = rk.maxsim(q, d, None, d_mask, backend="triton")
+    ref = maxsim_fwd_ref(q.double(), d.double(), None, d_mask, None, None, 0, False)[0]
+    base = rk.maxsim(q, d, None, d_mask, backend="torch")
+    assert_close_to_ref(out, ref, base, dtype, name="16 x 20k")
+    # 1 query: the HBM-bound configuration.
+    assert_close_to_ref(rk.maxsim(q[:1], d, None, d_mask, backend="triton"), ref[:1], base[:1], dtype, name="1 x 20k")
+    # Training-like: all pairs, mean, pos_bias, Ld 200, d 64.
+    q = torch.randn(8, 32, 64, device="cuda", dtype=dtype)
+    d = torch.randn(800, 200, 64, device="cuda", dtype=dtype)
+    qm = torch.rand(8, 32, device="cuda") < 0.8
+    dm = torch.rand(800, 200, device="cuda") < 0.8
+    pb = torch.randn(240, device="cuda")
+    g = torch.randn(8, 800, device="cuda")
+    grads = {}
+    for backend, det in (("torch", False), ("triton", False), ("triton", True)):
+        qq, dd_, pp = (t.detach().clone().requires_grad_(True) for t in (q, d, pb))
+        s = rk.maxsim(qq, dd_, qm, dm, pos_bias=pp, reduce="mean", backend=backend, deterministic=det)
+        s.backward(g)
+        grads[(backend, det)] = (s.detach(), qq.grad, dd_.grad, pp.grad)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    for key in (("triton", False), ("triton", True)):
+        for x, y in zip(grads[key], grads[("torch", False)]):
+            torch.testing.assert_close(x.float(), y.float(), **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_maxsim_triton_over_2pow31_gpu():
+    """1 query vs 200k docs x 128 tokens x 128 dims fp16: 3.3e9 elements (6.6 GB), beyond 32-bit offsets."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip("needs ~12 GiB of free GPU memory")
+    Nd, Ld, D = 200_000, 128, 128
+    assert Nd * Ld * D > 2**31
+    q = torch.randn(1, 32, D, device="cuda", dtype=torch.float16)
+    d = torch.randn(Nd, Ld, D, device="cuda", dtype=torch.float16)
+    s, am = rk.maxsim(q, d, backend="triton", return_argmax=True)
+    base = rk.maxsim(q, d, backend="torch")
+    assert torch.isfinite(s).all()
+    torch.testing.assert_close(s, base, rtol=1e-3, atol=1e-2)
+    # The last documents sit past element 2^31: check them (and their argmax) directly.
+    tail = torch.einsum("id,bjd->bij", q[0].float(), d[-8:].float())
+    torch.testing.assert_close(s[0, -8:], tail.amax(-1).sum(-1), rtol=1e-3, atol=1e-2)
+    assert (am[0, -8:] == tail.argmax(-1)).float().mean() > 0.99
