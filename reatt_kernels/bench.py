@@ -391,7 +391,7 @@ COLUMNS = [
 def _defaults(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
         return {"docs": 50_000 if quick else 200_000, "batch": "1,16", "dtype": "float16"}
-    return {"docs": 4_000 if quick else 20_000, "batch": "1,8", "dtype": "float32"}
+    return {"docs": 2_000 if quick else 20_000, "batch": "1,4", "dtype": "float32"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda")
     p.add_argument("--docs", type=int, default=None,
-                   help="documents in the corpus (default: 20000 on CPU, 200000 on GPU; --quick: 4000 / 50000)")
+                   help="documents in the corpus (default: 20000 on CPU, 200000 on GPU; --quick: 2000 / 50000)")
     p.add_argument("--batch", default=None,
-                   help="comma-separated query batch sizes, one measurement each (default: 1,8 on CPU, 1,16 on GPU)")
+                   help="comma-separated query batch sizes, one measurement each (default: 1,4 on CPU, 1,16 on GPU)")
     p.add_argument("--q-len", type=int, default=32, help="tokens per query")
     p.add_argument("--dim", type=int, default=128, help="token embedding dimension")
     p.add_argument("--min-len", type=int, default=48, help="shortest document, tokens")
