@@ -197,13 +197,21 @@ def _kl_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad)
 
 
+def _is_concrete(t: Tensor) -> bool:
+    """True for a plain eager tensor whose value may be read; False while tracing (dynamo, AOT autograd's fake and
+    functional tensors, functorch transforms), where reading it would break the graph."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _kl_backward(ctx, g_loss, g_grad):
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad:
         raise RuntimeError("distill_kl: the forward ran without computing the gradient (grad mode was off)")
     if ctx.reduction == "none":
         dstudent = grad * g_loss.to(grad.dtype)[:, None]
-    elif not torch.compiler.is_compiling() and bool(g_loss == 1):
+    elif _is_concrete(g_loss) and bool(g_loss == 1):
         dstudent = grad  # the gradient was computed in the forward: nothing left to do
     else:
         dstudent = grad * g_loss.to(grad.dtype)

@@ -1,0 +1,322 @@
+// Attention distillation on CUDA: the reader teacher (one pass over the cross-attention) and the KL with its gradient
+// computed in the forward. Semantics: reatt_kernels/reference/distill.py. Raw pointers, strides and the caller's
+// stream; no libtorch.
+//
+// reader_teacher: grid (B, row chunks), 8 warps per block, one warp per attention row (a (layer, head, step)). The
+// warp streams its row ONCE with an online softmax whose accumulator is the row's per-document sums, kept in shared
+// memory (bins[warp][n]); when the running max grows, the warp rescales its bins (rare after the first chunks). Per
+// 32 tokens the warp adds exp(x - m) to its bins: one warp-sum + one shared atomic when the 32 tokens share a document
+// (the FiD layout: documents are contiguous runs of ~200 tokens), per-lane shared atomics otherwise. At the row's end
+// the bins / z go into the block's accumulator; the block writes its partial [n] and a second tiny kernel sums the
+// partials (fixed order) and divides by the row count.
+//   Bytes: B*R*S*elt read once + doc_index/mask per row (int32/uint8, L2-resident) + B*chunks*n*4 written.
+//   FLOPs: ~4 per element (max, sub, exp, add) plus the sums.
+// distill_kl: one block (256 threads) per row: pass 1 online log-sum-exp (and the dense teacher's row sum); pass 2
+// writes grad = (T * softmax - t) * grad_scale and sums t * (log t - (x - lse)); the sparse form then patches its n
+// teacher columns after a __syncthreads (same block: no global atomics).
+//   Bytes: 2 reads of the student row (the second from L2) + 1 write of the gradient (+ the teacher).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+
+namespace reatt {
+namespace {
+
+constexpr int kWarps = 8;          // warps (= concurrent rows) per reader-teacher block
+constexpr int kVec = 8;            // tokens per lane per chunk: a warp chunk is 256 tokens
+constexpr int kKlThreads = 256;    // threads per distill_kl block
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// Block-wide reductions for distill_kl (blockDim.x == kKlThreads); `red` holds one float per warp.
+__device__ __forceinline__ float block_max(float v, float* red) {
+  v = warp_max(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < kKlThreads / 32 ? red[lane] : -INFINITY;
+  return warp_max(v);
+}
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < kKlThreads / 32 ? red[lane] : 0.f;
+  return warp_sum(v);
+}
+
+// ---- reader_teacher --------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void reader_teacher_fwd_kernel(const T* __restrict__ attn, const int32_t* __restrict__ doc,
+                                          const uint8_t* __restrict__ mask, float* __restrict__ partial, int64_t R,
+                                          int64_t H, int64_t Tn, int64_t S, int n_docs, int64_t sb, int64_t sl,
+                                          int64_t sh, int64_t st, int64_t ss, int64_t rows_per_block, bool is_logits) {
+  extern __shared__ float smem[];
+  float* acc = smem;  // [n_docs]: sum over this block's rows of p_row[doc]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* bins = smem + static_cast<int64_t>(n_docs) * (1 + warp);  // [n_docs]: this warp's current row, times exp(-m)
+  const int64_t b = blockIdx.x, chunk = blockIdx.y;
+  for (int64_t k = threadIdx.x; k < static_cast<int64_t>(n_docs) * (kWarps + 1); k += blockDim.x) smem[k] = 0.f;
+  __syncthreads();
+  const int32_t* drow = doc + b * S;
+  const uint8_t* mrow = mask ? mask + b * S : nullptr;
+  const int64_t r0 = chunk * rows_per_block;
+  const int64_t r1 = r0 + rows_per_block < R ? r0 + rows_per_block : R;
+  for (int64_t r = r0 + warp; r < r1; r += kWarps) {
+    const int64_t l = r / (H * Tn), h = (r / Tn) % H, t = r % Tn;
+    const T* row = attn + b * sb + l * sl + h * sh + t * st;
+    float m = -INFINITY;  // running max (logits only; warp-uniform)
+    float z = 0.f;        // this lane's share of sum exp(x - m)
+    for (int64_t s0 = 0; s0 < S; s0 += 32 * kVec) {
+      float x[kVec];
+      int d[kVec];
+      float cmax = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const int64_t s = s0 + j * 32 + lane;
+        d[j] = -1;
+        x[j] = is_logits ? -INFINITY : 0.f;
+        if (s < S) {
+          const int di = drow[s];
+          if (di >= 0 && (mrow == nullptr || mrow[s] != 0)) {
+            d[j] = di;
+            x[j] = to_f<T>(row[s * ss]);
+          }
+        }
+        cmax = fmaxf(cmax, x[j]);
+      }
+      if (is_logits) {
+        cmax = warp_max(cmax);
+        if (cmax > m) {  // warp-uniform branch: rescale this row's bins and sums to the new max
+          const float alpha = m == -INFINITY ? 0.f : expf(m - cmax);
+          z *= alpha;
+          __syncwarp();
+          for (int k = lane; k < n_docs; k += 32) bins[k] *= alpha;
+          __syncwarp();
+          m = cmax;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        float e = 0.f;
+        if (d[j] >= 0) e = is_logits ? (x[j] > -INFINITY ? expf(x[j] - m) : 0.f) : x[j];
+        z += e;
+        const int d0 = __shfl_sync(kFull, d[j], 0);
+        if (__all_sync(kFull, d[j] == d0)) {
+          const float sum = warp_sum(e);
+          if (lane == 0 && d0 >= 0) atomicAdd(&bins[d0], sum);
+        } else if (d[j] >= 0) {
+          atomicAdd(&bins[d[j]], e);
+        }
+      }
+      __syncwarp();
+    }
+    z = warp_sum(z);
+    const float inv = z > 0.f ? 1.f / z : 0.f;  // a row with no valid token (or no mass) contributes 0
+    __syncwarp();
+    for (int k = lane; k < n_docs; k += 32) {
+      atomicAdd(&acc[k], bins[k] * inv);
+      bins[k] = 0.f;
+    }
+    __syncwarp();
+  }
+  __syncthreads();
+  float* out = partial + (b * gridDim.y + chunk) * n_docs;
+  for (int k = threadIdx.x; k < n_docs; k += blockDim.x) out[k] = acc[k];
+}
+
+__global__ void reader_teacher_reduce_kernel(const float* __restrict__ partial, float* __restrict__ out, int64_t B,
+                                             int64_t n_chunks, int64_t n_docs, float inv_rows) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * n_docs) return;
+  const int64_t b = i / n_docs, k = i % n_docs;
+  float s = 0.f;
+  for (int64_t c = 0; c < n_chunks; ++c) s += partial[(b * n_chunks + c) * n_docs + k];
+  out[i] = s * inv_rows;
+}
+
+// ---- distill_kl ------------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb, int64_t ssm, int64_t M,
+                                      const float* __restrict__ teacher, const float* __restrict__ tprobs,
+                                      const int64_t* __restrict__ tcols, int64_t n, float* __restrict__ loss,
+                                      T* __restrict__ grad, float grad_scale, bool normalize) {
+  __shared__ float red[32];
+  const int64_t b = blockIdx.x;
+  const T* row = student + b * ssb;
+  const bool sparse = teacher == nullptr;
+  // pass 1: online log-sum-exp per thread, then across the block
+  float m = -INFINITY, z = 0.f, ts = 0.f;
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    const float x = to_f<T>(row[j * ssm]);
+    if (x > m) {
+      z = m == -INFINITY ? 0.f : z * expf(m - x);
+      m = x;
+    }
+    if (x > -INFINITY) z += expf(x - m);
+    if (!sparse) ts += teacher[b * M + j];
+  }
+  const float mx = block_max(m, red);
+  z = (m == -INFINITY) ? 0.f : z * expf(m - mx);
+  z = block_sum(z, red);
+  if (sparse) {
+    ts = 0.f;
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) ts += tprobs[b * n + k];
+  }
+  ts = block_sum(ts, red);
+  const float lse = mx == -INFINITY ? -INFINITY : mx + logf(z);
+  const float inv_t = normalize ? 1.f / (ts > 0.f ? ts : 1.f) : 1.f;
+  const float t_mass = normalize ? 1.f : ts;
+  // pass 2: gradient and (dense) loss terms
+  float lacc = 0.f;
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    const float x = to_f<T>(row[j * ssm]);
+    const float p = (lse > -INFINITY && x > -INFINITY) ? expf(x - lse) : 0.f;
+    float g = t_mass * p;
+    if (!sparse) {
+      const float tv = teacher[b * M + j] * inv_t;
+      if (tv > 0.f) lacc += tv * (logf(tv) - (x - lse));
+      g -= tv;
+    }
+    if (grad != nullptr) grad[b * M + j] = from_f<T>(g * grad_scale);
+  }
+  if (sparse) {
+    __syncthreads();  // the gradient row is complete before the teacher columns patch it
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
+      const float tv = tprobs[b * n + k] * inv_t;
+      const int64_t c = tcols[b * n + k];
+      const float x = to_f<T>(row[c * ssm]);
+      if (tv > 0.f) lacc += tv * (logf(tv) - (x - lse));
+      if (grad != nullptr) grad[b * M + c] = from_f<T>(to_f<T>(grad[b * M + c]) - tv * grad_scale);
+    }
+  }
+  lacc = block_sum(lacc, red);
+  if (threadIdx.x == 0) loss[b] = lacc;
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("reatt: ") + what + " launch failed: " +
+                                                   cudaGetErrorString(err));
+}
+
+}  // namespace
+
+// attn [B, L, H, T, S] (strides in elements), doc int32 [B, S] contiguous, mask uint8 [B, S] contiguous or 0,
+// partial fp32 [B, n_chunks, n_docs], out fp32 [B, n_docs].
+void reader_teacher_fwd_cuda(uintptr_t attn, int dtype, int64_t B, int64_t L, int64_t H, int64_t Tn, int64_t S,
+                             int64_t sb, int64_t sl, int64_t sh, int64_t st, int64_t ss, uintptr_t doc, uintptr_t mask,
+                             int64_t n_docs, bool is_logits, uintptr_t partial, int64_t n_chunks,
+                             int64_t rows_per_block, uintptr_t out, uintptr_t stream) {
+  REATT_CHECK(n_docs >= 1 && n_docs <= 1024, "reader_teacher_fwd_cuda: n_docs must be in [1, 1024]");
+  REATT_CHECK(B >= 1 && n_chunks >= 1 && n_chunks <= 65535, "reader_teacher_fwd_cuda: bad grid");
+  REATT_CHECK(rows_per_block * n_chunks >= L * H * Tn, "reader_teacher_fwd_cuda: chunks do not cover the rows");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(n_chunks));
+  const size_t smem = static_cast<size_t>(kWarps + 1) * n_docs * sizeof(float);
+  const int64_t R = L * H * Tn;
+  auto* d = reinterpret_cast<const int32_t*>(doc);
+  auto* mk = reinterpret_cast<const uint8_t*>(mask);
+  auto* pp = reinterpret_cast<float*>(partial);
+  const int nd = static_cast<int>(n_docs);
+  switch (dtype) {
+    case kFloat32:
+      reader_teacher_fwd_kernel<float><<<grid, kWarps * 32, smem, s>>>(reinterpret_cast<const float*>(attn), d, mk,
+                                                                       pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
+                                                                       rows_per_block, is_logits);
+      break;
+    case kFloat16:
+      reader_teacher_fwd_kernel<__half><<<grid, kWarps * 32, smem, s>>>(reinterpret_cast<const __half*>(attn), d, mk,
+                                                                        pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
+                                                                        rows_per_block, is_logits);
+      break;
+    case kBFloat16:
+      reader_teacher_fwd_kernel<__nv_bfloat16><<<grid, kWarps * 32, smem, s>>>(
+          reinterpret_cast<const __nv_bfloat16*>(attn), d, mk, pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
+          rows_per_block, is_logits);
+      break;
+    default:
+      throw std::invalid_argument(std::string("reatt: reader_teacher_fwd_cuda: unsupported dtype ") +
+                                  dtype_name(dtype));
+  }
+  check_launch("reader_teacher_fwd_kernel");
+  const int64_t total = B * n_docs;
+  reader_teacher_reduce_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(
+      pp, reinterpret_cast<float*>(out), B, n_chunks, n_docs, 1.f / static_cast<float>(R));
+  check_launch("reader_teacher_reduce_kernel");
+}
+
+// student [B, M] (strides in elements); teacher fp32 [B, M] contiguous or 0; tprobs fp32 [B, n] and tcols int64
+// [B, n] contiguous (sparse form) or 0; loss fp32 [B]; grad [B, M] contiguous in the student's dtype, or 0.
+void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int64_t ssb, int64_t ssm,
+                         uintptr_t teacher, uintptr_t tprobs, uintptr_t tcols, int64_t n, uintptr_t loss,
+                         uintptr_t grad, double grad_scale, bool normalize, uintptr_t stream) {
+  REATT_CHECK(B >= 1 && B <= 2147483647, "distill_kl_fwd_cuda: B must be in [1, 2^31)");
+  REATT_CHECK(teacher != 0 || (tprobs != 0 && tcols != 0), "distill_kl_fwd_cuda: needs a dense or a sparse teacher");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto* t = reinterpret_cast<const float*>(teacher);
+  auto* tp = reinterpret_cast<const float*>(tprobs);
+  auto* tc = reinterpret_cast<const int64_t*>(tcols);
+  auto* lo = reinterpret_cast<float*>(loss);
+  const float gs = static_cast<float>(grad_scale);
+  const unsigned grid = static_cast<unsigned>(B);
+  switch (dtype) {
+    case kFloat32:
+      distill_kl_fwd_kernel<float><<<grid, kKlThreads, 0, s>>>(reinterpret_cast<const float*>(student), ssb, ssm, M, t,
+                                                               tp, tc, n, lo, reinterpret_cast<float*>(grad), gs,
+                                                               normalize);
+      break;
+    case kFloat16:
+      distill_kl_fwd_kernel<__half><<<grid, kKlThreads, 0, s>>>(reinterpret_cast<const __half*>(student), ssb, ssm, M,
+                                                                t, tp, tc, n, lo, reinterpret_cast<__half*>(grad), gs,
+                                                                normalize);
+      break;
+    case kBFloat16:
+      distill_kl_fwd_kernel<__nv_bfloat16><<<grid, kKlThreads, 0, s>>>(
+          reinterpret_cast<const __nv_bfloat16*>(student), ssb, ssm, M, t, tp, tc, n, lo,
+          reinterpret_cast<__nv_bfloat16*>(grad), gs, normalize);
+      break;
+    default:
+      throw std::invalid_argument(std::string("reatt: distill_kl_fwd_cuda: unsupported dtype ") + dtype_name(dtype));
+  }
+  check_launch("distill_kl_fwd_kernel");
+}
+
+namespace {
+const RegisterBindings distill_cuda_bindings([](pybind11::module_& m) {
+  m.def("reader_teacher_fwd_cuda", &reader_teacher_fwd_cuda,
+        "reader teacher p_T [B, n] from attn [B, L, H, T, S] (raw pointers, strides, stream)");
+  m.def("distill_kl_fwd_cuda", &distill_kl_fwd_cuda,
+        "row-wise KL(teacher || softmax(student)) and its gradient (raw pointers, strides, stream)");
+});
+}  // namespace
+
+}  // namespace reatt

@@ -1,0 +1,77 @@
+"""CUDA launchers for attention distillation (kernels in csrc/distill/distill_cuda.cu).
+
+Contract: see :mod:`reatt_kernels.ops.distill`. The launchers allocate (through :func:`reatt_kernels._alloc.empty`),
+pick the grid and pass raw pointers, strides and the current stream. Small side inputs are normalised here: doc_index
+to int32 and the mask to uint8 ([B, S]: tiny next to the attention), and the KL's teacher to fp32 contiguous (the sparse
+teacher is [B, n]; a dense non-fp32 teacher costs one fp32 [B, M] copy).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import _ext
+from .._alloc import empty
+
+# Per-warp shared-memory bins: (8 + 1) * n_docs floats must fit in the 48 KiB default.
+MAX_DOCS = 1024
+_WARPS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _reader_teacher_not_supported_reasons(tensors, n_docs=0, **facts) -> list[str]:
+    reasons = []
+    if not _ext.has("reader_teacher_fwd_cuda"):
+        reasons.append("reatt_kernels._C has no reader_teacher_fwd_cuda (built without csrc/distill/*.cu)")
+    if n_docs > MAX_DOCS:
+        reasons.append(f"n_docs = {n_docs} > {MAX_DOCS} (shared-memory bins per warp)")
+    return reasons
+
+
+def _distill_kl_not_supported_reasons(tensors, **facts) -> list[str]:
+    if not _ext.has("distill_kl_fwd_cuda"):
+        return ["reatt_kernels._C has no distill_kl_fwd_cuda (built without csrc/distill/*.cu)"]
+    return []
+
+
+def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
+    """attn [B, L, H, T, S] (any strides), doc_index int [B, S], attn_mask bool [B, S] or None -> fp32 [B, n_docs]."""
+    B, L, H, T, S = attn.shape
+    R = L * H * T
+    doc = doc_index.to(torch.int32).contiguous()
+    mask = attn_mask.contiguous().view(torch.uint8) if attn_mask is not None else None
+    # Enough blocks to fill the GPU about 4 times over, each with at least one row per warp.
+    target = 4 * _sm_count(attn.device.index if attn.device.index is not None else torch.cuda.current_device())
+    n_chunks = max(1, min((R + _WARPS - 1) // _WARPS, (target + B - 1) // B, 65535))
+    rows_per_block = (R + n_chunks - 1) // n_chunks
+    n_chunks = (R + rows_per_block - 1) // rows_per_block
+    partial = empty((B, n_chunks, n_docs), torch.float32, attn.device)
+    out = empty((B, n_docs), torch.float32, attn.device)
+    _ext.ext().reader_teacher_fwd_cuda(
+        _ext.ptr(attn), _ext.dtype_code(attn), B, L, H, T, S, *attn.stride(), _ext.ptr(doc), _ext.ptr(mask),
+        n_docs, bool(is_logits), _ext.ptr(partial), n_chunks, rows_per_block, _ext.ptr(out), _ext.stream(attn))
+    return out
+
+
+def _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad):
+    """Per-row loss fp32 [B] and grad [B, M] (student dtype, times grad_scale; [0, M] when not compute_grad)."""
+    B, M = student.shape
+    loss = empty((B,), torch.float32, student.device)
+    grad = empty((B, M) if compute_grad else (0, M), student.dtype, student.device)
+    if teacher is not None:
+        t, tp, tc, n = teacher.to(torch.float32).contiguous(), None, None, 0
+    else:
+        t = None
+        tp = teacher_probs.to(torch.float32).contiguous()
+        tc = teacher_cols.to(torch.int64).contiguous()
+        n = tp.shape[1]
+    _ext.ext().distill_kl_fwd_cuda(
+        _ext.ptr(student), _ext.dtype_code(student), B, M, student.stride(0), student.stride(1), _ext.ptr(t),
+        _ext.ptr(tp), _ext.ptr(tc), n, _ext.ptr(loss), _ext.ptr(grad) if compute_grad else 0, float(grad_scale),
+        bool(normalize), _ext.stream(student))
+    return loss, grad
