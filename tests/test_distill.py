@@ -331,12 +331,12 @@ def _naive_retrieval_loss(q, d, teacher, q_mask, d_mask, pb, scale, teacher_cols
 
 def test_retrieval_distill_loss_gradcheck():
     """float64: the composed op (torch backend) vs finite differences, for q, d, pos_bias and a learned scale."""
-    q, d, qm, dm, pb, teacher = _retrieval_case()
+    q, d, qm, dm, pb, teacher = _retrieval_case(B=2, n=2, Lq=3, Ld=4, D=4)
     leaves = [t.requires_grad_(True) for t in (q, d, pb)]
     scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
     f = lambda q, d, pb, sc: rk.retrieval_distill_loss(q, d, teacher.double(), q_mask=qm, d_mask=dm, pos_bias=pb,
                                                        scale=sc, backend="torch")
-    assert torch.autograd.gradcheck(f, (*leaves, scale))
+    assert torch.autograd.gradcheck(f, (*leaves, scale), fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

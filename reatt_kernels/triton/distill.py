@@ -199,7 +199,8 @@ def _distill_kl_fwd_kernel(
             t = tl.load(t_ptr + b * stride_tb + cols.to(tl.int64) * stride_tm, mask=ok, other=0.0).to(tl.float32)
             t = t * inv_t
             pos = t > 0
-            loss_v += tl.where(pos, t * (tl.log(tl.where(pos, t, 1.0)) - (x - lse)), 0.0)
+            # where() inside too: 0 * (-inf) in the unselected lanes would be NaN (harmless, but noisy)
+            loss_v += tl.where(pos, t * (tl.log(tl.where(pos, t, 1.0)) - (tl.where(pos, x, 0.0) - lse)), 0.0)
             g = t_mass * p - t
         if COMPUTE_GRAD:
             tl.store(g_row + cols.to(tl.int64) * stride_gm, (g * grad_scale).to(grad_ptr.dtype.element_ty), mask=ok)
@@ -214,7 +215,7 @@ def _distill_kl_fwd_kernel(
             c = tl.load(tc_ptr + b * stride_cb + k * stride_cn, mask=k_ok, other=0).to(tl.int64)
             xs = tl.load(s_row + c * stride_sm, mask=k_ok, other=0.0).to(tl.float32)
             pos = t > 0
-            loss += tl.sum(tl.where(pos, t * (tl.log(tl.where(pos, t, 1.0)) - (xs - lse)), 0.0), 0)
+            loss += tl.sum(tl.where(pos, t * (tl.log(tl.where(pos, t, 1.0)) - (tl.where(pos, xs, 0.0) - lse)), 0.0), 0)
             if COMPUTE_GRAD:
                 g = tl.load(g_row + c * stride_gm, mask=k_ok, other=0.0).to(tl.float32)
                 tl.store(g_row + c * stride_gm, (g - t * grad_scale).to(grad_ptr.dtype.element_ty), mask=k_ok)
