@@ -92,6 +92,18 @@ class Case:
     flops: float
     fns: dict = field(default_factory=dict)
     note: str = ""
+    # Search cases: compare each provider's scores with naive's ([Bq, Nd]); training cases: None.
+    compare: bool = False
+
+
+def _score_diff(ref: torch.Tensor) -> Callable[[object], float]:
+    """max |provider scores - naive scores| (any provider output: tensor [Bq, Nd], or maxsim-cpu's numpy [Nd])."""
+
+    def check(out) -> float:
+        out = torch.as_tensor(out).to(device=ref.device, dtype=torch.float32).reshape(ref.shape)
+        return float((out - ref).abs().max())
+
+    return check
 
 
 # ---- peers ------------------------------------------------------------------------------------------------------------
@@ -170,7 +182,7 @@ def _gpu_search(name: str, device: torch.device, store: dict) -> Case:
     g = torch.Generator(device=device).manual_seed(1)
     q = _unit(torch.randn(n_q, Lq, D, dtype=dtype, device=device, generator=g))
     n_bytes, flops = _search_counts(q, n_docs, n_docs * Ld, 2)
-    case = Case(name, "fwd", dict(Bq=n_q, Lq=Lq, Nd=n_docs, Ld=Ld, dim=D), dtype, n_bytes, flops)
+    case = Case(name, "fwd", dict(Bq=n_q, Lq=Lq, Nd=n_docs, Ld=Ld, dim=D), dtype, n_bytes, flops, compare=True)
     case.fns["naive"] = lambda: naive_maxsim(q, d)
     for b in OUR_BACKENDS:
         why = _our_status(b, device)
@@ -261,7 +273,7 @@ def _cpu_search(name: str, device: torch.device, n_docs: int, ragged: bool) -> C
     T = d_tokens.shape[0]
     n_bytes, flops = _search_counts(q, n_docs, T, 4)
     case = Case(name, "fwd", dict(Bq=1, Lq=Lq, Nd=n_docs, Ld=f"{lo}-128" if ragged else 128, dim=D, tokens=T), dtype,
-                n_bytes, flops)
+                n_bytes, flops, compare=True)
     if ragged:
         d_pad, d_mask = pad_packed(d_tokens, d_offsets, max_len=128)
         case.fns["naive"] = lambda: naive_maxsim(q, d_pad, d_mask)
@@ -345,19 +357,25 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
             continue
         case_meta[name] = dict(mode=case.mode, shape=case.shape, dtype=str(case.dtype).replace("torch.", ""),
                                bytes=case.n_bytes, flops=case.flops, note=case.note)
+        check = None
+        if case.compare and not isinstance(case.fns.get("naive"), str):
+            try:
+                check = _score_diff(case.fns["naive"]().float())
+            except Exception as exc:
+                print(f"  {name}: naive reference failed ({short_reason(exc)}); no score check", flush=True)
         for prov in PROVIDERS:
             if providers and prov not in providers:
                 continue
             fn = case.fns.get(prov, "not applicable to this case")
             reason = fn if isinstance(fn, str) else None
             row = measure(None if reason else fn, device, roof, n_bytes=case.n_bytes, flops=case.flops, reason=reason,
-                          budget_s=budget, case=name, provider=prov, mode=case.mode,
+                          budget_s=budget, check=check, case=name, provider=prov, mode=case.mode,
                           dtype=str(case.dtype).replace("torch.", ""), shape=case.shape)
             rows.append(row)
             msg = (f"p50 {row['p50_ms']:.3f} ms, {row['pct_roofline']:.1f}% of roofline" if row["status"] == "ok"
                    else f"n/a: {row['note'][:100]}")
             print(f"  {name:<20} {prov:<25} {msg}", flush=True)
-        del case
+        del case, check
         if device.type == "cuda":
             torch.cuda.empty_cache()
     _STORE.clear()
@@ -378,6 +396,8 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
             "floor_ms": "max(bytes / bandwidth, flops / matmul rate), both measured in this run",
             "pct_roofline": "100 * floor_ms / p50_ms",
             "speedup_vs_naive": "naive p50 / provider p50, same case",
+            "max_abs_diff_vs_naive": "search cases: max |scores - naive scores| on the first call (not asserted; "
+                                     "naive accumulates in the input dtype, so fp16 differences are expected)",
             "naive": "einsum + mask + amax + sum, chunked over documents "
                      "(CPU: 2000 docs per chunk for 1 x 32 x 128; GPU: 2^28 score elements per chunk); "
                      "training naive: one einsum (scores materialised) + bias + mask + amax + mean, autograd",

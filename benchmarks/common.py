@@ -25,6 +25,7 @@ import torch
 from reatt_kernels.bench import (  # noqa: F401  (re-exported)
     GIB,
     MIB,
+    HelpFormatter,
     NAIVE_CHUNK_ELEMS,
     device_name,
     device_slug,
@@ -57,12 +58,13 @@ ROW_COLUMNS = [
     ("pct_roofline", "% roof", ".1f"),
     ("speedup_vs_naive", "x naive", ".2f"),
     ("peak_mem_MiB", "peak MiB", ".1f"),
+    ("max_abs_diff_vs_naive", "|diff|", ".1e"),
     ("note", "note", ""),
 ]
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and short timing (the device check uses it)")
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<device>/)")
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda")
@@ -71,12 +73,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def measure(fn: Optional[Callable[[], object]], device: torch.device, roof: dict, *, n_bytes: float, flops: float,
             reason: Optional[str] = None, memory: bool = True, min_reps: int = 5, budget_s: float = 1.0,
-            quantiles: Sequence[float] = QUANTILES, **labels) -> dict:
+            quantiles: Sequence[float] = QUANTILES, check: Optional[Callable[[object], float]] = None,
+            **labels) -> dict:
     """Time one provider and return its row.
 
     Args:
         fn: the call to time (no arguments), or None when ``reason`` says why the provider cannot run.
         roof: :func:`roofline` of this run. n_bytes, flops: the explicit counts for GB/s, TFLOP/s and the floor.
+        check: applied to the first call's output; its value is stored as ``max_abs_diff_vs_naive`` (a sanity
+            figure, never asserted: a fast provider with wrong results should stand out in the JSON).
         labels: copied into the row (case, provider, mode, shape, ...).
     Returns:
         a dict with ``status`` ("ok" / "n/a"), p50/p20/p80 (ms), GBps, TFLOPs, floor_ms, pct_roofline, peak memory.
@@ -89,8 +94,15 @@ def measure(fn: Optional[Callable[[], object]], device: torch.device, roof: dict
         row.update(status="n/a", note=short_reason(reason or "not available"))
         return row
     try:
-        fn()  # first call: compile / autotune / page faults; an error here makes the row n/a
+        first = fn()  # first call: compile / autotune / page faults; an error here makes the row n/a
         sync(device)
+        if check is not None:
+            try:
+                row["max_abs_diff_vs_naive"] = float(check(first))
+            except Exception as exc:
+                row["max_abs_diff_vs_naive"] = None
+                row["check_error"] = short_reason(exc)
+        del first
         t = time_fn(fn, device, quantiles, min_reps=min_reps, budget_s=budget_s, warmup=0)
     except Exception as exc:
         row.update(status="n/a", note=short_reason(exc))

@@ -394,12 +394,26 @@ def _defaults(device: torch.device, quick: bool) -> dict:
     return {"docs": 2_000 if quick else 20_000, "batch": "1,4", "dtype": "float32"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default only when it has a real one (not None / False), and keeps the epilog's line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reatt-bench",
         description="Exact MaxSim retrieval latency on a deterministic synthetic clustered corpus: every available "
         "reatt_kernels backend side by side with naive PyTorch. Prints a table; saves JSON and a PNG plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+        "  reatt-bench                        # 20k docs on CPU (200k on a GPU), batches 1,4 (GPU: 1,16)\n"
+        "  reatt-bench --quick --index        # small and short, plus the compressed-index modes\n"
+        "  reatt-bench --docs 50000 --batch 1,64 --backends cpu --out /tmp/r\n"
+        "outputs: <out>/reatt_bench.json (env, roofline, formulas, one row per backend x batch) and reatt_bench.png",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda")
     p.add_argument("--docs", type=int, default=None,
