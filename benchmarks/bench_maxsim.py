@@ -76,6 +76,7 @@ PROVIDERS = ["naive", "torch", "cpu", "triton", "cuda", "late-interaction-kernel
 OUR_BACKENDS = ("torch", "cpu", "triton", "cuda")
 INT32_MAX = 2**31 - 1
 
+GPU_DOCS = {"100k": 100_000, "200k": 200_000, "1M": 1_000_000}
 GPU_CASES = ["search_1q_100k", "search_1q_200k", "search_16q_100k", "search_16q_200k", "search_1q_1M", "train_64x6400"]
 GPU_QUICK = ["search_1q_100k", "search_1q_200k", "search_16q_100k", "search_16q_200k", "train_64x6400"]
 
@@ -163,15 +164,15 @@ def _search_counts(q: torch.Tensor, n_docs: int, tokens: int, itemsize: int):
 
 def _gpu_search(name: str, device: torch.device, store: dict) -> Case:
     n_q = 16 if "_16q_" in name else 1
-    n_docs = {"100k": 100_000, "200k": 200_000, "1M": 1_000_000}[name.rsplit("_", 1)[1]]
+    n_docs = GPU_DOCS[name.rsplit("_", 1)[1]]
     Lq, Ld, D, dtype = 32, 128, 128, torch.float16
-    if n_docs <= 200_000:
+    if n_docs <= GPU_DOCS["200k"]:
         # One 200k corpus serves the 100k cases too (a leading slice is contiguous: no copy).
         if "d200k" not in store:
             store.clear()
             gc.collect()
             torch.cuda.empty_cache()
-            store["d200k"] = _unit(torch.randn(200_000, Ld, D, dtype=dtype, device=device))
+            store["d200k"] = _unit(torch.randn(GPU_DOCS["200k"], Ld, D, dtype=dtype, device=device))
         d = store["d200k"][:n_docs]
     else:
         store.clear()

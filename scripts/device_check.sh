@@ -38,6 +38,9 @@ STAGE=$(mktemp -d)                           # benchmark outputs before they are
 STAMP="$STAGE/.start"
 touch "$STAMP"
 
+# pip there is the system Python's (PEP 668 may mark it externally managed); nothing can be downloaded anyway.
+export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
+export PYTHONUNBUFFERED=1                    # keep the log in order
 STEPS=()                                     # "name|status|seconds"
 left() { echo $((TOTAL - (SECONDS - START))); }
 
