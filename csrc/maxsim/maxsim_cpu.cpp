@@ -378,11 +378,25 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
   REATT_CHECK(A.Lmax < (int64_t(1) << 31), "documents must have < 2^31 tokens (argmax is int32)");
   A.Lmax = A.Lmax < 1 ? 1 : A.Lmax;
   A.Lqp = (Lq + ops.W - 1) / ops.W * ops.W;
-  A.bf16dp = std::string(ops.name) == "avx512bf16" && dtype == kBFloat16;
-  A.Dp = A.bf16dp ? (D + 1) / 2 * 2 : D;
-  A.qpack_stride = A.bf16dp ? (A.Dp / 2) * A.Lqp : D * A.Lqp;
+  const bool has_bf16 = std::string(ops.name) == "avx512bf16";
+  A.bf16dp = has_bf16 && dtype == kBFloat16;
+  A.filt = has_bf16 && dtype != kBFloat16;
+  A.Dp = (A.bf16dp || A.filt) ? (D + 1) / 2 * 2 : D;
+  A.Dq = (D + 31) / 32 * 32;
+  A.qpack_stride = (A.bf16dp || A.filt) ? (A.Dp / 2) * A.Lqp : D * A.Lqp;
   std::vector<float> qpack(static_cast<size_t>(Bq * A.qpack_stride));  // fp32 or uint32 words: both 4 bytes
   std::vector<int32_t> n_valid(static_cast<size_t>(Bq));
+  std::vector<float> q32(A.filt ? static_cast<size_t>(Bq * Lq * D) : 0);
+  std::vector<float> qnorm(A.filt ? static_cast<size_t>(Bq * A.Lqp) : 0);
+  A.q32 = q32.data();
+  A.qnorm = qnorm.data();
+  {
+    // |s - s~| <= (2u + u^2) |q||d| for bf16 rounding (u = 2^-8), plus the fp32 accumulation error of the bf16 pass
+    // (two roundings per pair: D terms) and of the exact rescoring (D FMAs + a 16-lane sum), each <= n 2^-24 |q||d|;
+    // doubled because both the candidate and the approximate maximum move; 1% on top for the rounded norms.
+    const double u = std::ldexp(1.0, -8), gamma = static_cast<double>(2 * D + 32) * std::ldexp(1.0, -24);
+    A.filt_c = static_cast<float>(2.0 * (2 * u + u * u + gamma) * 1.01);
+  }
   A.bias_stride = A.bias ? A.Lqp + A.Lmax - 1 : 0;
   std::vector<float> bias_tab(static_cast<size_t>(Bq * A.bias_stride));
   A.qpack = qpack.data();
@@ -402,7 +416,9 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
     n_ach = (Bq + qch - 1) / qch;
   }
   const int64_t n_items = Nd * n_ach;
-  const size_t scratch_floats = static_cast<size_t>(2 * A.Lqp + A.Lmax * A.Dp + 16);
+  const size_t scratch_floats =
+      A.filt ? static_cast<size_t>(2 * A.Lqp + A.Lmax * D + A.Lmax * A.Dq / 2 + A.Lmax * A.Lqp + 64)
+             : static_cast<size_t>(2 * A.Lqp + A.Lmax * A.Dp + 16);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> scratch(scratch_floats);

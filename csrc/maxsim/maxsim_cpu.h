@@ -35,6 +35,11 @@ struct FwdArgs {
   int64_t Lqp;    // Lq rounded up to the ISA's vector width
   int64_t Dp;     // D rounded up to even (bf16 pairs); == D otherwise
   bool bf16dp;    // use the AVX512_BF16 dot-product path (bf16 inputs only)
+  bool filt;      // fp32 / fp16 inputs: bf16 filter pass + exact fp32 rescoring (AVX512_BF16 CPUs)
+  int64_t Dq;     // filter: bf16 document row stride (D rounded up to 32)
+  float filt_c;   // filter: |s - s~| bound per unit |q_i| * max_j |d_j|, both ends (see fwd_doc_filtered)
+  float* q32;     // filter: query rows in fp32 [Bq][Lq][D]
+  float* qnorm;   // filter: |q_i| [Bq][Lqp] (rounded up; 0 for padding lanes)
   void* qpack;    // per query: fp32 q^T [D][Lqp], or bf16 pairs [Dp/2][Lqp] (uint32 each)
   int64_t qpack_stride;  // elements (float or uint32) per query
   int32_t* n_valid;      // [Bq] valid query tokens
