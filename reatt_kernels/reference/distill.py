@@ -40,8 +40,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Elements of one fp32 chunk of attention rows in the reader-teacher reference: 2^24 -> 64 MiB.
-_CHUNK_ELEMS = 1 << 24
+# Elements of one fp32 chunk of attention rows in the reader-teacher reference: 2^22 -> 16 MiB.
+_CHUNK_ELEMS = 1 << 22
 
 
 def _cdtype(t: Tensor) -> torch.dtype:
@@ -69,18 +69,21 @@ def reader_teacher_fwd_ref(attn: Tensor, doc_index: Tensor, attn_mask: Optional[
     hc = max(1, min(H, _CHUNK_ELEMS // max(1, B * T * S)))
     for l in range(L):
         for h0 in range(0, H, hc):
-            x = attn[:, l, h0 : h0 + hc].to(cdt)  # [B, hc, T, S]
+            # One fp32 chunk [B, hc, T, S], worked on in place (copy=True: never write into the caller's fp32 attn).
+            x = attn[:, l, h0 : h0 + hc].to(cdt, memory_format=torch.contiguous_format, copy=True)
             vm = valid[:, None, None, :]
             if is_logits:
-                x = x.masked_fill(~vm, float("-inf"))
+                x.masked_fill_(~vm, float("-inf"))
                 m = x.amax(-1, keepdim=True)
-                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all-masked row: exp(-inf) = 0
-                e = torch.exp(x - m)
+                m.masked_fill_(torch.isneginf(m), 0.0)  # a row with no valid token: exp(-inf - 0) = 0, never NaN
+                x.sub_(m).exp_()
             else:
-                e = x.masked_fill(~vm, 0.0)
-            z = e.sum(-1, keepdim=True)
-            p = torch.where(z > 0, e / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(e))
-            w += p.sum((1, 2))
+                x.masked_fill_(~vm, 0.0)
+            z = x.sum(-1, keepdim=True)
+            inv = torch.where(z > 0, 1.0 / z, torch.zeros_like(z))  # a row with no mass contributes 0
+            rows = x.shape[1] * T
+            # sum over rows of p = x / z, as one batched mat-vec: [B, 1, rows] @ [B, rows, S]
+            w += torch.bmm(inv.reshape(B, 1, rows), x.reshape(B, rows, S)).squeeze(1)
     out = torch.zeros((B, n_docs), dtype=cdt, device=dev)
     if n_docs > 0 and S > 0:
         out.scatter_add_(1, doc_index.clamp(min=0).to(torch.int64), torch.where(valid, w, torch.zeros_like(w)))

@@ -174,7 +174,7 @@ def _distill_kl_fwd_kernel(
     lse = mx_safe + tl.log(z)  # -inf for an all -inf row
     lse_ok = lse > float("-inf")
     if SPARSE:
-        tsum = 0.0
+        tsum = tl.sum(tl.zeros((BLOCK_N,), tl.float32), 0)
         for n0 in range(0, n, BLOCK_N):
             k = n0 + tl.arange(0, BLOCK_N)
             tsum += tl.sum(tl.load(tp_ptr + b * stride_pb + k * stride_pn, mask=k < n, other=0.0).to(tl.float32), 0)
