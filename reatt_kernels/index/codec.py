@@ -1,0 +1,160 @@
+"""Residual codec (ColBERTv2 / PLAID style): a token vector is stored as its nearest centroid id plus an nbits bucket
+per dimension for the residual ``x - centroid``.
+
+    encode:  code = argmin_c |x - centroids[c]|^2     (int32; Euclidean k-means centroids are cluster means, not unit
+                                                        vectors, so residuals are as small as the clusters allow)
+             bucket[d] = #{k : cutoffs[d, k] < x[d] - centroids[code, d]}     in [0, 2^nbits)
+             packed: dimension d lives in byte d * nbits // 8 at bit (d * nbits) % 8 (LSB first)
+    decode:  v[d] = centroids[code, d] + weights[d, bucket[d]]
+
+Cutoffs and weights are per-dimension quantiles of the training residuals (cutoffs at k / 2^nbits, weights at the
+bucket mid-quantiles (k + 0.5) / 2^nbits), then refined by a few Lloyd-Max iterations per dimension (weights = bucket
+means, cutoffs = midpoints between weights), which lowers the mean squared decode error.
+Bytes per token: 4 (centroid id) + dim * nbits / 8 (2-bit at dim 128: 36 B, against 256 B in fp16).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NBITS = (1, 2, 4, 8)
+
+
+def default_n_centroids(n_tokens: int) -> int:
+    """2^floor(log2(16 * sqrt(T))), at least 1 (PLAID's rule)."""
+    if n_tokens <= 0:
+        return 1
+    return 1 << max(0, int(math.floor(math.log2(16.0 * math.sqrt(n_tokens)))))
+
+
+def check_nbits(nbits: int, dim: int) -> None:
+    if nbits not in NBITS:
+        raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
+    if (dim * nbits) % 8 != 0:
+        raise ValueError(f"dim * nbits must be a multiple of 8 (whole bytes per token), got dim={dim}, nbits={nbits}")
+
+
+def kmeans(sample: Tensor, k: int, *, niter: int = 20, seed: int = 0, gpu: Optional[bool] = None) -> Tensor:
+    """Euclidean k-means through faiss (its GPU path when faiss sees a GPU). sample [S, D] -> centroids fp32 [k, D].
+
+    Not spherical: on weakly clustered token vectors a unit-norm centroid is far from its members (|x - c| > |x|),
+    while the cluster mean minimises the residual that the codes must carry."""
+    import faiss  # imported here: faiss must not load at `import reatt_kernels`
+
+    x = np.ascontiguousarray(sample.detach().float().cpu().numpy())
+    k = max(1, min(k, x.shape[0]))
+    if gpu is None:
+        gpu = faiss.get_num_gpus() > 0
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=False, gpu=bool(gpu), verbose=False,
+                      max_points_per_centroid=1 << 30)
+    km.train(x)
+    return torch.from_numpy(np.array(km.centroids, dtype=np.float32)).reshape(k, x.shape[1])
+
+
+def pack_buckets(buckets: Tensor, nbits: int) -> Tensor:
+    """buckets uint8/int [T, D] in [0, 2^nbits) -> packed uint8 [T, D * nbits // 8]."""
+    T, D = buckets.shape
+    per = 8 // nbits
+    b = buckets.to(torch.int32).reshape(T, D // per, per)
+    shifts = (torch.arange(per, device=b.device, dtype=torch.int32) * nbits)
+    return (b << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_buckets(packed: Tensor, nbits: int, dim: int) -> Tensor:
+    """packed uint8 [T, dim * nbits // 8] -> buckets int64 [T, dim]."""
+    per = 8 // nbits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * nbits
+    b = (packed.to(torch.int32)[:, :, None] >> shifts) & ((1 << nbits) - 1)
+    return b.reshape(packed.shape[0], dim).long()
+
+
+def assign(x: Tensor, centroids: Tensor, chunk: int = 1 << 15) -> Tensor:
+    """Nearest centroid (Euclidean), chunked: x [T, D] -> int32 [T]. argmin |x - c|^2 = argmax <x, c> - |c|^2 / 2."""
+    out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
+    c = centroids.to(device=x.device, dtype=torch.float32)
+    half_sq = 0.5 * (c * c).sum(1)
+    for t0 in range(0, x.shape[0], chunk):
+        out[t0:t0 + chunk] = (x[t0:t0 + chunk].float() @ c.T - half_sq).argmax(1).to(torch.int32)
+    return out
+
+
+class ResidualCodec:
+    """Centroids fp32 [C, D], cutoffs fp32 [D, 2^nbits - 1], weights fp32 [D, 2^nbits]."""
+
+    def __init__(self, centroids: Tensor, cutoffs: Tensor, weights: Tensor, nbits: int):
+        check_nbits(nbits, centroids.shape[1])
+        self.centroids = centroids.float().contiguous()
+        self.cutoffs = cutoffs.float().contiguous()
+        self.weights = weights.float().contiguous()
+        self.nbits = nbits
+
+    @property
+    def dim(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def bytes_per_token(self) -> float:
+        return 4 + self.dim * self.nbits / 8
+
+    def to(self, device) -> "ResidualCodec":
+        return ResidualCodec(self.centroids.to(device), self.cutoffs.to(device), self.weights.to(device), self.nbits)
+
+    @classmethod
+    def train(cls, sample: Tensor, n_centroids: int, nbits: int, *, niter: int = 20, seed: int = 0,
+              gpu: Optional[bool] = None, lloyd_iters: int = 8) -> "ResidualCodec":
+        """Fit centroids on ``sample`` [S, D] by k-means, then per-dimension quantile cutoffs and weights of the
+        sample's residuals."""
+        check_nbits(nbits, sample.shape[1])
+        sample = sample.float().cpu()
+        cent = kmeans(sample, n_centroids, niter=niter, seed=seed, gpu=gpu)
+        res = sample - cent[assign(sample, cent).long()]
+        K = 1 << nbits
+        qs_cut = torch.arange(1, K, dtype=torch.float64) / K
+        qs_w = (torch.arange(K, dtype=torch.float64) + 0.5) / K
+        # torch.quantile caps its input size, so take quantiles per dimension over at most 2^20 residuals.
+        r = res[: 1 << 20]
+        rd = r.double()
+        cutoffs = torch.quantile(rd, qs_cut, dim=0).T.float().contiguous()
+        weights = torch.quantile(rd, qs_w, dim=0).T.float().contiguous()
+        # Lloyd-Max refinement from the quantile start: weights <- bucket means, cutoffs <- midpoints. Lowers the
+        # decode error (most in the tails, where equal-probability buckets are wide) at no cost per token.
+        D = r.shape[1]
+        rT = r.T.contiguous()
+        for _ in range(lloyd_iters):
+            b = torch.searchsorted(cutoffs, rT, right=False)  # [D, S]
+            sums = torch.zeros(D, K, dtype=torch.float64).scatter_add_(1, b, rT.double())
+            cnt = torch.zeros(D, K, dtype=torch.float64).scatter_add_(1, b, torch.ones_like(rT, dtype=torch.float64))
+            weights = torch.where(cnt > 0, sums / cnt.clamp(min=1), weights.double()).float()
+            weights = weights.sort(dim=1).values
+            cutoffs = (0.5 * (weights[:, 1:] + weights[:, :-1])).contiguous()
+        return cls(cent, cutoffs.contiguous(), weights.contiguous(), nbits)
+
+    def encode(self, x: Tensor, chunk: int = 1 << 15) -> tuple[Tensor, Tensor]:
+        """x [T, D] -> (codes int32 [T], packed uint8 [T, D * nbits // 8]) on x's device."""
+        dev = x.device
+        cent = self.centroids.to(dev)
+        half_sq = 0.5 * (cent * cent).sum(1)
+        cut = self.cutoffs.to(dev)
+        T, D = x.shape
+        codes = torch.empty(T, dtype=torch.int32, device=dev)
+        packed = torch.empty((T, D * self.nbits // 8), dtype=torch.uint8, device=dev)
+        for t0 in range(0, T, chunk):
+            xc = x[t0:t0 + chunk].float()
+            cc = (xc @ cent.T - half_sq).argmax(1)
+            r = xc - cent[cc]
+            # bucket = number of cutoffs strictly below the residual (searchsorted per dimension).
+            b = torch.searchsorted(cut, r.T.contiguous(), right=False).T
+            codes[t0:t0 + chunk] = cc.to(torch.int32)
+            packed[t0:t0 + chunk] = pack_buckets(b, self.nbits)
+        return codes, packed
+
+    def decode(self, codes: Tensor, packed: Tensor, dtype=torch.float32) -> Tensor:
+        """(codes [T], packed [T, P]) -> decompressed vectors [T, D] in ``dtype`` (the reference decompression)."""
+        b = unpack_buckets(packed, self.nbits, self.dim)
+        w = self.weights.to(device=codes.device, dtype=dtype)
+        dims = torch.arange(self.dim, device=codes.device)
+        return self.centroids.to(device=codes.device, dtype=dtype)[codes.long()] + w[dims[None, :], b]

@@ -1,0 +1,643 @@
+"""TokenIndex: exact (fp16) and residual-compressed (PLAID-style) token-vector indexes with MaxSim search.
+
+Search pipelines (``index.search(q, q_mask, k, **params) -> (scores [Bq, k], doc_ids [Bq, k])``):
+
+exact, ``method="full"`` (default): ``maxsim_packed`` of every query against every live document, then top-k.
+exact, ``method="flat"`` (ReAtt's inference path): each query token's ``k_token`` nearest tokens by inner product
+    (faiss flat inner-product index on CPU, chunked matmul + top-k on CUDA), their documents as candidates, then an
+    exact ``maxsim_packed`` rerank of the candidates.
+residual:
+    (1) ``centroids``: query tokens x centroids, the ``nprobe`` best cells per valid query token, and the inverted
+        lists of those cells give the candidate documents;
+    (2) ``approx``: PLAID's centroid interaction ``sum_i max_{t in doc} <q_i, centroid[code_t]>`` prunes them to
+        ``ncandidates``;
+    (3) ``rerank``: the fused decompress + MaxSim op ``residual_maxsim`` (Triton / CUDA / C++ / torch) on the codes;
+    (4) ``topk``.
+    Everything stays on the index's device (GPU-resident on CUDA). ``index.last_timings`` holds per-stage seconds
+    of the last search when it was called with ``timings=True``.
+
+Results always have k columns: when fewer than k live documents qualify, the tail is ``-inf`` with id ``-1``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .codec import ResidualCodec, check_nbits, default_n_centroids
+from .io import IndexCorruptedError, load_arrays, save_arrays
+from .ops import residual_maxsim
+
+KINDS = ("exact", "residual")
+DEFAULTS = {"nprobe": 8, "ncandidates": 1024}
+
+
+# ---- input normalisation: everything becomes a stream of (tokens [t, D], lengths [n]) chunks ---------------------------
+def _chunks(vectors, d_offsets: Optional[Tensor], chunk_tokens: int) -> Iterator[tuple[Tensor, Tensor]]:
+    if isinstance(vectors, Tensor):
+        if d_offsets is None:
+            raise ValueError("packed input needs d_offsets (int64 [Nd + 1]); pass a list of [L_i, dim] tensors instead")
+        if vectors.dim() != 2:
+            raise ValueError(f"packed d_tokens must be [T, dim], got shape {tuple(vectors.shape)}")
+        off = d_offsets.cpu()
+        n = off.numel() - 1
+        b0 = 0
+        while b0 < n:
+            # as many documents as fit in chunk_tokens (at least one)
+            b1 = int(torch.searchsorted(off, off[b0] + chunk_tokens, right=True)) - 1
+            b1 = min(n, max(b1, b0 + 1))
+            yield vectors[int(off[b0]):int(off[b1])], (off[b0 + 1:b1 + 1] - off[b0:b1])
+            b0 = b1
+        return
+    buf: list[Tensor] = []
+    n_buf = 0
+    for item in vectors:
+        if isinstance(item, tuple):  # a packed chunk (tokens, offsets)
+            if buf:
+                yield torch.cat(buf), torch.tensor([x.shape[0] for x in buf])
+                buf, n_buf = [], 0
+            yield from _chunks(item[0], item[1], chunk_tokens)
+            continue
+        docs = item if isinstance(item, (list, tuple)) else [item]
+        for x in docs:
+            if not isinstance(x, Tensor) or x.dim() != 2:
+                raise ValueError(f"each document must be a [L_i, dim] tensor, got "
+                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            buf.append(x)
+            n_buf += x.shape[0]
+            if n_buf >= chunk_tokens:
+                yield torch.cat(buf), torch.tensor([x.shape[0] for x in buf])
+                buf, n_buf = [], 0
+    if buf:
+        yield torch.cat(buf), torch.tensor([x.shape[0] for x in buf])
+
+
+def _as_stream(vectors):
+    """Lists stay lists (sized, random access); iterators are wrapped so each document is seen once."""
+    if isinstance(vectors, (list, Tensor)):
+        return vectors
+    if isinstance(vectors, Iterable):
+        return iter(vectors)
+    raise TypeError(f"vectors must be a list of [L_i, dim] tensors, packed d_tokens (with d_offsets) or an iterator "
+                    f"of chunks, got {type(vectors).__name__}")
+
+
+def _ragged_rows(offsets: Tensor, docs: Tensor) -> tuple[Tensor, Tensor]:
+    """Token rows of ``docs`` back to back, and each row's position in ``docs`` (segment id)."""
+    lens = offsets[docs + 1] - offsets[docs]
+    n = int(lens.sum())
+    seg = torch.repeat_interleave(torch.arange(docs.numel(), device=docs.device), lens, output_size=n)
+    starts = offsets[docs] - (torch.cumsum(lens, 0) - lens)
+    return torch.arange(n, device=docs.device) + starts[seg], seg
+
+
+def _topk_padded(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k along dim 1 of scores [Bq, M] with ids [Bq, M]; pads to k columns with (-inf, -1)."""
+    Bq, M = scores.shape
+    if M < k:
+        scores = torch.cat([scores, scores.new_full((Bq, k - M), float("-inf"))], 1)
+        ids = torch.cat([ids, ids.new_full((Bq, k - M), -1)], 1)
+    s, pos = torch.topk(scores, k, dim=1)
+    i = torch.gather(ids, 1, pos)
+    return s, torch.where(torch.isinf(s) & (s < 0), torch.full_like(i, -1), i)
+
+
+class _Timer:
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled, self.times, self._t = device, enabled, {}, None
+
+    def start(self):
+        if self.enabled:
+            self._sync()
+            self._t = time.perf_counter()
+
+    def stop(self, name: str):
+        if self.enabled:
+            self._sync()
+            now = time.perf_counter()
+            self.times[name] = self.times.get(name, 0.0) + now - self._t
+            self._t = now
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class TokenIndex:
+    """A token-vector index over documents (each a [L_i, dim] matrix of unit vectors), searched by MaxSim.
+
+    Build with :meth:`build`, search with :meth:`search`, grow with :meth:`add`, tombstone with :meth:`delete`,
+    reclaim with :meth:`compact`, persist with :meth:`save` / :meth:`load`.
+    """
+
+    def __init__(self, kind: str, dim: int, *, device="cpu", nbits: int = 0, codec: Optional[ResidualCodec] = None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.kind, self.dim, self.nbits = kind, int(dim), int(nbits)
+        self.device = torch.device(device)
+        self.codec = codec.to(self.device) if codec is not None else None
+        dev = self.device
+        self.offsets = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.doc_ids = torch.zeros(0, dtype=torch.int64, device=dev)
+        self.deleted = torch.zeros(0, dtype=torch.bool, device=dev)
+        self.next_id = 0
+        if kind == "exact":
+            self.tokens = torch.zeros((0, dim), dtype=torch.float16, device=dev)
+        else:
+            self.codes = torch.zeros(0, dtype=torch.int32, device=dev)
+            self.packed = torch.zeros((0, dim * nbits // 8), dtype=torch.uint8, device=dev)
+            self.ivf_offsets = torch.zeros(1, dtype=torch.int64, device=dev)
+            self.ivf_docs = torch.zeros(0, dtype=torch.int64, device=dev)
+        self.last_timings: dict[str, float] = {}
+        self._flat = None  # lazily built token-level flat index (exact, method="flat")
+        self._codes_pad = None  # lazily built padded codes (residual, stage 2)
+
+    # ---- sizes ------------------------------------------------------------------------------------------------------
+    @property
+    def n_docs(self) -> int:
+        """Live (not deleted) documents."""
+        return int((~self.deleted).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes of token payload per token: 2 * dim (fp16) for exact, 4 + dim * nbits / 8 for residual."""
+        return 2.0 * self.dim if self.kind == "exact" else 4 + self.dim * self.nbits / 8
+
+    def nbytes(self) -> int:
+        """All arrays' bytes (payload, offsets, ids, tombstones, inverted lists, codec)."""
+        ts = [self.offsets, self.doc_ids, self.deleted]
+        if self.kind == "exact":
+            ts.append(self.tokens)
+        else:
+            ts += [self.codes, self.packed, self.ivf_offsets, self.ivf_docs]
+            if self.codec is not None:
+                ts += [self.codec.centroids, self.codec.cutoffs, self.codec.weights]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def __repr__(self) -> str:
+        extra = f", nbits={self.nbits}, centroids={self.codec.centroids.shape[0]}" if self.kind == "residual" and \
+            self.codec is not None else ""
+        return (f"TokenIndex(kind={self.kind!r}, dim={self.dim}{extra}, docs={self.n_docs}, tokens={self.n_tokens}, "
+                f"device={self.device})")
+
+    # ---- build ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, vectors, *, d_offsets: Optional[Tensor] = None, kind: str = "residual", nbits: int = 4,
+              n_centroids="auto", doc_ids: Optional[Sequence[int]] = None, dim: Optional[int] = None,
+              device=None, codec: Optional[ResidualCodec] = None, sample_tokens: int = 1 << 18,
+              n_tokens_hint: Optional[int] = None, kmeans_iters: int = 20, seed: int = 0,
+              chunk_tokens: int = 1 << 16, progress: bool = True) -> "TokenIndex":
+        """Build an index in bounded memory, streaming over chunks with a tqdm progress bar.
+
+        Args:
+            vectors: a list of [L_i, dim] tensors; packed d_tokens [T, dim] with ``d_offsets`` int64 [Nd + 1]; or an
+                iterator of chunks (each a [L, dim] tensor = one document, a list of them, or a (tokens, offsets)
+                tuple).
+            kind: "exact" (fp16 tokens) or "residual" (centroid id + nbits per dimension).
+            nbits: 1, 2, 4 or 8 (residual). n_centroids: "auto" = 2^floor(log2(16 sqrt(T))) or an int.
+            doc_ids: int64 ids per document (default 0..Nd-1). dim: needed only when ``vectors`` is empty.
+            device: where the index lives and searches (default: the input's device, else CPU).
+            codec: reuse trained centroids/cutoffs/weights (no k-means); shards of one corpus share one codec.
+            sample_tokens: tokens sampled for k-means and the quantiles (bounded memory).
+            n_tokens_hint: expected token count when ``vectors`` is an iterator (for n_centroids="auto").
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        stream = _as_stream(vectors)
+        first_dev = None
+        if isinstance(stream, Tensor):
+            first_dev, dim = stream.device, stream.shape[-1] if stream.dim() == 2 else dim
+        elif isinstance(stream, list) and stream:
+            first_dev, dim = stream[0].device, stream[0].shape[-1]
+        device = torch.device(device) if device is not None else (first_dev or torch.device("cpu"))
+        it = _chunks(stream, d_offsets, chunk_tokens)
+        buffered: list[tuple[Tensor, Tensor]] = []
+        if dim is None:  # an iterator: peek at the first chunk for the dimension
+            for ch in it:
+                buffered.append(ch)
+                dim = ch[0].shape[1]
+                break
+        if dim is None:
+            raise ValueError("empty input: pass dim= to build an empty index")
+        if kind == "residual":
+            check_nbits(nbits, dim)
+            if codec is None:
+                sample, buffered, known_T = cls._training_sample(stream, d_offsets, it, buffered, sample_tokens, seed)
+                T = n_tokens_hint or known_T
+                if sample.shape[0] == 0:
+                    raise ValueError("a residual index needs tokens to train its centroids (or pass codec=)")
+                k = default_n_centroids(T) if n_centroids == "auto" else int(n_centroids)
+                codec = ResidualCodec.train(sample, k, nbits, niter=kmeans_iters, seed=seed)
+            elif codec.nbits != nbits and nbits is not None:
+                nbits = codec.nbits
+            nbits = codec.nbits
+        index = cls(kind, dim, device=device, nbits=nbits if kind == "residual" else 0, codec=codec)
+        index._append_stream(buffered, it, doc_ids, progress, desc=f"building {kind} index")
+        return index
+
+    @staticmethod
+    def _training_sample(stream, d_offsets, it, buffered, sample_tokens, seed):
+        """k-means sample: random documents across the corpus when it has random access (list / packed), else the
+        first ``sample_tokens`` tokens of the stream (kept in ``buffered`` to be encoded afterwards)."""
+        g = torch.Generator().manual_seed(seed)
+        if isinstance(stream, Tensor):
+            T = stream.shape[0]
+            if T <= sample_tokens:
+                return stream.float().cpu(), buffered, T
+            rows = torch.randperm(T, generator=g)[:sample_tokens].sort().values
+            return stream[rows.to(stream.device)].float().cpu(), buffered, T
+        if isinstance(stream, list):
+            T = sum(x.shape[0] for x in stream)
+            order = torch.randperm(len(stream), generator=g).tolist()
+            picked, n = [], 0
+            for i in order:
+                if n >= sample_tokens:
+                    break
+                picked.append(stream[i].float().cpu())
+                n += stream[i].shape[0]
+            return (torch.cat(picked) if picked else torch.zeros(0, 1)), buffered, T
+        n = sum(c[0].shape[0] for c in buffered)
+        for ch in it:
+            buffered.append(ch)
+            n += ch[0].shape[0]
+            if n >= sample_tokens:
+                break
+        sample = torch.cat([c[0].float().cpu() for c in buffered]) if buffered else torch.zeros(0, 1)
+        return sample[:sample_tokens], buffered, n
+
+    def _append_stream(self, buffered, it, doc_ids, progress, desc):
+        from itertools import chain
+
+        from tqdm.auto import tqdm
+
+        pieces_tok, pieces_len = [], []
+        n_docs = 0
+        bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress)
+        for tokens, lens in chain(buffered, it):
+            if tokens.shape[1] != self.dim:
+                raise ValueError(f"document dim {tokens.shape[1]} != index dim {self.dim}")
+            tokens = tokens.to(self.device)
+            if self.kind == "exact":
+                pieces_tok.append(tokens.to(torch.float16))
+            else:
+                pieces_tok.append(self.codec.encode(tokens))
+            pieces_len.append(lens.to(torch.int64))
+            n_docs += lens.numel()
+            bar.update(tokens.shape[0])
+        bar.close()
+        lens = torch.cat(pieces_len).to(self.device) if pieces_len else torch.zeros(0, dtype=torch.int64,
+                                                                                  device=self.device)
+        if doc_ids is None:
+            ids = torch.arange(self.next_id, self.next_id + n_docs, dtype=torch.int64, device=self.device)
+        else:
+            ids = torch.as_tensor(doc_ids, dtype=torch.int64).to(self.device).flatten()
+            if ids.numel() != n_docs:
+                raise ValueError(f"doc_ids has {ids.numel()} entries for {n_docs} documents")
+            if ids.numel() and int(ids.min()) < 0:
+                raise ValueError("doc_ids must be >= 0 (-1 marks an empty result slot)")
+            both = torch.cat([self.doc_ids, ids])
+            if torch.unique(both).numel() != both.numel():
+                raise ValueError("doc_ids must be unique (and not already in the index)")
+        new_off = self.offsets[-1] + torch.cumsum(lens, 0)
+        self.offsets = torch.cat([self.offsets, new_off])
+        self.doc_ids = torch.cat([self.doc_ids, ids])
+        self.deleted = torch.cat([self.deleted, torch.zeros(n_docs, dtype=torch.bool, device=self.device)])
+        if ids.numel():
+            self.next_id = max(self.next_id, int(ids.max()) + 1)
+        if self.kind == "exact":
+            if pieces_tok:
+                self.tokens = torch.cat([self.tokens] + pieces_tok)
+            self._flat = None
+        else:
+            if pieces_tok:
+                self.codes = torch.cat([self.codes] + [p[0] for p in pieces_tok])
+                self.packed = torch.cat([self.packed] + [p[1] for p in pieces_tok])
+            self._build_ivf()
+
+    def _build_ivf(self):
+        """Inverted lists: centroid -> sorted unique local document indices holding a token of that centroid."""
+        self._codes_pad = None
+        C = self.codec.centroids.shape[0]
+        N = self.offsets.numel() - 1
+        dev = self.device
+        lens = self.offsets[1:] - self.offsets[:-1]
+        doc_of_tok = torch.repeat_interleave(torch.arange(N, device=dev), lens, output_size=self.codes.numel())
+        key = torch.unique(self.codes.long() * max(N, 1) + doc_of_tok)  # sorted by (centroid, doc)
+        cell = key // max(N, 1)
+        self.ivf_docs = key % max(N, 1)
+        counts = torch.bincount(cell, minlength=C)
+        self.ivf_offsets = torch.zeros(C + 1, dtype=torch.int64, device=dev)
+        self.ivf_offsets[1:] = torch.cumsum(counts, 0)
+
+    # ---- updates ----------------------------------------------------------------------------------------------------
+    def add(self, vectors, doc_ids: Optional[Sequence[int]] = None, *, d_offsets: Optional[Tensor] = None,
+            progress: bool = False) -> Tensor:
+        """Append documents (same input forms as :meth:`build`), encoded with the existing centroids (no rebuild).
+        Returns their ids (int64 [n])."""
+        if self.kind == "residual" and self.codec is None:
+            raise ValueError("this residual index has no codec (built empty without codec=)")
+        n0 = self.doc_ids.numel()
+        self._append_stream([], _chunks(_as_stream(vectors), d_offsets, 1 << 16), doc_ids, progress, "adding")
+        return self.doc_ids[n0:].clone()
+
+    def delete(self, doc_ids) -> int:
+        """Tombstone documents by id: they are never returned again. Unknown ids are ignored. Returns how many
+        live documents were deleted."""
+        ids = torch.as_tensor(doc_ids, dtype=torch.int64).to(self.device).flatten()
+        hit = torch.isin(self.doc_ids, ids) & ~self.deleted
+        self.deleted |= hit
+        self._flat = None
+        return int(hit.sum())
+
+    def compact(self) -> None:
+        """Drop tombstoned documents' tokens and rebuild offsets and inverted lists."""
+        keep = ~self.deleted
+        if bool(keep.all()):
+            return
+        lens = (self.offsets[1:] - self.offsets[:-1])[keep]
+        rows, _ = _ragged_rows(self.offsets, torch.nonzero(keep).flatten())
+        self.offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=self.device)
+        self.offsets[1:] = torch.cumsum(lens, 0)
+        self.doc_ids = self.doc_ids[keep]
+        self.deleted = self.deleted[keep]
+        if self.kind == "exact":
+            self.tokens = self.tokens[rows]
+            self._flat = None
+        else:
+            self.codes = self.codes[rows]
+            self.packed = self.packed[rows]
+            self._build_ivf()
+
+    # ---- search -----------------------------------------------------------------------------------------------------
+    def _check_query(self, q: Tensor, q_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        if not isinstance(q, Tensor) or not q.is_floating_point():
+            raise TypeError(f"q must be a float tensor [Bq, Lq, {self.dim}]")
+        if q.dim() == 2:
+            q = q[None]
+            q_mask = q_mask[None] if q_mask is not None else None
+        if q.dim() != 3:
+            raise ValueError(f"q must be [Bq, Lq, dim] (or [Lq, dim]), got shape {tuple(q.shape)}")
+        if q.shape[-1] != self.dim:
+            raise ValueError(f"query dim {q.shape[-1]} != index dim {self.dim}")
+        if q_mask is None:
+            q_mask = torch.ones(q.shape[:2], dtype=torch.bool)
+        if q_mask.dtype != torch.bool or tuple(q_mask.shape) != tuple(q.shape[:2]):
+            raise ValueError(f"q_mask must be bool {tuple(q.shape[:2])}, got {q_mask.dtype} {tuple(q_mask.shape)}")
+        return q.to(self.device), q_mask.to(self.device)
+
+    def search(self, q: Tensor, q_mask: Optional[Tensor] = None, k: int = 10, *, timings: bool = False,
+               backend: str = "auto", **params) -> tuple[Tensor, Tensor]:
+        """Top-k documents per query by MaxSim.
+
+        Args:
+            q: [Bq, Lq, dim] (or [Lq, dim]) float. q_mask: bool [Bq, Lq] or None. k: results per query (>= 1).
+            timings: record per-stage seconds in ``self.last_timings`` (synchronises the GPU between stages).
+            backend: kernel backend for the scoring op.
+            params: exact: ``method`` ("full" | "flat"), ``k_token`` (flat; <= 2048). residual: ``nprobe``
+                (cells per query token, default 8), ``ncandidates`` (documents reranked exactly, default 1024),
+                ``exhaustive=True`` (rerank every live document: exact search over the decompressed corpus).
+        Returns:
+            scores fp32 [Bq, k] (descending) and doc ids int64 [Bq, k]; missing results are (-inf, -1).
+        """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        q, q_mask = self._check_query(q, q_mask)
+        timer = _Timer(self.device, timings)
+        timer.start()
+        if self.kind == "exact":
+            method = params.pop("method", "full")
+            k_token = params.pop("k_token", 256)
+            self._no_extra(params)
+            if method == "full":
+                scores, ids = self._search_exact_full(q, q_mask, k, backend, timer)
+            elif method == "flat":
+                scores, ids = self._search_exact_flat(q, q_mask, k, k_token, backend, timer)
+            else:
+                raise ValueError(f"method must be 'full' or 'flat', got {method!r}")
+        else:
+            nprobe = params.pop("nprobe", DEFAULTS["nprobe"])
+            ncand = params.pop("ncandidates", DEFAULTS["ncandidates"])
+            exhaustive = params.pop("exhaustive", False)
+            self._no_extra(params)
+            scores, ids = self._search_residual(q, q_mask, k, nprobe, ncand, exhaustive, backend, timer)
+        self.last_timings = dict(timer.times)
+        return scores, ids
+
+    @staticmethod
+    def _no_extra(params):
+        if params:
+            raise TypeError(f"unknown search parameters: {sorted(params)}")
+
+    def _search_exact_full(self, q, q_mask, k, backend, timer):
+        from ..ops.maxsim import maxsim_packed
+
+        N = self.offsets.numel() - 1
+        if N == 0:
+            empty = torch.zeros((q.shape[0], 0), device=self.device)
+            return _topk_padded(empty, empty.long(), k)
+        s = maxsim_packed(q.to(self.tokens.dtype), self.tokens, self.offsets, q_mask, backend=backend).float()
+        s = s.masked_fill(self.deleted[None, :], float("-inf"))
+        timer.stop("maxsim")
+        out = _topk_padded(s, self.doc_ids[None, :].expand_as(s), k)
+        timer.stop("topk")
+        return out
+
+    def _flat_topk(self, qtok: Tensor, k_token: int) -> Tensor:
+        """Rows of the k_token nearest tokens by inner product for each row of qtok [n, D] -> int64 [n, k']."""
+        T = self.tokens.shape[0]
+        kk = min(k_token, T)
+        if self.device.type == "cpu":
+            import faiss
+
+            if self._flat is None:
+                # fp16 storage, exact inner products of the stored fp16 values (no fp32 copy of the corpus)
+                flat = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+                for t0 in range(0, T, 1 << 18):
+                    flat.add(np.ascontiguousarray(self.tokens[t0:t0 + (1 << 18)].float().numpy()))
+                self._flat = flat
+            _, rows = self._flat.search(np.ascontiguousarray(qtok.float().cpu().numpy()), kk)
+            return torch.from_numpy(rows).to(self.device)
+        best_s = best_r = None
+        qh = qtok.to(self.tokens.dtype)
+        for t0 in range(0, T, 1 << 20):
+            s = qh @ self.tokens[t0:t0 + (1 << 20)].T
+            sv, si = torch.topk(s.float(), min(kk, s.shape[1]), dim=1)
+            si = si + t0
+            if best_s is not None:
+                sv, pos = torch.topk(torch.cat([best_s, sv], 1), kk, dim=1)
+                si = torch.gather(torch.cat([best_r, si], 1), 1, pos)
+            best_s, best_r = sv, si
+        return best_r
+
+    def _search_exact_flat(self, q, q_mask, k, k_token, backend, timer):
+        from ..ops.maxsim import maxsim_packed
+
+        if not 1 <= k_token <= 2048:
+            raise ValueError(f"k_token must be in [1, 2048], got {k_token}")
+        Bq, Lq, _ = q.shape
+        if self.tokens.shape[0] == 0:
+            empty = torch.zeros((Bq, 0), device=self.device)
+            return _topk_padded(empty, empty.long(), k)
+        rows = self._flat_topk(q.reshape(Bq * Lq, self.dim), k_token).reshape(Bq, Lq, -1)
+        timer.stop("token_topk")
+        out_s, out_i = [], []
+        for a in range(Bq):
+            r = rows[a][q_mask[a]].flatten()
+            r = r[r >= 0]
+            docs = torch.unique(torch.searchsorted(self.offsets, r, right=True) - 1)
+            docs = docs[~self.deleted[docs]]
+            trows, seg = _ragged_rows(self.offsets, docs)
+            lens = torch.bincount(seg, minlength=docs.numel())
+            off = torch.zeros(docs.numel() + 1, dtype=torch.int64, device=self.device)
+            off[1:] = torch.cumsum(lens, 0)
+            s = maxsim_packed(q[a:a + 1].to(self.tokens.dtype), self.tokens[trows], off, q_mask[a:a + 1],
+                              backend=backend).float()
+            si, ii = _topk_padded(s, self.doc_ids[docs][None], k)
+            out_s.append(si)
+            out_i.append(ii)
+        timer.stop("rerank")
+        return torch.cat(out_s), torch.cat(out_i)
+
+    def _candidates(self, S: Tensor, q_mask: Tensor, nprobe: int) -> list[Tensor]:
+        """Stage 1: per query, live local document indices in the inverted lists of each valid token's top cells."""
+        C = S.shape[-1]
+        N = self.offsets.numel() - 1
+        npr = min(int(nprobe), C)
+        cells = torch.topk(S, npr, dim=-1).indices  # [Bq, Lq, nprobe]
+        out = []
+        for a in range(S.shape[0]):
+            cs = torch.unique(cells[a][q_mask[a]])
+            lo, hi = self.ivf_offsets[cs], self.ivf_offsets[cs + 1]
+            lens = hi - lo
+            n = int(lens.sum())
+            seg = torch.repeat_interleave(torch.arange(cs.numel(), device=S.device), lens, output_size=n)
+            pos = torch.arange(n, device=S.device) - (torch.cumsum(lens, 0) - lens)[seg] + lo[seg]
+            hit = torch.zeros(N, dtype=torch.bool, device=S.device)
+            hit[self.ivf_docs[pos]] = True  # a dense mark is cheaper than sorting the hits for unique()
+            out.append(torch.nonzero(hit & ~self.deleted).flatten())
+        return out
+
+    def _padded_codes(self) -> Tensor:
+        """Codes as [Nd, Lmax] int64, padded with C (a sentinel column of -inf scores); cached until the index
+        changes."""
+        if self._codes_pad is None:
+            from ..datasets import pad_packed
+
+            C = self.codec.centroids.shape[0]
+            pad, mask = pad_packed(self.codes[:, None], self.offsets)
+            self._codes_pad = pad[..., 0].long().masked_fill(~mask, C)
+        return self._codes_pad
+
+    def _approx(self, S_a: Tensor, qm_a: Tensor, docs: Tensor) -> Tensor:
+        """Stage 2 (PLAID's centroid interaction): sum over valid query tokens of the max over each document's
+        tokens of <q_i, centroid[code_t]>. S_a [Lq, C] -> [len(docs)]."""
+        St = S_a[qm_a].T  # [C, nq]: one contiguous row per centroid, so the gather below copies whole rows
+        St = torch.cat([St, St.new_full((1, St.shape[1]), float("-inf"))])
+        codes = self._padded_codes()
+        Lmax = codes.shape[1]
+        out = torch.empty(docs.numel(), dtype=torch.float32, device=docs.device)
+        step = max(1, (1 << 22) // max(1, Lmax * St.shape[1]))  # bounded [docs, Lmax, nq] scores per chunk
+        for c0 in range(0, docs.numel(), step):
+            cc = codes[docs[c0:c0 + step]]  # [n, Lmax]
+            s = St.index_select(0, cc.reshape(-1)).reshape(cc.shape[0], Lmax, -1)
+            out[c0:c0 + step] = s.amax(1).sum(-1)
+        return out
+
+    def _search_residual(self, q, q_mask, k, nprobe, ncand, exhaustive, backend, timer):
+        Bq = q.shape[0]
+        N = self.offsets.numel() - 1
+        dev = self.device
+        if N == 0 or self.codec is None:
+            empty = torch.zeros((Bq, 0), device=dev)
+            return _topk_padded(empty, empty.long(), k)
+        qf = q.float()
+        if exhaustive:
+            live = torch.nonzero(~self.deleted).flatten()
+            cands = [live] * Bq
+            timer.stop("centroids")
+        else:
+            S = qf @ self.codec.centroids.T  # [Bq, Lq, C]
+            cands = self._candidates(S, q_mask, nprobe)
+            timer.stop("centroids")
+            for a in range(Bq):
+                if cands[a].numel() > ncand:
+                    approx = self._approx(S[a], q_mask[a], cands[a])
+                    cands[a] = cands[a][torch.topk(approx, int(ncand)).indices]
+            timer.stop("approx")
+        M = max([c.numel() for c in cands] + [1])
+        cand = torch.full((Bq, M), -1, dtype=torch.int64, device=dev)
+        for a, c in enumerate(cands):
+            cand[a, :c.numel()] = c
+        scores = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self.codes, self.packed, self.offsets,
+                                 cand, self.nbits, q_mask, backend=backend)
+        timer.stop("rerank")
+        ids = torch.where(cand >= 0, self.doc_ids[cand.clamp(min=0)], torch.full_like(cand, -1))
+        out = _topk_padded(scores, ids, k)
+        timer.stop("topk")
+        return out
+
+    def exact_scores_decompressed(self, q: Tensor, q_mask: Optional[Tensor] = None) -> Tensor:
+        """Residual index: MaxSim of every query against every document (deleted ones -inf), from the codes."""
+        q, q_mask = self._check_query(q, q_mask)
+        N = self.offsets.numel() - 1
+        cand = torch.arange(N, device=self.device)[None].expand(q.shape[0], N).contiguous()
+        s = residual_maxsim(q.float(), self.codec.centroids, self.codec.weights, self.codes, self.packed,
+                            self.offsets, cand, self.nbits, q_mask)
+        return s.masked_fill(self.deleted[None], float("-inf"))
+
+    # ---- persistence ------------------------------------------------------------------------------------------------
+    def _arrays(self) -> dict[str, Tensor]:
+        a = {"offsets": self.offsets, "doc_ids": self.doc_ids, "deleted": self.deleted}
+        if self.kind == "exact":
+            a["tokens"] = self.tokens
+        else:
+            a.update(codes=self.codes, packed=self.packed, ivf_offsets=self.ivf_offsets, ivf_docs=self.ivf_docs)
+            if self.codec is not None:
+                a.update(centroids=self.codec.centroids, cutoffs=self.codec.cutoffs, weights=self.codec.weights)
+        return a
+
+    def save(self, directory) -> None:
+        """Persist atomically (see :mod:`reatt_kernels.index.io`): a crash mid-save leaves the previous save intact."""
+        arrays = {n: t.detach().cpu().numpy() for n, t in self._arrays().items()}
+        meta = {"kind": self.kind, "dim": self.dim, "nbits": self.nbits, "n_docs": int(self.doc_ids.numel()),
+                "n_live_docs": self.n_docs, "n_tokens": self.n_tokens, "next_id": self.next_id,
+                "n_centroids": int(self.codec.centroids.shape[0]) if self.codec is not None else 0}
+        save_arrays(directory, arrays, meta)
+
+    @classmethod
+    def load(cls, directory, device="cpu", mmap: bool = True, verify: bool = True) -> "TokenIndex":
+        """Load a saved index onto ``device``. On CPU with ``mmap`` the arrays stay copy-on-write memory maps.
+        Raises :class:`IndexCorruptedError` naming the file when a file is missing, truncated or corrupted."""
+        arrays, m = load_arrays(directory, mmap=mmap, verify=verify)
+        need = ["offsets", "doc_ids", "deleted"] + (["tokens"] if m["kind"] == "exact" else
+                                                    ["codes", "packed", "ivf_offsets", "ivf_docs"])
+        for name in need:
+            if name not in arrays:
+                raise IndexCorruptedError(f"{directory}: manifest lists no array {name!r}")
+        dev = torch.device(device)
+        t = {n: torch.from_numpy(a).to(dev) for n, a in arrays.items()}
+        codec = None
+        if "centroids" in t:
+            codec = ResidualCodec(t["centroids"], t["cutoffs"], t["weights"], m["nbits"])
+        index = cls(m["kind"], m["dim"], device=dev, nbits=m["nbits"], codec=codec)
+        index.offsets, index.doc_ids, index.deleted = t["offsets"], t["doc_ids"], t["deleted"]
+        index.next_id = int(m["next_id"])
+        if m["kind"] == "exact":
+            index.tokens = t["tokens"]
+        else:
+            index.codes, index.packed = t["codes"], t["packed"]
+            index.ivf_offsets, index.ivf_docs = t["ivf_offsets"], t["ivf_docs"]
+        n = index.offsets.numel() - 1
+        if (index.doc_ids.numel() != n or index.deleted.numel() != n or int(index.offsets[-1]) != m["n_tokens"]
+                or n != m["n_docs"]):
+            raise IndexCorruptedError(f"{directory}: array sizes disagree with the manifest counts")
+        return index
