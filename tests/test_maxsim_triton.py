@@ -87,15 +87,15 @@ def gpu_tiling(monkeypatch):
     fwd_config, bwd_config = tm._fwd_config, tm._bwd_config
     gpu = torch.cuda.is_available()
 
-    def small_fwd(Bq, Lq, Ld_tile, D_PAD, n_docs, grouped, interp, device):
-        QB, M_TOK, BLOCK_N, dpp, nw, ns = fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs, grouped, interp, device)
+    def small_fwd(Bq, Lq, Ld_tile, D_PAD, n_docs, grouped, *args):
+        QB, M_TOK, BLOCK_N, dpp, nw, ns = fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs, grouped, *args)
         if grouped:
             return 1, (16 if gpu else 4), 16, 3, nw, ns
         return (4 if gpu else 2), 4, 16, 3, nw, ns
 
-    def small_bwd(Bq, Lq, C, ld_max, D_PAD, interp, device):
-        M_TOK, n_cchunks, BLOCK_N, LQ_T, nw = bwd_config(Bq, Lq, C, ld_max, D_PAD, interp, device)
-        return 4, min(3, C), 16, (16 if gpu else 4), nw
+    def small_bwd(Bq, Lq, C, *args):
+        M_TOK, n_cchunks, dq_warps, BLOCK_N, LQ_T, dd_warps = bwd_config(Bq, Lq, C, *args)
+        return 4, min(3, C), dq_warps, 16, (16 if gpu else 4), dd_warps
 
     monkeypatch.setattr(tm, "_fwd_config", small_fwd)
     monkeypatch.setattr(tm, "_bwd_config", small_bwd)

@@ -68,7 +68,7 @@ from .._alloc import empty
 
 MAX_DIM = 256  # q/d tiles hold the whole (padded) dim; larger dims would spill registers
 MAX_TOK = 128  # query tokens per row block; longer queries are split into token chunks
-MAX_HIST = 16384  # (query token x distance bin) fp32 counters of the backward's dpos_bias histogram (64 regs/thread)
+MAX_HIST = 8192  # (query token x distance bin) fp32 counters of the dpos_bias histogram: 32 registers/thread at 8 warps
 
 
 def _interpret() -> bool:
@@ -148,68 +148,89 @@ def _maxsim_fwd_kernel(
         col_base = 0
 
     cols = tl.arange(0, BLOCK_N)
-    for b in range(b_lo, b_hi):
-        b64 = tl.cast(b, tl.int64)
-        m = tl.full([M], float("-inf"), tl.float32)
-        am = tl.full([M], -1, tl.int32)
-        if PACKED:
+    if PACKED:
+        for b in range(b_lo, b_hi):
+            b64 = tl.cast(b, tl.int64)
+            m = tl.full([M], float("-inf"), tl.float32)
+            am = tl.full([M], -1, tl.int32)
             start = tl.load(off_ptr + b64)
             length = (tl.load(off_ptr + b64 + 1) - start).to(tl.int32)
+            # Ragged documents: the tile loop stops at each document's own length (no work on padding).
             for j0 in range(0, length, BLOCK_N):
                 j = j0 + cols
                 j_ok = j < length
                 dt = tl.load(d_ptr + (start + j.to(tl.int64))[None, :] * stride_dl + k64[:, None] * stride_dd,
                              mask=j_ok[None, :] & k_ok[:, None], other=0.0)
-                if UPCAST:
-                    dt = dt.to(tl.float32)
-                if IEEE:
-                    s = tl.dot(qt, dt, input_precision="ieee")
-                else:
-                    s = tl.dot(qt, dt)
-                if HAS_BIAS:
-                    r = tl.minimum(tl.maximum(na[:, None] + j[None, :] - i[:, None], 0), R - 1)
-                    s += tl.load(bias_ptr + r)
-                s = tl.where(j_ok[None, :], s, float("-inf"))
-                tmax = tl.max(s, axis=1)
-                targ = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32)
-                upd = tmax > m  # strict: an equal value in a later tile never beats the earlier (lower) j
-                m = tl.where(upd, tmax, m)
-                am = tl.where(upd, targ + j0, am)
-        else:
-            for t in tl.static_range(TILES):
-                j = t * BLOCK_N + cols
-                j_ok = j < Ld
-                j64 = j.to(tl.int64)
-                if HAS_DMASK:
-                    j_ok = j_ok & (tl.load(dmask_ptr + b64 * stride_mb + j64 * stride_ml, mask=j_ok, other=0) != 0)
-                dt = tl.load(d_ptr + b64 * stride_db + j64[None, :] * stride_dl + k64[:, None] * stride_dd,
-                             mask=(j < Ld)[None, :] & k_ok[:, None], other=0.0)
-                if UPCAST:
-                    dt = dt.to(tl.float32)
-                if IEEE:
-                    s = tl.dot(qt, dt, input_precision="ieee")
-                else:
-                    s = tl.dot(qt, dt)
-                if HAS_BIAS:
-                    r = tl.minimum(tl.maximum(na[:, None] + j[None, :] - i[:, None], 0), R - 1)
-                    s += tl.load(bias_ptr + r)
-                s = tl.where(j_ok[None, :], s, float("-inf"))
-                tmax = tl.max(s, axis=1)
-                targ = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32)
-                upd = tmax > m
-                m = tl.where(upd, tmax, m)
-                am = tl.where(upd, targ + t * BLOCK_N, am)
-        # Masked query tokens add nothing; an empty document leaves m = -inf on valid rows, so its score is -inf
-        # (and a query with no valid token sums nothing: 0).
-        contrib = tl.where(valid, m, 0.0)
-        score = tl.sum(tl.reshape(contrib, [QB, M_TOK]), axis=1)
-        qa = a0 + tl.arange(0, QB)
-        if MEAN:
-            nqa = tl.load(nq_ptr + qa.to(tl.int64), mask=qa < Bq, other=1)
-            score = score / tl.maximum(nqa, 1).to(tl.float32)
-        col = tl.cast(b - col_base, tl.int64)
-        tl.store(scores_ptr + tchunk.to(tl.int64) * Bq * C + qa.to(tl.int64) * C + col, score, mask=qa < Bq)
-        tl.store(argmax_ptr + (a64 * C + col) * Lq + i64, tl.where(valid, am, -1), mask=row_ok)
+                m, am = _maxsim_fwd_tile(qt, dt, j0, j, j_ok, i, na, bias_ptr, R, m, am, HAS_BIAS, UPCAST, IEEE)
+            _maxsim_fwd_finish(m, am, valid, row_ok, a0, a64, i64, b - col_base, tchunk, nq_ptr, scores_ptr, argmax_ptr,
+                               Bq, Lq, C, QB, M_TOK, MEAN)
+    else:
+        # One flat loop over (document, tile) steps rather than nested loops: it is the loop the software pipeliner
+        # overlaps, so the next document's tiles load while this one is reduced (nested loops over a 1-2 tile
+        # document would pipeline nothing), and unrolling tiles would multiply the registers held live.
+        m = tl.full([M], float("-inf"), tl.float32)
+        am = tl.full([M], -1, tl.int32)
+        n_steps = (b_hi - b_lo) * TILES
+        for step in range(0, n_steps):
+            tile = step % TILES
+            b = b_lo + step // TILES
+            b64 = tl.cast(b, tl.int64)
+            first = tile == 0
+            m = tl.where(first, float("-inf"), m)
+            am = tl.where(first, -1, am)
+            j0 = tile * BLOCK_N
+            j = j0 + cols
+            in_doc = j < Ld
+            j64 = j.to(tl.int64)
+            j_ok = in_doc
+            if HAS_DMASK:
+                j_ok = j_ok & (tl.load(dmask_ptr + b64 * stride_mb + j64 * stride_ml, mask=in_doc, other=0) != 0)
+            dt = tl.load(d_ptr + b64 * stride_db + j64[None, :] * stride_dl + k64[:, None] * stride_dd,
+                         mask=in_doc[None, :] & k_ok[:, None], other=0.0)
+            m, am = _maxsim_fwd_tile(qt, dt, j0, j, j_ok, i, na, bias_ptr, R, m, am, HAS_BIAS, UPCAST, IEEE)
+            if tile == TILES - 1:
+                _maxsim_fwd_finish(m, am, valid, row_ok, a0, a64, i64, b - col_base, tchunk, nq_ptr, scores_ptr,
+                                   argmax_ptr, Bq, Lq, C, QB, M_TOK, MEAN)
+
+
+@triton.jit
+def _maxsim_fwd_tile(qt, dt, j0, j, j_ok, i, na, bias_ptr, R, m, am, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """Fold one document tile (dt: [D_PAD, BLOCK_N], token positions j) into the running max / argmax of the rows."""
+    if UPCAST:
+        dt = dt.to(tl.float32)
+    if IEEE:
+        s = tl.dot(qt, dt, input_precision="ieee")
+    else:
+        s = tl.dot(qt, dt)
+    if HAS_BIAS:
+        # r = clamp(n_a + j - i, 0, R - 1): a gather from the [R] table, which stays in L1.
+        r = tl.minimum(tl.maximum(na[:, None] + j[None, :] - i[:, None], 0), R - 1)
+        s += tl.load(bias_ptr + r)
+    s = tl.where(j_ok[None, :], s, float("-inf"))
+    tmax = tl.max(s, axis=1)
+    targ = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32)  # lowest j among equal values in this tile
+    upd = tmax > m  # strict: an equal value in a later tile never beats the earlier (lower) j
+    m = tl.where(upd, tmax, m)
+    am = tl.where(upd, targ + j0, am)
+    return m, am
+
+
+@triton.jit
+def _maxsim_fwd_finish(m, am, valid, row_ok, a0, a64, i64, col, tchunk, nq_ptr, scores_ptr, argmax_ptr, Bq, Lq, C,
+                       QB: tl.constexpr, M_TOK: tl.constexpr, MEAN: tl.constexpr):
+    """Reduce a finished document's rows per query and store its scores and argmax."""
+    # Masked query tokens add nothing; an empty document leaves m = -inf on valid rows, so its score is -inf
+    # (and a query with no valid token sums nothing: 0).
+    contrib = tl.where(valid, m, 0.0)
+    score = tl.sum(tl.reshape(contrib, [QB, M_TOK]), axis=1)
+    qa = a0 + tl.arange(0, QB)
+    if MEAN:
+        nqa = tl.load(nq_ptr + qa.to(tl.int64), mask=qa < Bq, other=1)
+        score = score / tl.maximum(nqa, 1).to(tl.float32)
+    col64 = tl.cast(col, tl.int64)
+    tl.store(scores_ptr + tl.cast(tchunk, tl.int64) * Bq * C + qa.to(tl.int64) * C + col64, score, mask=qa < Bq)
+    tl.store(argmax_ptr + (a64 * C + col64) * Lq + i64, tl.where(valid, am, -1), mask=row_ok)
 
 
 def _pos_bias_f32(pos_bias):
@@ -225,8 +246,12 @@ def _nonempty(d):
     return d if d.numel() > 0 else torch.zeros((1,) * d.dim(), dtype=d.dtype, device=d.device)
 
 
-def _fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs_per_q, grouped, interp, device):
-    """(QB, M_TOK, BLOCK_N, docs_per_prog, num_warps, num_stages) for this problem."""
+def _fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs_per_q, grouped, dtype, interp, device):
+    """(QB, M_TOK, BLOCK_N, docs_per_prog, num_warps, num_stages) for this problem.
+
+    GPU choices were checked offline by compiling for sm_90 (registers, spills, wgmma vs mma, cp.async pipelining;
+    see the design note), not timed: no GPU was available when they were written.
+    """
     M_TOK = min(_np2(Lq), MAX_TOK)
     if grouped:
         M_TOK = max(M_TOK, 16)  # tl.dot needs M >= 16 and a grouped block holds a single query
@@ -238,16 +263,18 @@ def _fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs_per_q, grouped, interp, device):
             QB = max(1, min(_np2(Bq), 256 // M_TOK))
         BLOCK_N = max(16, min(_np2(Ld_tile), 256))
         return QB, M_TOK, BLOCK_N, max(1, n_docs_per_q), 4, 1
+    fp32 = dtype == torch.float32
     if not grouped:
         # HBM regime (few query rows): one block holds all queries so each document is read from HBM exactly once.
-        # Compute regime: 128 rows per block (4 queries of 32 tokens): a 128 x BLOCK_N x D dot per loaded tile.
-        QB = max(1, min(_np2(Bq), max(1, 128 // M_TOK)))
+        # Compute regime: 128 rows per block (4 queries of 32 tokens): a 128 x BLOCK_N x D wgmma per loaded tile.
+        # fp32 ("ieee") dots run on FMA units with both operands in registers: keep them at 32 x 32.
+        QB = max(1, min(_np2(Bq), max(1, (32 if fp32 else 128) // M_TOK)))
         QB = max(QB, 16 // M_TOK)
     M = QB * M_TOK
     # HBM regime: a whole 128-token document per tile (one 32 KiB load at d = 128). Compute regime: M = 128 rows x
     # 64 tokens, a 32 KiB fp32 score tile (32 registers per thread with 8 warps) next to the resident q block.
     BLOCK_N = 128 if (M <= 64 and D_PAD <= 128) else 64
-    if D_PAD >= 256:
+    if D_PAD >= 256 or fp32:
         BLOCK_N = 32
     BLOCK_N = max(16, min(BLOCK_N, _np2(Ld_tile)))
     n_qblocks = _cdiv(Bq, QB) * _cdiv(Lq, M_TOK) if not grouped else Bq * _cdiv(Lq, M_TOK)
@@ -255,7 +282,9 @@ def _fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs_per_q, grouped, interp, device):
     n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     target = 8 * n_sm
     docs_per_prog = max(1, min(64, _cdiv(n_docs_per_q * n_qblocks, target)))
-    num_warps = 8 if M * BLOCK_N >= 128 * 64 else 4
+    # sm_90 compiles: 8 warps keep every configuration above under ~150 registers without spills (4 warps spill
+    # with the bias gather at M = 32 x 128 tokens).
+    num_warps = 8 if (M * BLOCK_N >= 4096 or D_PAD >= 128) else 4
     num_stages = 3 if D_PAD <= 128 else 2
     return QB, M_TOK, BLOCK_N, docs_per_prog, num_warps, num_stages
 
@@ -279,11 +308,16 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
         Ld_tile = Ld
     D_PAD = max(16, _np2(D))
     QB, M_TOK, BLOCK_N, docs_per_prog, num_warps, num_stages = _fwd_config(
-        Bq, Lq, Ld_tile, D_PAD, C, grouped, interp, dev)
+        Bq, Lq, Ld_tile, D_PAD, C, grouped, q.dtype, interp, dev)
     n_tchunks = _cdiv(Lq, M_TOK)
     n_qblocks = (Bq if grouped else _cdiv(Bq, QB)) * n_tchunks
     n_dchunks = _cdiv(C, docs_per_prog)
 
+    if not packed and Ld == 0:
+        # Documents without token slots: -inf for every query with a valid token, 0 for the others; nothing to launch.
+        nq = q_mask.sum(1)
+        scores = torch.zeros((Bq, 1), dtype=torch.float32, device=dev).masked_fill((nq > 0)[:, None], float("-inf"))
+        return scores.expand(Bq, C).contiguous(), torch.full((Bq, C, Lq), -1, dtype=torch.int32, device=dev)
     scores = empty((Bq, C), torch.float32, dev) if n_tchunks == 1 else empty((n_tchunks, Bq, C), torch.float32, dev)
     argmax = empty((Bq, C, Lq), torch.int32, dev)
     qmask = _u8(q_mask.contiguous())
@@ -457,19 +491,24 @@ def _maxsim_bwd_dd_kernel(
              mask=j_ok[:, None] & k_ok[None, :])
 
 
-def _bwd_config(Bq, Lq, C, ld_max, D_PAD, interp, device):
-    """(M_TOK and column chunks of the dq kernel, BLOCK_N, LQ_T and num_warps of the deterministic dd kernel)."""
-    M_TOK = min(_np2(Lq), MAX_TOK)
-    LQ_T = max(16, M_TOK)  # the one-hot dot's K: tl.dot needs K >= 16
+def _bwd_config(Bq, Lq, C, ld_max, D_PAD, NB, dtype, interp, device):
+    """(M_TOK, column chunks and num_warps of the dq kernel; BLOCK_N, LQ_T and num_warps of the deterministic dd
+    kernel). GPU choices checked by sm_90 compiles (no spills), not timed."""
+    LQ_T = max(16, min(_np2(Lq), MAX_TOK))  # the one-hot dot's K: tl.dot needs K >= 16
+    # The dq kernel has no dot: its rows are independent gathers, so small row blocks cost little. They bound the
+    # registers of the [M_TOK, NB] bias histogram and of the [M_TOK, D] q / acc / gathered tiles.
+    M_TOK = min(_np2(Lq), MAX_TOK if interp else (32 if D_PAD <= 128 else 16), max(1, MAX_HIST // NB))
     n_qprog = Bq * _cdiv(Lq, M_TOK)
     if interp:
-        return M_TOK, 1, max(16, min(_np2(ld_max), 256)), LQ_T, 4
+        return M_TOK, 1, 4, max(16, min(_np2(ld_max), 256)), LQ_T, 4
     # Enough dq programs for a few waves over the SMs, few enough that the partial dq buffer stays small.
     n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     n_cchunks = max(1, min(_cdiv(4 * n_sm, n_qprog), _cdiv(C, 16), 64))
-    # dd: 128-token tiles halve the L2 re-reads of q[a] (one per tile and query) against 64-token tiles.
-    BLOCK_N = max(16, min(_np2(ld_max), 128 if D_PAD <= 128 else 64))
-    return M_TOK, n_cchunks, BLOCK_N, LQ_T, 8
+    # dd: 128-token tiles halve the L2 re-reads of q[a] (one per tile and query) against 64-token tiles; fp32
+    # ("ieee") dots hold both operands in registers, so they get 32-token tiles.
+    BLOCK_N = 32 if dtype == torch.float32 else (128 if D_PAD <= 128 else 64)
+    BLOCK_N = max(16, min(_np2(ld_max), BLOCK_N))
+    return M_TOK, n_cchunks, 8, BLOCK_N, LQ_T, 8
 
 
 def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
@@ -489,13 +528,14 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     ld_max = Ld
     if packed:
         ld_max = int((d_offsets[1:] - d_offsets[:-1]).max().item()) if Nd > 0 else 0
-    M_TOK, n_cchunks, DD_BLOCK_N, LQ_T, dd_warps = _bwd_config(Bq, Lq, C, ld_max, D_PAD, interp, dev)
-    n_tchunks = _cdiv(Lq, M_TOK)
     # Distances r = clamp(n_a + j - i, 0, R - 1) never exceed Lq + Ld_max - 1: only those bins need a counter.
     n_bins = min(n_bias, Lq + ld_max) if n_bias > 0 else 0
     NB = _np2(n_bins) if n_bins > 0 else 1
-    kernel_bias = n_bins > 0 and M_TOK * NB <= MAX_HIST
+    kernel_bias = n_bins > 0 and NB <= MAX_HIST
     NB = NB if kernel_bias else 1
+    M_TOK, n_cchunks, dq_warps, DD_BLOCK_N, LQ_T, dd_warps = _bwd_config(Bq, Lq, C, ld_max, D_PAD, NB, q.dtype, interp,
+                                                                         dev)
+    n_tchunks = _cdiv(Lq, M_TOK)
 
     n_qprog = Bq * n_tchunks
     cols_per_prog = _cdiv(C, n_cchunks)
@@ -519,7 +559,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
         s_db, s_dl, s_dd,
         M_TOK=M_TOK, D_PAD=D_PAD, NB=NB,
         PACKED=packed, GROUPED=grouped, HAS_BIAS=kernel_bias, MEAN=mean, ATOMIC_DD=atomic and ntok > 0,
-        num_warps=4,
+        num_warps=dq_warps,
     )
     dq = (dqp.sum(0) if n_cchunks > 1 else dqp[0]).to(q.dtype)
 
