@@ -1,0 +1,523 @@
+"""reatt-train: train ReAtt (retriever + reader in one T5) from question-answer pairs alone.
+
+    reatt-train --demo                                   # toy QA on CPU, random init, prints the learning curve
+    reatt-train --train train.jsonl --eval dev.jsonl --model /path/t5-base --out runs/x --steps 20000
+    torchrun --nproc_per_node 8 -m reatt.train ...       # DDP; in-batch negatives span every rank
+
+The loss is QA cross-entropy + kl_weight * KL(reader teacher || retriever). No retrieval labels are used: a ctx's
+"gold" field (if any) is read only by evaluation (retrieval top-k accuracy of the gold document).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import ReAttConfig
+from .data import Collator, EpochSampler, build_corpus, doc_id, exact_match, load_jsonl, tokenize_docs, tokenize_queries
+from .distributed import rank_and_world
+from .model import ReAttModel, tiny_t5_config
+
+
+# ---- arguments ---------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="reatt-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("data")
+    g.add_argument("--train", help="training JSONL (FiD/ReAtt format: question, answers, ctxs[{title, text}])")
+    g.add_argument("--eval", help="evaluation JSONL (same format); its gold ctxs (\"gold\": true) score retrieval")
+    g.add_argument("--corpus", help="JSONL of {id?, title, text} documents for retrieval evaluation and re-retrieval "
+                                    "(default: every ctx of --train and --eval)")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    g.add_argument("--n-docs", type=int, default=10, help="documents per question (first n ctxs)")
+    g.add_argument("--max-query-len", type=int, default=64, help="query tokens (\"question: ...\")")
+    g.add_argument("--max-doc-len", type=int, default=192, help="document tokens (\"title: ... context: ...\")")
+    g.add_argument("--max-answer-len", type=int, default=32, help="answer tokens")
+    g = ap.add_argument_group("model")
+    g.add_argument("--model", help="local T5 checkpoint directory (offline); omit for a random tiny T5")
+    g.add_argument("--tiny", default="d_model=64,num_layers=4,num_decoder_layers=2,num_heads=2,d_ff=128",
+                   help="random T5 shape when --model is absent (comma-separated T5Config fields)")
+    g.add_argument("--retrieval-layer", type=int, help="B: encoder block of the retriever (default: preset / half)")
+    g.add_argument("--retrieval-head", type=int, help="retrieval head of block B (default: preset / 0)")
+    g.add_argument("--kl-weight", type=float, default=8.0, help="weight of KL(teacher || retriever)")
+    g.add_argument("--no-in-batch-negatives", action="store_true", help="score each query only on its own docs")
+    g.add_argument("--no-train-pos-bias", action="store_true", help="detach the retrieval head's position bias")
+    g.add_argument("--teacher", choices=["reader", "uniform"], default="reader",
+                   help="ablation: 'uniform' replaces the reader's attention by a uniform teacher over each query's docs")
+    g.add_argument("--head-temperature", type=float, default=0.001, help="tau of the learned head weights")
+    g.add_argument("--backend", default="auto", help="kernel backend of the fused ops: auto, cpu, triton, cuda")
+    g.add_argument("--reference-ops", action="store_true", help="use the plain-torch reference ops (backend=torch)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute encoder blocks in backward")
+    g.add_argument("--dropout", type=float, help="override T5's dropout rate")
+    g = ap.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=8, help="questions per micro-batch per rank")
+    g.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases)")
+    g.add_argument("--warmup", type=int, default=100, help="linear warmup steps (then linear decay to 0)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    g.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on GPU)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and dropout")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; demo: up to 2)")
+    g = ap.add_argument_group("evaluation, re-retrieval, checkpoints")
+    g.add_argument("--out", default="runs/reatt", help="output directory (checkpoints, metrics.jsonl)")
+    g.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--eval-max", type=int, default=1000, help="evaluate on at most N questions")
+    g.add_argument("--top-k", default="1,5,20", help="retrieval top-k accuracies to report")
+    g.add_argument("--eval-retrieved", action="store_true", help="also report EM when reading the retrieved top n")
+    g.add_argument("--reretrieve-every", type=int, default=0,
+                   help="every N steps: encode the corpus, search it with exact MaxSim, refresh training ctxs")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="stop this invocation after N steps with a checkpoint, as a preempted job would (0: off)")
+    g.add_argument("--time-budget", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g = ap.add_argument_group("demo")
+    g.add_argument("--demo", action="store_true",
+                   help="toy open-domain QA from random init on CPU (generated data + tokenizer); prints and plots "
+                        "gold-document top-1 retrieval accuracy and EM")
+    g.add_argument("--plot", help="PNG path for the learning curve (demo default: benchmarks/results/cpu/"
+                                  "reatt_demo.png)")
+    return ap
+
+
+DEMO_DEFAULTS = dict(n_docs=4, batch_size=16, lr=2e-3, warmup=50, steps=3000, eval_every=100, kl_weight=8.0,
+                     max_query_len=16, max_doc_len=16, max_answer_len=4, time_budget=10.0, eval_retrieved=True,
+                     weight_decay=0.0,
+                     tiny="d_model=128,num_layers=4,num_decoder_layers=2,num_heads=4,d_ff=256")
+
+
+def _parse_tiny(s: str) -> dict:
+    out = {}
+    for kv in filter(None, s.split(",")):
+        k, v = kv.split("=")
+        out[k.strip()] = float(v) if "." in v else int(v)
+    return out
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------------
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temp file in the same directory, fsync, then rename: a crash leaves the old file intact."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_ckpt_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ---- optimisation ------------------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup: int, steps: int):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "layer_norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+    def schedule(step):
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---- evaluation and re-retrieval ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_corpus(model: ReAttModel, tok, docs, max_len: int, device, bs: int = 256):
+    """All corpus documents -> (k vectors [N, Ld, d], mask [N, Ld]) padded to one Ld."""
+    vs, ms = [], []
+    for i in range(0, len(docs), bs):
+        ids, m = tokenize_docs(tok, docs[i : i + bs], max_len)
+        v, _ = model.encode_document_ids(ids.to(device), m.to(device))
+        vs.append(v.float())
+        ms.append(m.to(device))
+    L = max(v.shape[1] for v in vs)
+    pad = torch.nn.functional.pad
+    return (torch.cat([pad(v, (0, 0, 0, L - v.shape[1])) for v in vs]),
+            torch.cat([pad(m, (0, L - m.shape[1]), value=False) for m in ms]))
+
+
+@torch.no_grad()
+def search(model: ReAttModel, tok, questions, corpus_vecs, max_len: int, k: int, device, bs: int = 64):
+    """Exact MaxSim (sum, no bias) of each question against the whole corpus -> top-k doc indices [Nq, k]."""
+    dv, dm = corpus_vecs
+    out = []
+    for i in range(0, len(questions), bs):
+        ids, m = tokenize_queries(tok, questions[i : i + bs], max_len)
+        qv, _ = model.encode_query_ids(ids.to(device), m.to(device))
+        s = model.score(qv.float(), m.to(device), dv, dm)
+        out.append(s.topk(min(k, s.shape[1]), dim=1).indices.cpu())
+    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, device) -> dict:
+    """EM reading the given ctxs, gold-document top-k retrieval accuracy over the corpus, and (optionally) EM reading
+    the retrieved top n_docs."""
+    model.eval()
+    exs = examples[: args.eval_max]
+    ks = [int(k) for k in str(args.top_k).split(",") if k]
+    res = {}
+    col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
+
+    def em_of(batch_exs):
+        hits = 0
+        for i in range(0, len(batch_exs), 64):
+            part = batch_exs[i : i + 64]
+            b = to_device(col(part), device)
+            gen = model.generate_answers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"],
+                                         max_new_tokens=args.max_answer_len)
+            preds = tok.batch_decode(gen, skip_special_tokens=True)
+            hits += sum(exact_match(p, e.answers) for p, e in zip(preds, part))
+        return hits / max(1, len(batch_exs))
+
+    res["em"] = em_of(exs)
+    with_gold = [e for e in exs if e.gold_ids]
+    if with_gold or args.eval_retrieved:
+        cv = encode_corpus(model, tok, corpus, args.max_doc_len, device)
+        top = search(model, tok, [e.question for e in exs], cv, args.max_query_len, max(ks + [args.n_docs]), device)
+        ids = [[doc_id(corpus[j]) for j in row.tolist()] for row in top]
+        if with_gold:
+            for k in ks:
+                res[f"retrieval_top{k}"] = float(np.mean([bool(set(e.gold_ids) & set(r[:k]))
+                                                          for e, r in zip(exs, ids) if e.gold_ids]))
+            res["retrieval_chance_top1"] = 1.0 / max(1, len(corpus))
+        if args.eval_retrieved:
+            from .data import Example
+
+            rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist()], e.line, e.gold_ids)
+                    for e, row in zip(exs, top)]
+            res["em_retrieved"] = em_of(rexs)
+    model.train()
+    return res
+
+
+@torch.no_grad()
+def reretrieve(model: ReAttModel, tok, examples, corpus, args, device) -> None:
+    """Refresh every training question's ctxs with its top n_docs corpus documents by exact MaxSim."""
+    model.eval()
+    cv = encode_corpus(model, tok, corpus, args.max_doc_len, device)
+    top = search(model, tok, [e.question for e in examples], cv, args.max_query_len, args.n_docs, device)
+    for e, row in zip(examples, top):
+        e.ctxs = [corpus[j] for j in row.tolist()]
+    model.train()
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------------
+def setup_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = rank_and_world()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def build_model(args, tok, device) -> ReAttModel:
+    rc_kw = dict(kl_weight=args.kl_weight, in_batch_negatives=not args.no_in_batch_negatives,
+                 train_pos_bias=not args.no_train_pos_bias, backend=args.backend,
+                 use_fused_kernels=not args.reference_ops, head_temperature=args.head_temperature,
+                 teacher=args.teacher)
+    if args.model:
+        from transformers import T5Config
+
+        tcfg = T5Config.from_pretrained(args.model, local_files_only=True)
+        try:
+            rc = ReAttConfig.for_t5(tcfg._name_or_path or args.model, **rc_kw)
+        except ValueError:
+            rc = ReAttConfig(retrieval_layer=tcfg.num_layers // 2, retrieval_head=0, **rc_kw)
+        if args.retrieval_layer is not None:
+            rc.retrieval_layer = args.retrieval_layer
+        if args.retrieval_head is not None:
+            rc.retrieval_head = args.retrieval_head
+        extra = {"dropout_rate": args.dropout} if args.dropout is not None else {}
+        model = ReAttModel.from_pretrained(args.model, reatt_config=rc, **extra)
+        model.tokenizer = tok
+    else:
+        shape = _parse_tiny(args.tiny)
+        if args.dropout is not None:
+            shape["dropout_rate"] = args.dropout
+        tcfg = tiny_t5_config(vocab_size=len(tok), **shape)
+        rc = ReAttConfig(retrieval_layer=args.retrieval_layer if args.retrieval_layer is not None
+                         else tcfg.num_layers // 2,
+                         retrieval_head=args.retrieval_head or 0, **rc_kw)
+        model = ReAttModel.from_config(tcfg, rc, tokenizer=tok, seed=args.seed)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device)
+
+
+def _plot(history: list, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("retrieval_top1", "gold-doc top-1 retrieval (full corpus)"), ("em", "EM (given ctxs)"),
+                       ("em_retrieved", "EM (reading retrieved top-n)")):
+        if any(key in h for h in history):
+            ax.plot(steps, [h.get(key, float("nan")) for h in history], marker=".", label=label)
+    if history and "retrieval_chance_top1" in history[0]:
+        ax.axhline(history[0]["retrieval_chance_top1"], color="gray", ls=":", label="retrieval chance")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(args) -> list:
+    """Run training; returns the evaluation history (a list of metric dicts)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed()
+    main_proc = rank == 0
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    from transformers import AutoTokenizer
+
+    tok_dir = args.tokenizer or args.model
+    if tok_dir is None:
+        raise SystemExit("reatt-train: pass --tokenizer (or --model with tokenizer files), or --demo")
+    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if args.train is None:
+        raise SystemExit("reatt-train: --train is required (or --demo)")
+    train_exs = load_jsonl(args.train)
+    eval_exs = load_jsonl(args.eval) if args.eval else []
+    if args.corpus:
+        corpus = []
+        with open(args.corpus) as f:
+            for ln, raw in enumerate(f, 1):
+                if raw.strip():
+                    c = json.loads(raw)
+                    if "text" not in c:
+                        raise SystemExit(f"{args.corpus}:{ln}: missing field 'text'")
+                    corpus.append(c)
+    else:
+        corpus, _ = build_corpus(train_exs + eval_exs)
+    corpus_index = {doc_id(c): i for i, c in enumerate(corpus)}
+
+    model = build_model(args, tok, device)
+    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
+    col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
+    G = args.batch_size * world
+    sampler = EpochSampler(len(train_exs), G, args.seed)
+    use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    step, history, reretrieved = 0, [], False
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, history = ck["step"], ck.get("history", [])
+        if ck.get("ctx_ids") is not None:
+            for e, ids in zip(train_exs, ck["ctx_ids"]):
+                e.ctxs = [corpus[corpus_index[i]] for i in ids]
+            reretrieved = True
+        set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
+        if main_proc:
+            print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
+
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    model.train()
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+
+    def save(step_now):
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if main_proc:
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "step": step_now, "rng": rngs, "history": history, "args": vars(args),
+                         "ctx_ids": [[doc_id(c) for c in e.ctxs] for e in train_exs] if reretrieved else None},
+                        ckpt_path)
+        if world > 1:
+            dist.barrier()
+
+    def log(rec):
+        if main_proc:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def run_eval(step_now, t_train):
+        if not eval_exs:
+            return
+        if main_proc:
+            res = evaluate(model, tok, eval_exs, corpus, corpus_index, args, device)
+            rec = {"step": step_now, "train_seconds": round(t_train, 1), **res}
+            history.append(rec)
+            log({"type": "eval", **rec})
+            parts = [f"{k} {v:.3f}" for k, v in res.items() if k != "retrieval_chance_top1"]
+            print(f"[eval] step {step_now:5d}  {t_train:6.1f}s  " + "  ".join(parts), flush=True)
+        if world > 1:
+            dist.barrier()
+
+    pbar = None
+    if main_proc and not args.no_progress:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=args.steps, initial=step, desc="reatt-train", dynamic_ncols=True, file=sys.stderr)
+    t_train, t0, step0 = 0.0, time.time(), step
+    if step == 0 and args.eval_every:
+        run_eval(0, 0.0)
+    while step < args.steps:
+        if args.reretrieve_every and step > 0 and step % args.reretrieve_every == 0:
+            reretrieve(model, tok, train_exs, corpus, args, device)
+            reretrieved = True
+        ts = time.time()
+        logs = {"loss": 0.0, "qa_loss": 0.0, "kl_loss": 0.0}
+        for micro in range(args.accum):
+            idx = sampler.batch(step * args.accum + micro, rank, world)
+            batch = to_device(col([train_exs[i] for i in idx]), device)
+            sync = micro == args.accum - 1 or world == 1
+            ctx = ddp.no_sync() if (world > 1 and not sync) else nullcontext()
+            with ctx, autocast():
+                out = ddp(**batch)
+                loss = out["loss"] / args.accum
+            with ctx:
+                loss.backward()
+            for k in ("loss", "qa_loss", "kl_loss"):
+                logs[k] += float(out[k].detach()) / args.accum
+            if "teacher" in out and batch["gold"].any():
+                # Diagnostics only: teacher mass and student top-1 on the gold document (labels never reach the loss).
+                g = batch["gold"].float()
+                logs["teacher_gold"] = logs.get("teacher_gold", 0.0) + float((out["teacher"] * g).sum(1).mean()) / args.accum
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip) if args.clip > 0 else torch.tensor(0.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        t_train += time.time() - ts
+        rec = {"type": "train", "step": step, **{k: round(v, 5) for k, v in logs.items()},
+               "grad_norm": round(float(gnorm), 4), "lr": sched.get_last_lr()[0],
+               "scale": round(float(model.student_scale().detach()), 4)}
+        log(rec)
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{logs['loss']:.3f}", qa=f"{logs['qa_loss']:.3f}", kl=f"{logs['kl_loss']:.3f}")
+        out_of_time = bool(args.time_budget and (time.time() - t0) > args.time_budget * 60)
+        if args.stop_after and step - step0 >= args.stop_after and step < args.steps:
+            save(step)
+            if pbar is not None:
+                pbar.close()
+            return history
+        if args.time_budget and world > 1:  # every rank must take the same decision
+            flag = torch.tensor([1 if out_of_time else 0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps and not out_of_time:
+            run_eval(step, t_train)
+        if args.save_every and step % args.save_every == 0:
+            save(step)
+        if out_of_time:
+            if main_proc:
+                print(f"time budget of {args.time_budget} min reached at step {step}", file=sys.stderr)
+            break
+    if pbar is not None:
+        pbar.close()
+    run_eval(step, t_train)
+    save(step)
+    if main_proc:
+        model.save_pretrained(os.path.join(args.out, "final"))
+        if args.plot and history:
+            _plot(history, args.plot, f"ReAtt toy QA from random init ({step} steps, {t_train / 60:.1f} min CPU)")
+            print(f"plot: {args.plot}")
+    return history
+
+
+def main(argv: Optional[list] = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.demo:
+        from .demo import write_demo
+
+        given = {a.dest for a in ap._actions if any(o in (argv if argv is not None else sys.argv[1:])
+                                                     for o in a.option_strings)}
+        for k, v in DEMO_DEFAULTS.items():
+            if k not in given:
+                setattr(args, k, v)
+        paths = write_demo(os.path.join(args.out, "data"))
+        args.train, args.eval, args.tokenizer = paths["train"], paths["dev"], paths["tokenizer"]
+        if args.plot is None:
+            args.plot = os.path.join("benchmarks", "results", "cpu", "reatt_demo.png")
+        if args.threads is None:
+            args.threads = min(2, os.cpu_count() or 1)
+    hist = train(args)
+    if args.demo and hist:
+        print("\nstep  train_s  retrieval@1  EM(given)  EM(retrieved)")
+        for h in hist:
+            print(f"{h['step']:5d}  {h['train_seconds']:7.1f}  {h.get('retrieval_top1', float('nan')):11.3f}  "
+                  f"{h['em']:9.3f}  {h.get('em_retrieved', float('nan')):13.3f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
