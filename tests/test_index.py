@@ -1,0 +1,290 @@
+"""Token indexes: the fused decompress + MaxSim op per backend against a float64 reference, the codec, recall of the
+residual index against exact search per nbits, updates (add / delete / compact), durability (save / load, crash
+mid-save, corruption) and edge cases (empty index, dim mismatch, k > documents)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reatt_kernels.datasets import clustered_corpus, clustered_queries
+from reatt_kernels.index import IndexCorruptedError, ResidualCodec, TokenIndex, residual_maxsim
+from reatt_kernels.index import io as index_io
+from reatt_kernels.index.codec import pack_buckets, unpack_buckets
+from reatt_kernels.index.reference import residual_decode_ref, residual_maxsim_ref
+
+from .utils import BACKENDS, _has_cpu_ext, assert_close_to_ref, device_for, noncontig
+
+DIM = 32
+NBITS = [1, 2, 4, 8]
+
+
+# ---- the fused op --------------------------------------------------------------------------------------------------
+def make_codes(nbits, D=24, C=7, lens=(3, 0, 20, 70, 1, 5, 33), Bq=3, Lq=5, Nc=6, device="cpu"):
+    """Random codes for odd-sized documents (one empty), candidates with -1 padding and a repeated document, and
+    one all-masked query row."""
+    Nd = len(lens)
+    off = torch.zeros(Nd + 1, dtype=torch.int64)
+    off[1:] = torch.tensor(lens).cumsum(0)
+    T = int(off[-1])
+    cent = torch.randn(C, D)
+    w = torch.randn(D, 1 << nbits) * 0.3
+    codes = torch.randint(0, C, (T,), dtype=torch.int32)
+    packed = torch.randint(0, 256, (T, D * nbits // 8), dtype=torch.uint8)
+    q = torch.randn(Bq, Lq, D)
+    qm = torch.rand(Bq, Lq) < 0.7
+    qm[0, 0] = True
+    qm[-1] = False
+    cand = torch.randint(-1, Nd, (Bq, Nc))
+    cand[0, :3] = torch.tensor([1, 3, 3])  # the empty document, and one document twice
+    to = lambda t: t.to(device)  # noqa: E731
+    return [to(t) for t in (q, qm, cent, w, codes, packed, off, cand)]
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_maxsim_matches_reference(backend, nbits):
+    D = 24 if nbits != 1 else 32  # D * nbits must fill whole bytes
+    q, qm, cent, w, codes, packed, off, cand = make_codes(nbits, D=D, device=device_for(backend))
+    q = noncontig(q)
+    ref = residual_maxsim_ref(q.cpu(), qm.cpu(), cent.cpu(), w.cpu(), codes.cpu(), packed.cpu(), off.cpu(),
+                              cand.cpu(), nbits, torch.float64)
+    base = residual_maxsim_ref(q.cpu(), qm.cpu(), cent.cpu(), w.cpu(), codes.cpu(), packed.cpu(), off.cpu(),
+                               cand.cpu(), nbits, torch.float32)
+    out = residual_maxsim(q, cent, w, codes, packed, off, cand, nbits, qm, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == cand.shape
+    assert_close_to_ref(out, ref, base, torch.float32, name=f"residual_maxsim[{backend}, nbits={nbits}]")
+    # the spec's edge cases, exactly
+    assert torch.isinf(out[0, 0]) and out[0, 0] < 0, "an empty document must score -inf"
+    assert (out[-1][cand[-1] >= 0] == 0).all(), "a query with no valid token must score 0"
+    assert torch.isinf(out[cand < 0]).all(), "padding candidates must score -inf"
+
+
+def test_residual_decode_matches_float64_reference():
+    """Codec round trip: encode -> decode equals the float64 decompression reference, and packing is lossless."""
+    x = torch.nn.functional.normalize(torch.randn(500, DIM), dim=-1)
+    for nbits in NBITS:
+        codec = ResidualCodec.train(x, 16, nbits, niter=4)
+        codes, packed = codec.encode(x)
+        assert codes.dtype == torch.int32 and packed.shape == (500, DIM * nbits // 8)
+        dec = codec.decode(codes, packed, torch.float64)
+        ref = residual_decode_ref(codec.centroids, codec.weights, codes, packed, nbits)
+        torch.testing.assert_close(dec, ref, rtol=0, atol=1e-12)
+        b = torch.randint(0, 1 << nbits, (7, DIM))
+        assert torch.equal(unpack_buckets(pack_buckets(b, nbits), nbits, DIM), b)
+        # more bits, less error: the 8-bit decode is close, the 1-bit one at least beats the centroid alone
+        err = (dec.float() - x).norm(dim=1).mean()
+        err_centroid = (codec.centroids[codes.long()] - x).norm(dim=1).mean()
+        assert err < err_centroid * (0.1 if nbits == 8 else 0.9)
+
+
+def test_residual_maxsim_opcheck_and_compile():
+    q, qm, cent, w, codes, packed, off, cand = make_codes(2)
+    args = (q, qm, cent, w, codes, packed, off, cand, 2)
+    for backend in ["torch"] + (["cpu"] if _has_cpu_ext() else []):
+        torch.library.opcheck(torch.ops.reatt.residual_maxsim.default, args + (backend,))
+    fn = torch.compile(lambda *a: residual_maxsim(a[0], *a[2:8], 2, a[1], backend="torch"), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(*args[:8])
+    torch.testing.assert_close(out, residual_maxsim(q, cent, w, codes, packed, off, cand, 2, qm, backend="torch"))
+
+
+# ---- indexes on a small clustered corpus ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus():
+    d, off = clustered_corpus(n_docs=400, dim=DIM, min_len=6, max_len=24, n_centroids=64, topics_per_doc=3,
+                              noise=0.12, seed=3)
+    q, src = clustered_queries(d, off, 12, q_len=8, noise=0.1, seed=4)
+    return d, off, q, src
+
+
+@pytest.fixture(scope="module")
+def exact(corpus):
+    d, off, q, _ = corpus
+    return TokenIndex.build(d, d_offsets=off, kind="exact", progress=False)
+
+
+@pytest.fixture(scope="module")
+def residual(corpus):
+    d, off, _, _ = corpus
+    return TokenIndex.build(d, d_offsets=off, kind="residual", nbits=4, n_centroids=64, kmeans_iters=6,
+                            progress=False)
+
+
+def recall(ids, ref_ids, n):
+    return sum(len(set(ids[a, :n].tolist()) & set(ref_ids[a, :n].tolist())) for a in range(ids.shape[0])) / (
+        n * ids.shape[0])
+
+
+# Recall@10 against exact search per nbits (exhaustive rerank over the decompressed corpus / the default pipeline):
+# the floors sit below what this corpus measures, so a broken codec or pipeline fails them.
+RECALL_FLOOR = {1: 0.65, 2: 0.75, 4: 0.85, 8: 0.95}
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+def test_residual_recall_vs_exact(corpus, exact, nbits):
+    d, off, q, src = corpus
+    es, ei = exact.search(q, k=10)
+    assert (ei[:, 0] == src).all(), "exact search must find each query's source document"
+    index = TokenIndex.build(d, d_offsets=off, kind="residual", nbits=nbits, n_centroids=64, kmeans_iters=6,
+                             progress=False)
+    assert index.bytes_per_token == 4 + DIM * nbits / 8
+    _, xi = index.search(q, k=10, exhaustive=True)
+    _, ri = index.search(q, k=10)
+    _, pi = index.search(q, k=10, nprobe=3, ncandidates=40, timings=True)  # prunes: stages 1-2 really choose
+    assert set(index.last_timings) == {"centroids", "approx", "rerank", "topk"}
+    assert (ri[:, 0] == src).all() and (pi[:, 0] == src).all()
+    assert recall(xi, ei, 10) >= RECALL_FLOOR[nbits], recall(xi, ei, 10)
+    assert recall(ri, ei, 10) >= RECALL_FLOOR[nbits] - 0.05, recall(ri, ei, 10)
+    assert recall(pi, ei, 10) >= RECALL_FLOOR[nbits] - 0.15, recall(pi, ei, 10)
+
+
+def test_exact_flat_path_matches_full(corpus, exact):
+    _, _, q, _ = corpus
+    fs, fi = exact.search(q, k=10)
+    ss, si = exact.search(q, k=10, method="flat", k_token=256)
+    assert torch.equal(fi, si)
+    torch.testing.assert_close(fs, ss, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="k_token"):
+        exact.search(q, k=10, method="flat", k_token=4096)
+
+
+def test_build_input_forms_agree(corpus, residual):
+    d, off, q, _ = corpus
+    docs = [d[int(off[i]):int(off[i + 1])] for i in range(off.numel() - 1)]
+    chunks = iter([docs[:150], (d[int(off[150]):int(off[300])], off[150:301] - off[150]), *docs[300:]])
+    for form in (docs, chunks):
+        idx = TokenIndex.build(form, kind="residual", codec=residual.codec, progress=False, chunk_tokens=500)
+        assert torch.equal(idx.codes, residual.codes) and torch.equal(idx.packed, residual.packed)
+        assert torch.equal(idx.offsets, residual.offsets) and torch.equal(idx.ivf_docs, residual.ivf_docs)
+    ex = TokenIndex.build(iter(docs), kind="exact", progress=False, chunk_tokens=300)
+    assert torch.equal(ex.tokens, d.half()) and torch.equal(ex.offsets, off)
+
+
+@pytest.mark.parametrize("kind", ["exact", "residual"])
+def test_add_delete_compact(corpus, exact, residual, kind):
+    d, off, q, src = corpus
+    base = exact if kind == "exact" else residual
+    index = _clone(base)
+    # add: new documents (copies of the queries' sources, perturbed) are found by their queries
+    new_docs = [torch.nn.functional.normalize(q[a].float() + 0.01 * torch.randn_like(q[a].float()), dim=-1)
+                for a in range(4)]
+    new_ids = index.add(new_docs, doc_ids=[10_000 + a for a in range(4)])
+    assert new_ids.tolist() == [10_000, 10_001, 10_002, 10_003]
+    s, i = index.search(q[:4], k=3)
+    assert i[:, 0].tolist() == new_ids.tolist()
+    with pytest.raises(ValueError, match="unique"):
+        index.add(new_docs[:1], doc_ids=[10_000])
+    # delete: neither the new documents nor the sources come back, even with k = every document
+    gone = torch.cat([new_ids, src[:4]])
+    assert index.delete(gone) == 8
+    s, i = index.search(q, k=index.doc_ids.numel(), **({"exhaustive": True} if kind == "residual" else {}))
+    assert not torch.isin(i, gone).any()
+    before = index.search(q, k=10)
+    n_tok = index.n_tokens
+    index.compact()
+    assert index.n_tokens < n_tok and index.doc_ids.numel() == index.n_docs == 400 - 4
+    after = index.search(q, k=10)
+    assert torch.equal(before[1], after[1])
+    torch.testing.assert_close(before[0], after[0])
+
+
+def _clone(index: TokenIndex) -> TokenIndex:
+    out = TokenIndex(index.kind, index.dim, nbits=index.nbits, codec=index.codec)
+    for name in ("offsets", "doc_ids", "deleted") + (("tokens",) if index.kind == "exact" else
+                                                     ("codes", "packed", "ivf_offsets", "ivf_docs")):
+        setattr(out, name, getattr(index, name).clone())
+    out.next_id = index.next_id
+    return out
+
+
+# ---- durability ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize("kind", ["exact", "residual"])
+def test_save_load_search_identical(tmp_path, corpus, exact, residual, kind, mmap):
+    _, _, q, _ = corpus
+    index = _clone(exact if kind == "exact" else residual)
+    index.delete([5, 7])
+    index.save(tmp_path / "idx")
+    loaded = TokenIndex.load(tmp_path / "idx", mmap=mmap)
+    assert loaded.kind == kind and loaded.n_docs == index.n_docs and loaded.next_id == index.next_id
+    a, b = index.search(q, k=10), loaded.search(q, k=10)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.isin(b[1], torch.tensor([5, 7])).any()
+
+
+def test_crash_mid_save_keeps_previous_index(tmp_path, corpus, residual, monkeypatch):
+    _, _, q, _ = corpus
+    root = tmp_path / "idx"
+    residual.save(root)
+    expect = residual.search(q, k=10)
+    changed = _clone(residual)
+    changed.delete(expect[1][:, 0])
+
+    def crash(name):
+        if name == "packed":
+            raise KeyboardInterrupt("injected crash mid-save")
+
+    monkeypatch.setattr(index_io, "_AFTER_WRITE_HOOK", crash)
+    with pytest.raises(KeyboardInterrupt):
+        changed.save(root)
+    monkeypatch.setattr(index_io, "_AFTER_WRITE_HOOK", None)
+    assert any(p.name.startswith(".tmp-") for p in root.iterdir()), "the crash should leave a partial temp dir"
+    got = TokenIndex.load(root).search(q, k=10)
+    assert torch.equal(got[1], expect[1]) and torch.equal(got[0], expect[0])
+    changed.save(root)  # the next save succeeds and clears the partial one
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+    assert not torch.isin(TokenIndex.load(root).search(q, k=10)[1], expect[1][:, 0]).any()
+
+
+def test_corrupted_or_truncated_file_fails_loading(tmp_path, residual):
+    root = tmp_path / "idx"
+    residual.save(root)
+    gen = root / (root / "CURRENT").read_text().strip()
+    codes = gen / "codes.npy"
+    raw = bytearray(codes.read_bytes())
+    raw[-3] ^= 0x40  # one flipped bit in the data
+    codes.write_bytes(bytes(raw))
+    with pytest.raises(IndexCorruptedError, match="codes.npy.*checksum"):
+        TokenIndex.load(root)
+    raw[-3] ^= 0x40
+    codes.write_bytes(bytes(raw[:-10]))  # truncated
+    with pytest.raises(IndexCorruptedError, match="codes.npy.*truncated"):
+        TokenIndex.load(root)
+    codes.write_bytes(bytes(raw))
+    TokenIndex.load(root)  # restored bytes load again
+    (gen / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexCorruptedError, match="manifest.json"):
+        TokenIndex.load(root)
+
+
+# ---- edge cases ----------------------------------------------------------------------------------------------------
+def test_empty_index(residual):
+    q = torch.randn(2, 5, DIM)
+    for index in (TokenIndex.build([], kind="exact", dim=DIM, progress=False),
+                  TokenIndex.build([], kind="residual", dim=DIM, codec=residual.codec, nbits=4, progress=False)):
+        s, i = index.search(q, k=3)
+        assert s.shape == (2, 3) and (i == -1).all() and torch.isinf(s).all()
+    with pytest.raises(ValueError, match="dim="):
+        TokenIndex.build([], kind="exact", progress=False)
+
+
+def test_query_dim_mismatch_raises(exact, residual):
+    for index in (exact, residual):
+        with pytest.raises(ValueError, match="query dim"):
+            index.search(torch.randn(1, 4, DIM + 1), k=5)
+
+
+@pytest.mark.parametrize("kind", ["exact", "residual"])
+def test_k_larger_than_documents(kind):
+    docs = [torch.nn.functional.normalize(torch.randn(n, 16), dim=-1) for n in (3, 5, 2)]
+    index = TokenIndex.build(docs, kind=kind, nbits=2, n_centroids=4, progress=False)
+    q = torch.nn.functional.normalize(torch.randn(2, 4, 16), dim=-1)
+    s, i = index.search(q, k=7, **({"exhaustive": True} if kind == "residual" else {}))
+    assert s.shape == (2, 7) and i.shape == (2, 7)
+    assert sorted(i[:, :3].flatten().tolist()) == [0, 0, 1, 1, 2, 2]
+    assert (i[:, 3:] == -1).all() and torch.isinf(s[:, 3:]).all() and torch.isfinite(s[:, :3]).all()
+    assert (s[:, :-1] >= s[:, 1:]).all()
