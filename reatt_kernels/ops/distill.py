@@ -230,25 +230,35 @@ def _check_float2d(name: str, t, shape_desc: str) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def _check_teacher_values(name: str, t: Tensor, normalize: bool) -> None:
-    """Eager-only data checks: finite, non-negative, rows summing to 1 (or > 0 when normalising)."""
+def _check_teacher_values(name: str, t: Tensor, normalize: bool, cols: Optional[Tensor] = None, M: int = 0) -> None:
+    """Eager-only data checks, with ONE device sync on the happy path: finite, non-negative, rows summing to 1 (or > 0
+    when normalising); for the sparse form also columns in [0, M) and unique per row. Messages are built only on
+    failure."""
     if torch.compiler.is_compiling() or t.numel() == 0:
         return
     bad = ~(t >= 0) | torch.isinf(t)
-    if bool(bad.any()):
+    z = t.sum(-1, dtype=torch.float64)
+    off = (z <= 0) if normalize else ((z - 1).abs() > TEACHER_SUM_TOL)
+    flags = [bad.any(), off.any()]
+    if cols is not None:
+        flags.append(((cols < 0) | (cols >= M)).any())
+        srt = cols.sort(-1).values
+        flags.append((srt[:, 1:] == srt[:, :-1]).any())
+    flags = torch.stack(flags).tolist()
+    if not any(flags):
+        return
+    if flags[0]:
         b, j = (int(x) for x in bad.nonzero()[0])
         raise ValueError(f"{name} must hold finite probabilities >= 0; {name}[{b}, {j}] = {float(t[b, j])}")
-    z = t.double().sum(-1)
+    if cols is not None and flags[2]:
+        raise ValueError(f"teacher_cols must be in [0, M - 1] = [0, {M - 1}], got [{int(cols.min())}, {int(cols.max())}]")
+    if cols is not None and flags[3]:
+        raise ValueError("teacher_cols must not repeat a column within a row")
+    b = int(off.nonzero()[0])
     if normalize:
-        if bool((z <= 0).any()):
-            b = int((z <= 0).nonzero()[0])
-            raise ValueError(f"{name} row {b} has no mass, so it cannot be normalised (normalize_teacher=True)")
-    else:
-        off = (z - 1).abs() > TEACHER_SUM_TOL
-        if bool(off.any()):
-            b = int(off.nonzero()[0])
-            raise ValueError(f"{name} rows must sum to 1 within {TEACHER_SUM_TOL} (row {b} sums to {float(z[b]):.6g}); "
-                             "pass normalize_teacher=True to normalise them")
+        raise ValueError(f"{name} row {b} has no mass, so it cannot be normalised (normalize_teacher=True)")
+    raise ValueError(f"{name} rows must sum to 1 within {TEACHER_SUM_TOL} (row {b} sums to {float(z[b]):.6g}); "
+                     "pass normalize_teacher=True to normalise them")
 
 
 def distill_kl(student: Tensor, teacher: Optional[Tensor] = None, *, teacher_probs: Optional[Tensor] = None,
@@ -301,14 +311,7 @@ def distill_kl(student: Tensor, teacher: Optional[Tensor] = None, *, teacher_pro
             if t.device != student.device:
                 raise ValueError(f"{nm} is on {t.device} but student is on {student.device}")
         teacher_probs = teacher_probs.detach()
-        if not torch.compiler.is_compiling() and teacher_cols.numel():
-            lo, hi = int(teacher_cols.min()), int(teacher_cols.max())
-            if lo < 0 or hi >= M:
-                raise ValueError(f"teacher_cols must be in [0, M - 1] = [0, {M - 1}], got [{lo}, {hi}]")
-            srt = teacher_cols.sort(-1).values
-            if bool((srt[:, 1:] == srt[:, :-1]).any()):
-                raise ValueError("teacher_cols must not repeat a column within a row")
-        _check_teacher_values("teacher_probs", teacher_probs, normalize_teacher)
+        _check_teacher_values("teacher_probs", teacher_probs, normalize_teacher, teacher_cols, M)
         tensors = [student, teacher_probs, teacher_cols]
     compute_grad = bool(torch.is_grad_enabled() and student.requires_grad)
     name = select("distill_kl", tensors, backend, sparse=teacher is None, reduction=reduction)
