@@ -82,7 +82,7 @@ def test_maxsim_triton_dd_modes(layout, dtype, deterministic):
 def gpu_tiling(monkeypatch):
     """Force the GPU-shaped tilings under the interpreter: 2 queries per block, 4-token chunks (Lq 9 -> 3 chunks),
     16-token tiles (multi-tile documents), 3 documents per program (several programs per query, a ragged last one),
-    3 column chunks in the dq kernel and 16-token dd tiles. On a GPU every tl.dot keeps M, K >= 16."""
+    3 column chunks of 2-column steps in the dq kernel, 2 column chunks in the dbias kernel, 16-token dd tiles. On a GPU every tl.dot keeps M, K >= 16."""
     tm = _tm()
     fwd_config, bwd_config = tm._fwd_config, tm._bwd_config
     gpu = torch.cuda.is_available()
@@ -94,8 +94,9 @@ def gpu_tiling(monkeypatch):
         return (4 if gpu else 2), 4, 16, 3, nw, ns
 
     def small_bwd(Bq, Lq, C, *args):
-        M_TOK, n_cchunks, dq_warps, BLOCK_N, LQ_T, dd_warps = bwd_config(Bq, Lq, C, *args)
-        return 4, min(3, C), dq_warps, 16, (16 if gpu else 4), dd_warps
+        cfg = bwd_config(Bq, Lq, C, *args)
+        cfg.update(M_TOK=4, BLOCK_C=2, n_cchunks=3, M_TOK_B=4, n_cchunks_b=2, BLOCK_N=16, LQ_T=16 if gpu else 4)
+        return cfg
 
     monkeypatch.setattr(tm, "_fwd_config", small_fwd)
     monkeypatch.setattr(tm, "_bwd_config", small_bwd)

@@ -21,32 +21,42 @@ Two regimes on the GPU (H100: 3.0 TB/s HBM, ~700 TFLOP/s bf16 dense):
 * few queries vs many documents is HBM-bound. 1 query x 200k docs x 128 tok x 128 dim fp16 reads 6.55 GB of documents
   once and does 2 * 32 * 128 * 128 = 1.05 MFLOP per 32 KiB document: 32 FLOP/byte, far under the ~230 FLOP/byte ridge.
   So each document tile is read exactly once (a single query block: QB covers all queries), q stays resident, and each
-  program walks ``docs_per_prog`` consecutive documents so the grid is several waves of 132 SMs while q is re-read from
-  L2 only once per program (8 KiB per 16+ docs, i.e. < 2% extra traffic). The doc loop is the pipelined loop
-  (num_stages >= 3) so loads of the next document overlap the dot and the max of the current one. Floor: 6.55 GB /
-  2.94 TB/s = 2.2 ms; the target 3.1 ms (or the ANCHORS 2.3 ms) needs >= 70-95% of HBM, which is what a streaming
-  kernel with 3-stage pipelining reaches on H100 (unmeasured here: no GPU on the development machine).
+  program walks up to 64 consecutive documents (``docs_per_prog``, so the grid is ~3k programs, many waves of 132 SMs)
+  while q is re-read from L2 once per program (8 KiB per 64 docs = 2 MiB: < 0.1% extra traffic). Padded documents
+  are walked as ONE flat loop over (document, tile) steps, which is the loop Triton's software pipeliner overlaps
+  (cp.async, 3 stages), so the next document streams in while the current one is reduced. At d = 128, 32 query rows,
+  a whole 128-token document per tile: 32 KiB per load, 99 registers, 75 KiB shared memory, 2 CTAs of 8 warps per SM,
+  i.e. up to 4 x 32 KiB in flight per SM, well above the ~20 KiB per SM that Little's law asks for at 3 TB/s. Floor:
+  6.55 GB / 2.94 TB/s = 2.2 ms; the issue's 3.1 ms (ANCHORS: 2.3 ms) needs 70-95% of HBM.
 * many queries vs many documents is compute-bound. 64 q x 6400 docs x Lq 32 x Ld 200 x d 64 is 335 GFLOP (0.5 ms at
-  700 TFLOP/s) against 164 MB of documents. A program then takes QB = 4 queries (M = 128 rows), so every document tile
-  loaded into shared memory feeds a 128 x BLOCK_N x D tensor-core dot: 2 * 128 = 256 FLOP per byte loaded, and the
-  16 query blocks re-read each tile from L2, not HBM, because consecutive program ids share the document range.
+  700 TFLOP/s) against 164 MB of documents. A program then takes QB = 4 queries (M = 128 rows, wgmma), so every
+  document tile loaded into shared memory feeds a 128 x 64 x D tensor-core dot: 2 * 128 = 256 FLOP per byte loaded,
+  and the 16 query blocks re-read each tile from L2, not HBM, because consecutive program ids share the document range.
+  fp32 inputs use "ieee" dots (FMA units, operands in registers), so their blocks shrink to 32 rows x 32 tokens.
 
-Backward (argmax only; no token-pair scores are recomputed):
+Backward (argmax only; no token-pair scores are recomputed), w[a, c] = grad[a, c] (/ n_a for mean):
 
-* ``_maxsim_bwd_dq_kernel`` gathers: dq[a, i] = sum_c w[a, c] * d[doc(a, c), argmax[a, c, i]] with w = grad (/ n_a for
-  mean). One program owns one query's token chunk and a chunk of columns; its partial dq (fp32) goes to a
-  [chunks, Bq, Lq, D] buffer summed in a fixed order, so dq is deterministic. Bytes: Bq*C*Lq*(4 + 2D) gathered, i.e.
-  64*6400*32*(4+128) = 1.7 GB for the training shape (0.6 ms at HBM speed; much of it hits L2).
-  The same loop accumulates dpos_bias as a per-program histogram over the distance bins (a [M_TOK, NB] compare per
-  column), written as per-program partials and summed in a fixed order: deterministic in both modes.
-  In the atomic mode (``deterministic=False``) the loop also scatters w * q[a, i] into an fp32 dd buffer with
-  ``tl.atomic_add`` (Bq*C*Lq*D fp32 atomics: 0.84e9 for the training shape) then casts it to d's dtype.
+* ``_maxsim_bwd_dq_kernel`` gathers dq[a, i] = sum_c w[a, c] * d[doc(a, c), argmax[a, c, i]]. One program owns one
+  query's token chunk and a chunk of columns and takes BLOCK_C columns per step (~128 gathered rows in flight: the
+  argmax -> row gather is a chain of two dependent loads, so bytes in flight set the bandwidth). Partial dq (fp32) go
+  to a [chunks, Bq, Lq, D] buffer summed in a fixed order: dq is deterministic in both modes. Bytes: Bq*C*Lq*(4 + D*elt)
+  = 64*6400*32*(4+128) = 1.7 GB for the training shape (0.6 ms at HBM speed; much of it hits L2).
+  In the atomic mode (``deterministic=False``) the same loop scatters w * q[a, i] into an fp32 dd buffer with
+  ``tl.atomic_add`` (Bq*C*Lq*D fp32 atomics: 0.84e9 for the training shape), cast to d's dtype at the end. Memory:
+  the fp32 buffer (328 MB for the training shape) on top of dd itself (164 MB).
 * ``_maxsim_bwd_dd_kernel`` (``deterministic=True``) owns one document tile (BLOCK_N tokens) and loops over the
   queries that score it in a fixed order: dd[b, j] = sum_a w[a, b] * onehot(argmax[a, b, :] == j) @ q[a]. The one-hot
   [BLOCK_N, Lq] matrix is exact in every dtype, so the tensor-core dot sums exact products in fp32, and w is applied in
-  fp32 afterwards. It costs the forward's FLOPs (2 * Bq*Lq*T*D) but no atomics, no fp32 dd buffer (dd is written once,
-  in d's dtype), and it is bitwise reproducible. For the training shape this is 335 GFLOP on tensor cores plus
-  re-reading q[a] (4 KiB) from L2 per (tile, query); it may well beat the atomics there: benchmark both.
+  fp32 afterwards. It costs the forward's FLOPs (2 * Bq*Lq*T*D) but no atomics and no fp32 dd buffer (dd is written
+  once, in d's dtype), and it is bitwise reproducible. For the training shape: 335 GFLOP on tensor cores plus one
+  4 KiB re-read of q[a] from L2 per (128-token tile, query) = 3.3 GB of L2 traffic. It may well beat the atomics
+  there (benchmark both); it is also the low-memory mode (no fp32 dd buffer).
+* ``_maxsim_bwd_dbias_kernel``: dpos_bias as a weighted histogram of the winning distances, [M_TOK, NB] fp32 counters
+  per program in registers (NB = live bins, <= Lq + Ld), partials summed in a fixed order: deterministic in both
+  modes. Reads only the argmax (4 B per (query, column, token)).
+
+GPU configurations were checked without a GPU by compiling every kernel for sm_90 at the target shapes (registers,
+spills, wgmma vs mma.sync, cp.async pipelining), not by timing them: the numbers above are design estimates.
 
 64-bit offsets everywhere: every index that multiplies a stride is cast to int64 first (1 query x 200k docs x 128 x
 128 is 3.3e9 elements > 2^31). Dims up to 256 are padded to a power of two with masked loads (dim 7, 33 work).
@@ -83,8 +93,12 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _num_sms(device: torch.device) -> int:
+    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
+def _num_sms_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -279,7 +293,7 @@ def _fwd_config(Bq, Lq, Ld_tile, D_PAD, n_docs_per_q, grouped, dtype, interp, de
     BLOCK_N = max(16, min(BLOCK_N, _np2(Ld_tile)))
     n_qblocks = _cdiv(Bq, QB) * _cdiv(Lq, M_TOK) if not grouped else Bq * _cdiv(Lq, M_TOK)
     # Several waves of programs over the SMs, but enough documents per program to amortise loading q.
-    n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    n_sm = _num_sms(device)
     target = 8 * n_sm
     docs_per_prog = max(1, min(64, _cdiv(n_docs_per_q * n_qblocks, target)))
     # sm_90 compiles: 8 warps keep every configuration above under ~150 registers without spills (4 warps spill
@@ -353,21 +367,87 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
 # ---- backward ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _maxsim_bwd_dq_kernel(
-    grad_ptr, q_ptr, d_ptr, off_ptr, argmax_ptr, nq_ptr, dqp_ptr, dbp_ptr, dd32_ptr,
-    Bq, Lq, Ld, D, C, R, group_size, cols_per_prog, n_tchunks,
+    grad_ptr, q_ptr, d_ptr, off_ptr, argmax_ptr, nq_ptr, dqp_ptr, dd32_ptr,
+    Bq, Lq, Ld, D, C, group_size, cols_per_prog, n_tchunks,
     stride_gb, stride_gc,
     stride_qb, stride_ql, stride_qd,
     stride_db, stride_dl, stride_dd,
-    M_TOK: tl.constexpr, D_PAD: tl.constexpr, NB: tl.constexpr,
-    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, MEAN: tl.constexpr,
-    ATOMIC_DD: tl.constexpr,
+    BLOCK_C: tl.constexpr, M_TOK: tl.constexpr, D_PAD: tl.constexpr,
+    PACKED: tl.constexpr, GROUPED: tl.constexpr, MEAN: tl.constexpr, ATOMIC_DD: tl.constexpr,
 ):
-    """Partial dq[chunk, a, i, :] (gather), partial dpos_bias[pid, :] (histogram), and, in the atomic mode, the dd
-    scatter, for one query token chunk x one column chunk.
+    """Partial dq[chunk, a, i, :] (a gather through the argmax) and, in the atomic mode, the dd scatter, for one
+    query token chunk x one column chunk.
 
-    Per column: reads M_TOK argmax ints + M_TOK gathered rows of D elements; the atomic mode adds M_TOK * D fp32
-    atomics; the bias histogram costs M_TOK * NB compares.
+    A step takes BLOCK_C columns at once (rows = BLOCK_C x M_TOK): the argmax -> gather chain is two dependent
+    memory round trips, so a step's bytes in flight (rows x D x elt, 16 KiB at 128 rows x d 64 bf16) set the
+    achieved bandwidth. Per (query, column, token): 4 B argmax + D x elt gathered; the atomic mode adds D fp32 atomics.
     """
+    R: tl.constexpr = BLOCK_C * M_TOK
+    pid = tl.program_id(0)
+    n_qprog = Bq * n_tchunks
+    qprog = pid % n_qprog
+    cchunk = pid // n_qprog
+    a = qprog // n_tchunks
+    i0 = (qprog % n_tchunks) * M_TOK
+    rows = tl.arange(0, R)
+    cr = rows // M_TOK  # column offset of each row inside a step (rows are column-major: c * M_TOK + i)
+    i = i0 + rows % M_TOK
+    row_ok = i < Lq
+    a64 = tl.cast(a, tl.int64)
+    i64 = i.to(tl.int64)
+    k = tl.arange(0, D_PAD)
+    k_ok = k < D
+    k64 = k.to(tl.int64)
+    na = tl.load(nq_ptr + a64)
+    if ATOMIC_DD:
+        # Kept in the input dtype (half the registers of fp32); rows repeat q[a, i] once per column of a step.
+        qt = tl.load(q_ptr + a64 * stride_qb + i64[:, None] * stride_ql + k64[None, :] * stride_qd,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    acc = tl.zeros([M_TOK, D_PAD], tl.float32)
+    c_lo = cchunk * cols_per_prog
+    c_hi = tl.minimum(c_lo + cols_per_prog, C)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        c = c0 + cr
+        c_ok = c < c_hi
+        c64 = c.to(tl.int64)
+        g = tl.load(grad_ptr + a64 * stride_gb + c64 * stride_gc, mask=c_ok, other=0.0)
+        if MEAN:
+            g = g / tl.maximum(na, 1).to(tl.float32)
+        if GROUPED:
+            doc = a64 * group_size + c64
+        else:
+            doc = c64
+        am = tl.load(argmax_ptr + (a64 * C + c64) * Lq + i64, mask=c_ok & row_ok, other=-1)
+        ok = am >= 0  # -1: masked query token, empty document, or a padding row of this step
+        am64 = tl.maximum(am, 0).to(tl.int64)
+        if PACKED:
+            row = tl.load(off_ptr + doc, mask=ok, other=0) + am64  # token row in [T, D]
+            dptr = d_ptr + row[:, None] * stride_dl + k64[None, :] * stride_dd
+        else:
+            row = doc * Ld + am64  # token row of the contiguous dd buffer [Nd * Ld, D]
+            dptr = d_ptr + doc[:, None] * stride_db + am64[:, None] * stride_dl + k64[None, :] * stride_dd
+        drow = tl.load(dptr, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        contrib = tl.where(ok[:, None], g[:, None] * drow, 0.0)
+        acc += tl.sum(tl.reshape(contrib, [BLOCK_C, M_TOK, D_PAD]), axis=0)
+        if ATOMIC_DD:
+            tl.atomic_add(dd32_ptr + row[:, None] * D + k64[None, :], g[:, None] * qt.to(tl.float32),
+                          mask=ok[:, None] & k_ok[None, :], sem="relaxed")
+    dq_rows = i0 + tl.arange(0, M_TOK)
+    tl.store(dqp_ptr + ((cchunk.to(tl.int64) * Bq + a64) * Lq + dq_rows.to(tl.int64)[:, None]) * D + k64[None, :], acc,
+             mask=(dq_rows < Lq)[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _maxsim_bwd_dbias_kernel(
+    grad_ptr, argmax_ptr, nq_ptr, dbp_ptr,
+    Bq, Lq, C, R, cols_per_prog, n_tchunks,
+    stride_gb, stride_gc,
+    M_TOK: tl.constexpr, NB: tl.constexpr, MEAN: tl.constexpr,
+):
+    """Partial dpos_bias[pid, :] for one query token chunk x one column chunk: a weighted histogram of the winning
+    distances r = clamp(n_a + argmax - i, 0, R - 1), kept as [M_TOK, NB] fp32 counters in registers and reduced over
+    rows once at the end (no atomics, so it is deterministic). Per (query, column): M_TOK argmax ints read (4 B each,
+    contiguous) and M_TOK x NB compares."""
     pid = tl.program_id(0)
     n_qprog = Bq * n_tchunks
     qprog = pid % n_qprog
@@ -377,19 +457,9 @@ def _maxsim_bwd_dq_kernel(
     row_ok = i < Lq
     a64 = tl.cast(a, tl.int64)
     i64 = i.to(tl.int64)
-    k = tl.arange(0, D_PAD)
-    k_ok = k < D
-    k64 = k.to(tl.int64)
     na = tl.load(nq_ptr + a64)
-    if ATOMIC_DD:
-        qt = tl.load(q_ptr + a64 * stride_qb + i64[:, None] * stride_ql + k64[None, :] * stride_qd,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.zeros([M_TOK, D_PAD], tl.float32)
-    if HAS_BIAS:
-        bins = tl.arange(0, NB)
-        # Per (row, bin) counters, reduced over rows once at the end: a cross-thread reduction per column would cost
-        # more than the compares.
-        hist = tl.zeros([M_TOK, NB], tl.float32)
+    bins = tl.arange(0, NB)
+    hist = tl.zeros([M_TOK, NB], tl.float32)
     c_lo = cchunk * cols_per_prog
     c_hi = tl.minimum(c_lo + cols_per_prog, C)
     for c in range(c_lo, c_hi):
@@ -397,32 +467,11 @@ def _maxsim_bwd_dq_kernel(
         g = tl.load(grad_ptr + a64 * stride_gb + c64 * stride_gc)
         if MEAN:
             g = g / tl.maximum(na, 1).to(tl.float32)
-        if GROUPED:
-            doc = a64 * group_size + c64
-        else:
-            doc = c64
         am = tl.load(argmax_ptr + (a64 * C + c64) * Lq + i64, mask=row_ok, other=-1)
-        ok = am >= 0  # -1: masked query token or empty document
-        am64 = tl.maximum(am, 0).to(tl.int64)
-        if PACKED:
-            row = tl.load(off_ptr + doc) + am64  # token row in [T, D]
-            dptr = d_ptr + row[:, None] * stride_dl + k64[None, :] * stride_dd
-        else:
-            row = doc * Ld + am64  # token row of the contiguous dd buffer [Nd * Ld, D]
-            dptr = d_ptr + doc * stride_db + am64[:, None] * stride_dl + k64[None, :] * stride_dd
-        drow = tl.load(dptr, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.where(ok[:, None], g * drow, 0.0)
-        if ATOMIC_DD:
-            tl.atomic_add(dd32_ptr + row[:, None] * D + k64[None, :], g * qt, mask=ok[:, None] & k_ok[None, :],
-                          sem="relaxed")
-        if HAS_BIAS:
-            r = tl.minimum(tl.maximum(na + am - i, 0), R - 1)
-            hit = ok[:, None] & (r[:, None] == bins[None, :])
-            hist += tl.where(hit, g, 0.0)
-    tl.store(dqp_ptr + ((cchunk.to(tl.int64) * Bq + a64) * Lq + i64[:, None]) * D + k64[None, :], acc,
-             mask=row_ok[:, None] & k_ok[None, :])
-    if HAS_BIAS:
-        tl.store(dbp_ptr + pid.to(tl.int64) * NB + bins, tl.sum(hist, axis=0))
+        r = tl.minimum(tl.maximum(na + am - i, 0), R - 1)
+        hit = (am >= 0)[:, None] & (r[:, None] == bins[None, :])
+        hist += tl.where(hit, g, 0.0)
+    tl.store(dbp_ptr + pid.to(tl.int64) * NB + bins, tl.sum(hist, axis=0))
 
 
 @triton.jit
@@ -492,23 +541,35 @@ def _maxsim_bwd_dd_kernel(
 
 
 def _bwd_config(Bq, Lq, C, ld_max, D_PAD, NB, dtype, interp, device):
-    """(M_TOK, column chunks and num_warps of the dq kernel; BLOCK_N, LQ_T and num_warps of the deterministic dd
-    kernel). GPU choices checked by sm_90 compiles (no spills), not timed."""
-    LQ_T = max(16, min(_np2(Lq), MAX_TOK))  # the one-hot dot's K: tl.dot needs K >= 16
-    # The dq kernel has no dot: its rows are independent gathers, so small row blocks cost little. They bound the
-    # registers of the [M_TOK, NB] bias histogram and of the [M_TOK, D] q / acc / gathered tiles.
-    M_TOK = min(_np2(Lq), MAX_TOK if interp else (32 if D_PAD <= 128 else 16), max(1, MAX_HIST // NB))
-    n_qprog = Bq * _cdiv(Lq, M_TOK)
+    """Launch parameters of the three backward kernels (a dict). GPU choices checked by sm_90 compiles, not timed."""
+    cfg = {}
+    # dq kernel (no dot): rows are independent gathers; ~128 rows per step (BLOCK_C columns x M_TOK tokens).
+    cfg["M_TOK"] = min(_np2(Lq), MAX_TOK if interp else (32 if D_PAD <= 128 else 16))
+    rows = 512 if interp else (128 if D_PAD <= 64 else (64 if D_PAD <= 128 else 32))
+    cfg["BLOCK_C"] = max(1, rows // cfg["M_TOK"])
+    # dbias kernel: its [M_TOK, NB] counters live in registers.
+    cfg["M_TOK_B"] = min(_np2(Lq), MAX_TOK, max(1, MAX_HIST // NB))
+    # The one-hot dot's K (tl.dot needs K >= 16); longer queries loop over token chunks inside the dd kernel.
+    cfg["LQ_T"] = max(16, min(_np2(Lq), MAX_TOK if interp else 64))
     if interp:
-        return M_TOK, 1, 4, max(16, min(_np2(ld_max), 256)), LQ_T, 4
-    # Enough dq programs for a few waves over the SMs, few enough that the partial dq buffer stays small.
-    n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    n_cchunks = max(1, min(_cdiv(4 * n_sm, n_qprog), _cdiv(C, 16), 64))
+        cfg["BLOCK_C"] = min(cfg["BLOCK_C"], _np2(C))
+        cfg.update(n_cchunks=1, n_cchunks_b=1, warps=4, BLOCK_N=max(16, min(_np2(ld_max), 256)))
+        return cfg
+    # Enough programs for a few waves over the SMs, few enough that the partial dq / dbias buffers stay small.
+    n_sm = _num_sms(device)
+    dq_cap = max(1, min(512, (1 << 24) // max(1, Bq * Lq * D_PAD)))  # partial dq buffer <= 64 MiB
+    cfg["n_cchunks"] = max(1, min(_cdiv(4 * n_sm, Bq * _cdiv(Lq, cfg["M_TOK"])), _cdiv(C, 4 * cfg["BLOCK_C"]), dq_cap))
+    cfg["n_cchunks_b"] = max(1, min(_cdiv(4 * n_sm, Bq * _cdiv(Lq, cfg["M_TOK_B"])), _cdiv(C, 16), 512))
     # dd: 128-token tiles halve the L2 re-reads of q[a] (one per tile and query) against 64-token tiles; fp32
     # ("ieee") dots hold both operands in registers, so they get 32-token tiles.
     BLOCK_N = 32 if dtype == torch.float32 else (128 if D_PAD <= 128 else 64)
-    BLOCK_N = max(16, min(_np2(ld_max), BLOCK_N))
-    return M_TOK, n_cchunks, 8, BLOCK_N, LQ_T, 8
+    cfg.update(warps=8, BLOCK_N=max(16, min(_np2(ld_max), BLOCK_N)))
+    return cfg
+
+
+def _chunks(C, n_chunks):
+    cols = _cdiv(C, n_chunks)
+    return cols, _cdiv(C, cols)
 
 
 def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
@@ -532,58 +593,68 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     n_bins = min(n_bias, Lq + ld_max) if n_bias > 0 else 0
     NB = _np2(n_bins) if n_bins > 0 else 1
     kernel_bias = n_bins > 0 and NB <= MAX_HIST
-    NB = NB if kernel_bias else 1
-    M_TOK, n_cchunks, dq_warps, DD_BLOCK_N, LQ_T, dd_warps = _bwd_config(Bq, Lq, C, ld_max, D_PAD, NB, q.dtype, interp,
-                                                                         dev)
-    n_tchunks = _cdiv(Lq, M_TOK)
-
-    n_qprog = Bq * n_tchunks
-    cols_per_prog = _cdiv(C, n_cchunks)
-    n_cchunks = _cdiv(C, cols_per_prog)
-    n_prog = n_qprog * n_cchunks
-
-    dqp = empty((n_cchunks, Bq, Lq, D), torch.float32, dev)
-    dbp = empty((n_prog, NB), torch.float32, dev) if kernel_bias else nq
-    atomic = not deterministic
-    dd32 = torch.zeros((ntok, D), dtype=torch.float32, device=dev) if (atomic and ntok > 0) else dqp
+    cfg = _bwd_config(Bq, Lq, C, ld_max, D_PAD, NB, q.dtype, interp, dev)
+    off = d_offsets if packed else nq
     if packed:
         s_db, s_dl, s_dd = 0, d.stride(0), d.stride(1)
     else:
         s_db, s_dl, s_dd = d.stride(0), d.stride(1), d.stride(2)
-    off = d_offsets if packed else nq
-    _maxsim_bwd_dq_kernel[(n_prog,)](
-        grad, q, _nonempty(d), off, argmax, nq, dqp, dbp, dd32,
-        Bq, Lq, Ld, D, C, max(n_bias, 1), group_size, cols_per_prog, n_tchunks,
+
+    # dq (+ the atomic dd scatter).
+    n_tchunks = _cdiv(Lq, cfg["M_TOK"])
+    cols_per_prog, n_cchunks = _chunks(C, cfg["n_cchunks"])
+    dqp = empty((n_cchunks, Bq, Lq, D), torch.float32, dev)
+    atomic = not deterministic and ntok > 0
+    dd32 = torch.zeros((ntok, D), dtype=torch.float32, device=dev) if atomic else dqp
+    _maxsim_bwd_dq_kernel[(Bq * n_tchunks * n_cchunks,)](
+        grad, q, _nonempty(d), off, argmax, nq, dqp, dd32,
+        Bq, Lq, Ld, D, C, group_size, cols_per_prog, n_tchunks,
         grad.stride(0), grad.stride(1),
         q.stride(0), q.stride(1), q.stride(2),
         s_db, s_dl, s_dd,
-        M_TOK=M_TOK, D_PAD=D_PAD, NB=NB,
-        PACKED=packed, GROUPED=grouped, HAS_BIAS=kernel_bias, MEAN=mean, ATOMIC_DD=atomic and ntok > 0,
-        num_warps=dq_warps,
+        BLOCK_C=cfg["BLOCK_C"], M_TOK=cfg["M_TOK"], D_PAD=D_PAD,
+        PACKED=packed, GROUPED=grouped, MEAN=mean, ATOMIC_DD=atomic,
+        num_warps=cfg["warps"],
     )
-    dq = (dqp.sum(0) if n_cchunks > 1 else dqp[0]).to(q.dtype)
+    dq = (dqp.sum(0) if n_cchunks > 1 else dqp[0]).to(q.dtype)  # chunks added in a fixed order
 
-    if atomic:
-        dd = dd32.to(d.dtype).reshape(d.shape) if ntok > 0 else torch.zeros(d.shape, dtype=d.dtype, device=dev)
-    else:
+    # dd.
+    if deterministic:
         dd = empty(d.shape, d.dtype, dev)
         if ntok > 0 and Nd > 0:
-            BLOCK_N = DD_BLOCK_N
+            BLOCK_N = cfg["BLOCK_N"]
             n_tiles = max(1, _cdiv(ld_max, BLOCK_N))
             _maxsim_bwd_dd_kernel[(Nd * n_tiles,)](
                 grad, q, off, argmax, nq, dd,
                 Bq, Lq, Ld, D, C, group_size, n_tiles,
                 grad.stride(0), grad.stride(1),
                 q.stride(0), q.stride(1), q.stride(2),
-                BLOCK_N=BLOCK_N, LQ_T=LQ_T, D_PAD=D_PAD,
+                BLOCK_N=BLOCK_N, LQ_T=cfg["LQ_T"], D_PAD=D_PAD,
                 PACKED=packed, GROUPED=grouped, MEAN=mean, UPCAST=interp,
                 IEEE=(q.dtype == torch.float32 or interp),
-                num_warps=dd_warps,
+                num_warps=cfg["warps"],
             )
+    elif atomic:
+        dd = dd32.to(d.dtype).reshape(d.shape)
+    else:
+        dd = torch.zeros(d.shape, dtype=d.dtype, device=dev)
 
+    # dpos_bias.
     if n_bias == 0:
         dbias = torch.zeros((0,), dtype=torch.float32, device=dev)
     elif kernel_bias:
+        M_TOK_B = cfg["M_TOK_B"]
+        n_tchunks_b = _cdiv(Lq, M_TOK_B)
+        cols_b, n_cchunks_b = _chunks(C, cfg["n_cchunks_b"])
+        n_prog = Bq * n_tchunks_b * n_cchunks_b
+        dbp = empty((n_prog, NB), torch.float32, dev)
+        _maxsim_bwd_dbias_kernel[(n_prog,)](
+            grad, argmax, nq, dbp,
+            Bq, Lq, C, n_bias, cols_b, n_tchunks_b,
+            grad.stride(0), grad.stride(1),
+            M_TOK=M_TOK_B, NB=NB, MEAN=mean,
+            num_warps=cfg["warps"],
+        )
         dbias = torch.zeros((n_bias,), dtype=torch.float32, device=dev)
         dbias[:n_bins] = dbp.sum(0)[:n_bins]  # per-program histograms added in a fixed order
     else:
