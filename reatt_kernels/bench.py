@@ -525,8 +525,10 @@ def run_search(args, device: torch.device, d_tokens, d_offsets, queries, src_doc
 
 def run_index(args, device, d_tokens, d_offsets, queries) -> tuple[list[dict], Optional[str]]:
     """Rows from ``reatt_kernels.index.bench.run(args)``, or an "n/a" reason."""
+    import importlib
+
     try:
-        from reatt_kernels.index import bench as index_bench
+        index_bench = importlib.import_module("reatt_kernels.index.bench")
     except Exception as exc:
         return [], f"index: not available ({short_reason(exc)})"
     ns = argparse.Namespace(**vars(args))
