@@ -624,8 +624,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = run_search(args, device, d_tokens, d_offsets, queries, src_docs, roof)
     print()
     print(format_table(rows, COLUMNS))
+    out_dir = results_dir(device, args.out)
+    payload = _payload(args, device, info, T, build_s, roof, rows)
+    # Saved before the (slower) index modes, so a timeout there keeps the search results.
+    json_path = write_json(out_dir / "reatt_bench.json", payload)
+    print(f"\nsaved {json_path}")
+    if not args.no_plot:
+        png = plot(rows, out_dir / "reatt_bench.png",
+                   f"exact MaxSim search, {args.docs} clustered docs x {args.min_len}-{args.max_len} tok x "
+                   f"{args.dim} {args.dtype}, Lq {args.q_len} | {info['device_name']}")
+        if png:
+            print(f"saved {png}")
 
-    index_rows, index_note = [], None
     if args.index:
         index_rows, index_note = run_index(args, device, d_tokens, d_offsets, queries)
         print()
@@ -634,9 +644,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif index_rows:
             keys = list(dict.fromkeys(k for r in index_rows for k in r))
             print(format_table(index_rows, [(k, k, ".4g") for k in keys]))
+        payload["index"] = {"rows": index_rows, "note": index_note}
+        write_json(json_path, payload)
+        print(f"saved {json_path} (with the index rows)")
+    return 0
 
-    out_dir = results_dir(device, args.out)
-    payload = {
+
+def _payload(args, device, info, T, build_s, roof, rows) -> dict:
+    return {
         "job": "reatt-bench",
         "op": "maxsim_packed + topk (exact search)",
         "env": info,
@@ -658,17 +673,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"({NAIVE_CHUNK_ELEMS.get(device.type)} score elements per chunk)",
         },
         "rows": rows,
-        "index": {"rows": index_rows, "note": index_note} if args.index else None,
+        "index": None,
     }
-    json_path = write_json(out_dir / "reatt_bench.json", payload)
-    print(f"\nsaved {json_path}")
-    if not args.no_plot:
-        png = plot(rows, out_dir / "reatt_bench.png",
-                   f"exact MaxSim search, {args.docs} clustered docs x {args.min_len}-{args.max_len} tok x "
-                   f"{args.dim} {args.dtype}, Lq {args.q_len} | {info['device_name']}")
-        if png:
-            print(f"saved {png}")
-    return 0
 
 
 if __name__ == "__main__":
