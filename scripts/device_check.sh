@@ -136,7 +136,7 @@ for b in bench_distill bench_index bench_train; do
   elif [[ $DRY == 1 ]]; then
     step "$b" 60 "$PY" "benchmarks/$b.py" --help
   else
-    case $b in bench_distill) budget=45 ;; *) budget=60 ;; esac
+    case $b in bench_distill) budget=60 ;; bench_index) budget=90 ;; *) budget=75 ;; esac
     step "$b" "$budget" "$PY" "benchmarks/$b.py" --quick
   fi
 done
