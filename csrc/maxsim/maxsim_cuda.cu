@@ -535,16 +535,18 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dq_kernel(const BwdParams p) {
         base = bwd_base(p, bwd_doc(p, a, c)) + j * p.sdj;
       }
     }
-    const int n = static_cast<int>(min64(32, c1 - cb));
-    for (int k = 0; k < n; ++k) {
+    // Lanes past c1 hold j = -1. Predicated (not branched) and unrolled, so several gathers are in flight at once:
+    // the loop is latency-bound (one dependent HBM/L2 row per column otherwise). The order over c stays ascending.
+#pragma unroll 4
+    for (int k = 0; k < 32; ++k) {
       const int jk = __shfl_sync(0xffffffffu, j, k);
       const float wk = __shfl_sync(0xffffffffu, w, k);
       const long long bk = __shfl_sync(0xffffffffu, static_cast<long long>(base), k);
-      if (jk < 0) continue;  // uniform across the warp
+      const bool live = jk >= 0;  // uniform across the warp
 #pragma unroll
       for (int m = 0; m < MAX_DIM / 32; ++m) {
         const int k2 = lane + 32 * m;
-        if (k2 < p.D) acc[m] = fmaf(wk, to_f<T>(d[bk + k2]), acc[m]);
+        if (live && k2 < p.D) acc[m] = fmaf(wk, to_f<T>(d[bk + k2]), acc[m]);
       }
     }
   }
@@ -599,17 +601,27 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dd_atomic_kernel(const BwdPara
 // Deterministic dd: one CTA per document. For each tile of jt tokens the CTA walks the document's (a, i) entries in
 // ascending order and adds w * q[a,i] to the winner's row of an fp32 smem tile [jt][D]; thread x owns dims x, x+128,
 // so no two threads touch the same element and the summation order is fixed. Every token row is written (0 for a
-// token that never wins), so dd needs no zero fill.
+// token that never wins), so dd needs no zero fill. Entries come in batches of DET_BATCH: their q rows are first
+// copied to smem by the whole CTA (independent loads, all in flight together), so the ordered loop that follows only
+// touches smem instead of waiting on one dependent global load per entry.
+constexpr int DET_BATCH = 64;
+
+size_t dd_det_smem(int64_t jt, int64_t D) {
+  return static_cast<size_t>(DET_BATCH) * (8 + 4 + 4) + static_cast<size_t>(DET_BATCH + jt) * D * 4;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(128) maxsim_bwd_dd_det_kernel(const BwdParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  long long* e_q = reinterpret_cast<long long*>(smem);         // [128] entry: q row offset
-  int* e_j = reinterpret_cast<int*>(e_q + 128);                 // [128] entry: winning token (-1: not in this tile)
-  float* e_w = reinterpret_cast<float*>(e_j + 128);             // [128] entry: weight
-  float* acc = e_w + 128;                                       // [jt][D]
+  long long* e_q = reinterpret_cast<long long*>(smem);          // [DET_BATCH] entry: q row offset
+  int* e_j = reinterpret_cast<int*>(e_q + DET_BATCH);           // [DET_BATCH] entry: winning token (-1: not here)
+  float* e_w = reinterpret_cast<float*>(e_j + DET_BATCH);       // [DET_BATCH] entry: weight
+  float* qs = e_w + DET_BATCH;                                  // [DET_BATCH][D] the entries' q rows, fp32
+  float* acc = qs + DET_BATCH * p.D;                            // [jt][D]
   const int64_t gdoc = blockIdx.x;
   const T* q = static_cast<const T*>(p.q);
   T* dd = static_cast<T*>(p.dd);
+  const int D = static_cast<int>(p.D);
   // Which (a, c) pairs see this document: all queries (all pairs) or its owner (grouped).
   const int64_t a_lo = p.group_size ? gdoc / p.group_size : 0;
   const int64_t a_hi = p.group_size ? a_lo + 1 : p.Bq;
@@ -619,38 +631,42 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dd_det_kernel(const BwdParams 
   const int64_t n_entries = (a_hi - a_lo) * p.Lq;
   for (int64_t j0 = 0; j0 < len; j0 += p.jt) {
     const int64_t jn = min64(p.jt, len - j0);
-    for (int64_t x = threadIdx.x; x < jn * p.D; x += blockDim.x) acc[x] = 0.f;
-    __syncthreads();  // zeroed by any thread, then updated only by the owner of each dim
-    for (int64_t eb = 0; eb < n_entries; eb += 128) {
-      __syncthreads();  // the previous batch's entries are consumed
-      const int64_t e = eb + threadIdx.x;
-      int j = -1;
-      if (e < n_entries) {
-        const int64_t a = a_lo + e / p.Lq, i = e % p.Lq;
-        j = p.argmax[(a * p.C + c) * p.Lq + i];
-        if (j >= j0 && j < j0 + jn) {
-          e_w[threadIdx.x] = bwd_weight(p, a, c);
-          e_q[threadIdx.x] = a * p.sqb + i * p.sqi;
-        } else {
-          j = -1;
+    for (int64_t x = threadIdx.x; x < jn * D; x += blockDim.x) acc[x] = 0.f;
+    for (int64_t eb = 0; eb < n_entries; eb += DET_BATCH) {
+      __syncthreads();  // acc zeroed / the previous batch consumed
+      if (threadIdx.x < DET_BATCH) {
+        const int64_t e = eb + threadIdx.x;
+        int j = -1;
+        if (e < n_entries) {
+          const int64_t a = a_lo + e / p.Lq, i = e % p.Lq;
+          j = p.argmax[(a * p.C + c) * p.Lq + i];
+          if (j >= j0 && j < j0 + jn) {
+            e_w[threadIdx.x] = bwd_weight(p, a, c);
+            e_q[threadIdx.x] = a * p.sqb + i * p.sqi;
+          } else {
+            j = -1;
+          }
         }
+        e_j[threadIdx.x] = j;
       }
-      e_j[threadIdx.x] = j;
       __syncthreads();
-      const int n = static_cast<int>(min64(128, n_entries - eb));
+      for (int x = threadIdx.x; x < DET_BATCH * D; x += blockDim.x) {
+        const int k = x / D, k2 = x - k * D;
+        if (e_j[k] >= 0) qs[x] = to_f<T>(q[e_q[k] + k2]);
+      }
+      __syncthreads();
+      const int n = static_cast<int>(min64(DET_BATCH, n_entries - eb));
       for (int k = 0; k < n; ++k) {
         const int jk = e_j[k];
         if (jk < 0) continue;  // uniform across the CTA
         const float wk = e_w[k];
-        const T* qr = q + e_q[k];
-        float* arow = acc + (jk - j0) * p.D;
-        for (int k2 = threadIdx.x; k2 < p.D; k2 += blockDim.x) arow[k2] = fmaf(wk, to_f<T>(qr[k2]), arow[k2]);
+        float* arow = acc + (jk - j0) * D;
+        const float* qrow = qs + k * D;
+        for (int k2 = threadIdx.x; k2 < D; k2 += blockDim.x) arow[k2] = fmaf(wk, qrow[k2], arow[k2]);
       }
     }
-    // Each thread wrote only its own dims: it can write them out without a barrier.
-    for (int64_t jj = 0; jj < jn; ++jj)
-      for (int k2 = threadIdx.x; k2 < p.D; k2 += blockDim.x)
-        dd[(row0 + j0 + jj) * p.D + k2] = from_f<T>(acc[jj * p.D + k2]);
+    __syncthreads();  // with no entries at all, the zeroing above must still be visible
+    for (int64_t x = threadIdx.x; x < jn * D; x += blockDim.x) dd[(row0 + j0) * D + x] = from_f<T>(acc[x]);
     __syncthreads();  // acc is reset by the next tile
   }
 }
@@ -854,7 +870,7 @@ void launch_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
   }
   const int64_t n_docs = p.group_size ? p.Bq * p.group_size : p.C;
   if (deterministic) {
-    const size_t smem = static_cast<size_t>(p.jt * p.D) * 4 + 128 * (4 + 4 + 8);
+    const size_t smem = dd_det_smem(p.jt, p.D);
     auto kernel = maxsim_bwd_dd_det_kernel<T>;
     REATT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     if (n_docs > 0) {
@@ -940,8 +956,9 @@ void maxsim_bwd_cuda(uintptr_t grad, std::vector<int64_t> grad_strides, uintptr_
               "maxsim_bwd_cuda: deterministic mode needs dd, atomic mode needs dd32 (fp32, zero-filled)");
   REATT_CHECK(dq != 0, "maxsim_bwd_cuda: null dq");
   REATT_CHECK(n_bias == 0 || (dbias != 0 && dbias_ws != 0), "maxsim_bwd_cuda: pos_bias gradient needs dbias, dbias_ws");
-  // Token tile of the deterministic dd kernel: 32 KB of fp32 accumulators.
-  p.jt = std::max<int64_t>(1, (32 * 1024) / (4 * p.D));
+  // Token tile of the deterministic dd kernel: 64 KB of fp32 accumulators (a whole 200-token document at dim 64,
+  // a 128-token one at dim 128), since every tile rescans all of the document's entries.
+  p.jt = std::max<int64_t>(1, (64 * 1024) / (4 * p.D));
   if (p.Bq == 0 || p.Lq == 0 || p.C == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (dtype == kFloat32)

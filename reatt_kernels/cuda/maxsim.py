@@ -10,7 +10,7 @@ Launcher contract: reatt_kernels/ops/maxsim.py. Semantics: reatt_kernels/referen
 - ``_maxsim_bwd``: dq [Bq, Lq, D] and dd (d.shape) in the input dtype, contiguous, and dbias fp32 [R]. dq and dbias
   are always reproducible (fixed summation order); dd uses fp32 atomics unless ``deterministic``, which switches to a
   per-document kernel that sums the contributions in a fixed order (bitwise reproducible). Without ``deterministic``
-  the ordered kernel is still used where it is cheaper (few entries per document, see ATOMIC_MIN_ENTRIES).
+  the ordered kernel is still used up to ATOMIC_MIN_ENTRIES (query, token) entries per document.
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from .. import _ext
 from .._alloc import empty
 
 MAX_DIM = 256
-# dd without ``deterministic``: fp32 atomics pay for a zeroed fp32 copy of d plus a cast, and do work proportional to
-# the winners only; the ordered kernel walks every (query, token) entry of a document once per token tile. With few
-# entries per document (grouped training: Lq; few-query search) the ordered kernel is cheaper and reproducible anyway,
-# so atomics are used only above this many entries per document.
-ATOMIC_MIN_ENTRIES = 256
+# dd without ``deterministic``: fp32 atomics need a zeroed fp32 copy of d (4 bytes per element: +328 MB on the
+# 64 x 6400 training shape, which alone would use most of its +0.5 GiB budget) plus a cast pass; the ordered kernel
+# writes dd directly and walks every (query, token) entry of a document once per 64 KB token tile. Up to this many
+# entries per document (all-pairs training: 64 x 32 = 2048; grouped: Lq) the ordered kernel is predicted to cost about
+# what the atomics do (~1 ms each on that shape, H100, unmeasured), so atomics are used only above it.
+ATOMIC_MIN_ENTRIES = 4096
 
 
 def _maxsim_not_supported_reasons(tensors, dim=None, **facts) -> list[str]:
@@ -72,9 +73,10 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
 
 
 def _split_plan(rows: int, C: int) -> int:
-    """Column splits of the dq gather: enough warps to fill the GPU (~4k) when there are few query rows (search),
-    one split (no workspace, no second pass) when rows alone fill it (training)."""
-    return max(1, min(-(-C // 128), 4096 // max(1, rows), 65535))
+    """Column splits of the dq gather. The gather is latency-bound (one winning row per column), so aim for ~8k warps
+    (62 per SM on an H100) when there are few query rows; one split (no workspace, no second pass) when rows alone
+    fill the GPU."""
+    return max(1, min(-(-C // 128), 8192 // max(1, rows), 65535))
 
 
 def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
