@@ -9,8 +9,9 @@ exact, ``method="flat"`` (ReAtt's inference path): each query token's ``k_token`
 residual:
     (1) ``centroids``: query tokens x centroids, the ``nprobe`` best cells per valid query token, and the inverted
         lists of those cells give the candidate documents;
-    (2) ``approx``: PLAID's centroid interaction ``sum_i max_{t in doc} <q_i, centroid[code_t]>`` prunes them to
-        ``ncandidates``;
+    (2) ``approx``: PLAID's centroid interaction ``sum_i max_{t in doc} <q_i, centroid[code_t]>``, restricted to the
+        probed cells (an unprobed cell counts as the token's nprobe-th best centroid score, an upper bound), prunes
+        them to ``ncandidates``;
     (3) ``rerank``: the fused decompress + MaxSim op ``residual_maxsim`` (Triton / CUDA / C++ / torch) on the codes;
     (4) ``topk``.
     Everything stays on the index's device (GPU-resident on CUDA). ``index.last_timings`` holds per-stage seconds
@@ -155,7 +156,6 @@ class TokenIndex:
             self.ivf_docs = torch.zeros(0, dtype=torch.int64, device=dev)
         self.last_timings: dict[str, float] = {}
         self._flat = None  # lazily built token-level flat index (exact, method="flat")
-        self._codes_pad = None  # lazily built padded codes (residual, stage 2)
 
     # ---- sizes ------------------------------------------------------------------------------------------------------
     @property
@@ -325,7 +325,6 @@ class TokenIndex:
 
     def _build_ivf(self):
         """Inverted lists: centroid -> sorted unique local document indices holding a token of that centroid."""
-        self._codes_pad = None
         C = self.codec.centroids.shape[0]
         N = self.offsets.numel() - 1
         dev = self.device
@@ -507,50 +506,67 @@ class TokenIndex:
         timer.stop("rerank")
         return torch.cat(out_s), torch.cat(out_i)
 
-    def _candidates(self, S: Tensor, q_mask: Tensor, nprobe: int) -> list[Tensor]:
-        """Stage 1: per query, live local document indices in the inverted lists of each valid token's top cells."""
-        C = S.shape[-1]
+    def _probe(self, S: Tensor, q_mask: Tensor, nprobe: int, ncand: int, timer: "_Timer") -> Tensor:
+        """Stages 1-2 for the whole batch, without a Python loop over queries.
+
+        (1) Each valid query token i probes its ``nprobe`` best cells; the inverted lists of those cells give
+            (query, document, i, score) hits.
+        (2) Centroid interaction restricted to the probed cells: ``approx(a, b) = sum_i max(floor_i, max over b's
+            hits for token i of <q_i, centroid>)``, where ``floor_i`` (token i's nprobe-th best centroid score) is an
+            upper bound for any cell it did not probe. Costs O(hits), not O(candidate tokens). Each query keeps its
+            ``ncand`` best documents.
+        Returns cand int64 [Bq, M] (local document indices, -1 padded).
+        """
+        Bq, Lq, C = S.shape
         N = self.offsets.numel() - 1
+        dev = S.device
         npr = min(int(nprobe), C)
-        cells = torch.topk(S, npr, dim=-1).indices  # [Bq, Lq, nprobe]
-        out = []
-        for a in range(S.shape[0]):
-            cs = torch.unique(cells[a][q_mask[a]])
-            lo, hi = self.ivf_offsets[cs], self.ivf_offsets[cs + 1]
-            lens = hi - lo
-            n = int(lens.sum())
-            seg = torch.repeat_interleave(torch.arange(cs.numel(), device=S.device), lens, output_size=n)
-            pos = torch.arange(n, device=S.device) - (torch.cumsum(lens, 0) - lens)[seg] + lo[seg]
-            hit = torch.zeros(N, dtype=torch.bool, device=S.device)
-            hit[self.ivf_docs[pos]] = True  # a dense mark is cheaper than sorting the hits for unique()
-            out.append(torch.nonzero(hit & ~self.deleted).flatten())
-        return out
-
-    def _padded_codes(self) -> Tensor:
-        """Codes as [Nd, Lmax] int64, padded with C (a sentinel column of -inf scores); cached until the index
-        changes."""
-        if self._codes_pad is None:
-            from ..datasets import pad_packed
-
-            C = self.codec.centroids.shape[0]
-            pad, mask = pad_packed(self.codes[:, None], self.offsets)
-            self._codes_pad = pad[..., 0].long().masked_fill(~mask, C)
-        return self._codes_pad
-
-    def _approx(self, S_a: Tensor, qm_a: Tensor, docs: Tensor) -> Tensor:
-        """Stage 2 (PLAID's centroid interaction): sum over valid query tokens of the max over each document's
-        tokens of <q_i, centroid[code_t]>. S_a [Lq, C] -> [len(docs)]."""
-        St = S_a[qm_a].T  # [C, nq]: one contiguous row per centroid, so the gather below copies whole rows
-        St = torch.cat([St, St.new_full((1, St.shape[1]), float("-inf"))])
-        codes = self._padded_codes()
-        Lmax = codes.shape[1]
-        out = torch.empty(docs.numel(), dtype=torch.float32, device=docs.device)
-        step = max(1, (1 << 22) // max(1, Lmax * St.shape[1]))  # bounded [docs, Lmax, nq] scores per chunk
-        for c0 in range(0, docs.numel(), step):
-            cc = codes[docs[c0:c0 + step]]  # [n, Lmax]
-            s = St.index_select(0, cc.reshape(-1)).reshape(cc.shape[0], Lmax, -1)
-            out[c0:c0 + step] = s.amax(1).sum(-1)
-        return out
+        vals, cells = torch.topk(S, npr, dim=-1)  # [Bq, Lq, nprobe]
+        floor = torch.where(q_mask, vals[..., -1], torch.zeros_like(vals[..., -1]))  # [Bq, Lq]
+        a_idx, i_idx = torch.nonzero(q_mask, as_tuple=True)
+        cs, vs = cells[a_idx, i_idx].reshape(-1), vals[a_idx, i_idx].reshape(-1)  # one entry per (a, i, probe)
+        ai = (a_idx * Lq + i_idx).repeat_interleave(npr)
+        lens = self.ivf_offsets[cs + 1] - self.ivf_offsets[cs]
+        n = int(lens.sum())
+        seg = torch.repeat_interleave(torch.arange(cs.numel(), device=dev), lens, output_size=n)
+        pos = torch.arange(n, device=dev) - (torch.cumsum(lens, 0) - lens)[seg] + self.ivf_offsets[cs][seg]
+        doc = self.ivf_docs[pos]
+        ai, v = ai[seg], vs[seg]
+        live = ~self.deleted[doc]
+        doc, ai, v = doc[live], ai[live], v[live]
+        a_of = ai // Lq
+        key = a_of * max(N, 1) + doc
+        if Bq * N <= (1 << 26):
+            # dense mark + prefix map: the (query, doc) pairs in sorted order without sorting the hits
+            mark = torch.zeros(Bq * N, dtype=torch.bool, device=dev)
+            mark[key] = True
+            uniq = torch.nonzero(mark).flatten()
+            slot = torch.zeros(Bq * N, dtype=torch.int64, device=dev)
+            slot[uniq] = torch.arange(uniq.numel(), device=dev)
+            inv = slot[key]
+        else:
+            uniq, inv = torch.unique(key, return_inverse=True)  # (query, doc) pairs, sorted by query
+        ua, ud = uniq // max(N, 1), uniq % max(N, 1)
+        timer.stop("centroids")
+        U = uniq.numel()
+        best = floor[ua]  # [U, Lq]: start at each token's floor, then raise to the probed hits
+        best.view(-1).scatter_reduce_(0, inv * Lq + (ai % Lq), v, reduce="amax")
+        approx = best.sum(1)
+        counts = torch.bincount(ua, minlength=Bq)
+        start = torch.cumsum(counts, 0) - counts
+        # order each query's candidates by approx score (descending) and keep the first ncand
+        o1 = torch.argsort(approx, descending=True, stable=True)
+        order = o1[torch.argsort(ua[o1], stable=True)]  # lexicographic: query, then approx descending
+        rank = torch.arange(U, device=dev) - start[ua[order]]
+        keep = order[rank < ncand]
+        kept = torch.minimum(counts, torch.full_like(counts, int(ncand)))
+        M = int(kept.max()) if Bq else 0
+        cand = torch.full((Bq, max(M, 1)), -1, dtype=torch.int64, device=dev)
+        ka = ua[keep]
+        col = torch.arange(keep.numel(), device=dev) - (torch.cumsum(kept, 0) - kept)[ka]
+        cand[ka, col] = ud[keep]
+        timer.stop("approx")
+        return cand
 
     def _search_residual(self, q, q_mask, k, nprobe, ncand, exhaustive, backend, timer):
         Bq = q.shape[0]
@@ -562,21 +578,11 @@ class TokenIndex:
         qf = q.float()
         if exhaustive:
             live = torch.nonzero(~self.deleted).flatten()
-            cands = [live] * Bq
+            cand = live[None].expand(Bq, -1).contiguous()
             timer.stop("centroids")
         else:
             S = qf @ self.codec.centroids.T  # [Bq, Lq, C]
-            cands = self._candidates(S, q_mask, nprobe)
-            timer.stop("centroids")
-            for a in range(Bq):
-                if cands[a].numel() > ncand:
-                    approx = self._approx(S[a], q_mask[a], cands[a])
-                    cands[a] = cands[a][torch.topk(approx, int(ncand)).indices]
-            timer.stop("approx")
-        M = max([c.numel() for c in cands] + [1])
-        cand = torch.full((Bq, M), -1, dtype=torch.int64, device=dev)
-        for a, c in enumerate(cands):
-            cand[a, :c.numel()] = c
+            cand = self._probe(S, q_mask, nprobe, ncand, timer)
         scores = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self.codes, self.packed, self.offsets,
                                  cand, self.nbits, q_mask, backend=backend)
         timer.stop("rerank")
