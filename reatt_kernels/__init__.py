@@ -12,6 +12,15 @@ from .ops.distill import distill_kl, reader_teacher, retrieval_distill_loss
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # `reatt_kernels.index` (TokenIndex, ShardedIndex, residual_maxsim) loads on first use; faiss only when needed.
+    if name == "index":
+        import importlib
+
+        return importlib.import_module(".index", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "maxsim",
     "maxsim_packed",
