@@ -26,8 +26,8 @@ from .maxsim import maxsim, maxsim_packed
 
 for _op in ("reader_teacher", "distill_kl"):
     register_impl(_op, "torch", "reatt_kernels.reference.distill")
-    # The cpu backend reuses the reference (chunked torch is memory-bound and already near the CPU's bandwidth).
-    register_impl(_op, "cpu", "reatt_kernels.reference.distill")
+    # cpu: C++ one-pass reader_teacher; its distill_kl is the reference (small rows, torch is memory-bound already).
+    register_impl(_op, "cpu", "reatt_kernels.cpu.distill")
     register_impl(_op, "triton", "reatt_kernels.triton.distill")
     register_impl(_op, "cuda", "reatt_kernels.cuda.distill")
 

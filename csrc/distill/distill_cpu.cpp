@@ -1,0 +1,190 @@
+// reader_teacher on the CPU: one pass over the cross-attention, no fp32 copy, no [B, L, H, T, S] temporary.
+// Semantics: reatt_kernels/reference/distill.py.
+//
+// OpenMP over the B * R attention rows (R = layers * heads * steps). A row is streamed once, BLOCK tokens at a time:
+// the block is converted to fp32 into a stack buffer (BLOCK * 4 = 1 KiB), its max taken, and an online softmax keeps
+// the row's per-document sums in a thread-local bins[n] (rescaled when the running max grows: a few times per row).
+// At the row's end bins / z is added to the thread's fp64 accumulator [B, n]; the accumulators are summed in thread
+// order (deterministic for a fixed thread count).
+//   Bytes: B * R * S * elt read once, plus doc_index / mask per row (cache-resident for S of a few 10k).
+//   FLOPs: ~12 per element (max, a degree-6 polynomial exp, sum, the per-document add).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#ifdef REATT_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#include "common.h"
+
+namespace reatt {
+namespace {
+
+constexpr int BLOCK = 256;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (arguments are x - max): Cody-Waite range reduction and a degree-6 polynomial, relative error
+// ~2e-7, branch-free so the block loop vectorises. Below -87 (and for -inf) it returns 0.
+static inline float exp_nonpos(float x) {
+  const bool under = x < -87.0f;
+  const float xc = under ? -87.0f : x;
+  const float fn = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - fn * 0.693145751953125f) - fn * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return under ? 0.0f : p * scale;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float block_max(const float* __restrict x, int n) {
+  float m = NEG_INF;
+#pragma omp simd reduction(max : m)
+  for (int j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] <- exp(x[j] - m), returns the sum.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float block_exp_sum(float* __restrict x, int n, float m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int j = 0; j < n; ++j) {
+    const float e = exp_nonpos(x[j] - m);
+    x[j] = e;
+    s += e;
+  }
+  return s;
+}
+
+struct BF16 { uint16_t v; };
+struct F16 { uint16_t v; };
+inline float to_float(float v) { return v; }
+inline float to_float(BF16 v) { return bf16_to_float(v.v); }
+inline float to_float(F16 v) { return half_to_float(v.v); }
+
+template <typename T>
+void reader_teacher_rows(const T* attn, int64_t B, int64_t L, int64_t H, int64_t Tn, int64_t S, int64_t sb,
+                         int64_t sl, int64_t sh, int64_t st, int64_t ss, const int32_t* doc, const uint8_t* mask,
+                         int64_t n, bool is_logits, float* out) {
+  const int64_t R = L * H * Tn;
+  int n_threads = 1;
+#ifdef REATT_WITH_OPENMP
+  n_threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(std::max<int64_t>(1, B * R))));
+#endif
+  std::vector<std::vector<double>> acc(n_threads);
+#pragma omp parallel num_threads(n_threads)
+  {
+    int tid = 0;
+#ifdef REATT_WITH_OPENMP
+    tid = omp_get_thread_num();
+#endif
+    std::vector<double>& a = acc[tid];
+    a.assign(static_cast<size_t>(B * n), 0.0);
+    std::vector<float> bins(static_cast<size_t>(n), 0.0f);
+    alignas(64) float x[BLOCK];
+    int32_t dj[BLOCK];
+#pragma omp for schedule(static)
+    for (int64_t idx = 0; idx < B * R; ++idx) {
+      const int64_t b = idx / R, r = idx % R;
+      const int64_t l = r / (H * Tn), h = (r / Tn) % H, t = r % Tn;
+      const T* row = attn + b * sb + l * sl + h * sh + t * st;
+      const int32_t* drow = doc + b * S;
+      const uint8_t* mrow = mask ? mask + b * S : nullptr;
+      float m = NEG_INF, z = 0.0f;
+      for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
+        const int nb = static_cast<int>(std::min<int64_t>(BLOCK, S - s0));
+        bool any = false;
+        for (int j = 0; j < nb; ++j) {
+          const int64_t s = s0 + j;
+          const int32_t d = drow[s];
+          const bool ok = d >= 0 && (mrow == nullptr || mrow[s] != 0);
+          dj[j] = ok ? d : -1;
+          x[j] = ok ? to_float(row[s * ss]) : (is_logits ? NEG_INF : 0.0f);
+          any |= ok;
+        }
+        if (!any) continue;
+        if (is_logits) {
+          const float bm = block_max(x, nb);
+          if (bm == NEG_INF) continue;  // only -inf logits in this block: they add exp(-inf) = 0
+          if (bm > m) {  // rescale this row's sums to the new max
+            const float alpha = m == NEG_INF ? 0.0f : exp_nonpos(m - bm);
+            z *= alpha;
+            for (int64_t k = 0; k < n; ++k) bins[k] *= alpha;
+            m = bm;
+          }
+          z += block_exp_sum(x, nb, m);
+        } else {
+          for (int j = 0; j < nb; ++j) z += x[j];
+        }
+        for (int j = 0; j < nb; ++j)
+          if (dj[j] >= 0) bins[dj[j]] += x[j];
+      }
+      double* ab = a.data() + b * n;
+      if (z > 0.0f) {  // a row with no valid token (or no mass) contributes 0
+        const double inv = 1.0 / static_cast<double>(z);
+        for (int64_t k = 0; k < n; ++k) ab[k] += bins[k] * inv;
+      }
+      std::fill(bins.begin(), bins.end(), 0.0f);
+    }
+  }
+  const double inv_r = 1.0 / static_cast<double>(std::max<int64_t>(R, 1));
+  for (int64_t i = 0; i < B * n; ++i) {
+    double s = 0.0;
+    for (int th = 0; th < n_threads; ++th)
+      if (!acc[th].empty()) s += acc[th][i];
+    out[i] = static_cast<float>(s * inv_r);
+  }
+}
+
+}  // namespace
+
+// attn [B, L, H, T, S] (strides in elements), doc int32 [B, S] contiguous, mask uint8 [B, S] contiguous or 0,
+// out fp32 [B, n_docs] contiguous.
+void reader_teacher_fwd_cpu(uintptr_t attn, int dtype, int64_t B, int64_t L, int64_t H, int64_t Tn, int64_t S,
+                            int64_t sb, int64_t sl, int64_t sh, int64_t st, int64_t ss, uintptr_t doc, uintptr_t mask,
+                            int64_t n_docs, bool is_logits, uintptr_t out) {
+  REATT_CHECK(B >= 0 && L >= 0 && H >= 0 && Tn >= 0 && S >= 0 && n_docs >= 0, "reader_teacher_fwd_cpu: negative size");
+  if (B == 0 || n_docs == 0) return;
+  auto* d = reinterpret_cast<const int32_t*>(doc);
+  auto* mk = reinterpret_cast<const uint8_t*>(mask);
+  auto* o = reinterpret_cast<float*>(out);
+  switch (dtype) {
+    case kFloat32:
+      reader_teacher_rows(reinterpret_cast<const float*>(attn), B, L, H, Tn, S, sb, sl, sh, st, ss, d, mk, n_docs,
+                          is_logits, o);
+      break;
+    case kBFloat16:
+      reader_teacher_rows(reinterpret_cast<const BF16*>(attn), B, L, H, Tn, S, sb, sl, sh, st, ss, d, mk, n_docs,
+                          is_logits, o);
+      break;
+    case kFloat16:
+      reader_teacher_rows(reinterpret_cast<const F16*>(attn), B, L, H, Tn, S, sb, sl, sh, st, ss, d, mk, n_docs,
+                          is_logits, o);
+      break;
+    default:
+      throw std::invalid_argument(std::string("reatt: reader_teacher_fwd_cpu: unsupported dtype ") +
+                                  dtype_name(dtype));
+  }
+}
+
+namespace {
+const RegisterBindings distill_cpu_bindings([](pybind11::module_& m) {
+  m.def("reader_teacher_fwd_cpu", &reader_teacher_fwd_cpu, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "reader teacher p_T [B, n] from attn [B, L, H, T, S] on the CPU (raw pointers, strides)");
+});
+}  // namespace
+
+}  // namespace reatt

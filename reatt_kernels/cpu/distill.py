@@ -1,0 +1,29 @@
+"""CPU launchers for attention distillation (kernel in csrc/distill/distill_cpu.cpp).
+
+reader_teacher runs the C++ kernel: one pass over the attention, no fp32 copy. distill_kl reuses the reference: its
+[B, M] rows are small next to the teacher's input, and torch's vectorised log_softmax is already memory-bound here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .._alloc import empty
+from ..reference.distill import _distill_kl_fwd  # noqa: F401  (the cpu backend's KL is the reference)
+
+
+def _reader_teacher_not_supported_reasons(tensors, **facts) -> list[str]:
+    if not _ext.has("reader_teacher_fwd_cpu"):
+        return ["reatt_kernels._C has no reader_teacher_fwd_cpu (rebuild: scripts/build_ext.sh)"]
+    return []
+
+
+def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
+    """attn [B, L, H, T, S] (any strides), doc_index int [B, S], attn_mask bool [B, S] or None -> fp32 [B, n_docs]."""
+    B, L, H, T, S = attn.shape
+    doc = doc_index.to(torch.int32).contiguous()
+    mask = attn_mask.contiguous().view(torch.uint8) if attn_mask is not None else None
+    out = empty((B, n_docs), torch.float32, attn.device)
+    _ext.ext().reader_teacher_fwd_cpu(_ext.ptr(attn), _ext.dtype_code(attn), B, L, H, T, S, *attn.stride(),
+                                      _ext.ptr(doc), _ext.ptr(mask), n_docs, bool(is_logits), _ext.ptr(out))
+    return out
