@@ -76,14 +76,16 @@ def test_maxsim_triton_dd_modes(layout, dtype, deterministic):
     bc = {k: (v.detach().clone().requires_grad_(True) if k in ("q", "d", "pos_bias") else v) for k, v in case.items()}
     run_api(bc, "torch", "mean").backward(g)
     for key, t64 in (("q", q64), ("d", d64), ("pos_bias", pb64)):
-        assert_close_to_ref(case[key].grad, t64.grad, bc[key].grad, dtype, factor=3.0, name=f"d{key} det={deterministic}")
+        assert_close_to_ref(case[key].grad, t64.grad, bc[key].grad, dtype, factor=3.0,
+                            name=f"d{key} det={deterministic}")
 
 
 @pytest.fixture
 def gpu_tiling(monkeypatch):
     """Force the GPU-shaped tilings under the interpreter: 2 queries per block, 4-token chunks (Lq 9 -> 3 chunks),
     16-token tiles (multi-tile documents), 3 documents per program (several programs per query, a ragged last one),
-    3 column chunks of 2-column steps in the dq kernel, 2 column chunks in the dbias kernel, 16-token dd tiles. On a GPU every tl.dot keeps M, K >= 16."""
+    3 column chunks of 2-column steps in the dq kernel, 2 column chunks in the dbias kernel, 16-token dd tiles.
+    On a GPU every tl.dot keeps M, K >= 16."""
     tm = _tm()
     fwd_config, bwd_config = tm._fwd_config, tm._bwd_config
     gpu = torch.cuda.is_available()
@@ -183,7 +185,7 @@ def test_maxsim_triton_torch_compile():
     assert q.grad is not None and d.grad is not None and pb.grad is not None
 
 
-# ---- GPU only ------------------------------------------------------------------------------------------------------------
+# ---- GPU only ----------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
