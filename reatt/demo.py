@@ -3,11 +3,12 @@
 Every fact is one document: title = the entity, text = "the capital of xelta is quorin ." Each question asks one fact
 ("what is the capital of xelta ?") and comes with ``n_ctx`` documents: its gold document, documents about the same
 entity (other relations) and documents with the same relation (other entities), shuffled. Nothing marks the gold
-document to the model (the "gold" field is read only by evaluation), so a retriever can learn it only from the
-reader's attention. Answers come from a small pool per relation, so the reader must read the right document to answer;
-dev questions ask facts never asked in training (their entities and relations do appear in training).
+document to the model (the "gold" field is read only by evaluation and logging), so the retriever can learn it only
+through the KL to the reader's attention. Answers come from a small pool per relation and are drawn afresh for every
+training example, so the reader must read the right document to answer. Evaluation uses a fixed world: its corpus
+(every fact, 5 per entity) is what retrieval searches.
 
-    python -m reatt.demo --out /tmp/reatt_demo            # writes train.jsonl, dev.jsonl (+ the tokenizer)
+    python -m reatt.demo --out /tmp/reatt_demo     # writes train.jsonl, dev.jsonl, corpus.jsonl (+ the tokenizer)
 """
 from __future__ import annotations
 
@@ -45,40 +46,42 @@ def _names(rng: random.Random, k: int, taken: set) -> list[str]:
     return out
 
 
-def generate(n_entities: int = 64, pool: int = 12, n_ctx: int = 4, dev_frac: float = 0.15, seed: int = 0):
-    """-> (train, dev, vocab): lists of FiD-format dicts and the sorted word list."""
+def generate(n_entities: int = 64, pool: int = 12, n_ctx: int = 4, n_train: int = 20000, n_dev: int = 200,
+             seed: int = 0):
+    """-> (train, dev, vocab, corpus).
+
+    The dev world is fixed: every (entity, relation) has one answer, and ``corpus`` holds its 5 * n_entities fact
+    documents; ``dev`` asks ``n_dev`` of them. Training examples draw their answers afresh for every example (the same
+    entities and relations, new objects), so an answer cannot be memorised: the only way to lower the QA loss is to
+    read the right document, which is what makes the reader's attention a retrieval teacher.
+    """
     rng = random.Random(seed)
     taken: set = set()
     entities = _names(rng, n_entities, taken)
     pools = {r: _names(rng, pool, taken) for r in RELATIONS}
-    facts = {}
-    for e in entities:
-        for r in RELATIONS:
-            facts[(e, r)] = rng.choice(pools[r])
-
-    def doc(e, r):
-        return {"id": f"{e}/{r}", "title": e, "text": RELATIONS[r][1].format(e=e, a=facts[(e, r)])}
-
-    keys = list(facts)
-    rng.shuffle(keys)
-    n_dev = int(len(keys) * dev_frac)
-    splits = {"dev": keys[:n_dev], "train": keys[n_dev:]}
-    out = {}
     rels = list(RELATIONS)
-    for name, ks in splits.items():
-        rows = []
-        for e, r in ks:
-            # Hard negatives: same entity (other relations) and same relation (other entities), half each.
-            same_e = [(e, r2) for r2 in rels if r2 != r]
-            same_r = [(e2, r) for e2 in entities if e2 != e]
-            k1 = (n_ctx - 1) // 2
-            negs = rng.sample(same_e, min(k1, len(same_e))) + rng.sample(same_r, n_ctx - 1 - min(k1, len(same_e)))
-            ctxs = [dict(doc(e, r), gold=True)] + [doc(*k) for k in negs]
-            rng.shuffle(ctxs)
-            rows.append({"question": RELATIONS[r][0].format(e=e), "answers": [facts[(e, r)]], "ctxs": ctxs})
-        out[name] = rows
+    world = {(e, r): rng.choice(pools[r]) for e in entities for r in rels}
+
+    def doc(e, r, a):
+        return {"id": f"{e}/{r}", "title": e, "text": RELATIONS[r][1].format(e=e, a=a)}
+
+    def row(e, r, answer_of):
+        # Hard negatives: same entity (other relations) and same relation (other entities), about half each.
+        k1 = (n_ctx - 1) // 2
+        negs = rng.sample([(e, r2) for r2 in rels if r2 != r], min(k1, len(rels) - 1))
+        negs += rng.sample([(e2, r) for e2 in entities if e2 != e], n_ctx - 1 - len(negs))
+        ctxs = [dict(doc(e, r, answer_of(e, r)), gold=True)] + [doc(e2, r2, answer_of(e2, r2)) for e2, r2 in negs]
+        rng.shuffle(ctxs)
+        return {"question": RELATIONS[r][0].format(e=e), "answers": [answer_of(e, r)], "ctxs": ctxs}
+
+    fresh = lambda e, r: rng.choice(pools[r])  # noqa: E731
+    train = [row(rng.choice(entities), rng.choice(rels), fresh) for _ in range(n_train)]
+    keys = sorted(world)
+    rng.shuffle(keys)
+    dev = [row(e, r, lambda e2, r2: world[(e2, r2)]) for e, r in keys[:n_dev]]
+    corpus = [doc(e, r, world[(e, r)]) for e in entities for r in rels]
     vocab = sorted(set(FIXED_WORDS) | set(RELATIONS) | set(entities) | {w for p in pools.values() for w in p})
-    return out["train"], out["dev"], vocab
+    return train, dev, vocab, corpus
 
 
 def build_tokenizer(vocab: list[str], out_dir: str = TOKENIZER_DIR):
@@ -105,11 +108,12 @@ def load_tokenizer(path: str = TOKENIZER_DIR):
 
 
 def write_demo(out_dir: str, seed: int = 0, **kw) -> dict:
-    """Write train.jsonl and dev.jsonl to out_dir; returns their paths and the tokenizer directory."""
-    train, dev, vocab = generate(seed=seed, **kw)
+    """Write train.jsonl, dev.jsonl and corpus.jsonl (the dev world's documents) to out_dir; returns their paths and
+    the tokenizer directory."""
+    train, dev, vocab, corpus = generate(seed=seed, **kw)
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
-    for name, rows in (("train", train), ("dev", dev)):
+    for name, rows in (("train", train), ("dev", dev), ("corpus", corpus)):
         paths[name] = os.path.join(out_dir, f"{name}.jsonl")
         with open(paths[name], "w") as f:
             for r in rows:

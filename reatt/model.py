@@ -121,7 +121,10 @@ class ReAttModel(nn.Module):
             if os.path.exists(os.path.join(local_dir, CONFIG_NAME)):
                 reatt_config = ReAttConfig.load(local_dir)
             else:
-                reatt_config = ReAttConfig.for_t5(getattr(t5.config, "_name_or_path", "") or local_dir)
+                try:
+                    reatt_config = ReAttConfig.for_t5(getattr(t5.config, "_name_or_path", "") or local_dir)
+                except ValueError:  # not a named T5 size: B = half the encoder, head 0
+                    reatt_config = ReAttConfig(retrieval_layer=t5.config.num_layers // 2, retrieval_head=0)
         tok = None
         tdir = tokenizer_dir or local_dir
         if any(os.path.exists(os.path.join(tdir, f)) for f in ("tokenizer.json", "spiece.model")):

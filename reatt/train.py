@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases)")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps (then linear decay to 0)")
+    g.add_argument("--kl-warmup", type=int, default=0,
+                   help="curriculum: ramp the KL weight linearly from 0 over the first N steps (0: full from the start)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on GPU)")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and dropout")
@@ -432,6 +434,8 @@ def train(args) -> list:
             reretrieve(model, tok, train_exs, corpus, args, device)
             reretrieved = True
         ts = time.time()
+        if args.kl_warmup:
+            model.config.kl_weight = args.kl_weight * min(1.0, step / args.kl_warmup)
         logs = {"loss": 0.0, "qa_loss": 0.0, "kl_loss": 0.0}
         for micro in range(args.accum):
             idx = sampler.batch(step * args.accum + micro, rank, world)
@@ -505,6 +509,7 @@ def main(argv: Optional[list] = None) -> None:
                 setattr(args, k, v)
         paths = write_demo(os.path.join(args.out, "data"))
         args.train, args.eval, args.tokenizer = paths["train"], paths["dev"], paths["tokenizer"]
+        args.corpus = args.corpus or paths["corpus"]
         if args.plot is None:
             args.plot = os.path.join("benchmarks", "results", "cpu", "reatt_demo.png")
         if args.threads is None:

@@ -16,7 +16,7 @@ from reatt.data import Collator, DataError, Example, load_jsonl  # noqa: E402
 from reatt.demo import TOKENIZER_DIR, generate, load_tokenizer, write_demo  # noqa: E402
 from reatt.train import build_parser, main, train  # noqa: E402
 
-from .test_reatt_model import make_model  # noqa: E402
+from .test_reatt_model import _one_thread, make_model  # noqa: E402,F401  (the fixture applies here too)
 
 
 # ---- bad data ----------------------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def test_bad_data_names_the_line(tmp_path, bad, msg):
 
 
 def test_good_data_loads(tmp_path):
-    paths = write_demo(str(tmp_path), n_entities=6, pool=3)
+    paths = write_demo(str(tmp_path), n_entities=6, pool=3, n_train=20, n_dev=5)
     exs = load_jsonl(paths["train"])
     assert exs and all(len(e.gold_ids) == 1 and e.ctxs for e in exs)
 
@@ -76,7 +76,7 @@ def _train_losses(out):
 
 
 def test_resume_is_exact(tmp_path):
-    data = write_demo(str(tmp_path / "data"), n_entities=8, pool=3, n_ctx=3)
+    data = write_demo(str(tmp_path / "data"), n_entities=8, pool=3, n_ctx=3, n_train=40, n_dev=4)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(_args(a, data))
     train(_args(b, data, stop_after=3))  # interrupted after step 3 (re-retrieval happened at step 2)
@@ -97,7 +97,7 @@ def test_resume_is_exact(tmp_path):
 
 # ---- DDP: one step on 2 CPU processes == one process on the global batch ------------------------------------------------
 def _examples(k=4):
-    train_rows, _, _ = generate(n_entities=12, pool=5, n_ctx=3, seed=3)
+    train_rows = generate(n_entities=12, pool=5, n_ctx=3, n_train=8, n_dev=2, seed=3)[0]
     return [Example(r["question"], r["answers"], r["ctxs"]) for r in train_rows[:k]]
 
 
