@@ -74,6 +74,7 @@ namespace {
 constexpr int BN = 32;        // document tokens per slot per pipeline stage (4 n8 tiles)
 constexpr int WARP_M = 32;    // query rows per warp (2 m16 tiles)
 constexpr int MAX_DIM = 256;  // generic path: dim up to 256 (padded to a multiple of 16 in smem)
+constexpr int MAX_BIAS_SMEM = 4096;  // pos_bias floats kept in smem (16 KB); a longer table is read through L1
 
 // ---- small device helpers ---------------------------------------------------------------------------------------------
 template <typename T>
@@ -157,6 +158,7 @@ struct FwdParams {
   int64_t docs_per_cta;
   int mean, vec;            // vec: every row start is 16-byte aligned, so cp.async 16 B copies are legal
   int WR, DS, QPB, n_rc, Dpad, lds;
+  int bias_smem;            // pos_bias entries cached in smem (R when R <= MAX_BIAS_SMEM, else 0: read through L1)
 };
 
 // A slot's position in its document stream.
@@ -297,6 +299,7 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
   uint8_t* sM = reinterpret_cast<uint8_t*>(sD + 2 * DS * BN * lds);  // [2][DS*BN]
   float* sRow = reinterpret_cast<float*>(sM + ((2 * DS * BN + 15) / 16) * 16);  // [DS][RB] row maxima
   int* sNa = reinterpret_cast<int*>(sRow + DS * RB);  // [QPB] valid query tokens
+  float* sBias = reinterpret_cast<float*>(sNa + RB);   // [bias_smem] pos_bias: one LDS per score element
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int slot = warp / WR, wr = warp - slot * WR;
@@ -314,6 +317,7 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
     for (int64_t i = 0; i < Lq; ++i) n += p.q_mask[(a0 + x) * p.sqmb + i * p.sqmi] != 0;
     sNa[x] = n;
   }
+  for (int x = tid; x < p.bias_smem; x += blockDim.x) sBias[x] = p.pos_bias[x];
   // The k padding [D, Dpad) of the two stage buffers is never written by the loads: zero it once.
   if (p.Dpad != p.D) {
     const int pad = p.Dpad - static_cast<int>(p.D);
@@ -418,7 +422,7 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
                   float v = acc[mt][nt][2 * h + e];
                   if (p.pos_bias != nullptr) {
                     const int r = min(max(bbase[mt][h] + j, 0), static_cast<int>(p.R) - 1);
-                    v += __ldg(p.pos_bias + r);
+                    v += p.bias_smem ? sBias[r] : __ldg(p.pos_bias + r);
                   }
                   v = cvalid ? v : -INFINITY;  // a select, so stale smem (even NaN) can never leak in
                   if (v > best[mt][h]) {
@@ -725,12 +729,13 @@ int sm_count() {
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Shared memory of the forward kernel for a tiling.
-size_t fwd_smem(int esize, int lds, int WR, int DS) {
+size_t fwd_smem(int esize, int lds, int WR, int DS, int bias_floats) {
   const size_t rows = static_cast<size_t>(WARP_M) * WR;
   size_t bytes = static_cast<size_t>(esize) * lds * (rows + 2 * BN * DS);
   bytes += ((2 * BN * DS + 15) / 16) * 16;  // masks
   bytes += 4 * DS * rows;                   // row maxima
   bytes += 4 * rows;                        // n_a per query (QPB <= rows)
+  bytes += 4 * static_cast<size_t>(bias_floats);
   return bytes;
 }
 
@@ -814,7 +819,8 @@ void maxsim_fwd_cuda(uintptr_t q, uintptr_t d, uintptr_t q_mask, uintptr_t d_mas
   const int64_t rows_needed = group_size ? p.Lq : p.Bq * p.Lq;
   int WR = rows_needed <= 32 ? 1 : rows_needed <= 64 ? 2 : 4;
   int DS = 4 / WR;
-  while (fwd_smem(esize, p.lds, WR, DS) > 112 * 1024) {
+  p.bias_smem = (pos_bias != 0 && n_bias <= MAX_BIAS_SMEM) ? static_cast<int>(n_bias) : 0;
+  while (fwd_smem(esize, p.lds, WR, DS, p.bias_smem) > 112 * 1024) {
     if (DS > 1)
       DS /= 2;
     else if (WR > 1)
@@ -840,7 +846,7 @@ void maxsim_fwd_cuda(uintptr_t q, uintptr_t d, uintptr_t q_mask, uintptr_t d_mas
   p.docs_per_cta = cdiv(p.C, ny);
   ny = cdiv(p.C, p.docs_per_cta);
   const dim3 grid(static_cast<unsigned>(n_rb), static_cast<unsigned>(ny));
-  const size_t smem = fwd_smem(esize, p.lds, WR, DS);
+  const size_t smem = fwd_smem(esize, p.lds, WR, DS, p.bias_smem);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (dtype == kFloat32) {
     launch_fwd<float, 0>(p, grid, smem, stream);

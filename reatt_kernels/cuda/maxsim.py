@@ -34,9 +34,6 @@ def _maxsim_not_supported_reasons(tensors, dim=None, **facts) -> list[str]:
         reasons.append("reatt_kernels._C has no maxsim_fwd_cuda (built without CUDA: REATT_CUDA=0 or no nvcc)")
     if dim is not None and dim > MAX_DIM:
         reasons.append(f"dim {dim} > {MAX_DIM} (the cuda kernels keep a padded dim of at most {MAX_DIM} in smem)")
-    devs = {t.device for t in tensors if t is not None}
-    if len(devs) > 1:
-        reasons.append(f"tensors on several devices: {sorted(devs)}")
     return reasons
 
 
