@@ -241,3 +241,107 @@ def test_maxsim_triton_over_2pow31_gpu():
     tail = torch.einsum("id,bjd->bij", q[0].float(), d[-8:].float())
     torch.testing.assert_close(s[0, -8:], tail.amax(-1).sum(-1), rtol=1e-3, atol=1e-2)
     assert (am[0, -8:] == tail.argmax(-1)).float().mean() > 0.99
+
+
+# ---- sm_90 compilation without a GPU -------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = r'''
+import re, subprocess, sys, tempfile, os
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from reatt_kernels.triton import maxsim as tm
+
+tm._num_sms = lambda device: 132  # an H100
+tm._interpret = lambda: False
+TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
+      torch.int64: "*i64", torch.uint8: "*u8"}
+seen = set()
+
+
+class Capture:
+    """Stands in for a kernel: compiles each launch for sm_90 with the JIT's specialisations (1 -> constexpr,
+    multiples of 16 -> divisibility) instead of running it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=3, **cx):
+            sig, attrs, consts = {}, {}, dict(cx)
+            for idx, (name, v) in enumerate(zip(self.fn.arg_names, args)):
+                if isinstance(v, torch.Tensor):
+                    sig[name] = TY[v.dtype]
+                    attrs[(idx,)] = [["tt.divisibility", 16]]
+                elif v == 1:
+                    consts[name] = 1
+                else:
+                    sig[name] = "i64" if abs(v) >= 2**31 else "i32"
+                    if v % 16 == 0:
+                        attrs[(idx,)] = [["tt.divisibility", 16]]
+            for name in consts:
+                sig[name] = "constexpr"
+            key = (self.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), num_warps, num_stages)
+            if key in seen:
+                return
+            seen.add(key)
+            k = triton.compile(ASTSource(self.fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=num_warps, num_stages=num_stages))
+            assert k.asm["cubin"], self.fn.__name__
+            print(self.fn.__name__, grid, num_warps, num_stages, cx, flush=True)
+        return launch
+
+
+for name in ("_maxsim_fwd_kernel", "_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel", "_maxsim_bwd_dbias_kernel"):
+    setattr(tm, name, Capture(getattr(tm, name)))
+M = "meta"
+
+
+def run(Bq, Lq, Nd, Ld, D, dtype, bias, mean, layout, bwd):
+    q = torch.empty(Bq, Lq, D, dtype=dtype, device=M)
+    qm = torch.empty(Bq, Lq, dtype=torch.bool, device=M)
+    pb = torch.empty(Lq + Ld + 8, device=M) if bias else None
+    n, dm, off = (Nd // Bq if layout == "grouped" else 0), None, None
+    if layout == "packed":
+        off = torch.arange(Nd + 1, dtype=torch.int64) * Ld  # real (CPU) offsets: the backward reads the longest doc
+        d = torch.empty(Nd * Ld, D, dtype=dtype, device=M)
+    else:
+        d = torch.empty(Nd, Ld, D, dtype=dtype, device=M)
+        dm = torch.empty(Nd, Ld, dtype=torch.bool, device=M)
+    tm._maxsim_fwd(q, d, qm, dm, off, pb, n, mean)
+    if bwd:
+        C = n or Nd
+        g = torch.empty(Bq, C, device=M)
+        am = torch.empty(Bq, C, Lq, dtype=torch.int32, device=M)
+        for det in (False, True):
+            tm._maxsim_bwd(g, q, d, qm, off, am, pb.shape[0] if bias else 0, n, mean, det)
+
+
+run(1, 32, 200_000, 128, 128, torch.float16, False, False, "padded", False)  # exact search, HBM regime
+run(1, 32, 50_000, 88, 128, torch.float16, False, False, "packed", False)  # packed index
+run(64, 32, 6400, 200, 64, torch.bfloat16, True, True, "padded", True)  # ReAtt training shape
+run(8, 32, 800, 200, 64, torch.bfloat16, True, True, "grouped", True)
+run(4, 9, 100, 33, 256, torch.float32, True, False, "packed", True)  # fp32 ("ieee"), dim 256
+run(3, 1, 100, 5, 7, torch.float16, True, False, "padded", True)  # Lq 1, dim 7
+print("compiled", len(seen))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU runs compile the kernels for real")
+def test_maxsim_triton_compiles_for_sm90():
+    """Compile every kernel configuration the launchers pick on an H100 (training, search, packed, grouped, fp32,
+    dim 256, Lq 1) for sm_90 with triton's own ptxas, without a GPU: CPU CI otherwise only ever runs the interpreter,
+    which accepts code the compiler rejects."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except Exception as exc:  # an internal API moved, or triton was built without the NVIDIA backend
+        pytest.skip(f"cannot compile for sm_90 here: {type(exc).__name__}: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "compiled" in res.stdout, res.stdout[-2000:]
