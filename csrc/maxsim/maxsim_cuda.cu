@@ -20,12 +20,13 @@
 //  * memory-bound search, few query rows (1 query x 32 tokens vs 200k docs x 128 tokens x 128, fp16): per document
 //    32 KB are read and 2*32*128*128 = 1.05 MFLOP done, 32 FLOP/B: at 3.0 TB/s that is ~100 TFLOP/s, 15% of the tensor
 //    cores. Reuse of a document tile is impossible (one query), so WR = 1, DS = 4: four documents in flight per CTA,
-//    64 KB of cp.async in flight per CTA, two CTAs per SM; every byte of d is read from HBM exactly once.
+//    a 32 KB stage loading while the previous one is scored (78 KB smem), two CTAs per SM, so ~64 KB of loads in
+//    flight per SM (Little: 3 TB/s x ~1 us / 132 SMs ~ 23 KB needed); every byte of d is read from HBM once.
 //  * compute-bound batch (16 queries x 32 tokens = 512 rows): 2*512*128*128*200k = 3.4 TFLOP vs 6.5 GB, 525 FLOP/B,
 //    far past the ridge point (~230 FLOP/B). WR = 4, DS = 1: 128 rows (4 queries) share each document tile in smem,
 //    so smem->register traffic per mma is one B fragment per two m16 tiles; the 4 row blocks that read the same
 //    document range are adjacent in blockIdx.x, run concurrently, and hit L2 for 3 of the 4 reads.
-//  * grouped (training: query a against its own n documents): one query per row block, WR = ceil(Lq/32).
+//  * grouped (training: query a against its own n documents): one query per row block, WR = 1/2/4 for Lq <= 32/64/more.
 // Rows beyond 128 per query (Lq > 128) loop over row chunks inside the CTA, accumulating the score in place (the same
 // thread owns the same output element in every chunk, so the order is fixed).
 //
