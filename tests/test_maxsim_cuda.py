@@ -83,6 +83,25 @@ def test_maxsim_cuda_tilings_fwd_bwd(dtype, shape, layout):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n_bias", [40, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_maxsim_cuda_ties(dtype, n_bias):
+    """Values in {-1, +1}: dot products take few values, so almost every row has ties, across the 4 lanes of a quad,
+    across n8 tiles and across 32-token chunks; the argmax must still be the lowest j, exactly as in the reference.
+    n_bias = 5000 exceeds the smem bias cache (4096) and takes the L1 path."""
+    dev = torch.device("cuda")
+    for layout, shape in (("padded", (3, 40, 7, 100, 16)), ("packed", (2, 33, 5, 90, 32)), ("grouped", (4, 8, 6, 70, 16))):
+        case = make_case(layout, shape, dtype, dev, gen=lambda sh: discrete(sh, scale=1))
+        if case["pos_bias"] is not None:
+            case["pos_bias"] = discrete((n_bias,), scale=1).to(dev)
+        out, am = run_api(case, "cuda", "sum", return_argmax=True)
+        ref, am_ref = run_ref(case, "sum")
+        assert torch.equal(am.cpu(), am_ref.cpu()), f"{layout}: argmax differs from the reference (ties)"
+        assert_close_to_ref(out, ref, None, dtype, name=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_maxsim_cuda_unaligned_rows(dtype):
     """Rows that start off a 16-byte boundary take the element-copy path (no cp.async)."""
