@@ -56,7 +56,8 @@ Backward (argmax only; no token-pair scores are recomputed), w[a, c] = grad[a, c
   modes. Reads only the argmax (4 B per (query, column, token)).
 
 GPU configurations were checked without a GPU by compiling every kernel for sm_90 at the target shapes (registers,
-spills, wgmma vs mma.sync, cp.async pipelining), not by timing them: the numbers above are design estimates.
+spills, wgmma vs mma.sync, cp.async pipelining; tests/test_maxsim_triton.py::test_maxsim_triton_compiles_for_sm90
+keeps them compiling), not by timing them: the numbers above are design estimates.
 
 64-bit offsets everywhere: every index that multiplies a stride is cast to int64 first (1 query x 200k docs x 128 x
 128 is 3.3e9 elements > 2^31). Dims up to 256 are padded to a power of two with masked loads (dim 7, 33 work).
@@ -681,7 +682,13 @@ def _dbias_torch(grad, q_mask, nq, argmax, n_bias, mean):
 
 
 def _maxsim_not_supported_reasons(tensors, dim=None, layout=None, n_q=None, **facts):
+    """Why the Triton kernels cannot run these inputs (``tensors`` are TensorSpecs; facts from the public API)."""
     reasons = []
     if dim is not None and dim > MAX_DIM:
         reasons.append(f"dim {dim} > {MAX_DIM} (the Triton kernels hold the whole padded dim in one tile)")
+    t = next((t for t in tensors if t is not None), None)
+    if t is not None and t.device == "cuda" and not _interpret():
+        major, _ = torch.cuda.get_device_capability()
+        if major < 8 and any(x is not None and x.dtype == torch.bfloat16 for x in tensors):
+            reasons.append(f"bf16 tl.dot needs compute capability >= 8.0, this GPU is sm_{major}x")
     return reasons
