@@ -1,6 +1,7 @@
 """Triton MaxSim beyond the shared matrix (tests/test_maxsim.py): both dd modes, the GPU tilings (several programs per
 query, multi-tile documents, token chunks, column chunks) forced under the interpreter, dim 256, long queries, wide
-bias tables, and GPU-only large / > 2^31-element checks."""
+bias tables, an sm_90 compilation of every H100 launch configuration (no GPU needed), and GPU-only large /
+> 2^31-element checks."""
 from __future__ import annotations
 
 import pytest
