@@ -33,6 +33,9 @@ Two regimes on the GPU (H100: 3.0 TB/s HBM, ~700 TFLOP/s bf16 dense):
   document tile loaded into shared memory feeds a 128 x 64 x D tensor-core dot: 2 * 128 = 256 FLOP per byte loaded,
   and the 16 query blocks re-read each tile from L2, not HBM, because consecutive program ids share the document range.
   fp32 inputs use "ieee" dots (FMA units, operands in registers), so their blocks shrink to 32 rows x 32 tokens.
+  The position bias is a gather, pos_bias[clamp(n_a + j - i)], one L1-resident load per score element: for a
+  128 x 64 tile that is 8192 loads (~256 LSU cycles per SM), about as many cycles as the 128 x 64 x 64 wgmma itself,
+  so with pos_bias the training forward may be load-unit-bound (est. up to ~2x slower than without; unmeasured).
 
 Backward (argmax only; no token-pair scores are recomputed), w[a, c] = grad[a, c] (/ n_a for mean):
 
