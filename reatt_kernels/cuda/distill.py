@@ -2,7 +2,7 @@
 
 Contract: see :mod:`reatt_kernels.ops.distill`. The launchers allocate (through :func:`reatt_kernels._alloc.empty`),
 pick the grid and pass raw pointers, strides and the current stream. Small side inputs are normalised here: doc_index
-to int32 and the mask to uint8 ([B, S]: tiny next to the attention), and the KL's teacher to fp32 contiguous (the sparse
+to int16 and the mask to uint8 ([B, S]: tiny next to the attention), and the KL's teacher to fp32 contiguous (the sparse
 teacher is [B, n]; a dense non-fp32 teacher costs one fp32 [B, M] copy).
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
     """attn [B, L, H, T, S] (any strides), doc_index int [B, S], attn_mask bool [B, S] or None -> fp32 [B, n_docs]."""
     B, L, H, T, S = attn.shape
     R = L * H * T
-    doc = doc_index.to(torch.int32).contiguous()
+    # int16 ids (n_docs <= 1024): every warp re-reads its query's ids once per row, so they cost L1/L2 bandwidth.
+    doc = doc_index.to(torch.int16).contiguous()
     mask = attn_mask.contiguous().view(torch.uint8) if attn_mask is not None else None
     # Enough blocks to fill the GPU about 4 times over, each with at least one row per warp.
     target = 4 * _sm_count(attn.device.index if attn.device.index is not None else torch.cuda.current_device())
