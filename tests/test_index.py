@@ -240,6 +240,31 @@ def test_crash_mid_save_keeps_previous_index(tmp_path, corpus, residual, monkeyp
     assert not torch.isin(TokenIndex.load(root).search(q, k=10)[1], expect[1][:, 0]).any()
 
 
+def test_process_killed_mid_save_keeps_previous_index(tmp_path, corpus, exact):
+    """A real crash: a child process dies (os._exit, no cleanup) after writing one array of the new generation."""
+    import subprocess
+    import sys
+
+    _, _, q, _ = corpus
+    root = tmp_path / "idx"
+    exact.save(root)
+    expect = exact.search(q, k=10)
+    code = (
+        "import os, sys, torch\n"
+        "from reatt_kernels.index import TokenIndex\n"
+        "from reatt_kernels.index import io\n"
+        "ix = TokenIndex.load(sys.argv[1])\n"
+        "ix.delete(ix.doc_ids[:50])\n"
+        "io._AFTER_WRITE_HOOK = lambda name: os._exit(17) if name == 'deleted' else None\n"
+        "ix.save(sys.argv[1])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], env=env, timeout=120)
+    assert proc.returncode == 17
+    got = TokenIndex.load(root).search(q, k=10)
+    assert torch.equal(got[1], expect[1]) and torch.equal(got[0], expect[0])
+
+
 def test_corrupted_or_truncated_file_fails_loading(tmp_path, residual):
     root = tmp_path / "idx"
     residual.save(root)

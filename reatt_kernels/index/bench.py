@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .codec import default_n_centroids
 from .token_index import TokenIndex
 
 QUANTILES = (0.5, 0.99)
@@ -98,10 +99,15 @@ def run(args) -> list[dict]:
         print(f"  exact full b{b}: {row['p50_ms_per_query']:.3f} ms/query", flush=True)
 
     nbits_list = [4] if quick else [2, 4]
-    sweep = [(2, 256), (4, 512), (8, 1024), (16, 2048)] if not quick else [(4, 256), (8, 1024)]
+    if quick:
+        sweep = [(4, 256), (8, 1024)]
+    elif on_gpu:  # fast-plaid's defaults are n_ivf_probe=8, n_full_scores=4096: bracket them
+        sweep = [(4, 1024), (8, 2048), (8, 4096), (16, 8192), (32, 16384)]
+    else:
+        sweep = [(2, 256), (4, 512), (8, 1024), (16, 2048)]
     for nbits in nbits_list:
         t0 = time.perf_counter()
-        n_cent = "auto" if on_gpu else 1024
+        n_cent = "auto" if on_gpu else min(1024, default_n_centroids(int(d_offsets[-1])))
         index = TokenIndex.build(d_tokens, d_offsets=d_offsets, kind="residual", nbits=nbits, n_centroids=n_cent,
                                  device=device, progress=False, kmeans_iters=10 if on_gpu else 6,
                                  sample_tokens=(1 << 18) if on_gpu else (1 << 16))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -87,7 +88,7 @@ def save_arrays(directory, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     os.replace(cur_tmp, root / "CURRENT")  # the commit point
     _fsync_path(root)
     for old in root.iterdir():  # best effort: older generations and stale temp dirs
-        if old != gen and old.is_dir() and (old.name.startswith("g") or old.name.startswith(".tmp-")):
+        if old != gen and old.is_dir() and (re.fullmatch(r"g\d+", old.name) or old.name.startswith(".tmp-")):
             shutil.rmtree(old, ignore_errors=True)
     return gen
 

@@ -35,7 +35,8 @@ from .io import IndexCorruptedError, load_arrays, save_arrays
 from .ops import residual_maxsim
 
 KINDS = ("exact", "residual")
-DEFAULTS = {"nprobe": 8, "ncandidates": 1024}
+# fast-plaid's defaults (n_ivf_probe=8, n_full_scores=4096), so default-vs-default comparisons are like for like.
+DEFAULTS = {"nprobe": 8, "ncandidates": 4096}
 
 
 # ---- input normalisation: everything becomes a stream of (tokens [t, D], lengths [n]) chunks ---------------------------
@@ -402,7 +403,7 @@ class TokenIndex:
             timings: record per-stage seconds in ``self.last_timings`` (synchronises the GPU between stages).
             backend: kernel backend for the scoring op.
             params: exact: ``method`` ("full" | "flat"), ``k_token`` (flat; <= 2048). residual: ``nprobe``
-                (cells per query token, default 8), ``ncandidates`` (documents reranked exactly, default 1024),
+                (cells per query token, default 8), ``ncandidates`` (documents reranked exactly, default 4096),
                 ``exhaustive=True`` (rerank every live document: exact search over the decompressed corpus).
         Returns:
             scores fp32 [Bq, k] (descending) and doc ids int64 [Bq, k]; missing results are (-inf, -1).
