@@ -150,16 +150,18 @@ def reader_teacher(attn: Tensor, doc_index: Tensor, *, is_logits: bool = True, a
             raise ValueError(f"attn_mask must have shape {(B, S)}, got {tuple(attn_mask.shape)}")
         if attn_mask.device != a.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but attn is on {a.device}")
+    compiling = torch.compiler.is_compiling()
+    if n_docs is None and compiling:
+        raise ValueError("pass n_docs explicitly under torch.compile (its default needs doc_index.max())")
+    lo = hi = None
+    if not compiling and doc_index.numel():
+        lo, hi = torch.stack(list(torch.aminmax(doc_index))).tolist()  # one device sync for the default and the check
     if n_docs is None:
-        if torch.compiler.is_compiling():
-            raise ValueError("pass n_docs explicitly under torch.compile (its default needs doc_index.max())")
-        n_docs = int(doc_index.max().item()) + 1 if doc_index.numel() else 0
+        n_docs = hi + 1 if hi is not None else 0
     if not isinstance(n_docs, int) or isinstance(n_docs, bool) or n_docs < 0:
         raise ValueError(f"n_docs must be an int >= 0, got {n_docs!r}")
-    if not torch.compiler.is_compiling() and doc_index.numel():
-        lo, hi = int(doc_index.min()), int(doc_index.max())
-        if lo < -1 or hi >= n_docs:
-            raise ValueError(f"doc_index values must be in [-1, n_docs - 1] = [-1, {n_docs - 1}], got [{lo}, {hi}]")
+    if lo is not None and (lo < -1 or hi >= n_docs):
+        raise ValueError(f"doc_index values must be in [-1, n_docs - 1] = [-1, {n_docs - 1}], got [{lo}, {hi}]")
     name = select("reader_teacher", [a, doc_index, attn_mask], backend, n_docs=n_docs, is_logits=bool(is_logits))
     return torch.ops.reatt.reader_teacher(a, doc_index, attn_mask, n_docs, bool(is_logits), name)
 
