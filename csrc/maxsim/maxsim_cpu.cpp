@@ -391,11 +391,11 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
   A.q32 = q32.data();
   A.qnorm = qnorm.data();
   {
-    // |s - s~| <= (2u + u^2) |q||d| for bf16 rounding (u = 2^-8), plus the fp32 accumulation error of the bf16 pass
-    // (two roundings per pair: D terms) and of the exact rescoring (D FMAs + a 16-lane sum), each <= n 2^-24 |q||d|;
-    // doubled because both the candidate and the approximate maximum move; 1% on top for the rounded norms.
+    // |s~ - s^| <= (2u + u^2) |q||d| for bf16 rounding (u = 2^-8), plus the fp32 accumulation error of the bf16 pass
+    // (two roundings per pair: D terms) and of the exact rescoring s^ (D FMAs + a 16-lane sum), each <= n 2^-24 |q||d|;
+    // 1% on top for the rounded norms.
     const double u = std::ldexp(1.0, -8), gamma = static_cast<double>(2 * D + 32) * std::ldexp(1.0, -24);
-    A.filt_c = static_cast<float>(2.0 * (2 * u + u * u + gamma) * 1.01);
+    A.filt_c = static_cast<float>((2 * u + u * u + gamma) * 1.01);
   }
   A.bias_stride = A.bias ? A.Lqp + A.Lmax - 1 : 0;
   std::vector<float> bias_tab(static_cast<size_t>(Bq * A.bias_stride));
