@@ -95,6 +95,26 @@ def test_reader_teacher_layouts(backend):
     assert torch.all(wide[:, n:] == 0) and torch.allclose(wide[:, :n], out)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reader_teacher_neginf_logits(backend):
+    """-inf logits carry no mass; a row whose valid logits are all -inf (with or without padding) contributes 0."""
+    dev = device_for(backend)
+    B, L, H, T, S, n = 2, 1, 3, 2, 23, 3
+    attn, doc, _ = make_teacher_case((B, L, H, T, S, n), torch.float32, dev, masks=False)
+    doc[1] = torch.arange(S, device=dev) % n  # query 1: no padding at all
+    attn = attn.clone()
+    attn[..., 5] = float("-inf")  # one token never attended
+    attn[0, 0, 1, 0] = float("-inf")  # a row with only -inf logits (query 0 has padding)
+    attn[1, 0, 2, 1] = float("-inf")  # a row with only -inf logits and every token valid
+    out = rk.reader_teacher(attn, doc, n_docs=n, backend=backend)
+    ref = reader_teacher_fwd_ref(attn.double(), doc, None, n, True)
+    assert_close_to_ref(out, ref, None, torch.float32)
+    R = L * H * T
+    assert torch.isfinite(out).all() and torch.all(out.cpu() >= 0)
+    assert torch.allclose(out.sum(1).cpu(), torch.full((B,), (R - 1) / R, dtype=torch.float32), atol=1e-5)
+    # (the all -inf row has mass 0 and the mean still divides by every row: each row of p_T sums to (R - 1) / R)
+
+
 def test_reader_teacher_is_detached():
     attn = torch.randn(2, 3, 17, requires_grad=True)
     out = rk.reader_teacher(attn, torch.randint(0, 3, (2, 17)), n_docs=3)

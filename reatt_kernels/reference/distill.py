@@ -73,17 +73,19 @@ def reader_teacher_fwd_ref(attn: Tensor, doc_index: Tensor, attn_mask: Optional[
             x = attn[:, l, h0 : h0 + hc].to(cdt, memory_format=torch.contiguous_format, copy=True)
             vm = valid[:, None, None, :]
             if is_logits:
-                x.masked_fill_(~vm, float("-inf"))
-                m = x.amax(-1, keepdim=True)
-                m.masked_fill_(torch.isneginf(m), 0.0)  # a row with no valid token: exp(-inf - 0) = 0, never NaN
-                x.sub_(m).exp_()
+                # Invalid tokens get the most negative FINITE value, not -inf: a row with no valid token (or only -inf
+                # valid logits) then spreads its mass over invalid tokens, which the final where(valid) drops, so it
+                # contributes 0; in any other row they get exp(min - max) = 0 exactly. The one row softmax still
+                # makes NaN (every token valid and -inf) must contribute 0 too: nansum.
+                x.masked_fill_(~vm, torch.finfo(cdt).min)
+                w += torch.nansum(torch.softmax(x, -1), (1, 2))
             else:
                 x.masked_fill_(~vm, 0.0)
-            z = x.sum(-1, keepdim=True)
-            inv = torch.where(z > 0, 1.0 / z, torch.zeros_like(z))  # a row with no mass contributes 0
-            rows = x.shape[1] * T
-            # sum over rows of p = x / z, as one batched mat-vec: [B, 1, rows] @ [B, rows, S]
-            w += torch.bmm(inv.reshape(B, 1, rows), x.reshape(B, rows, S)).squeeze(1)
+                z = x.sum(-1, keepdim=True)
+                inv = torch.where(z > 0, 1.0 / z, torch.zeros_like(z))  # a row with no mass contributes 0
+                rows = x.shape[1] * T
+                # sum over rows of p = x / z, as one batched mat-vec: [B, 1, rows] @ [B, rows, S]
+                w += torch.bmm(inv.reshape(B, 1, rows), x.reshape(B, rows, S)).squeeze(1)
     out = torch.zeros((B, n_docs), dtype=cdt, device=dev)
     if n_docs > 0 and S > 0:
         out.scatter_add_(1, doc_index.clamp(min=0).to(torch.int64), torch.where(valid, w, torch.zeros_like(w)))
