@@ -113,8 +113,9 @@ def reader_teacher(attn: Tensor, doc_index: Tensor, *, is_logits: bool = True, a
     Returns:
         p_T float32 [B, n]: softmax per (layer, head, step), mean over those, summed per document; each row sums to 1
         (all zeros for a query with no valid token; 0 for a document whose tokens are all padding). **Detached**: a
-        teacher gets no gradient. The input is streamed once (no fp32 copy, no [B, L, H, T, S] temporary), except that
-        unevenly spaced ``layers``/``steps`` lists are gathered first (in the input's dtype).
+        teacher gets no gradient. The cpu, triton and cuda backends stream the input once (no fp32 copy, no
+        [B, L, H, T, S] temporary); the torch reference works through fp32 chunks of at most 16 MiB. Unevenly spaced
+        ``layers``/``steps`` lists are gathered first (in the input's dtype); evenly spaced ones are views.
     """
     if not isinstance(attn, Tensor):
         raise TypeError(f"attn must be a torch.Tensor [B, L, H, T, S], got {type(attn).__name__}")
