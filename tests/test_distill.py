@@ -14,7 +14,7 @@ from reatt_kernels import _alloc
 from reatt_kernels.reference.distill import distill_kl_ref, reader_teacher_fwd_ref
 from reatt_kernels.reference.maxsim import maxsim_fwd_ref
 
-from .utils import BACKENDS, DTYPES, assert_close_to_ref, device_for, noncontig, random_mask
+from .utils import BACKENDS, DTYPES, assert_close_to_ref, device_for, needs_triton, noncontig, random_mask
 
 
 # ---- reader_teacher ----------------------------------------------------------------------------------------------------
@@ -113,6 +113,23 @@ def test_reader_teacher_neginf_logits(backend):
     assert torch.isfinite(out).all() and torch.all(out.cpu() >= 0)
     assert torch.allclose(out.sum(1).cpu(), torch.full((B,), (R - 1) / R, dtype=torch.float32), atol=1e-5)
     # (the all -inf row has mass 0 and the mean still divides by every row: each row of p_T sums to (R - 1) / R)
+
+
+@needs_triton
+@pytest.mark.parametrize("is_logits", [True, False])
+def test_reader_teacher_triton_split_s(is_logits):
+    """The split-S path (used on GPU when B x row blocks cannot fill the SMs, e.g. ReAtt's B x 16 heads): partial
+    online-softmax states per token range, merged by the combine kernel."""
+    from reatt_kernels.triton.distill import _reader_teacher_launch
+
+    dev = device_for("triton")
+    for shape in ((3, 1, 4, 1, 150, 5), (2, 2, 3, 2, 97, 1)):
+        attn, doc, mask = make_teacher_case(shape, torch.float32, dev, is_logits=is_logits)
+        attn[0, 0, 0, 0, :40] = float("-inf") if is_logits else 0.0  # a token range with no mass for one row
+        for split in (2, 3):
+            out = _reader_teacher_launch(attn, doc, mask, shape[-1], is_logits, split_s=split)
+            ref = reader_teacher_fwd_ref(attn.double(), doc, mask, shape[-1], is_logits)
+            assert_close_to_ref(out, ref, None, torch.float32, name=f"split {split}")
 
 
 def test_reader_teacher_is_detached():

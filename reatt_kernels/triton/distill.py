@@ -26,6 +26,7 @@ a barrier, so no atomics). Bytes: 2 reads + 1 write of [B, M] (+ the teacher).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,16 +45,17 @@ def _next_pow2(x: int) -> int:
 # ---- reader_teacher ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _reader_teacher_fwd_kernel(
-    attn_ptr, doc_ptr, mask_ptr, part_ptr,
-    R, H, T, S, n_docs,
+    attn_ptr, doc_ptr, mask_ptr, part_ptr, ws_m_ptr, ws_z_ptr, ws_acc_ptr,
+    R, H, T, S, n_docs, n_split, s_per_split,
     stride_ab, stride_al, stride_ah, stride_at, stride_as,
     stride_db, stride_ds, stride_mb, stride_ms,
     stride_pb, stride_pr,
     HAS_MASK: tl.constexpr, IS_LOGITS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1) // n_split
+    pid_s = tl.program_id(1) % n_split
     pid_n = tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -63,13 +65,15 @@ def _reader_teacher_fwd_kernel(
     t_i = (rows % T).to(tl.int64)
     row_off = b * stride_ab + l_i * stride_al + h_i * stride_ah + t_i * stride_at
     docs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_lo = pid_s * s_per_split  # this program's token range (all of S unless SPLIT_S)
+    s_hi = tl.minimum(S, s_lo + s_per_split)
 
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     z = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-    for s0 in range(0, S, BLOCK_S):
+    for s0 in range(s_lo, s_hi, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < S
+        s_ok = s < s_hi
         di = tl.load(doc_ptr + b * stride_db + s * stride_ds, mask=s_ok, other=-1).to(tl.int32)
         valid = s_ok & (di >= 0)
         if HAS_MASK:
@@ -95,14 +99,71 @@ def _reader_teacher_fwd_kernel(
             acc += tl.dot(e_dot, onehot, input_precision="ieee")
         else:
             acc += tl.dot(e_dot, onehot)
+    if SPLIT_S:
+        # Partial online-softmax state of this token range, combined by _reader_teacher_combine_kernel:
+        # ws_m, ws_z [B, n_split, R]; ws_acc [B, n_split, R, n_docs] (contiguous).
+        ws_row = (b * n_split + pid_s) * R + rows
+        tl.store(ws_m_ptr + ws_row, m, mask=row_ok)
+        tl.store(ws_z_ptr + ws_row, z, mask=row_ok)
+        tl.store(ws_acc_ptr + ws_row[:, None] * n_docs + docs[None, :], acc,
+                 mask=row_ok[:, None] & (docs < n_docs)[None, :])
+    else:
+        zs = tl.where(z > 0, z, 1.0)
+        p = tl.where((z > 0)[:, None], acc / zs[:, None], 0.0)
+        part = tl.sum(p, 0)
+        tl.store(part_ptr + b * stride_pb + pid_r * stride_pr + docs, part, mask=docs < n_docs)
+
+
+@triton.jit
+def _reader_teacher_combine_kernel(
+    ws_m_ptr, ws_z_ptr, ws_acc_ptr, part_ptr,
+    R, n_docs, n_split,
+    stride_pb, stride_pr,
+    IS_LOGITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Merge the n_split partial (m, z, acc) of each row (log-sum-exp rescaling), then p = acc / z summed over rows.
+    Bytes: n_split * R * (n + 2) * 4 per query: small next to the attention it summarises."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    docs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    doc_ok = docs < n_docs
+    m_star = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    if IS_LOGITS:
+        for i in range(0, n_split):
+            m_i = tl.load(ws_m_ptr + (b * n_split + i) * R + rows, mask=row_ok, other=float("-inf"))
+            m_star = tl.maximum(m_star, m_i)
+    m_safe = tl.where(m_star == float("-inf"), 0.0, m_star)
+    z = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    for i in range(0, n_split):
+        ws_row = (b * n_split + i) * R + rows
+        z_i = tl.load(ws_z_ptr + ws_row, mask=row_ok, other=0.0)
+        a_i = tl.load(ws_acc_ptr + ws_row[:, None] * n_docs + docs[None, :],
+                      mask=row_ok[:, None] & doc_ok[None, :], other=0.0)
+        if IS_LOGITS:
+            m_i = tl.load(ws_m_ptr + ws_row, mask=row_ok, other=float("-inf"))
+            sc = tl.exp(m_i - m_safe)  # a split with no valid token has m_i = -inf: weight 0
+            z += z_i * sc
+            acc += a_i * sc[:, None]
+        else:
+            z += z_i
+            acc += a_i
     zs = tl.where(z > 0, z, 1.0)
     p = tl.where((z > 0)[:, None], acc / zs[:, None], 0.0)
-    part = tl.sum(p, 0)
-    tl.store(part_ptr + b * stride_pb + pid_r * stride_pr + docs, part, mask=docs < n_docs)
+    tl.store(part_ptr + b * stride_pb + pid_r * stride_pr + docs, tl.sum(p, 0), mask=doc_ok)
 
 
-def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
-    """attn [B, L, H, T, S] (any strides), doc_index int [B, S], attn_mask bool [B, S] or None -> fp32 [B, n_docs]."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _reader_teacher_launch(attn, doc_index, attn_mask, n_docs, is_logits, split_s=None):
+    """The launcher, with the number of token splits exposed for tests (None: one program per (query, row block, doc
+    block) when that fills the GPU; else S is split so the grid covers about two waves, e.g. ReAtt's B 64 x 16 rows)."""
     B, L, H, T, S = attn.shape
     R = L * H * T
     if _INTERPRET:
@@ -116,6 +177,8 @@ def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
         BLOCK_S = 128 if attn.element_size() == 2 else 64
         BLOCK_N = max(16, min(_next_pow2(n_docs), 128))
         num_warps = 4
+    if _INTERPRET and split_s is not None:
+        BLOCK_S = max(16, min(BLOCK_S, _next_pow2(triton.cdiv(S, split_s))))
     fp32_dot = _INTERPRET or attn.dtype == torch.float32
     if fp32_dot:
         dot_dtype = tl.float32
@@ -124,21 +187,49 @@ def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
     else:
         dot_dtype = tl.bfloat16
     n_rb = triton.cdiv(R, BLOCK_R)
+    n_nb = triton.cdiv(n_docs, BLOCK_N)
+    n_tiles = triton.cdiv(S, BLOCK_S)
+    if split_s is None:
+        split_s = 1
+        if attn.is_cuda:
+            programs = B * n_rb * n_nb
+            sms = _sm_count(attn.device.index if attn.device.index is not None else torch.cuda.current_device())
+            if programs < sms:  # too few programs to keep every SM streaming: split S (at least 8 tiles each)
+                split_s = max(1, min(triton.cdiv(2 * sms, programs), n_tiles // 8))
+    split_s = max(1, min(int(split_s), n_tiles))
+    s_per_split = triton.cdiv(n_tiles, split_s) * BLOCK_S
+    split_s = triton.cdiv(S, s_per_split)
     part = empty((B, n_rb, n_docs), torch.float32, attn.device)
+    if split_s > 1:
+        ws_m = empty((B, split_s, R), torch.float32, attn.device)
+        ws_z = empty((B, split_s, R), torch.float32, attn.device)
+        ws_acc = empty((B, split_s, R, n_docs), torch.float32, attn.device)
+    else:
+        ws_m = ws_z = ws_acc = part  # unused
     mask = attn_mask.view(torch.uint8) if attn_mask is not None else None
-    grid = (B, n_rb, triton.cdiv(n_docs, BLOCK_N))
+    grid = (B, n_rb * split_s, n_nb)
     _reader_teacher_fwd_kernel[grid](
-        attn, doc_index, mask if mask is not None else doc_index, part,
-        R, H, T, S, n_docs,
+        attn, doc_index, mask if mask is not None else doc_index, part, ws_m, ws_z, ws_acc,
+        R, H, T, S, n_docs, split_s, s_per_split,
         *attn.stride(),
         doc_index.stride(0), doc_index.stride(1),
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         part.stride(0), part.stride(1),
         HAS_MASK=mask is not None, IS_LOGITS=bool(is_logits), DOT_DTYPE=dot_dtype,
-        IEEE=bool(fp32_dot and not _INTERPRET),
+        IEEE=bool(fp32_dot and not _INTERPRET), SPLIT_S=split_s > 1,
         BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
+    if split_s > 1:
+        _reader_teacher_combine_kernel[(B, n_rb, n_nb)](
+            ws_m, ws_z, ws_acc, part, R, n_docs, split_s, part.stride(0), part.stride(1),
+            IS_LOGITS=bool(is_logits), BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        )
     return part.sum(1).div_(R) if n_rb > 1 else part[:, 0].div_(R)
+
+
+def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
+    """attn [B, L, H, T, S] (any strides), doc_index int [B, S], attn_mask bool [B, S] or None -> fp32 [B, n_docs]."""
+    return _reader_teacher_launch(attn, doc_index, attn_mask, n_docs, is_logits)
 
 
 # ---- distill_kl --------------------------------------------------------------------------------------------------------
