@@ -14,7 +14,10 @@ one ``tl.dot`` per tile on the tensor cores::
 
 Bytes: the input once (B * R * S * elt) plus doc_index once per (row block, doc block); no fp32 copy, no [B, L, H, T, S]
 temporary; the output is a [B, row_blocks, n] fp32 partial (summed by the launcher). FLOPs: 2 * B * R * S * BLOCK_N on
-the tensor cores (plus ~4 per element for the softmax), so the kernel stays memory-bound for n <= 128.
+the tensor cores (plus ~4 per element for the softmax), so the kernel stays memory-bound for n <= 128; beyond 128
+documents each further block of 128 re-reads the input. When B * row_blocks is below the SM count (ReAtt: B x 16 heads
+in one row block), S is split across programs that write their partial (m, z, acc) and a combine kernel merges them
+with the usual log-sum-exp rescaling (workspace: B * splits * R * (n + 2) fp32).
 
 distill_kl
 ----------
