@@ -93,7 +93,7 @@ class Case:
     flops: float
     fns: dict = field(default_factory=dict)
     note: str = ""
-    # Search cases: compare each provider's scores with naive's ([Bq, Nd]); training cases: None.
+    # Search cases: compare each provider's scores with naive's ([Bq, Nd]); training cases: False.
     compare: bool = False
 
 
