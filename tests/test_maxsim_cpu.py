@@ -215,3 +215,24 @@ def test_maxsim_cpu_bad_inputs_from_cpp(monkeypatch):
     monkeypatch.setenv("REATT_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="isa must be"):
         rk.maxsim(q, d, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxsim_cpu_segmented_long_documents(dtype, monkeypatch):
+    """Documents longer than the forward's segment (forced to 7 tokens here; 1024 by default) are scanned segment by
+    segment with the running max carried across: same argmax and scores as the reference (discrete inputs: exact),
+    padded with a mask and packed, with bias, on the strided (converting) and in-place paths."""
+    monkeypatch.setenv("REATT_CPU_MAXSIM_SEG", "7")
+    Bq, Lq, Nd, Ld, D = 2, 19, 4, 40, 48
+    q = discrete((Bq, Lq, D), dtype)
+    qm = random_mask((Bq, Lq))
+    pb = discrete((Lq + Ld,))
+    d = discrete((Nd, Ld, D), dtype)
+    dm = random_mask((Nd, Ld))
+    tok, off = _packed(Nd, Ld, D, dtype, lambda s: discrete(s))
+    for args in ((q, d, qm, dm, None), (q, noncontig(d), qm, dm, None), (q, tok, qm, None, off),
+                 (q, noncontig(tok), qm, None, off)):
+        s, am = torch.ops.reatt.maxsim_fwd(*args, pb, 0, False, False, "cpu")
+        s_ref, am_ref = maxsim_fwd_ref(args[0].double(), args[1].double(), *args[2:], pb.double(), 0, False)
+        assert torch.equal(am, am_ref), "argmax differs across segments"
+        assert_close_to_ref(s, s_ref, None, torch.float32, name="segmented scores")

@@ -39,6 +39,12 @@
 
 namespace py = pybind11;
 
+// Document tokens per segment: the forward's per-thread scratch is O(segment), not O(longest document). The binding's
+// `seg` argument overrides it (the tests use tiny segments to cover the multi-segment path on small inputs).
+#ifndef REATT_MAXSIM_SEG
+#define REATT_MAXSIM_SEG 1024
+#endif
+
 namespace reatt {
 namespace maxsim_cpu {
 
@@ -251,6 +257,18 @@ static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
 #undef REATT_NJ_LIST
 }  // namespace scalar
 
+// A float buffer whose data starts on a 64-byte line, so the kernels' zmm loads and stores of packed queries and
+// document tiles never straddle two lines (std::vector only promises 16 bytes).
+struct LineBuf {
+  std::vector<float> v;
+  float* p;
+  explicit LineBuf(size_t n) : v(n + 16) {
+    const uintptr_t u = reinterpret_cast<uintptr_t>(v.data());
+    p = v.data() + ((64 - u % 64) % 64) / sizeof(float);
+  }
+  float* data() { return p; }
+};
+
 // ---- run-time ISA choice -------------------------------------------------------------------------------------------------
 enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
@@ -334,7 +352,7 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
                     int64_t sq_d, uintptr_t q_mask, uintptr_t d, int64_t Nd, int64_t Ld, int64_t sd_b, int64_t sd_l,
                     int64_t sd_d, uintptr_t d_mask, uintptr_t d_offsets, uintptr_t pos_bias, int64_t R,
                     int64_t group_size, bool mean, uintptr_t scores, uintptr_t argmax, int n_threads,
-                    const std::string& isa) {
+                    const std::string& isa, int64_t seg) {
   check_dtype(dtype);
   REATT_CHECK(Bq >= 0 && Lq >= 0 && Nd >= 0 && Ld >= 0, "q / d sizes must be >= 0");
   REATT_CHECK(D >= 1, "q must have dim >= 1");
@@ -377,6 +395,8 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
   }
   REATT_CHECK(A.Lmax < (int64_t(1) << 31), "documents must have < 2^31 tokens (argmax is int32)");
   A.Lmax = A.Lmax < 1 ? 1 : A.Lmax;
+  REATT_CHECK(seg >= 0, "seg must be >= 0 (0: the default segment length)");
+  A.Lseg = std::min<int64_t>(A.Lmax, seg > 0 ? seg : REATT_MAXSIM_SEG);
   A.Lqp = (Lq + ops.W - 1) / ops.W * ops.W;
   const bool has_bf16 = std::string(ops.name) == "avx512bf16";
   A.bf16dp = has_bf16 && dtype == kBFloat16;
@@ -384,10 +404,10 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
   A.Dp = (A.bf16dp || A.filt) ? (D + 1) / 2 * 2 : D;
   A.Dq = (D + 31) / 32 * 32;
   A.qpack_stride = (A.bf16dp || A.filt) ? (A.Dp / 2) * A.Lqp : D * A.Lqp;
-  std::vector<float> qpack(static_cast<size_t>(Bq * A.qpack_stride));  // fp32 or uint32 words: both 4 bytes
+  LineBuf qpack(static_cast<size_t>(Bq * A.qpack_stride));  // fp32 or uint32 words: both 4 bytes
   std::vector<int32_t> n_valid(static_cast<size_t>(Bq));
-  std::vector<float> q32(A.filt ? static_cast<size_t>(Bq * Lq * D) : 0);
-  std::vector<float> qnorm(A.filt ? static_cast<size_t>(Bq * A.Lqp) : 0);
+  LineBuf q32(A.filt ? static_cast<size_t>(Bq * Lq * D) : 0);
+  LineBuf qnorm(A.filt ? static_cast<size_t>(Bq * A.Lqp) : 0);
   A.q32 = q32.data();
   A.qnorm = qnorm.data();
   {
@@ -398,7 +418,7 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
     A.filt_c = static_cast<float>((2 * u + u * u + gamma) * 1.01);
   }
   A.bias_stride = A.bias ? A.Lqp + A.Lmax - 1 : 0;
-  std::vector<float> bias_tab(static_cast<size_t>(Bq * A.bias_stride));
+  LineBuf bias_tab(static_cast<size_t>(Bq * A.bias_stride));
   A.qpack = qpack.data();
   A.n_valid = n_valid.data();
   A.bias_tab = bias_tab.data();
@@ -416,12 +436,14 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
     n_ach = (Bq + qch - 1) / qch;
   }
   const int64_t n_items = Nd * n_ach;
+  // Per-thread scratch: running (max, argmax) and pass-1 (max, argmax) [Lqp] each, then one segment of document tiles
+  // (fp32 rows, bf16 pairs, and the filter's s~ [Lseg][Lqp]).
   const size_t scratch_floats =
-      A.filt ? static_cast<size_t>(2 * A.Lqp + A.Lmax * D + A.Lmax * A.Dq / 2 + A.Lmax * A.Lqp + 64)
-             : static_cast<size_t>(2 * A.Lqp + A.Lmax * A.Dp + 16);
+      A.filt ? static_cast<size_t>(4 * A.Lqp + (A.Lseg * D + 15) / 16 * 16 + A.Lseg * A.Dq / 2 + A.Lseg * A.Lqp + 64)
+             : static_cast<size_t>(2 * A.Lqp + A.Lseg * A.Dp + 16);
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> scratch(scratch_floats);
+    LineBuf scratch(scratch_floats);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t it = 0; it < n_items; ++it) {
       const int64_t b = it / n_ach, ac = it % n_ach;
@@ -551,7 +573,7 @@ static RegisterBindings maxsim_cpu_bindings([](py::module_& m) {
         py::arg("sq_d"), py::arg("q_mask"), py::arg("d"), py::arg("Nd"), py::arg("Ld"), py::arg("sd_b"),
         py::arg("sd_l"), py::arg("sd_d"), py::arg("d_mask"), py::arg("d_offsets"), py::arg("pos_bias"), py::arg("R"),
         py::arg("group_size"), py::arg("mean"), py::arg("scores"), py::arg("argmax"), py::arg("n_threads"),
-        py::arg("isa") = "auto");
+        py::arg("isa") = "auto", py::arg("seg") = 0);
   m.def("maxsim_bwd_cpu", &maxsim_cpu::maxsim_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
         "MaxSim backward on the CPU: writes dq, dd (input dtype, contiguous) and dbias fp32 [R]; deterministic",
         py::arg("grad"), py::arg("q"), py::arg("dtype"), py::arg("Bq"), py::arg("Lq"), py::arg("D"), py::arg("sq_b"),

@@ -32,6 +32,7 @@ struct FwdArgs {
   // Derived by the driver before the kernels run.
   int64_t C;      // output columns
   int64_t Lmax;   // longest document (>= 1 so the bias table is never empty)
+  int64_t Lseg;   // document tokens per segment: bounds the per-thread scratch whatever the document length
   int64_t Lqp;    // Lq rounded up to the ISA's vector width
   int64_t Dp;     // D rounded up to even (bf16 pairs); == D otherwise
   bool bf16dp;    // use the AVX512_BF16 dot-product path (bf16 inputs only)

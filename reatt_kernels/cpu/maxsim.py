@@ -9,7 +9,8 @@ Launcher contract: reatt_kernels/ops/maxsim.py. Semantics: reatt_kernels/referen
   backward is deterministic for every thread count, so ``deterministic`` changes nothing here.
 
 Threads: ``torch.get_num_threads()``. ``REATT_CPU_ISA`` (auto | avx512_bf16 | avx512 | avx2 | scalar) forces a kernel
-no better than the CPU supports (the tests use it to run every path on one machine).
+no better than the CPU supports (the tests use it to run every path on one machine). ``REATT_CPU_MAXSIM_SEG`` sets the
+forward's document segment length (default 1024 tokens; the tests use tiny values to cover long documents cheaply).
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from .._alloc import empty
 
 def _isa() -> str:
     return os.environ.get("REATT_CPU_ISA", "auto") or "auto"
+
+
+def _seg() -> int:
+    return int(os.environ.get("REATT_CPU_MAXSIM_SEG", "0") or 0)
 
 
 def _maxsim_not_supported_reasons(tensors, **facts) -> list[str]:
@@ -53,7 +58,7 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
         _ext.ptr(q), _ext.dtype_code(q), Bq, Lq, D, *q.stride(), _ext.ptr(q_mask),
         _ext.ptr(d), Nd, Ld, sd_b, sd_l, sd_d, _ext.ptr(d_mask), _ext.ptr(d_offsets),
         _ext.ptr(pb), pb.shape[0] if pb is not None else 0, group_size, bool(mean),
-        _ext.ptr(scores), _ext.ptr(argmax), torch.get_num_threads(), _isa(),
+        _ext.ptr(scores), _ext.ptr(argmax), torch.get_num_threads(), _isa(), _seg(),
     )
     return scores, argmax
 
