@@ -2,7 +2,7 @@
 // (padded + d_mask, packed + offsets, grouped), fp32 / fp16 / bf16 inputs with fp32 accumulation, any strides.
 // Semantics: reatt_kernels/reference/maxsim.py (THE spec).
 //
-// Structure: the kernels live in maxsim_cpu_isa.inc and are compiled four times here, each inside a namespace under
+// Structure: the kernels live in maxsim_cpu_isa.h and are compiled four times here, each inside a namespace under
 // `#pragma GCC target`: avx512bf16 (AVX-512 + VDPBF16PS for bf16 inputs), avx512, avx2 (+FMA, F16C) and scalar
 // (portable C++ the compiler vectorises for the baseline ISA). maxsim_*_cpu pick the best one the running CPU
 // supports (__builtin_cpu_supports), so the binary runs on any x86-64 without -march=native. Other architectures get
@@ -123,7 +123,7 @@ static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
   for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + k))));
   for (; k < n; ++k) d[k] = half_to_float(s[k]);
 }
-#include "maxsim/maxsim_cpu_isa.inc"
+#include "maxsim/maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 #undef REATT_BF16DP
 #undef REATT_NJ_LIST
 }  // namespace avx512bf16
@@ -156,7 +156,7 @@ static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
   for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + k))));
   for (; k < n; ++k) d[k] = half_to_float(s[k]);
 }
-#include "maxsim/maxsim_cpu_isa.inc"
+#include "maxsim/maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 #undef REATT_BF16DP
 #undef REATT_NJ_LIST
 }  // namespace avx512
@@ -189,7 +189,7 @@ static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
   for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + k))));
   for (; k < n; ++k) d[k] = half_to_float(s[k]);
 }
-#include "maxsim/maxsim_cpu_isa.inc"
+#include "maxsim/maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 #undef REATT_BF16DP
 #undef REATT_NJ_LIST
 }  // namespace avx2
@@ -252,7 +252,7 @@ static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
 static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
   for (int64_t k = 0; k < n; ++k) d[k] = half_to_float(s[k]);
 }
-#include "maxsim/maxsim_cpu_isa.inc"
+#include "maxsim/maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 #undef REATT_BF16DP
 #undef REATT_NJ_LIST
 }  // namespace scalar

@@ -1,4 +1,4 @@
-// MaxSim CPU backend: the argument blocks shared by the per-ISA kernels (maxsim_cpu_isa.inc) and the driver
+// MaxSim CPU backend: the argument blocks shared by the per-ISA kernels (maxsim_cpu_isa.h) and the driver
 // (maxsim_cpu.cpp). Plain structs of raw pointers, sizes and strides (in elements); no libtorch.
 #pragma once
 #include <cstdint>

@@ -1,3 +1,4 @@
+// NO include guard: this file is included once per instruction set by maxsim_cpu.cpp (see below).
 // MaxSim CPU kernels for ONE instruction set. maxsim_cpu.cpp includes this file once per ISA, inside a namespace
 // (avx512 / avx2 / scalar) and under a `#pragma GCC target(...)`, after defining the vector primitives:
 //   constexpr int W;  Vf / Vi (W floats / int32s);  v_zero, v_load, v_set1, v_fma, v_add, v_store, vi_load,
