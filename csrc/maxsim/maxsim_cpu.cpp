@@ -277,7 +277,7 @@ struct IsaOps {
   int W;
   void (*pack)(const FwdArgs&, int64_t);
   void (*doc)(const FwdArgs&, int64_t, int64_t, int64_t, float*);
-  int64_t (*dq_rows)(const BwdArgs&, const float*, const int32_t*, int64_t, int64_t, float*, float*);
+  int64_t (*dq_rows)(const BwdArgs&, const float*, int64_t, int64_t, float*, float*);
   int64_t (*dd_docs)(const BwdArgs&, const float*, const int32_t*, const float*, int64_t, int64_t, float*, float*);
 };
 
@@ -548,7 +548,7 @@ void maxsim_bwd_cpu(uintptr_t grad, uintptr_t q, int dtype, int64_t Bq, int64_t 
     std::vector<float> tile(static_cast<size_t>(Lmax * D));
     // dq: rows (a, i) in chunks.
 #pragma omp for schedule(dynamic, 4) nowait
-    for (int64_t r = 0; r < Bq * Lq; ++r) bad += ops.dq_rows(B, w.data(), n_valid.data(), r, r + 1, acc.data(), tmp.data());
+    for (int64_t r = 0; r < Bq * Lq; ++r) bad += ops.dq_rows(B, w.data(), r, r + 1, acc.data(), tmp.data());
     // dd and dbias: blocks of documents.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
