@@ -5,8 +5,8 @@
 // Structure: the kernels live in maxsim_cpu_isa.h and are compiled four times here, each inside a namespace under
 // `#pragma GCC target`: avx512bf16 (AVX-512 + VDPBF16PS for bf16 inputs), avx512, avx2 (+FMA, F16C) and scalar
 // (portable C++ the compiler vectorises for the baseline ISA). maxsim_*_cpu pick the best one the running CPU
-// supports (__builtin_cpu_supports), so the binary runs on any x86-64 without -march=native. Other architectures get
-// the scalar path only.
+// supports (__builtin_cpu_supports), so the binary runs on any x86-64 without -march=native. Other architectures (and
+// compilers other than GCC) get the scalar path only.
 //
 // Parallelism (OpenMP, thread count passed in from torch.get_num_threads()):
 // - forward: over (document, query chunk) items; each (query, document) pair is computed by one thread with a fixed
@@ -23,7 +23,8 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// The SIMD paths need GCC (per-namespace `#pragma GCC target` regions); other compilers build the portable path only.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
 #define REATT_X86 1
 #include <immintrin.h>
 #else
