@@ -47,13 +47,14 @@ def _names(rng: random.Random, k: int, taken: set) -> list[str]:
 
 
 def generate(n_entities: int = 64, pool: int = 12, n_ctx: int = 4, n_train: int = 20000, n_dev: int = 200,
-             seed: int = 0):
+             seed: int = 0, hard_negatives: bool = True):
     """-> (train, dev, vocab, corpus).
 
     The dev world is fixed: every (entity, relation) has one answer, and ``corpus`` holds its 5 * n_entities fact
     documents; ``dev`` asks ``n_dev`` of them. Training examples draw their answers afresh for every example (the same
     entities and relations, new objects), so an answer cannot be memorised: the only way to lower the QA loss is to
-    read the right document, which is what makes the reader's attention a retrieval teacher.
+    read the right document, which is what makes the reader's attention a retrieval teacher. ``hard_negatives=False``
+    draws distractors about other entities (any relation) instead of same-entity / same-relation ones.
     """
     rng = random.Random(seed)
     taken: set = set()
@@ -67,12 +68,16 @@ def generate(n_entities: int = 64, pool: int = 12, n_ctx: int = 4, n_train: int 
 
     def row(e, r, answer_of):
         # Hard negatives: same entity (other relations) and same relation (other entities), about half each.
-        k1 = (n_ctx - 1) // 2
-        negs = rng.sample([(e, r2) for r2 in rels if r2 != r], min(k1, len(rels) - 1))
-        negs += rng.sample([(e2, r) for e2 in entities if e2 != e], n_ctx - 1 - len(negs))
-        ctxs = [dict(doc(e, r, answer_of(e, r)), gold=True)] + [doc(e2, r2, answer_of(e2, r2)) for e2, r2 in negs]
+        if hard_negatives:
+            k1 = (n_ctx - 1) // 2
+            negs = rng.sample([(e, r2) for r2 in rels if r2 != r], min(k1, len(rels) - 1))
+            negs += rng.sample([(e2, r) for e2 in entities if e2 != e], n_ctx - 1 - len(negs))
+        else:  # other entities, any relation
+            negs = [(e2, rng.choice(rels)) for e2 in rng.sample([x for x in entities if x != e], n_ctx - 1)]
+        answer = answer_of(e, r)  # once: a fresh draw must be the same in the gold document and the label
+        ctxs = [dict(doc(e, r, answer), gold=True)] + [doc(e2, r2, answer_of(e2, r2)) for e2, r2 in negs]
         rng.shuffle(ctxs)
-        return {"question": RELATIONS[r][0].format(e=e), "answers": [answer_of(e, r)], "ctxs": ctxs}
+        return {"question": RELATIONS[r][0].format(e=e), "answers": [answer], "ctxs": ctxs}
 
     fresh = lambda e, r: rng.choice(pools[r])  # noqa: E731
     train = [row(rng.choice(entities), rng.choice(rels), fresh) for _ in range(n_train)]

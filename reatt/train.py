@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 DEMO_DEFAULTS = dict(n_docs=4, batch_size=16, lr=2e-3, warmup=50, steps=3000, eval_every=100, kl_weight=8.0,
                      max_query_len=16, max_doc_len=16, max_answer_len=4, time_budget=10.0, eval_retrieved=True,
                      weight_decay=0.0,
-                     tiny="d_model=128,num_layers=4,num_decoder_layers=2,num_heads=4,d_ff=256")
+                     # 8 heads of 16: a tiny T5 learns to copy from its input several times faster than with 2-4
+                     # heads of 64 (measured on this task); retrieval vectors are then 16-d.
+                     tiny="d_model=128,num_layers=4,num_decoder_layers=2,num_heads=8,d_kv=16,d_ff=256")
 
 
 def _parse_tiny(s: str) -> dict:
