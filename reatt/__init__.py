@@ -1,0 +1,11 @@
+"""reatt: a thin ReAtt (Retrieval as Attention, Jiang et al. 2022) model and training loop on Hugging Face T5.
+
+- :class:`reatt.config.ReAttConfig`: retrieval layer/head, KL weight, in-batch negatives, kernel switch.
+- :class:`reatt.model.ReAttModel`: bi-encoder (blocks < B), retriever (block B's head), reader (blocks >= B), FiD.
+- ``reatt-train`` (:mod:`reatt.train`): training, evaluation, re-retrieval, checkpoints, DDP, and ``--demo``.
+
+``reatt.model`` needs transformers (the "model" extra); importing ``reatt`` alone does not.
+"""
+from .config import ReAttConfig
+
+__all__ = ["ReAttConfig"]
