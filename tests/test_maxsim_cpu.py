@@ -219,9 +219,9 @@ def test_maxsim_cpu_bad_inputs_from_cpp(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_maxsim_cpu_segmented_long_documents(dtype, monkeypatch):
-    """Documents longer than the forward's segment (forced to 7 tokens here; 1024 by default) are scanned segment by
-    segment with the running max carried across: same argmax and scores as the reference (discrete inputs: exact),
-    padded with a mask and packed, with bias, on the strided (converting) and in-place paths."""
+    """Documents longer than the segment (forced to 7 tokens here; 1024 by default) are scanned segment by segment
+    with the running max carried across, and their dd staged segment by segment: same argmax, scores and gradients as
+    the reference (discrete inputs: exact), padded with a mask and packed, with bias, strided and in place."""
     monkeypatch.setenv("REATT_CPU_MAXSIM_SEG", "7")
     Bq, Lq, Nd, Ld, D = 2, 19, 4, 40, 48
     q = discrete((Bq, Lq, D), dtype)
@@ -236,3 +236,9 @@ def test_maxsim_cpu_segmented_long_documents(dtype, monkeypatch):
         s_ref, am_ref = maxsim_fwd_ref(args[0].double(), args[1].double(), *args[2:], pb.double(), 0, False)
         assert torch.equal(am, am_ref), "argmax differs across segments"
         assert_close_to_ref(s, s_ref, None, torch.float32, name="segmented scores")
+        # The backward stages dd segment by segment too.
+        g = torch.randn(s.shape)
+        got = torch.ops.reatt.maxsim_bwd(g, args[0], args[1], qm, args[4], am, pb.shape[0], 0, False, False, "cpu")
+        ref = maxsim_bwd_ref(g.double(), args[0].double(), args[1].double(), qm, args[4], am_ref, pb.shape[0], 0, False)
+        for name, x, r in zip(("dq", "dd", "dbias"), got, ref):
+            assert_close_to_ref(x, r, r.to(x.dtype), x.dtype, factor=3.0, name=f"segmented {name}")

@@ -465,7 +465,8 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
 void maxsim_bwd_cpu(uintptr_t grad, uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, int64_t sq_b,
                     int64_t sq_l, int64_t sq_d, uintptr_t q_mask, uintptr_t d, int64_t Nd, int64_t Ld, int64_t sd_b,
                     int64_t sd_l, int64_t sd_d, uintptr_t d_offsets, uintptr_t argmax, int64_t R, int64_t group_size,
-                    bool mean, uintptr_t dq, uintptr_t dd, uintptr_t dbias, int n_threads, const std::string& isa) {
+                    bool mean, uintptr_t dq, uintptr_t dd, uintptr_t dbias, int n_threads, const std::string& isa,
+                    int64_t seg) {
   check_dtype(dtype);
   REATT_CHECK(Bq >= 0 && Lq >= 0 && Nd >= 0 && Ld >= 0 && R >= 0, "sizes must be >= 0");
   REATT_CHECK(D >= 1, "q must have dim >= 1");
@@ -542,11 +543,13 @@ void maxsim_bwd_cpu(uintptr_t grad, uintptr_t q, int dtype, int64_t Bq, int64_t 
   } else {
     Lmax = std::max<int64_t>(Lmax, Ld);
   }
+  REATT_CHECK(seg >= 0, "seg must be >= 0 (0: the default segment length)");
+  B.Lseg = std::min<int64_t>(Lmax, seg > 0 ? seg : REATT_MAXSIM_SEG);
   int64_t bad = 0;
 #pragma omp parallel num_threads(nt) reduction(+ : bad)
   {
     std::vector<float> acc(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
-    std::vector<float> tile(static_cast<size_t>(Lmax * D));
+    std::vector<float> tile(static_cast<size_t>(B.Lseg * D));
     // dq: rows (a, i) in chunks.
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t r = 0; r < Bq * Lq; ++r) bad += ops.dq_rows(B, w.data(), r, r + 1, acc.data(), tmp.data());
@@ -581,7 +584,7 @@ static RegisterBindings maxsim_cpu_bindings([](py::module_& m) {
         py::arg("sq_l"), py::arg("sq_d"), py::arg("q_mask"), py::arg("d"), py::arg("Nd"), py::arg("Ld"),
         py::arg("sd_b"), py::arg("sd_l"), py::arg("sd_d"), py::arg("d_offsets"), py::arg("argmax"), py::arg("R"),
         py::arg("group_size"), py::arg("mean"), py::arg("dq"), py::arg("dd"), py::arg("dbias"), py::arg("n_threads"),
-        py::arg("isa") = "auto");
+        py::arg("isa") = "auto", py::arg("seg") = 0);
   m.def("maxsim_cpu_isa", &maxsim_cpu::maxsim_cpu_isa, "The best MaxSim CPU kernel ISA this machine supports");
 });
 

@@ -69,6 +69,7 @@ struct BwdArgs {
   float* dbias;           // [R]
   int64_t C;
   int64_t n_tokens;       // rows of dd: Nd * Ld (padded) or T (packed)
+  int64_t Lseg;           // dd rows staged per segment (bounds the per-thread scratch)
 };
 
 }  // namespace maxsim_cpu

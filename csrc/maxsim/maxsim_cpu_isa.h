@@ -697,32 +697,42 @@ static int64_t bwd_dd_docs(const BwdArgs& B, const float* w, const int32_t* n_va
       row0 = b * B.Ld;
       len = B.Ld;
     }
-    for (int64_t t = 0; t < len * B.D; ++t) tile[t] = 0.f;
     int64_t a0 = 0, a1 = B.Bq;
     if (B.group_size) {
       a0 = b / B.group_size;
       a1 = a0 + 1;
     }
-    for (int64_t a = a0; a < a1; ++a) {
-      const int64_t c = B.group_size ? b - a * B.group_size : b;
-      const float wv = w[a * B.C + c];
-      const int32_t* am = B.argmax + (a * B.C + c) * B.Lq;
-      for (int64_t i = 0; i < B.Lq; ++i) {
-        const int32_t j = am[i];
-        if (j < 0) continue;
-        if (j >= len) { ++bad; continue; }
-        const float* qi = q32 + (a * B.Lq + i) * B.D;
-        float* dst = tile + j * B.D;
-        for (int64_t k = 0; k < B.D; ++k) dst[k] += wv * qi[k];
-        if (B.R > 0) {
-          int64_t r = n_valid[a] + j - i;
-          r = r < 0 ? 0 : (r > B.R - 1 ? B.R - 1 : r);
-          part[r] += wv;
+    // Rows [s0, s0 + n) at a time (fp32 staging of at most Lseg rows, whatever the document length); each (a, i)
+    // lands in exactly one segment. Bytes per document: Bq * Lq * 4 argmax reads per segment, len * D * esz written.
+    const int64_t seg = len <= B.Lseg ? (len > 0 ? len : 1) : B.Lseg;
+    for (int64_t s0 = 0; s0 < len || (s0 == 0 && len == 0); s0 += seg) {
+      const int64_t n = std::min(seg, len - s0);
+      for (int64_t t = 0; t < n * B.D; ++t) tile[t] = 0.f;
+      for (int64_t a = a0; a < a1; ++a) {
+        const int64_t c = B.group_size ? b - a * B.group_size : b;
+        const float wv = w[a * B.C + c];
+        const int32_t* am = B.argmax + (a * B.C + c) * B.Lq;
+        for (int64_t i = 0; i < B.Lq; ++i) {
+          const int32_t j = am[i];
+          if (j < 0) continue;
+          if (j >= len) {
+            bad += s0 == 0 ? 1 : 0;
+            continue;
+          }
+          if (j < s0 || j >= s0 + n) continue;
+          const float* qi = q32 + (a * B.Lq + i) * B.D;
+          float* dst = tile + (j - s0) * B.D;
+          for (int64_t k = 0; k < B.D; ++k) dst[k] += wv * qi[k];
+          if (B.R > 0) {
+            int64_t r = n_valid[a] + j - i;
+            r = r < 0 ? 0 : (r > B.R - 1 ? B.R - 1 : r);
+            part[r] += wv;
+          }
         }
       }
+      char* out = static_cast<char*>(B.dd) + (row0 + s0) * B.D * esz;
+      for (int64_t j = 0; j < n; ++j) store_row(tile + j * B.D, B.D, B.dtype, out + j * B.D * esz);
     }
-    char* out = static_cast<char*>(B.dd) + row0 * B.D * esz;
-    for (int64_t j = 0; j < len; ++j) store_row(tile + j * B.D, B.D, B.dtype, out + j * B.D * esz);
   }
   return bad;
 }

@@ -10,7 +10,8 @@ Launcher contract: reatt_kernels/ops/maxsim.py. Semantics: reatt_kernels/referen
 
 Threads: ``torch.get_num_threads()``. ``REATT_CPU_ISA`` (auto | avx512_bf16 | avx512 | avx2 | scalar) forces a kernel
 no better than the CPU supports (the tests use it to run every path on one machine). ``REATT_CPU_MAXSIM_SEG`` sets the
-forward's document segment length (default 1024 tokens; the tests use tiny values to cover long documents cheaply).
+document segment length of the forward scan and of the backward's dd staging (default 1024 tokens; the tests use tiny
+values to cover long documents cheaply).
 """
 from __future__ import annotations
 
@@ -77,6 +78,6 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     ext.maxsim_bwd_cpu(
         _ext.ptr(grad), _ext.ptr(q), _ext.dtype_code(q), Bq, Lq, D, *q.stride(), _ext.ptr(q_mask),
         _ext.ptr(d), Nd, Ld, sd_b, sd_l, sd_d, _ext.ptr(d_offsets), _ext.ptr(argmax), n_bias, group_size, bool(mean),
-        _ext.ptr(dq), _ext.ptr(dd), _ext.ptr(dbias), torch.get_num_threads(), _isa(),
+        _ext.ptr(dq), _ext.ptr(dd), _ext.ptr(dbias), torch.get_num_threads(), _isa(), _seg(),
     )
     return dq, dd, dbias
