@@ -197,58 +197,36 @@ static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
 #pragma GCC pop_options
 #endif  // REATT_X86
 
-// Portable fallback: W-lane structs the compiler vectorises for whatever the baseline ISA is (SSE2 on x86-64).
+// Portable fallback: GCC/Clang vector extensions (4 lanes: one SSE / NEON register), so the same tile compiles to the
+// baseline SIMD of any architecture; the compare-and-select is done with bit masks (portable across both compilers).
 namespace scalar {
 #define REATT_BF16DP 0
-constexpr int W = 8;
-constexpr int NJ_MAX = 4;
+constexpr int W = 4;
+constexpr int NJ_MAX = 4;  // 2 x 4 accumulators + 2 query vectors + 1 broadcast: fits the 16 SSE registers
 #define REATT_NJ_LIST 1, 2, 3, 4
-struct Vf {
-  float v[W];
-};
-struct Vi {
-  int32_t v[W];
-};
-static inline Vf v_zero() {
-  Vf r;
-  for (int l = 0; l < W; ++l) r.v[l] = 0.f;
-  return r;
-}
+typedef float Vf __attribute__((vector_size(16)));
+typedef int32_t Vi __attribute__((vector_size(16)));
+static inline Vf v_zero() { return Vf{0.f, 0.f, 0.f, 0.f}; }
 static inline Vf v_load(const float* p) {
   Vf r;
-  for (int l = 0; l < W; ++l) r.v[l] = p[l];
+  std::memcpy(&r, p, sizeof(r));
   return r;
 }
-static inline Vf v_set1(float x) {
-  Vf r;
-  for (int l = 0; l < W; ++l) r.v[l] = x;
-  return r;
-}
-static inline Vf v_fma(Vf a, Vf b, Vf c) {
-  for (int l = 0; l < W; ++l) c.v[l] += a.v[l] * b.v[l];
-  return c;
-}
-static inline Vf v_add(Vf a, Vf b) {
-  for (int l = 0; l < W; ++l) a.v[l] += b.v[l];
-  return a;
-}
-static inline void v_store(float* p, Vf v) {
-  for (int l = 0; l < W; ++l) p[l] = v.v[l];
-}
+static inline Vf v_set1(float x) { return Vf{x, x, x, x}; }
+static inline Vf v_fma(Vf a, Vf b, Vf c) { return c + a * b; }
+static inline Vf v_add(Vf a, Vf b) { return a + b; }
+static inline void v_store(float* p, Vf v) { std::memcpy(p, &v, sizeof(v)); }
 static inline Vi vi_load(const int32_t* p) {
   Vi r;
-  for (int l = 0; l < W; ++l) r.v[l] = p[l];
+  std::memcpy(&r, p, sizeof(r));
   return r;
 }
-static inline void vi_store(int32_t* p, Vi v) {
-  for (int l = 0; l < W; ++l) p[l] = v.v[l];
-}
+static inline void vi_store(int32_t* p, Vi v) { std::memcpy(p, &v, sizeof(v)); }
 static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
-  for (int l = 0; l < W; ++l) {
-    const bool gt = s.v[l] > m.v[l];
-    m.v[l] = gt ? s.v[l] : m.v[l];
-    id.v[l] = gt ? j : id.v[l];
-  }
+  const Vi gt = s > m;  // all ones where s > m (false for NaN)
+  const Vi jv = Vi{j, j, j, j};
+  m = (Vf)(((Vi)s & gt) | ((Vi)m & ~gt));
+  id = (jv & gt) | (id & ~gt);
 }
 static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
   for (int64_t k = 0; k < n; ++k) d[k] = half_to_float(s[k]);

@@ -16,7 +16,8 @@
 // tiles (two lines per k step), so its DRAM reads overlap the current document's FMAs.
 //
 // Paths (measured on the 2-core AMD EPYC dev VM, Zen 4, 1 thread, 1 query x 4000 docs x 128 x 128, thread CPU time):
-// - fp32, plain FMA tile (isa avx512):                     ~93 GFLOP/s per core (about the fp32 FMA peak);
+// - fp32, plain FMA tile (isa avx512; avx2 the same on Zen 4): ~93-103 GFLOP/s per core (about the fp32 FMA peak);
+// - fp32, portable vector-extension tile (isa scalar, SSE2 here): ~31 GFLOP/s per core;
 // - bf16, VDPBF16PS tile (avx512_bf16):                   ~190 GFLOP/s per core (about the bf16 dot-product peak);
 // - fp32 / fp16 through the bf16 filter + exact fp32 rescoring (avx512_bf16, see fwd_doc_filtered): ~125-130
 //   GFLOP/s per core at fixed length, ~115 ragged (48-128 tokens), with results equal to an fp32 scan.
