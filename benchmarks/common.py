@@ -26,6 +26,8 @@ from reatt_kernels.bench import (  # noqa: F401  (re-exported)
     GIB,
     MIB,
     HelpFormatter,
+    apply_roofline,
+    best_roofline,
     NAIVE_CHUNK_ELEMS,
     device_name,
     device_slug,
