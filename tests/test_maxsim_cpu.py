@@ -88,13 +88,16 @@ def test_maxsim_cpu_isa_fwd_bwd(isa, dtype, D, isa_env):
             assert_close_to_ref(got, ref, ref.to(got.dtype), got.dtype, factor=3.0, name=f"{isa} {layout} {name}")
 
 
+@pytest.mark.parametrize("seg", ["0", "7"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_maxsim_cpu_filter_adversarial(layout):
+def test_maxsim_cpu_filter_adversarial(layout, seg, monkeypatch):
     """All document tokens equal up to differences bf16 cannot represent: the bf16 pass of the fp32 filter sees
     (near-)ties everywhere and every token becomes a candidate; the exact rescoring must still return the exact fp32
     maximum and the lowest maximising j. Values are chosen so that every fp32 dot product is exact (q = m / 256 with
     |m| <= 512, d = m / 1024 with |m| <= 1024, D = 32: sums are multiples of 2^-18 below 2^6), so the float64
-    reference's argmax, ties included, is the answer."""
+    reference's argmax, ties included, is the answer. With whole documents the rescoring budget runs out and the
+    plain fp32 tile takes over; with 7-token segments every candidate is rescored."""
+    monkeypatch.setenv("REATT_CPU_MAXSIM_SEG", seg)
     Bq, Lq, Nd, Ld, D = 2, 9, 5, 50, 32
     q = torch.randint(-512, 513, (Bq, Lq, D)).float() / 256
     base = torch.randint(-1000, 1001, (Nd, 1, D))

@@ -387,8 +387,10 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
   std::vector<int32_t> n_valid(static_cast<size_t>(Bq));
   LineBuf q32(A.filt ? static_cast<size_t>(Bq * Lq * D) : 0);
   LineBuf qnorm(A.filt ? static_cast<size_t>(Bq * A.Lqp) : 0);
+  LineBuf qT32(A.filt ? static_cast<size_t>(Bq * D * A.Lqp) : 0);
   A.q32 = q32.data();
   A.qnorm = qnorm.data();
+  A.qT32 = qT32.data();
   {
     // |s~ - s^| <= (2u + u^2) |q||d| for bf16 rounding (u = 2^-8), plus the fp32 accumulation error of the bf16 pass
     // (two roundings per pair: D terms) and of the exact rescoring s^ (D FMAs + a 16-lane sum), each <= n 2^-24 |q||d|;
@@ -415,10 +417,11 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
     n_ach = (Bq + qch - 1) / qch;
   }
   const int64_t n_items = Nd * n_ach;
-  // Per-thread scratch: running (max, argmax) and pass-1 (max, argmax) [Lqp] each, then one segment of document tiles
+  // Per-thread scratch: running (max, argmax), pass-1 (max, argmax) and a saved (max, argmax) [Lqp] each, then one
+  // segment of document tiles
   // (fp32 rows, bf16 pairs, and the filter's s~ [Lseg][Lqp]).
   const size_t scratch_floats =
-      A.filt ? static_cast<size_t>(4 * A.Lqp + (A.Lseg * D + 15) / 16 * 16 + A.Lseg * A.Dq / 2 + A.Lseg * A.Lqp + 64)
+      A.filt ? static_cast<size_t>(6 * A.Lqp + (A.Lseg * D + 15) / 16 * 16 + A.Lseg * A.Dq / 2 + A.Lseg * A.Lqp + 64)
              : static_cast<size_t>(2 * A.Lqp + A.Lseg * A.Dp + 16);
 #pragma omp parallel num_threads(nt)
   {

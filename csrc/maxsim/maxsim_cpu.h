@@ -41,6 +41,8 @@ struct FwdArgs {
   float filt_c;   // filter: |s - s~| bound per unit |q_i| * max_j |d_j|, both ends (see fwd_doc_filtered)
   float* q32;     // filter: query rows in fp32 [Bq][Lq][D]
   float* qnorm;   // filter: |q_i| [Bq][Lqp] (rounded up; 0 for padding lanes)
+  float* qT32;    // filter: fp32 q^T [Bq][D][Lqp] for the plain tile, the fallback of a segment with too many
+                  // candidates (near-ties everywhere)
   void* qpack;    // per query: fp32 q^T [D][Lqp], or bf16 pairs [Dp/2][Lqp] (uint32 each)
   int64_t qpack_stride;  // elements (float or uint32) per query
   int32_t* n_valid;      // [Bq] valid query tokens

@@ -274,7 +274,10 @@ static void fwd_pack_query(const FwdArgs& A, int64_t a) {
     for (int64_t kk = 0; kk < Dh; ++kk)
       for (int64_t i = 0; i < A.Lqp; ++i) P[kk * A.Lqp + i] = 0;
     for (int64_t i = 0; i < A.Lqp; ++i) {
-      if (A.filt) A.qnorm[a * A.Lqp + i] = 0.f;
+      if (A.filt) {
+        A.qnorm[a * A.Lqp + i] = 0.f;
+        for (int64_t k = 0; k < A.D; ++k) A.qT32[(a * A.D + k) * A.Lqp + i] = 0.f;  // padding lanes: never read
+      }
       if (i >= A.Lq) continue;
       if (A.bf16dp) {
         const uint16_t* src = static_cast<const uint16_t*>(A.q) + a * A.sq_b + i * A.sq_l;
@@ -292,6 +295,8 @@ static void fwd_pack_query(const FwdArgs& A, int64_t a) {
           ss += static_cast<double>(q32[k]) * q32[k];
         }
         A.qnorm[a * A.Lqp + i] = static_cast<float>(std::sqrt(ss) * (1.0 + 1e-6));
+        float* T = A.qT32 + a * A.D * A.Lqp;
+        for (int64_t k = 0; k < A.D; ++k) T[k * A.Lqp + i] = q32[k];
       }
     }
   } else {
@@ -437,8 +442,8 @@ static FiltSeg filt_prepare(const FwdArgs& A, int64_t row0, int64_t s0, int64_t 
 // Query a against one prepared segment, folding into the exact running (mx, idx) of its tokens (earlier segments
 // hold lower j). mt / jt: pass 1's per-segment (M~, j~).
 static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const uint16_t* t16, float* S,
-                         const uint8_t* jmask, float* mx, int32_t* idx, float* mt, int32_t* jt, const Span* next,
-                         int64_t nblk_doc) {
+                         const uint8_t* jmask, float* mx, int32_t* idx, float* mt, int32_t* jt, float* pm,
+                         int32_t* pi, const Span* next, int64_t nblk_doc) {
   // Locals, not loads through A / g: the stores to mx / idx below could alias them as far as the compiler knows.
   const int64_t Lqp = A.Lqp, D = A.D, s0 = g.s0, n = g.n, ld32 = g.ld32, Dq = A.Dq;
   const float* const r32 = g.r32;
@@ -462,10 +467,15 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
   // Pass 2, per query token i: E = the exact fp32 score of pass 1's winner j~, folded into the running best B_i; the
   // exact winner j* has s~_j* >= s_j* - eps >= B_i - eps, so only j with s~_j >= B_i - eps are rescored (exactly, in
   // fp32), in ascending j, keeping the larger value and, on equal values, the lower j. NaN never wins (as in a scan).
+  // Near-ties everywhere (e.g. repeated tokens) can make most j candidates: past a budget of rescorings the segment
+  // falls back to the plain fp32 tile (from the saved running best), so the worst case costs about one extra pass.
   const uint8_t* qm = A.q_mask + a * A.Lq;
   const float* qn = A.qnorm + a * Lqp;
   const float* q32 = A.q32 + a * A.Lq * D;
-  for (int64_t i0 = 0; i0 < Lqp; i0 += W) {
+  std::memcpy(pm, mx, sizeof(float) * Lqp);
+  std::memcpy(pi, idx, sizeof(int32_t) * Lqp);
+  int64_t budget = 4 * A.Lq + 64;
+  for (int64_t i0 = 0; i0 < Lqp && budget >= 0; i0 += W) {
     __mmask16 live = 0;
     for (int l = 0; l < W && i0 + l < A.Lq; ++l) live |= qm[i0 + l] ? static_cast<__mmask16>(1u << l) : 0;
     if (!live) continue;
@@ -489,7 +499,7 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
                         _mm512_set1_ps(static_cast<float>(D) * 0x1p-125f * (nmax + 1.f))));
     __m512 thr = _mm512_sub_ps(Bv, eps);
     thr = _mm512_mask_mov_ps(thr, _mm512_cmp_ps_mask(thr, thr, _CMP_UNORD_Q), ninf);  // NaN: keep every j
-    for (int64_t r = 0; r < n; ++r) {
+    for (int64_t r = 0; r < n && budget >= 0; ++r) {
       const int64_t j = s0 + r;
       if (jmask != nullptr && !jmask[j]) continue;
       // Not-less-than, unordered true: a NaN s~ (bf16 overflow of a finite fp32 value) is rescored too.
@@ -498,6 +508,7 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
         const int64_t i = i0 + __builtin_ctz(c);
         c &= static_cast<__mmask16>(c - 1);
         if (jt[i] == j) continue;  // pass 1's winner: already folded in
+        if (--budget < 0) break;
         float e = dot_f32(q32 + i * D, r32 + r * ld32, D);
         if (btab != nullptr) e += btab[i - j];
         if (e > mx[i] || (e == mx[i] && j < idx[i])) {
@@ -507,8 +518,28 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
       }
     }
   }
+  if (budget >= 0) return;
+  // Fallback: the plain fp32 tile over the segment, from the running best before it (ascending j, strict >).
+  std::memcpy(mx, pm, sizeof(float) * Lqp);
+  std::memcpy(idx, pi, sizeof(int32_t) * Lqp);
+  const float* qT = A.qT32 + a * D * Lqp;
+  for (int64_t r0 = 0; r0 < n; r0 += NJ) {
+    const int nj = static_cast<int>(n - r0 < NJ ? n - r0 : NJ);
+    const int32_t j0 = static_cast<int32_t>(s0 + r0);
+    const float* dr = r32 + r0 * ld32;
+    const uint8_t* jm = jmask != nullptr ? jmask + j0 : nullptr;
+    for (int64_t i0 = 0; i0 < Lqp; i0 += 2 * W) {
+      const float* bp = btab != nullptr ? btab + i0 - j0 : nullptr;
+      if (i0 + 2 * W <= Lqp) {
+        if (bp) jblock_f32_dispatch<2, true, REATT_NJ_LIST>(nj, qT + i0, Lqp, dr, ld32, D, bp, jm, j0, mx + i0, idx + i0, nullptr, 0);
+        else jblock_f32_dispatch<2, false, REATT_NJ_LIST>(nj, qT + i0, Lqp, dr, ld32, D, bp, jm, j0, mx + i0, idx + i0, nullptr, 0);
+      } else {
+        if (bp) jblock_f32_dispatch<1, true, REATT_NJ_LIST>(nj, qT + i0, Lqp, dr, ld32, D, bp, jm, j0, mx + i0, idx + i0, nullptr, 0);
+        else jblock_f32_dispatch<1, false, REATT_NJ_LIST>(nj, qT + i0, Lqp, dr, ld32, D, bp, jm, j0, mx + i0, idx + i0, nullptr, 0);
+      }
+    }
+  }
 }
-
 static void fwd_doc_filtered(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1, int64_t len, int64_t row0,
                              const uint8_t* jmask, float* scratch) {
   const int64_t Lqp = A.Lqp, Lseg = A.Lseg;
@@ -516,7 +547,9 @@ static void fwd_doc_filtered(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1
   int32_t* idx = reinterpret_cast<int32_t*>(scratch + Lqp);
   float* mt = scratch + 2 * Lqp;
   int32_t* jt = reinterpret_cast<int32_t*>(scratch + 3 * Lqp);
-  float* t32 = scratch + 4 * Lqp;
+  float* pm = scratch + 4 * Lqp;
+  int32_t* pi = reinterpret_cast<int32_t*>(scratch + 5 * Lqp);
+  float* t32 = scratch + 6 * Lqp;
   const int64_t t32n = (Lseg * A.D + 15) / 16 * 16;  // whole lines: t16 and S start 64-byte aligned
   uint16_t* t16 = reinterpret_cast<uint16_t*>(t32 + t32n);
   float* S = t32 + t32n + Lseg * A.Dq / 2;
@@ -534,7 +567,7 @@ static void fwd_doc_filtered(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1
     }
     for (int64_t s0 = 0; s0 < len; s0 += Lseg) {
       const FiltSeg g = one ? g1 : filt_prepare(A, row0, s0, std::min(Lseg, len - s0), jmask, t32, t16);
-      filt_segment(A, a, g, t16, S, jmask, mx, idx, mt, jt, a == a0 ? &next : nullptr, nblk);
+      filt_segment(A, a, g, t16, S, jmask, mx, idx, mt, jt, pm, pi, a == a0 ? &next : nullptr, nblk);
     }
     fwd_epilogue(A, a, b, mx, idx);
   }
