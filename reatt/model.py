@@ -193,8 +193,10 @@ class ReAttModel(nn.Module):
         return self.t5.encoder.dropout(self.t5.encoder.embed_tokens(ids))
 
     def gradient_checkpointing_enable(self) -> None:
-        self.gradient_checkpointing = True
-        self.t5.gradient_checkpointing_enable()
+        self.gradient_checkpointing = True  # our encoder blocks (we call them ourselves)
+        # The decoder runs through HF: 5.24 renamed the switch (the old name still works there, with a warning).
+        enable = getattr(self.t5, "activation_checkpointing_enable", None) or self.t5.gradient_checkpointing_enable
+        enable()
 
     # ---- bi-encoder (blocks < B) and the retriever (block B) ---------------------------------------------------------
     def bi_encode(self, ids: Tensor, mask: Tensor) -> Tensor:
