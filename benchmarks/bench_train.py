@@ -142,8 +142,9 @@ def bench_config(name: str, dev, quick: bool) -> list:
         rows.append({"config": name, "provider": provider, "mode": "loss", "shape": shape, **t,
                      "peak_mib": peak_memory(loss_fb, dev), "backend": be})
         for r in rows[-2:]:
+            peak = "n/a" if r["peak_mib"] is None else f"+{r['peak_mib']:.0f} MiB"
             print(f"{name:13s} {provider:9s} {r['mode']:4s} p50 {r['p50_ms']:9.2f} ms  (p20 {r['p20_ms']:.2f}, "
-                  f"p80 {r['p80_ms']:.2f})  peak {'n/a' if r['peak_mib'] is None else f"+{r['peak_mib']:.0f} MiB"}  backend={r['backend']}", flush=True)
+                  f"p80 {r['p80_ms']:.2f})  peak {peak}  backend={r['backend']}", flush=True)
         del model, opt, out
         if dev.type == "cuda":
             torch.cuda.empty_cache()

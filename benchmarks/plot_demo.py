@@ -1,6 +1,7 @@
 """Plot `reatt-train --demo` runs side by side from their metrics.jsonl files (the ablation figure).
 
-    python benchmarks/plot_demo.py OUT.png "reader teacher=runs/demo/metrics.jsonl" "uniform teacher=runs/u/metrics.jsonl"
+    python benchmarks/plot_demo.py OUT.png "reader teacher=runs/demo/metrics.jsonl" \
+        "uniform teacher=runs/u/metrics.jsonl"
 
 Solid: gold-document top-1 retrieval over the whole corpus; dashed: EM reading the given documents; dotted: the mean
 teacher mass on the gold document during training (a diagnostic: the model never sees which document is gold).

@@ -39,7 +39,8 @@ _CODAS = ["", "n", "r", "l", "s", "th", "x"]
 def _names(rng: random.Random, k: int, taken: set) -> list[str]:
     out = []
     while len(out) < k:
-        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.choice([2, 2, 3]))) + rng.choice(_CODAS)
+        syllables = rng.choice([2, 2, 3])
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
         if w not in taken and w not in FIXED_WORDS and w not in RELATIONS:
             taken.add(w)
             out.append(w)

@@ -213,7 +213,9 @@ class ReAttModel(nn.Module):
         return h
 
     def _retrieval_proj(self, h: Tensor, which: str) -> Tensor:
-        """Block B's pre-norm states through the retrieval head's q (queries) or k (documents): [N, L, D] -> [N, L, d]."""
+        """Block B's pre-norm states through the retrieval head's q (queries) or k (documents).
+
+        [N, L, D] -> [N, L, d]."""
         layer = self.t5.encoder.block[self.config.retrieval_layer].layer[0]
         attn = layer.SelfAttention
         dk = attn.key_value_proj_dim

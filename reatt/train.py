@@ -31,7 +31,7 @@ from .distributed import rank_and_world
 from .model import ReAttModel, tiny_t5_config
 
 
-# ---- arguments ---------------------------------------------------------------------------------------------------------
+# ---- arguments -------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="reatt-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-in-batch-negatives", action="store_true", help="score each query only on its own docs")
     g.add_argument("--no-train-pos-bias", action="store_true", help="detach the retrieval head's position bias")
     g.add_argument("--teacher", choices=["reader", "uniform"], default="reader",
-                   help="ablation: 'uniform' replaces the reader's attention by a uniform teacher over each query's docs")
+                   help="ablation: 'uniform' replaces the reader's attention by a uniform teacher over each "
+                        "query's docs")
     g.add_argument("--head-temperature", type=float, default=0.001, help="tau of the learned head weights")
     g.add_argument("--backend", default="auto", help="kernel backend of the fused ops: auto, cpu, triton, cuda")
     g.add_argument("--reference-ops", action="store_true", help="use the plain-torch reference ops (backend=torch)")
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases)")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps (then linear decay to 0)")
     g.add_argument("--kl-warmup", type=int, default=0,
-                   help="curriculum: ramp the KL weight linearly from 0 over the first N steps (0: full from the start)")
+                   help="curriculum: ramp the KL weight linearly from 0 over the first N steps (0: full from the "
+                        "start)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on GPU)")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and dropout")
@@ -113,7 +115,7 @@ def _parse_tiny(s: str) -> dict:
     return out
 
 
-# ---- checkpoints -------------------------------------------------------------------------------------------------------
+# ---- checkpoints -----------------------------------------------------------------------------------------------------
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temp file in the same directory, fsync, then rename: a crash leaves the old file intact."""
     d = os.path.dirname(os.path.abspath(path))
@@ -151,7 +153,7 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-# ---- optimisation ------------------------------------------------------------------------------------------------------
+# ---- optimisation ----------------------------------------------------------------------------------------------------
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup: int, steps: int):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -173,7 +175,7 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-# ---- evaluation and re-retrieval ---------------------------------------------------------------------------------------
+# ---- evaluation and re-retrieval -------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_corpus(model: ReAttModel, tok, docs, max_len: int, device, bs: int = 256):
     """All corpus documents -> (k vectors [N, Ld, d], mask [N, Ld]) padded to one Ld."""
@@ -255,7 +257,7 @@ def reretrieve(model: ReAttModel, tok, examples, corpus, args, device) -> None:
     model.train()
 
 
-# ---- the loop ----------------------------------------------------------------------------------------------------------
+# ---- the loop --------------------------------------------------------------------------------------------------------
 def setup_distributed():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -454,7 +456,8 @@ def train(args) -> list:
             if "teacher" in out and batch["gold"].any():
                 # Diagnostics only: teacher mass and student top-1 on the gold document (labels never reach the loss).
                 g = batch["gold"].float()
-                logs["teacher_gold"] = logs.get("teacher_gold", 0.0) + float((out["teacher"] * g).sum(1).mean()) / args.accum
+                tg = float((out["teacher"] * g).sum(1).mean()) / args.accum
+                logs["teacher_gold"] = logs.get("teacher_gold", 0.0) + tg
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip) if args.clip > 0 else torch.tensor(0.0)
         opt.step()
         sched.step()

@@ -19,7 +19,7 @@ from reatt.train import build_parser, main, train  # noqa: E402
 from .test_reatt_model import _one_thread, make_model  # noqa: E402,F401  (the fixture applies here too)
 
 
-# ---- bad data ----------------------------------------------------------------------------------------------------------
+# ---- bad data --------------------------------------------------------------------------------------------------------
 GOOD = {"question": "what is the capital of x ?", "answers": ["y"], "ctxs": [{"title": "x", "text": "the capital"}]}
 
 
@@ -59,7 +59,7 @@ def test_cli_help_documents_every_flag(capsys):
             assert action.help, f"{action.option_strings} has no help text"
 
 
-# ---- exact resume ------------------------------------------------------------------------------------------------------
+# ---- exact resume ----------------------------------------------------------------------------------------------------
 def _args(out, data, **kw):
     argv = ["--train", data["train"], "--tokenizer", TOKENIZER_DIR, "--out", out, "--n-docs", "3", "--batch-size", "4",
             "--steps", "4", "--warmup", "2", "--lr", "3e-3", "--dropout", "0.1", "--reretrieve-every", "2",
@@ -95,7 +95,7 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(st["exp_avg"], sb["optimizer"]["state"][i]["exp_avg"])
 
 
-# ---- DDP: one step on 2 CPU processes == one process on the global batch ------------------------------------------------
+# ---- DDP: one step on 2 CPU processes == one process on the global batch ---------------------------------------------
 def _examples(k=4):
     train_rows = generate(n_entities=12, pool=5, n_ctx=3, n_train=8, n_dev=2, seed=3)[0]
     return [Example(r["question"], r["answers"], r["ctxs"]) for r in train_rows[:k]]
