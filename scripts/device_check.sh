@@ -23,6 +23,9 @@
 #   is overwritten).
 # REATT_DEVICE_SKIP=gpu_tests,bench_train (a comma list of step names) skips steps, e.g. to rerun only the benchmarks.
 # Afterwards, on the CPU machine: copy $OUT/<gpu-slug>/*.json and *.png into benchmarks/results/<gpu-slug>/ and commit.
+# When the JSONs were merged (more than 6 result files), split them there with:
+#   python3 -c "import json; d = json.load(open('summary.json'))
+#   [open(k, 'w').write(json.dumps(v, indent=1)) for k, v in d['results'].items()]"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
