@@ -126,6 +126,8 @@ EOF
 
 # 4. every GPU-marked test
 step gpu_tests 150 "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider tests
+# The model/training tests are not GPU-marked, but the device image has transformers 5.17 (5.24 here): run them there.
+step reatt_tests 60 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_reatt_model.py tests/test_reatt_train.py
 
 # 5. benchmarks, quick mode. Ours write to $STAGE in a dry run (no committed CPU result is touched).
 OUT_FLAG=()

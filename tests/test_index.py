@@ -313,3 +313,22 @@ def test_k_larger_than_documents(kind):
     assert sorted(i[:, :3].flatten().tolist()) == [0, 0, 1, 1, 2, 2]
     assert (i[:, 3:] == -1).all() and torch.isinf(s[:, 3:]).all() and torch.isfinite(s[:, :3]).all()
     assert (s[:, :-1] >= s[:, 1:]).all()
+
+
+def test_residual_maxsim_rejects_out_of_range_indices():
+    """Offsets past the codes, candidate ids past the documents and codes past the centroids fail in Python, naming
+    the argument, before any kernel could read out of bounds."""
+    q, qm, cent, w, codes, packed, off, cand = make_codes(2)
+    bad_off = off.clone()
+    bad_off[-1] += 4
+    with pytest.raises(ValueError, match="d_offsets must end"):
+        residual_maxsim(q, cent, w, codes, packed, bad_off, cand, 2, qm, backend="torch")
+    bad_cand = cand.clone()
+    bad_cand[1, 2] = off.shape[0] - 1
+    with pytest.raises(ValueError, match="cand must hold document ids"):
+        residual_maxsim(q, cent, w, codes, packed, off, bad_cand, 2, qm, backend="torch")
+    bad_codes = codes.clone()
+    bad_codes[5] = cent.shape[0]
+    with pytest.raises(ValueError, match="codes must hold centroid ids"):
+        residual_maxsim(q, cent, w, codes=bad_codes, packed=packed, d_offsets=off, cand=cand, nbits=2, q_mask=qm,
+                        backend="torch")

@@ -90,7 +90,8 @@ def test_maxsim_fwd(backend, dtype, shape, layout):
         case = make_case(layout, shape, dtype, dev, bias=bias)
         out = run_api(case, backend, reduce)
         ref, _ = run_ref(case, reduce)
-        base = run_api(case, "torch", reduce)
+        # The torch backend is the baseline for everyone else; judged alone it gets the fixed per-dtype tolerance.
+        base = run_api(case, "torch", reduce) if backend != "torch" else None
         assert out.dtype == torch.float32
         assert_close_to_ref(out, ref, base, dtype, name=f"{backend} {layout} {reduce}")
 
@@ -311,6 +312,9 @@ def test_maxsim_torch_compile():
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
     out = cf(q, d, pb)
     out.backward()
-    ref = f(q.detach().requires_grad_(True), d.detach(), pb.detach())
+    q2, d2, pb2 = (t.detach().clone().requires_grad_(True) for t in (q, d, pb))
+    ref = f(q2, d2, pb2)
+    ref.backward()
     assert torch.allclose(out, ref)
-    assert q.grad is not None and d.grad is not None and pb.grad is not None
+    for got, want in ((q.grad, q2.grad), (d.grad, d2.grad), (pb.grad, pb2.grad)):
+        assert got is not None and torch.allclose(got, want), "compiled gradients differ from eager"

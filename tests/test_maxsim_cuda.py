@@ -48,6 +48,10 @@ TILINGS = [
     pytest.param((2, 9, 5, 40, 250), id="generic-dim250"),
     pytest.param((37, 1, 13, 9, 128), id="Lq1-many-queries"),
     pytest.param((5, 40, 6, 1, 33), id="dim33-unvectorised"),
+    # Backward paths the training shape takes: > 128 columns (split dq + reduce kernel) and documents longer than one
+    # deterministic-dd tile (Ld > 16384 / dim).
+    pytest.param((2, 8, 300, 9, 64), id="bwd-split-dq-C300"),
+    pytest.param((2, 16, 5, 300, 128), id="bwd-multi-tile-dd-Ld300"),
 ]
 
 

@@ -107,7 +107,8 @@ __global__ void reader_teacher_fwd_kernel(const T* __restrict__ attn, const int1
         x[j] = is_logits ? -INFINITY : 0.f;
         if (s < S) {
           const int di = drow[s];
-          if (di >= 0 && (mrow == nullptr || mrow[s] != 0)) {
+          // di < n_docs guards the shared-memory bins even when the Python range check is skipped (torch.compile).
+          if (di >= 0 && di < n_docs && (mrow == nullptr || mrow[s] != 0)) {
             d[j] = di;
             x[j] = to_f<T>(row[s * ss]);
           }

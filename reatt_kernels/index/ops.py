@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from .._dispatch import get_impl, register_auto_order, register_impl, select
+from .._utils import device_guard
+from ..ops.maxsim import check_offsets
 from .codec import check_nbits
 
 OP = "residual_maxsim"
@@ -36,8 +38,9 @@ def residual_maxsim_op(q: Tensor, q_mask: Tensor, centroids: Tensor, weights: Te
     Bq, Nc = cand.shape
     if Bq == 0 or Nc == 0:
         return torch.empty((Bq, Nc), dtype=torch.float32, device=q.device)
-    return get_impl(OP, backend)._residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand,
-                                                      nbits)
+    with device_guard(q):
+        return get_impl(OP, backend)._residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets,
+                                                          cand, nbits)
 
 
 @residual_maxsim_op.register_fake
@@ -81,6 +84,19 @@ def residual_maxsim(q: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor
         raise ValueError(f"d_offsets must be int64 [Nd + 1], got {d_offsets.dtype} {tuple(d_offsets.shape)}")
     if cand.dtype != torch.int64 or cand.dim() != 2 or cand.shape[0] != q.shape[0]:
         raise ValueError(f"cand must be int64 [{q.shape[0]}, Nc], got {cand.dtype} {tuple(cand.shape)}")
+    check_offsets(d_offsets, codes.shape[0], q)
+    if not torch.compiler.is_compiling():
+        # Kernels index centroids by code and documents by candidate id without bounds checks of their own: an
+        # out-of-range value must fail here, with the argument named, not read past a buffer. One sync for both.
+        n_docs, n_cent = d_offsets.shape[0] - 1, centroids.shape[0]
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        c_lo, c_hi = (cand.min(), cand.max()) if cand.numel() else (zero, zero)
+        k_lo, k_hi = (codes.min().long(), codes.max().long()) if codes.numel() else (zero, zero)
+        _, c_hi, k_lo, k_hi = torch.stack([c_lo, c_hi, k_lo, k_hi]).tolist()
+        if c_hi >= n_docs:
+            raise ValueError(f"cand must hold document ids in [0, {n_docs}) (negative = padding), got max {c_hi}")
+        if k_lo < 0 or k_hi >= n_cent:
+            raise ValueError(f"codes must hold centroid ids in [0, {n_cent}), got [{k_lo}, {k_hi}]")
     if q_mask is None:
         q_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
     elif q_mask.dtype != torch.bool or tuple(q_mask.shape) != tuple(q.shape[:2]):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import get_impl, register_impl, select
+from .._utils import device_guard
 from ..reference.distill import reduce_rows
 from .maxsim import maxsim, maxsim_packed
 
@@ -50,7 +51,8 @@ def reader_teacher_op(attn: Tensor, doc_index: Tensor, attn_mask: Optional[Tenso
     B, L, H, T, S = attn.shape
     if B == 0 or n_docs == 0 or L * H * T == 0 or S == 0:
         return torch.zeros((B, n_docs), dtype=_out_dtype(attn), device=attn.device)
-    return get_impl("reader_teacher", backend)._reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits)
+    with device_guard(attn):
+        return get_impl("reader_teacher", backend)._reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits)
 
 
 @reader_teacher_op.register_fake
@@ -179,8 +181,9 @@ def distill_kl_fwd(student: Tensor, teacher: Optional[Tensor], teacher_probs: Op
         rows = torch.zeros((0,), dtype=_out_dtype(student), device=student.device)
         grad = student.new_zeros((0, M))
     else:
-        rows, grad = get_impl("distill_kl", backend)._distill_kl_fwd(
-            student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad)
+        with device_guard(student):
+            rows, grad = get_impl("distill_kl", backend)._distill_kl_fwd(
+                student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad)
     loss = reduce_rows(rows, reduction, M)[0]
     return (loss.clone() if reduction == "none" else loss), grad
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import get_impl, register_impl, select
+from .._utils import device_guard
 
 register_impl("maxsim", "torch", "reatt_kernels.reference.maxsim")
 register_impl("maxsim", "cpu", "reatt_kernels.cpu.maxsim")
@@ -57,7 +58,9 @@ def maxsim_fwd(
         # Nothing to launch: a query with no tokens scores 0 against everything.
         return (torch.zeros((Bq, C), dtype=_score_dtype(q), device=q.device),
                 torch.full((Bq, C, Lq), -1, dtype=torch.int32, device=q.device))
-    scores, argmax = get_impl("maxsim", backend)._maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)
+    with device_guard(q):
+        scores, argmax = get_impl("maxsim", backend)._maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size,
+                                                                 mean)
     return scores, argmax
 
 
@@ -86,9 +89,10 @@ def maxsim_bwd(
     if grad.numel() == 0 or q.shape[1] == 0:
         return (torch.zeros(q.shape, dtype=q.dtype, device=q.device), torch.zeros(d.shape, dtype=d.dtype, device=d.device),
                 torch.zeros((n_bias,), dtype=_score_dtype(q), device=q.device))
-    dq, dd, db = get_impl("maxsim", backend)._maxsim_bwd(
-        grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic
-    )
+    with device_guard(q):
+        dq, dd, db = get_impl("maxsim", backend)._maxsim_bwd(
+            grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic
+        )
     return dq.contiguous(), dd.contiguous(), db.contiguous()
 
 
@@ -128,7 +132,7 @@ def _check_tensor(name: str, t, ndim: int, shape_desc: str) -> None:
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {shape_desc}, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64: torch backend only), got {t.dtype}")
 
 
 def _check_mask(name: str, m, shape: tuple, ref: Tensor) -> None:
@@ -178,12 +182,14 @@ def check_offsets(d_offsets, n_tokens: int, ref: Tensor, name: str = "d_offsets"
         raise ValueError(f"{name} is on {d_offsets.device} but q is on {ref.device}")
     if torch.compiler.is_compiling():
         return  # data-dependent checks would break the graph; eager calls check them
-    first, last = int(d_offsets[0]), int(d_offsets[-1])
+    # One device sync for all three facts (this runs on every packed search call).
+    decreasing = (d_offsets[1:] < d_offsets[:-1]).any().to(torch.int64)
+    first, last, bad = torch.stack([d_offsets[0], d_offsets[-1], decreasing]).tolist()
     if first != 0:
         raise ValueError(f"{name} must start at 0, got {first}")
     if last != n_tokens:
         raise ValueError(f"{name} must end at the number of token rows ({n_tokens}), got {last}")
-    if d_offsets.shape[0] > 1 and bool((d_offsets[1:] < d_offsets[:-1]).any()):
+    if bad:
         raise ValueError(f"{name} must be non-decreasing (document b is rows offsets[b]:offsets[b+1])")
 
 

@@ -234,10 +234,8 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
 def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
     if deterministic and q.device.type == "cuda":
         # index_add_ on CUDA uses float atomics unless torch's deterministic mode is on.
-        prev = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
+        from .._utils import deterministic_algorithms
+
+        with deterministic_algorithms():
             return maxsim_bwd_ref(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean)
-        finally:
-            torch.use_deterministic_algorithms(prev)
     return maxsim_bwd_ref(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean)

@@ -79,6 +79,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
+from .._utils import deterministic_algorithms
 
 MAX_DIM = 256  # q/d tiles hold the whole (padded) dim; larger dims would spill registers
 MAX_TOK = 128  # query tokens per row block; longer queries are split into token chunks
@@ -675,12 +676,8 @@ def _dbias_torch(grad, q_mask, nq, argmax, n_bias, mean):
     r = (nq[:, None, None] + argmax - torch.arange(Lq, device=argmax.device)[None, None, :]).clamp(0, n_bias - 1)
     W = w[:, :, None].expand(Bq, C, Lq)
     out = torch.zeros((n_bias,), dtype=torch.float32, device=grad.device)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         out.index_add_(0, r[valid].long(), W[valid])
-    finally:
-        torch.use_deterministic_algorithms(prev)
     return out
 
 
