@@ -45,6 +45,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    case_main,
+    pytest_device,
+    pytest_quick,
     ROW_COLUMNS,
     add_speedups,
     base_parser,
@@ -301,26 +304,12 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
 
 
 def main(argv=None) -> int:
-    p = base_parser("Attention-distillation benchmarks: naive PyTorch vs our backends (ANCHORS.md shapes).")
-    p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
-    p.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    args = p.parse_args(argv)
-    from common import resolve_device
-
-    device = resolve_device(args.device)
-    cases = [c for c in args.cases.split(",") if c] if args.cases else None
-    providers = [x for x in args.providers.split(",") if x] if args.providers else None
-    run(device, args.quick, cases, providers, args.out)
-    return 0
+    return case_main("Attention-distillation benchmarks: naive PyTorch vs our backends (ANCHORS.md shapes).", PROVIDERS, run, argv)
 
 
 # ---- pytest-benchmark entry points (collected only when this file is named) ---------------------------------------------
-def _pytest_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _pytest_quick() -> bool:
-    return os.environ.get("REATT_BENCH_QUICK", "0") not in ("", "0")
+_pytest_device = pytest_device
+_pytest_quick = pytest_quick
 
 
 def _pytest_params():

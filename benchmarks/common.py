@@ -17,6 +17,7 @@ Benchmarks never assert: a failing provider is a row with ``status = "n/a"``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -197,3 +198,27 @@ def plot_rows(rows: list[dict], path: Path, title: str, value: str = "p50_ms", y
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def case_main(description: str, providers, run, argv=None) -> int:
+    """The shared command line of the per-op benchmark scripts: ``[--quick] [--out] [--device] [--cases]
+    [--providers]``, then ``run(device, quick, cases, providers, out)``."""
+    p = base_parser(description)
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
+    p.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(providers)}")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    cases = [c for c in args.cases.split(",") if c] if args.cases else None
+    chosen = [x for x in args.providers.split(",") if x] if args.providers else None
+    run(device, args.quick, cases, chosen, args.out)
+    return 0
+
+
+def pytest_device() -> torch.device:
+    """Device of the pytest-benchmark entry points: the GPU when one is visible."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_quick() -> bool:
+    """``REATT_BENCH_QUICK=1`` picks the quick shapes under pytest-benchmark."""
+    return os.environ.get("REATT_BENCH_QUICK", "0") not in ("", "0")
