@@ -7,10 +7,12 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
 
 from reatt_kernels.datasets import clustered_corpus, clustered_queries
 from reatt_kernels.index import ShardedIndex, TokenIndex
+
+from .utils import spawn_with_timeout
 
 WORLD = 2
 
@@ -48,7 +50,7 @@ def _worker(rank: int, port: int, out_dir: str):
 
 
 def test_sharded_equals_single_index(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_with_timeout(_worker, (_free_port(), str(tmp_path)), nprocs=WORLD)
     for rank in range(WORLD):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         for kind in ("exact", "residual"):

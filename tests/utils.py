@@ -103,3 +103,19 @@ def noncontig(t: torch.Tensor) -> torch.Tensor:
 
 def random_mask(shape, p_true=0.75, device="cpu"):
     return torch.rand(shape, device=device) < p_true
+
+
+def spawn_with_timeout(fn, args, nprocs: int, timeout_s: float = 300.0) -> None:
+    """torch.multiprocessing.spawn that can never stall the suite: a worker error is re-raised (as spawn does), and
+    workers still running after ``timeout_s`` are killed and the test fails."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"spawned workers did not finish within {timeout_s:.0f} s")
