@@ -531,6 +531,9 @@ def main(argv: Optional[list] = None) -> None:
             print(f"{h['step']:5d}  {h['train_seconds']:7.1f}  {h.get('retrieval_top1', float('nan')):11.3f}  "
                   f"{h['em']:9.3f}  {h.get('em_retrieved', float('nan')):13.3f}")
     if dist.is_initialized():
+        # Drain every rank's pending gloo/NCCL work before teardown: destroying a group while its worker thread is
+        # still releasing finished work can deadlock on the GIL (seen with gloo in the DDP test).
+        dist.barrier()
         dist.destroy_process_group()
 
 
