@@ -304,7 +304,9 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
 
 
 def main(argv=None) -> int:
-    return case_main("Attention-distillation benchmarks: naive PyTorch vs our backends (ANCHORS.md shapes).", PROVIDERS, run, argv)
+    return case_main(
+        "Attention-distillation benchmarks: naive PyTorch vs our backends (ANCHORS.md shapes).", PROVIDERS, run, argv
+    )
 
 
 # ---- pytest-benchmark entry points (collected only when this file is named) ---------------------------------------------

@@ -429,7 +429,9 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
 
 
 def main(argv=None) -> int:
-    return case_main("MaxSim benchmarks: naive PyTorch, our backends and peers side by side (ANCHORS.md shapes).", PROVIDERS, run, argv)
+    return case_main(
+        "MaxSim benchmarks: naive PyTorch, our backends and peers side by side (ANCHORS.md shapes).", PROVIDERS, run, argv
+    )
 
 
 # ---- pytest-benchmark entry points (collected only when this file is named: testpaths = ["tests"]) --------------------
