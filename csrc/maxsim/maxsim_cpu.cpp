@@ -104,26 +104,7 @@ namespace avx512bf16 {
 constexpr int W = 16;
 constexpr int NJ_MAX = 12;  // 2 x 12 zmm accumulators + 2 query vectors of the 32 registers
 #define REATT_NJ_LIST 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
-using Vf = __m512;
-using Vi = __m512i;
-static inline Vf v_zero() { return _mm512_setzero_ps(); }
-static inline Vf v_load(const float* p) { return _mm512_loadu_ps(p); }
-static inline Vf v_set1(float x) { return _mm512_set1_ps(x); }
-static inline Vf v_fma(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline Vf v_add(Vf a, Vf b) { return _mm512_add_ps(a, b); }
-static inline void v_store(float* p, Vf v) { _mm512_storeu_ps(p, v); }
-static inline Vi vi_load(const int32_t* p) { return _mm512_loadu_si512(p); }
-static inline void vi_store(int32_t* p, Vi v) { _mm512_storeu_si512(p, v); }
-static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
-  const __mmask16 gt = _mm512_cmp_ps_mask(s, m, _CMP_GT_OQ);
-  m = _mm512_mask_mov_ps(m, gt, s);
-  id = _mm512_mask_set1_epi32(id, gt, j);
-}
-static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + k))));
-  for (; k < n; ++k) d[k] = half_to_float(s[k]);
-}
+#include "maxsim/maxsim_cpu_avx512.h"  // NOLINT: included once per AVX-512 variant, on purpose
 #include "maxsim/maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 #undef REATT_BF16DP
 #undef REATT_NJ_LIST
@@ -137,26 +118,7 @@ namespace avx512 {
 constexpr int W = 16;
 constexpr int NJ_MAX = 12;
 #define REATT_NJ_LIST 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
-using Vf = __m512;
-using Vi = __m512i;
-static inline Vf v_zero() { return _mm512_setzero_ps(); }
-static inline Vf v_load(const float* p) { return _mm512_loadu_ps(p); }
-static inline Vf v_set1(float x) { return _mm512_set1_ps(x); }
-static inline Vf v_fma(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline Vf v_add(Vf a, Vf b) { return _mm512_add_ps(a, b); }
-static inline void v_store(float* p, Vf v) { _mm512_storeu_ps(p, v); }
-static inline Vi vi_load(const int32_t* p) { return _mm512_loadu_si512(p); }
-static inline void vi_store(int32_t* p, Vi v) { _mm512_storeu_si512(p, v); }
-static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
-  const __mmask16 gt = _mm512_cmp_ps_mask(s, m, _CMP_GT_OQ);
-  m = _mm512_mask_mov_ps(m, gt, s);
-  id = _mm512_mask_set1_epi32(id, gt, j);
-}
-static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + k))));
-  for (; k < n; ++k) d[k] = half_to_float(s[k]);
-}
+#include "maxsim/maxsim_cpu_avx512.h"  // NOLINT: included once per AVX-512 variant, on purpose
 #include "maxsim/maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 #undef REATT_BF16DP
 #undef REATT_NJ_LIST
