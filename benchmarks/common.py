@@ -1,6 +1,7 @@
 """Shared timing / roofline / JSON helpers for ``benchmarks/bench_*.py``.
 
-The measurement primitives live in :mod:`reatt_kernels.bench` (the ``reatt-bench`` main job uses the same ones), and
+The measurement primitives live in :mod:`reatt_kernels.benchutil` (the ``reatt-bench`` main job and the index
+benchmark use the same ones), and
 are re-exported here; this file adds the glue every benchmark script needs:
 
 - :func:`base_parser`: the common flags ``--quick``, ``--out DIR``, ``--device``;
@@ -23,10 +24,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from reatt_kernels.bench import (  # noqa: F401  (re-exported)
+from reatt_kernels.bench import HelpFormatter  # noqa: F401  (re-exported)
+from reatt_kernels.benchutil import (  # noqa: F401  (re-exported)
     GIB,
     MIB,
-    HelpFormatter,
     apply_roofline,
     best_roofline,
     NAIVE_CHUNK_ELEMS,

@@ -72,11 +72,39 @@ def unpack_buckets(packed: Tensor, nbits: int, dim: int) -> Tensor:
     return b.reshape(packed.shape[0], dim).long()
 
 
-def assign(x: Tensor, centroids: Tensor, chunk: int = 1 << 15) -> Tensor:
-    """Nearest centroid (Euclidean), chunked: x [T, D] -> int32 [T]. argmin |x - c|^2 = argmax <x, c> - |c|^2 / 2."""
-    out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
+# Below this many centroids the fp32 matmul is cheap and assignment stays exact.
+BF16_MIN_CENTROIDS = 1024
+
+
+def _score_chunk(C: int) -> int:
+    """Tokens per assignment chunk: the [chunk, C] score block stays near 2^24 elements (32 MiB in bf16) however
+    many centroids there are (a fixed 32k-token chunk against 32k centroids would be a 4 GiB block)."""
+    return max(256, (1 << 24) // max(C, 1))
+
+
+def assign(x: Tensor, centroids: Tensor, *, bf16: Optional[bool] = None) -> Tensor:
+    """Nearest centroid (Euclidean), chunked: x [T, D] -> int32 [T]. argmin |x - c|^2 = argmax <x, c> - |c|^2 / 2.
+
+    With ``bf16`` (default: when there are at least ``BF16_MIN_CENTROIDS`` centroids) the scores come from one bf16
+    matmul of ``[x, 1]`` against ``[c, -|c|^2 / 2]`` (fp32 accumulation, the bias folded in as a column). This is the
+    build's dominant cost (T x C x D multiply-adds), and bf16 runs it 2-3x faster on CPUs with bf16 dot products. The
+    price: when two centroids' scores differ by less than bf16's rounding (about 2^-8 of the score), the second
+    nearest may be picked, whose residual is then longer by that same tiny margin (tests/test_index.py bounds the
+    mean residual error against exact fp32 assignment)."""
+    C = centroids.shape[0]
     c = centroids.to(device=x.device, dtype=torch.float32)
     half_sq = 0.5 * (c * c).sum(1)
+    if bf16 is None:
+        bf16 = C >= BF16_MIN_CENTROIDS
+    out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
+    chunk = _score_chunk(C)
+    if bf16:
+        caug = torch.cat([c, -half_sq[:, None]], 1).to(torch.bfloat16).T.contiguous()  # [D + 1, C]
+        for t0 in range(0, x.shape[0], chunk):
+            xc = x[t0:t0 + chunk]
+            xa = torch.cat([xc.to(torch.bfloat16), xc.new_ones((xc.shape[0], 1), dtype=torch.bfloat16)], 1)
+            out[t0:t0 + chunk] = (xa @ caug).argmax(1).to(torch.int32)
+        return out
     for t0 in range(0, x.shape[0], chunk):
         out[t0:t0 + chunk] = (x[t0:t0 + chunk].float() @ c.T - half_sq).argmax(1).to(torch.int32)
     return out
@@ -104,7 +132,7 @@ class ResidualCodec:
         return ResidualCodec(self.centroids.to(device), self.cutoffs.to(device), self.weights.to(device), self.nbits)
 
     @classmethod
-    def train(cls, sample: Tensor, n_centroids: int, nbits: int, *, niter: int = 20, seed: int = 0,
+    def train(cls, sample: Tensor, n_centroids: int, nbits: int, *, niter: int = 4, seed: int = 0,
               gpu: Optional[bool] = None, lloyd_iters: int = 8) -> "ResidualCodec":
         """Fit centroids on ``sample`` [S, D] by k-means, then per-dimension quantile cutoffs and weights of the
         sample's residuals."""
@@ -133,18 +161,18 @@ class ResidualCodec:
             cutoffs = (0.5 * (weights[:, 1:] + weights[:, :-1])).contiguous()
         return cls(cent, cutoffs.contiguous(), weights.contiguous(), nbits)
 
-    def encode(self, x: Tensor, chunk: int = 1 << 15) -> tuple[Tensor, Tensor]:
-        """x [T, D] -> (codes int32 [T], packed uint8 [T, D * nbits // 8]) on x's device."""
+    def encode(self, x: Tensor, chunk: int = 1 << 15, *, bf16: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+        """x [T, D] -> (codes int32 [T], packed uint8 [T, D * nbits // 8]) on x's device. ``bf16``: see
+        :func:`assign`."""
         dev = x.device
         cent = self.centroids.to(dev)
-        half_sq = 0.5 * (cent * cent).sum(1)
         cut = self.cutoffs.to(dev)
         T, D = x.shape
         codes = torch.empty(T, dtype=torch.int32, device=dev)
         packed = torch.empty((T, D * self.nbits // 8), dtype=torch.uint8, device=dev)
         for t0 in range(0, T, chunk):
             xc = x[t0:t0 + chunk].float()
-            cc = (xc @ cent.T - half_sq).argmax(1)
+            cc = assign(xc, cent, bf16=bf16).long()
             r = xc - cent[cc]
             # bucket = number of cutoffs strictly below the residual (searchsorted per dimension).
             b = torch.searchsorted(cut, r.T.contiguous(), right=False).T

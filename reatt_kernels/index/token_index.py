@@ -195,7 +195,7 @@ class TokenIndex:
     def build(cls, vectors, *, d_offsets: Optional[Tensor] = None, kind: str = "residual", nbits: int = 4,
               n_centroids="auto", doc_ids: Optional[Sequence[int]] = None, dim: Optional[int] = None,
               device=None, codec: Optional[ResidualCodec] = None, sample_tokens: int = 1 << 18,
-              n_tokens_hint: Optional[int] = None, kmeans_iters: int = 20, seed: int = 0,
+              n_tokens_hint: Optional[int] = None, kmeans_iters: int = 4, seed: int = 0,
               chunk_tokens: int = 1 << 16, progress: bool = True) -> "TokenIndex":
         """Build an index in bounded memory, streaming over chunks with a tqdm progress bar.
 
@@ -209,7 +209,15 @@ class TokenIndex:
             device: where the index lives and searches (default: the input's device, else CPU).
             codec: reuse trained centroids/cutoffs/weights (no k-means); shards of one corpus share one codec.
             sample_tokens: tokens sampled for k-means and the quantiles (bounded memory).
-            n_tokens_hint: expected token count when ``vectors`` is an iterator (for n_centroids="auto").
+            n_tokens_hint: expected token count when ``vectors`` is an iterator (for n_centroids="auto"; also sizes the
+                payload up front).
+            kmeans_iters: k-means iterations (4, as PLAID: the codes' quality barely moves after a few, and each
+                iteration costs sample x centroids x dim multiply-adds).
+
+        Memory: the payload is written in place into arrays sized up front (when the token count is known: packed or
+        list input, or ``n_tokens_hint``; otherwise grown by 1.25x), and the inverted lists are collected per chunk
+        as (centroid, document) pairs, so the build's peak is about the final index plus one chunk, never the
+        chunks plus their concatenation.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -242,7 +250,13 @@ class TokenIndex:
                 nbits = codec.nbits
             nbits = codec.nbits
         index = cls(kind, dim, device=device, nbits=nbits if kind == "residual" else 0, codec=codec)
-        index._append_stream(buffered, it, doc_ids, progress, desc=f"building {kind} index")
+        if isinstance(stream, Tensor):
+            total = stream.shape[0]
+        elif isinstance(stream, list):
+            total = sum(x.shape[0] for x in stream)
+        else:
+            total = n_tokens_hint
+        index._append_stream(buffered, it, doc_ids, progress, desc=f"building {kind} index", total_tokens=total)
         return index
 
     @staticmethod
@@ -275,28 +289,48 @@ class TokenIndex:
         sample = torch.cat([c[0].float().cpu() for c in buffered]) if buffered else torch.zeros(0, 1)
         return sample[:sample_tokens], buffered, n
 
-    def _append_stream(self, buffered, it, doc_ids, progress, desc):
+    def _append_stream(self, buffered, it, doc_ids, progress, desc, total_tokens: Optional[int] = None):
         from itertools import chain
 
         from tqdm.auto import tqdm
 
-        pieces_tok, pieces_len = [], []
+        T0 = self.n_tokens
+        payload = [self.tokens] if self.kind == "exact" else [self.codes, self.packed]
+        cap = T0 + (total_tokens or 0)
+        # Grow the payload arrays to their final size once (or by 1.25x when the total is unknown) and write each
+        # encoded chunk in place: no list of chunks, no final concatenation (which would double the peak).
+        bufs = [self._grow(t, T0, cap) for t in payload]
+        T = T0
+        pieces_len = []
+        pairs_cell, pairs_doc = [], []  # inverted-list entries of the new documents, one small pair per chunk
         n_docs = 0
+        N0 = self.offsets.numel() - 1
         bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress)
         for tokens, lens in chain(buffered, it):
             if tokens.shape[1] != self.dim:
                 raise ValueError(f"document dim {tokens.shape[1]} != index dim {self.dim}")
             tokens = tokens.to(self.device)
+            n = tokens.shape[0]
+            if T + n > bufs[0].shape[0]:
+                cap = max(T + n, int(bufs[0].shape[0] * 1.25) + (1 << 16))
+                bufs = [self._grow(t, T, cap) for t in bufs]
+            lens = lens.to(device=self.device, dtype=torch.int64)
             if self.kind == "exact":
-                pieces_tok.append(tokens.to(torch.float16))
+                bufs[0][T:T + n] = tokens
             else:
-                pieces_tok.append(self.codec.encode(tokens))
-            pieces_len.append(lens.to(torch.int64))
+                codes, packed = self.codec.encode(tokens)
+                bufs[0][T:T + n], bufs[1][T:T + n] = codes, packed
+                c, d = self._cell_doc_pairs(codes, lens)
+                pairs_cell.append(c)
+                pairs_doc.append(d + N0 + n_docs)
+            T += n
+            pieces_len.append(lens)
             n_docs += lens.numel()
-            bar.update(tokens.shape[0])
+            bar.update(n)
         bar.close()
-        lens = torch.cat(pieces_len).to(self.device) if pieces_len else torch.zeros(0, dtype=torch.int64,
-                                                                                  device=self.device)
+        # (grown without a known total, the arrays keep up to 25% spare rows behind these views rather than pay for
+        # a copy at the peak)
+        lens = torch.cat(pieces_len) if pieces_len else torch.zeros(0, dtype=torch.int64, device=self.device)
         if doc_ids is None:
             ids = torch.arange(self.next_id, self.next_id + n_docs, dtype=torch.int64, device=self.device)
         else:
@@ -315,14 +349,49 @@ class TokenIndex:
         if ids.numel():
             self.next_id = max(self.next_id, int(ids.max()) + 1)
         if self.kind == "exact":
-            if pieces_tok:
-                self.tokens = torch.cat([self.tokens] + pieces_tok)
+            self.tokens = bufs[0][:T]
             self._flat = None
         else:
-            if pieces_tok:
-                self.codes = torch.cat([self.codes] + [p[0] for p in pieces_tok])
-                self.packed = torch.cat([self.packed] + [p[1] for p in pieces_tok])
-            self._build_ivf()
+            self.codes, self.packed = bufs[0][:T], bufs[1][:T]
+            self._merge_ivf(pairs_cell, pairs_doc)
+
+    @staticmethod
+    def _grow(t: Tensor, used: int, cap: int) -> Tensor:
+        """``t`` with room for ``cap`` rows (its first ``used`` rows kept); ``t`` itself when it is big enough."""
+        if t.shape[0] >= cap:
+            return t
+        out = torch.empty((cap,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        out[:used] = t[:used]
+        return out
+
+    @staticmethod
+    def _cell_doc_pairs(codes: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
+        """Unique (centroid, local document) pairs of one chunk, sorted by centroid then document."""
+        n = lens.numel()
+        doc = torch.repeat_interleave(torch.arange(n, device=codes.device), lens, output_size=codes.numel())
+        key = torch.unique(codes.long() * max(n, 1) + doc)
+        return (key // max(n, 1)).to(torch.int32), key % max(n, 1)
+
+    def _merge_ivf(self, cells: list[Tensor], docs: list[Tensor]) -> None:
+        """Add (centroid, document) pairs to the inverted lists. The existing lists and each chunk's pairs are in
+        document order within a centroid, so a stable sort by centroid alone yields (centroid, document) order."""
+        C = self.codec.centroids.shape[0]
+        dev = self.device
+        if self.ivf_offsets.numel() != C + 1:  # a fresh index: no lists yet
+            self.ivf_offsets = torch.zeros(C + 1, dtype=torch.int64, device=dev)
+            self.ivf_docs = torch.zeros(0, dtype=torch.int64, device=dev)
+        old_cells = torch.repeat_interleave(torch.arange(C, device=dev, dtype=torch.int32),
+                                            self.ivf_offsets[1:] - self.ivf_offsets[:-1],
+                                            output_size=self.ivf_docs.numel())
+        cell = torch.cat([old_cells] + cells)
+        doc = torch.cat([self.ivf_docs] + docs)
+        del old_cells
+        cell, order = torch.sort(cell, stable=True)
+        self.ivf_docs = doc[order]
+        del order, doc
+        counts = torch.bincount(cell, minlength=C)
+        self.ivf_offsets = torch.zeros(C + 1, dtype=torch.int64, device=dev)
+        self.ivf_offsets[1:] = torch.cumsum(counts, 0)
 
     def _build_ivf(self):
         """Inverted lists: centroid -> sorted unique local document indices holding a token of that centroid."""
@@ -392,6 +461,13 @@ class TokenIndex:
             q_mask = torch.ones(q.shape[:2], dtype=torch.bool)
         if q_mask.dtype != torch.bool or tuple(q_mask.shape) != tuple(q.shape[:2]):
             raise ValueError(f"q_mask must be bool {tuple(q.shape[:2])}, got {q_mask.dtype} {tuple(q_mask.shape)}")
+        # A NaN or inf would flow through every stage and come back as non-finite scores (or silently wrong ids);
+        # reject it here, naming where it is. Masked-out tokens are checked too: padding must be finite.
+        bad = ~torch.isfinite(q)
+        if bool(bad.any()):
+            a, i, d = (int(v) for v in torch.nonzero(bad)[0])
+            raise ValueError(f"q holds {int(bad.sum())} non-finite value(s) (NaN or inf), the first at query {a}, "
+                             f"token {i}, dimension {d}: query vectors must be finite")
         return q.to(self.device), q_mask.to(self.device)
 
     def search(self, q: Tensor, q_mask: Optional[Tensor] = None, k: int = 10, *, timings: bool = False,
