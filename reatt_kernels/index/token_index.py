@@ -7,12 +7,13 @@ exact, ``method="flat"`` (ReAtt's inference path): each query token's ``k_token`
     (faiss flat inner-product index on CPU, chunked matmul + top-k on CUDA), their documents as candidates, then an
     exact ``maxsim_packed`` rerank of the candidates.
 residual:
-    (1) ``centroids``: query tokens x centroids, the ``nprobe`` best cells per valid query token, and the inverted
-        lists of those cells give the candidate documents;
+    (1) ``centroid_scores``: query tokens x centroids ([Bq, Lq, C], one matmul); ``probe``: the ``nprobe`` best
+        cells per valid query token; ``candidates``: the inverted lists of those cells give (query, document, token,
+        score) hits, deduplicated into candidate documents (O(hits): never a [queries x documents x tokens] array);
     (2) ``approx``: PLAID's centroid interaction ``sum_i max_{t in doc} <q_i, centroid[code_t]>``, restricted to the
         probed cells (an unprobed cell counts as the token's nprobe-th best centroid score, an upper bound), prunes
         them to ``ncandidates``;
-    (3) ``rerank``: the fused decompress + MaxSim op ``residual_maxsim`` (Triton / CUDA / C++ / torch) on the codes;
+    (3) ``decompress_rerank``: the fused decompress + MaxSim op ``residual_maxsim`` (Triton / CUDA / C++ / torch) on the codes;
     (4) ``topk``.
     Everything stays on the index's device (GPU-resident on CUDA). ``index.last_timings`` holds per-stage seconds
     of the last search when it was called with ``timings=True``.
@@ -600,6 +601,7 @@ class TokenIndex:
         npr = min(int(nprobe), C)
         vals, cells = torch.topk(S, npr, dim=-1)  # [Bq, Lq, nprobe]
         floor = torch.where(q_mask, vals[..., -1], torch.zeros_like(vals[..., -1]))  # [Bq, Lq]
+        timer.stop("probe")
         a_idx, i_idx = torch.nonzero(q_mask, as_tuple=True)
         cs, vs = cells[a_idx, i_idx].reshape(-1), vals[a_idx, i_idx].reshape(-1)  # one entry per (a, i, probe)
         ai = (a_idx * Lq + i_idx).repeat_interleave(npr)
@@ -624,7 +626,7 @@ class TokenIndex:
         else:
             uniq, inv = torch.unique(key, return_inverse=True)  # (query, doc) pairs, sorted by query
         ua, ud = uniq // max(N, 1), uniq % max(N, 1)
-        timer.stop("centroids")
+        timer.stop("candidates")
         U = uniq.numel()
         best = floor[ua]  # [U, Lq]: start at each token's floor, then raise to the probed hits
         best.view(-1).scatter_reduce_(0, inv * Lq + (ai % Lq), v, reduce="amax")
@@ -656,13 +658,14 @@ class TokenIndex:
         if exhaustive:
             live = torch.nonzero(~self.deleted).flatten()
             cand = live[None].expand(Bq, -1).contiguous()
-            timer.stop("centroids")
+            timer.stop("candidates")
         else:
             S = qf @ self.codec.centroids.T  # [Bq, Lq, C]
+            timer.stop("centroid_scores")
             cand = self._probe(S, q_mask, nprobe, ncand, timer)
         scores = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self.codes, self.packed, self.offsets,
                                  cand, self.nbits, q_mask, backend=backend)
-        timer.stop("rerank")
+        timer.stop("decompress_rerank")
         ids = torch.where(cand >= 0, self.doc_ids[cand.clamp(min=0)], torch.full_like(cand, -1))
         out = _topk_padded(scores, ids, k)
         timer.stop("topk")
