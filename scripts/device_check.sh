@@ -8,7 +8,7 @@
 #   3. print available_backends() and the build info
 #   4. pytest -m gpu (every engineer's GPU-marked tests)
 #   5. the benchmarks in quick mode: bench_maxsim, reatt-bench, bench_distill, bench_index, bench_train
-#      (each when present), each under its own `timeout`
+#      (each when present), each under its own `timeout`; then the index at scale (bench_index --device cuda)
 #   6. copy the JSON/PNG results to $OUT: $OUT/device_check.log, $OUT/<gpu-slug>/{summary.json, *.json, *.png}
 #      (at most 8 files, at most 1 folder deep; JSONs are merged into summary.json when they would not fit)
 #
@@ -145,6 +145,14 @@ for b in bench_distill bench_index bench_train; do
     step "$b" "$budget" "$PY" "benchmarks/$b.py" --quick
   fi
 done
+# The index at scale on the GPU: the headline corpus (noise 0.124) at REATT_INDEX_GPU_DOCS documents (default 200k,
+# 17.6M tokens: the corpus is generated on the CPU, about a minute per 100k documents there, so 1M documents do not
+# fit this script's budget; raise it with REATT_DEVICE_BUDGET_S and REATT_INDEX_GPU_DOCS=1000000), exact vs residual
+# (default and sweep), plus fast-plaid at 20k documents on the same GPU when its wheel is installed.
+if [[ $DRY != 1 && -f benchmarks/bench_index.py ]]; then
+  step bench_index_gpu 240 "$PY" benchmarks/bench_index.py --device cuda --sections headline,peer \
+    --docs "${REATT_INDEX_GPU_DOCS:-200000}" --peer-docs 20000 --threads 16
+fi
 
 # 6. collect: results written during this run (newer than $STAMP), flat, into $OUT/<slug>/
 echo "=== [collect] $(left)s left"

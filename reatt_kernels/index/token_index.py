@@ -155,7 +155,9 @@ class TokenIndex:
             self.codes = torch.zeros(0, dtype=torch.int32, device=dev)
             self.packed = torch.zeros((0, dim * nbits // 8), dtype=torch.uint8, device=dev)
             self.ivf_offsets = torch.zeros(1, dtype=torch.int64, device=dev)
-            self.ivf_docs = torch.zeros(0, dtype=torch.int64, device=dev)
+            # int32 document indices (half the bytes of int64: the lists are about 6 of the ~80 bytes per token);
+            # an index holds fewer than 2^31 documents
+            self.ivf_docs = torch.zeros(0, dtype=torch.int32, device=dev)
         self.last_timings: dict[str, float] = {}
         self._flat = None  # lazily built token-level flat index (exact, method="flat")
 
@@ -380,12 +382,12 @@ class TokenIndex:
         dev = self.device
         if self.ivf_offsets.numel() != C + 1:  # a fresh index: no lists yet
             self.ivf_offsets = torch.zeros(C + 1, dtype=torch.int64, device=dev)
-            self.ivf_docs = torch.zeros(0, dtype=torch.int64, device=dev)
+            self.ivf_docs = torch.zeros(0, dtype=torch.int32, device=dev)
         old_cells = torch.repeat_interleave(torch.arange(C, device=dev, dtype=torch.int32),
                                             self.ivf_offsets[1:] - self.ivf_offsets[:-1],
                                             output_size=self.ivf_docs.numel())
         cell = torch.cat([old_cells] + cells)
-        doc = torch.cat([self.ivf_docs] + docs)
+        doc = torch.cat([self.ivf_docs.to(torch.int32)] + [d.to(torch.int32) for d in docs])
         del old_cells
         cell, order = torch.sort(cell, stable=True)
         self.ivf_docs = doc[order]
@@ -403,7 +405,7 @@ class TokenIndex:
         doc_of_tok = torch.repeat_interleave(torch.arange(N, device=dev), lens, output_size=self.codes.numel())
         key = torch.unique(self.codes.long() * max(N, 1) + doc_of_tok)  # sorted by (centroid, doc)
         cell = key // max(N, 1)
-        self.ivf_docs = key % max(N, 1)
+        self.ivf_docs = (key % max(N, 1)).to(torch.int32)
         counts = torch.bincount(cell, minlength=C)
         self.ivf_offsets = torch.zeros(C + 1, dtype=torch.int64, device=dev)
         self.ivf_offsets[1:] = torch.cumsum(counts, 0)
@@ -609,7 +611,7 @@ class TokenIndex:
         n = int(lens.sum())
         seg = torch.repeat_interleave(torch.arange(cs.numel(), device=dev), lens, output_size=n)
         pos = torch.arange(n, device=dev) - (torch.cumsum(lens, 0) - lens)[seg] + self.ivf_offsets[cs][seg]
-        doc = self.ivf_docs[pos]
+        doc = self.ivf_docs[pos].long()
         ai, v = ai[seg], vs[seg]
         live = ~self.deleted[doc]
         doc, ai, v = doc[live], ai[live], v[live]
