@@ -144,8 +144,12 @@ class ResidualCodec:
         K = 1 << nbits
         qs_cut = torch.arange(1, K, dtype=torch.float64) / K
         qs_w = (torch.arange(K, dtype=torch.float64) + 0.5) / K
-        # torch.quantile caps its input size, so take quantiles per dimension over at most 2^20 residuals.
-        r = res[: 1 << 20]
+        # Quantiles and Lloyd-Max per dimension over at most 2^16 residuals: 16 buckets per dimension are placed
+        # well by 65k values, and the [D, S] temporaries below (int64 bucket ids, fp64 sums) stay near 64 MiB
+        # instead of dominating the build's peak memory.
+        del sample
+        r = res[torch.randperm(res.shape[0], generator=torch.Generator().manual_seed(seed))[: 1 << 16]]
+        del res
         rd = r.double()
         cutoffs = torch.quantile(rd, qs_cut, dim=0).T.float().contiguous()
         weights = torch.quantile(rd, qs_w, dim=0).T.float().contiguous()

@@ -249,6 +249,7 @@ class TokenIndex:
                     raise ValueError("a residual index needs tokens to train its centroids (or pass codec=)")
                 k = default_n_centroids(T) if n_centroids == "auto" else int(n_centroids)
                 codec = ResidualCodec.train(sample, k, nbits, niter=kmeans_iters, seed=seed)
+                del sample  # not held while the corpus is encoded
             elif codec.nbits != nbits and nbits is not None:
                 nbits = codec.nbits
             nbits = codec.nbits
