@@ -140,16 +140,15 @@ class ResidualCodec:
         check_nbits(nbits, sample.shape[1])
         sample = sample.float().cpu()
         cent = kmeans(sample, n_centroids, niter=niter, seed=seed, gpu=gpu)
-        res = sample - cent[assign(sample, cent).long()]
         K = 1 << nbits
         qs_cut = torch.arange(1, K, dtype=torch.float64) / K
         qs_w = (torch.arange(K, dtype=torch.float64) + 0.5) / K
-        # Quantiles and Lloyd-Max per dimension over at most 2^16 residuals: 16 buckets per dimension are placed
-        # well by 65k values, and the [D, S] temporaries below (int64 bucket ids, fp64 sums) stay near 64 MiB
-        # instead of dominating the build's peak memory.
-        del sample
-        r = res[torch.randperm(res.shape[0], generator=torch.Generator().manual_seed(seed))[: 1 << 16]]
-        del res
+        # Quantiles and Lloyd-Max per dimension over the residuals of at most 2^16 sample rows: 16 buckets per
+        # dimension are placed well by 65k values, and the temporaries ([S, D] residuals, [D, S] int64 bucket ids,
+        # fp64 sums) stay near 64 MiB instead of several copies of the whole sample (the build's peak memory).
+        sub = sample[torch.randperm(sample.shape[0], generator=torch.Generator().manual_seed(seed))[: 1 << 16]]
+        r = sub - cent[assign(sub, cent).long()]
+        del sub
         rd = r.double()
         cutoffs = torch.quantile(rd, qs_cut, dim=0).T.float().contiguous()
         weights = torch.quantile(rd, qs_w, dim=0).T.float().contiguous()
