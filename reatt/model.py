@@ -380,8 +380,8 @@ class ReAttModel(nn.Module):
             q_ids, q_mask: [B, Lq] query ids ("question: ..."; no EOS) and bool mask.
             d_ids, d_mask: [B, n, Ld] document ids ("title: ... context: ... </s>") and bool mask.
             labels: [B, T] answer ids with -100 padding (None: no QA loss and no teacher).
-            compute_kl: add kl_weight * KL (needs labels: the teacher reads the decoder at step 0). Skipped when
-                kl_weight is 0 (a QA-only warm-up).
+            compute_kl: add kl_weight * KL (needs labels: the teacher reads the decoder at step 0). False: QA only
+                (no teacher, no student: the warm-up round).
             gold: ignored (a logging-only field of the batch; retrieval is never supervised).
         Returns:
             dict with "loss", "qa_loss", "kl_loss" (0-d), "teacher" [B, n], "student_scale", and "q", "d" retrieval
@@ -396,7 +396,6 @@ class ReAttModel(nn.Module):
             zero = enc.new_zeros(())
             return {"q": self._retrieval_proj(hq, "q"), "d": self._retrieval_proj(hd, "k"), "loss": zero,
                     "qa_loss": zero, "kl_loss": zero, "encoder_states": enc, "encoder_mask": enc_mask}
-        compute_kl = compute_kl and self.config.kl_weight != 0
         p = self.forward_parts(q_ids, q_mask, d_ids, d_mask, labels, teacher=compute_kl)
         qa = p["qa_loss"]
         out = {"q": p["q"], "d": p["d"], "qa_loss": qa, "logits": p["logits"]}
