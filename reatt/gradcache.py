@@ -69,6 +69,26 @@ def _gather_same_shape(x: torch.Tensor, what: str) -> torch.Tensor:
     return all_gather_nograd(x)
 
 
+def _all_reduce_grads(params: list, bucket_elems: int = 1 << 25) -> None:
+    """Sum every parameter's .grad over ranks, through flat buckets of at most ``bucket_elems`` elements (128 MiB of
+    fp32: one collective per bucket, never a full copy of a large model's gradients). Same order on every rank."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket, size = [], 0
+    for i, p in enumerate(params):
+        bucket.append(p)
+        size += p.numel()
+        if size >= bucket_elems or i == len(params) - 1:
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            dist.all_reduce(flat)
+            off = 0
+            for q in bucket:
+                q.grad.copy_(flat[off : off + q.numel()].view_as(q))
+                off += q.numel()
+            bucket, size = [], 0
+
+
 def ibn_accum_step(model, micro_batches: Sequence[dict], autocast=None) -> dict:
     """Accumulate into ``.grad`` the gradient of ``QA + kl_weight * KL`` over all micro-batches (of all ranks).
 
@@ -177,17 +197,7 @@ def ibn_accum_step(model, micro_batches: Sequence[dict], autocast=None) -> dict:
 
     if world > 1:
         # Each rank holds its own micro-batches' share: the big batch's gradient is the sum over ranks.
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        off = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[off : off + n].view_as(p))
-            off += n
+        _all_reduce_grads([p for p in model.parameters() if p.requires_grad])
         t = torch.tensor([qa_sum], dtype=torch.float64, device=dev)
         dist.all_reduce(t)
         qa_sum = float(t.item())
