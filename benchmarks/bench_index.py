@@ -1,9 +1,12 @@
-"""Token index benchmark (exact and residual-compressed): build time, bytes per token, recall@10/@100 against exact
-search, per-query latency at batch 1 and 64 (p50/p99) with the per-stage breakdown, fast-plaid side by side when
-installed. Writes benchmarks/results/<device>/bench_index.json and bench_index.png.
+"""Token index benchmark: exact search, the residual index and fast-plaid (in its own venv, benchmarks/peers/) on the
+same corpus and queries, scored with the same metrics (recall@10, eps-recall@10, gold@10 beside exact's), per-query
+latency, bytes per token, build time and peak RSS, the per-stage profile of the residual pipeline, and a
+recall-vs-latency plot. Writes benchmarks/results/<device>/bench_index[_quick].{json,md,png}.
 
-    python benchmarks/bench_index.py --quick          # small corpus, short timing
-    python benchmarks/bench_index.py --index-docs 50000 --device cuda
+    python benchmarks/bench_index.py --quick                 # every section at 2,000 documents
+    python benchmarks/bench_index.py                         # 100k headline, 20k vs fast-plaid, 20k noise sweep
+    python benchmarks/bench_index.py --sections peer --cache ~/.cache/reatt/bench-index   # reuse built indexes
+    python benchmarks/bench_index.py --device cuda --docs 200000                          # the GPU configuration
 
 The implementation lives in reatt_kernels/index/bench.py (``reatt-bench --index`` calls the same ``run``)."""
 import sys
