@@ -149,7 +149,7 @@ def write_demo(out_dir: str, seed: int = 0, **kw) -> dict:
     return paths
 
 
-# ---- the ablation: reader teacher vs uniform teacher vs no KL ----------------------------------------------------------
+# ---- the ablation: reader teacher vs uniform teacher vs no KL --------------------------------------------------------
 ARMS = {
     # name: (reatt-train flags, what the arm tests)
     "reader": ([], "ReAtt: KL to the reader's cross-attention"),

@@ -209,7 +209,7 @@ def _rank_world():
     return 0, 1
 
 
-# ---- in-memory index (training-time re-retrieval and evaluation) ------------------------------------------------------
+# ---- in-memory index (training-time re-retrieval and evaluation) -----------------------------------------------------
 def build_memory_index(model, docs: Sequence[dict], max_len: int, device, batch_size: int = 256,
                        distributed: bool = False, bf16: str = "auto"):
     """An exact TokenIndex over ``docs`` (ids 0..N-1) built batch by batch: no padded all-passages tensor exists.
@@ -247,7 +247,7 @@ def search(model, index, questions: Sequence[str], k: int, max_len: int, device,
     return torch.cat(out_s), torch.cat(out_i)
 
 
-# ---- on-disk index: resumable, in parts, one rank per slice of parts ---------------------------------------------------
+# ---- on-disk index: resumable, in parts, one rank per slice of parts -------------------------------------------------
 def part_dir(index_dir, p: int) -> Path:
     return Path(index_dir) / f"part-{p:05d}"
 

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # lr 5e-4, not 2e-3: at 2e-3 the tiny reader never learns to copy the answer out of the documents within 10 min
 # (QA loss stays at the no-reading floor ln(12)/2, EM ~0.2); at 3e-4..1e-3 it crosses the floor by step ~900 and,
-# at 5e-4, reads (EM > 0.9) by step ~1600 (measured on this task: benchmarks/results/cpu/reatt_demo.json).
+# at 5e-4, reads (EM > 0.9) by step ~1600 (measured on the earlier demo task, whose distractors held answers of their
+# own; on the current one it reads by step ~500: benchmarks/results/cpu/reatt_demo_ablation.json).
 DEMO_DEFAULTS = dict(n_docs=4, batch_size=16, lr=5e-4, warmup=50, steps=3000, eval_every=100, kl_weight=8.0,
                      max_query_len=16, max_doc_len=16, max_answer_len=4, time_budget=10.0, eval_retrieved=True,
                      weight_decay=0.0,

@@ -76,7 +76,7 @@ def built(world):
     return out
 
 
-# ---- build -> search -> eval -------------------------------------------------------------------------------------------
+# ---- build -> search -> eval -----------------------------------------------------------------------------------------
 def test_build_search_eval_round_trip(world, built, tmp_path):
     meta = json.loads((built / "reatt_index.json").read_text())
     assert meta["n_docs"] == world["n_docs"] == 90 and meta["n_parts"] == 4 and meta["dim"] == 16
@@ -134,7 +134,7 @@ def test_search_output_is_reatt_train_input(world, built, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs if r["type"] == "train")
 
 
-# ---- the index ranks by exact MaxSim over the model's keys ----------------------------------------------------------------
+# ---- the index ranks by exact MaxSim over the model's keys -----------------------------------------------------------
 def _maxsim_oracle(q, qm, keys, offsets):
     """float64, from the definition: score(a, b) = sum over a's valid tokens i of max over b's tokens t of q_i . k_t."""
     q = q.double()
@@ -179,7 +179,7 @@ def test_exact_index_topk_equals_exact_maxsim(world, built):
         assert set(must.tolist()) <= set(ids[a].tolist()), f"question {a}: the exact top-{k} was not returned"
 
 
-# ---- resumable build ------------------------------------------------------------------------------------------------------
+# ---- resumable build -------------------------------------------------------------------------------------------------
 def _killed_build(model_dir, corpus, out, kind):
     """Build, and SIGKILL this process in the middle of saving part 1 (after part 0 is finished)."""
     import signal
@@ -244,7 +244,7 @@ def test_build_refuses_other_settings(world, built):
         _build(world, built, "--part-size", "50")
 
 
-# ---- ranks build parts; the parts are searched as a ShardedIndex ---------------------------------------------------------
+# ---- ranks build parts; the parts are searched as a ShardedIndex -----------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -284,7 +284,7 @@ def test_ranks_build_parts_searched_as_sharded_index(world, built, tmp_path):
         assert torch.equal(i, i1) and torch.equal(s, s1)
 
 
-# ---- answer containment (DPR / FiD) and SQuAD EM / F1 on hand-made cases ------------------------------------------------
+# ---- answer containment (DPR / FiD) and SQuAD EM / F1 on hand-made cases ---------------------------------------------
 def test_answer_containment_hand_made():
     assert has_answer(["Paris"], "The capital is Paris.")
     assert not has_answer(["Paris"], "Parisian food")  # whole tokens only
@@ -317,7 +317,7 @@ def test_answer_containment_hand_made():
     assert f1_score("", ["a"]) == 1.0 and f1_score("x", ["the"]) == 0.0  # "a"/"the" normalise to empty
 
 
-# ---- optional packages never fail a finished run ------------------------------------------------------------------------
+# ---- optional packages never fail a finished run ---------------------------------------------------------------------
 def test_plots_skip_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert _plot([{"step": 0, "em": 0.0}], str(tmp_path / "a.png"), "t") is False
@@ -325,3 +325,24 @@ def test_plots_skip_without_matplotlib(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr()
     assert "matplotlib is not installed" in out.err + out.out
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("cli", ["reatt.index_cli build", "reatt.index_cli search", "reatt.eval", "reatt.demo"])
+def test_cli_help_documents_every_flag(cli, capsys):
+    import importlib
+
+    mod, *sub = cli.split()
+    m = importlib.import_module(mod)
+    with pytest.raises(SystemExit) as ei:
+        m.main(sub + ["--help"])
+    assert ei.value.code == 0
+    text = capsys.readouterr().out
+    ap = m.build_parser() if hasattr(m, "build_parser") else None
+    if ap is not None:
+        if sub:
+            ap = next(a for a in ap._actions if a.dest == "cmd").choices[sub[0]]
+        for action in ap._actions:
+            for opt in action.option_strings:
+                assert opt in text
+            if action.dest != "help":
+                assert action.help, f"{cli}: {action.option_strings} has no help text"
