@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output JSONL (question, answers, ctxs ranked by score)")
     s.add_argument("--corpus", help="the corpus JSONL (default: the one the index was built from)")
     s.add_argument("--max-query-len", type=int, default=64, help="question tokens (\"question: ...\")")
+    s.add_argument("--index-device", default="cpu", help="where the index parts are loaded and searched (cpu, cuda)")
     s.add_argument("--nprobe", type=int, help="residual: cells probed per query token (default: the index's)")
     s.add_argument("--ncandidates", type=int, help="residual: documents reranked exactly (default: the index's)")
     return ap
@@ -124,7 +125,7 @@ def main(argv: Optional[list] = None) -> None:
     else:
         if args.k < 1:
             raise SystemExit(f"--k must be >= 1, got {args.k}")
-        index, meta = load_index(args.index)
+        index, meta = load_index(args.index, device=args.index_device)
         corpus = read_corpus(args.corpus or meta["corpus"])
         if len(corpus) != meta["n_docs"]:
             raise SystemExit(f"the corpus has {len(corpus)} passages, the index {meta['n_docs']}: pass the --corpus "

@@ -430,8 +430,10 @@ def train(args) -> list:
         if not eval_exs:
             return
         if main_proc:
+            te = time.time()
             res = evaluate(model, tok, eval_exs, corpus, corpus_index, args, device)
-            rec = {"step": step_now, "train_seconds": round(t_train, 1), **res}
+            rec = {"step": step_now, "train_seconds": round(t_train, 1), "eval_seconds": round(time.time() - te, 1),
+                   **res}
             history.append(rec)
             log({"type": "eval", **rec})
             parts = [f"{k} {v:.3f}" for k, v in res.items() if k != "retrieval_chance_top1"]
