@@ -27,11 +27,10 @@ from collections import Counter
 from typing import Optional, Sequence
 
 try:  # DPR's tokenizer classes (\p{L}\p{N}\p{M}); `regex` comes with transformers
-    import regex as _re
+    import regex
 
-    _TOKEN = _re.compile(r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", _re.UNICODE)
-except ImportError:  # pragma: no cover - the same classes, spelled with the standard library
-    _re = None
+    _TOKEN = regex.compile(r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", regex.UNICODE)
+except ImportError:  # pragma: no cover - the same classes, by unicodedata categories below
     _TOKEN = None
 
 

@@ -108,7 +108,8 @@ def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
     import torch
 
-    from .retrieve import build_index, load_index, load_model, pick_device, read_corpus, read_questions, search
+    from .retrieve import (build_index, file_digest, load_index, load_model, pick_device, read_corpus, read_questions,
+                           search)
 
     ddp_dev = _init_distributed()
     device = ddp_dev or pick_device(args.device)
@@ -127,9 +128,9 @@ def main(argv: Optional[list] = None) -> None:
             raise SystemExit(f"--k must be >= 1, got {args.k}")
         index, meta = load_index(args.index, device=args.index_device)
         corpus = read_corpus(args.corpus or meta["corpus"])
-        if len(corpus) != meta["n_docs"]:
-            raise SystemExit(f"the corpus has {len(corpus)} passages, the index {meta['n_docs']}: pass the --corpus "
-                             f"it was built from")
+        if file_digest(args.corpus or meta["corpus"]) != meta["corpus_sha256"]:
+            raise SystemExit(f"{args.corpus or meta['corpus']} is not the corpus the index was built from (sha256 "
+                             f"differs): pass that corpus with --corpus")
         questions = read_questions(args.questions)
         params = {}
         if meta["kind"] == "residual":

@@ -100,6 +100,18 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def model_digest(model_dir: str) -> str:
+    """sha256 over a saved model's weight files (a resumed build checks that the model did not change)."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return ""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith((".safetensors", ".bin", ".pt")):
+            h.update(name.encode())
+            h.update(file_digest(os.path.join(model_dir, name)).encode())
+    return h.hexdigest()
+
+
 def write_json_atomic(obj, path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -276,6 +288,7 @@ def build_index(model, corpus_path: str, index_dir: str, *, kind: str = "exact",
     n_parts = (len(docs) + part_size - 1) // part_size
     root = Path(index_dir)
     meta = {"format": META_FORMAT, "version": META_VERSION, "model": os.path.abspath(model_dir) if model_dir else "",
+            "model_sha256": model_digest(model_dir),
             "corpus": os.path.abspath(corpus_path), "corpus_sha256": file_digest(corpus_path),
             "n_docs": len(docs), "kind": kind, "nbits": nbits if kind == "residual" else 0, "part_size": part_size,
             "n_parts": n_parts, "max_doc_len": max_len, "dim": model.t5.config.d_kv,

@@ -239,9 +239,14 @@ def test_killed_build_resumes_to_the_same_index(world, tmp_path, kind):
         assert a[name] == b[name], f"{name} differs after resuming"
 
 
-def test_build_refuses_other_settings(world, built):
+def test_build_and_search_refuse_other_settings(world, built, tmp_path):
     with pytest.raises(SystemExit, match="part_size"):
         _build(world, built, "--part-size", "50")
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(world["corpus"]).read_text().replace(" is ", " was ", 1))  # one passage edited
+    with pytest.raises(SystemExit, match="not the corpus the index was built from"):
+        index_main(["search", "--model", world["model"], "--index", str(built), "--questions", world["dev"],
+                    "--corpus", str(other), "--out", str(tmp_path / "r.jsonl"), "--no-progress", "--device", "cpu"])
 
 
 # ---- ranks build parts; the parts are searched as a ShardedIndex -----------------------------------------------------
@@ -310,6 +315,17 @@ def test_answer_containment_hand_made():
     assert res["n_gold_labelled"] == 3
     assert res["gold_top1"] == pytest.approx(1 / 3) and res["gold_top2"] == pytest.approx(2 / 3)
     assert res["gold_top5"] == pytest.approx(2 / 3) and res["min_ctxs"] == 2
+
+    import reatt.eval as ev
+
+    texts = ["written by E\u0301MILE zola, 1,000 (x_y) \u00e7a-va\u2009ok\tdone", "Caf\u00e9 \u6771\u4eac 3.5%"]
+    with_regex = [ev._dpr_tokens(t) for t in texts]
+    assert with_regex[0][:4] == ["written", "by", "e\u0301mile", "zola"]
+    saved, ev._TOKEN = ev._TOKEN, None  # the standard-library fallback tokenizes the same
+    try:
+        assert [ev._dpr_tokens(t) for t in texts] == with_regex
+    finally:
+        ev._TOKEN = saved
 
     assert em_score("The Eiffel Tower!", ["eiffel tower"]) == 1.0 and em_score("tower", ["eiffel tower"]) == 0.0
     assert f1_score("the tower in paris", ["Eiffel Tower"]) == pytest.approx(0.4)  # p = 1/3, r = 1/2
