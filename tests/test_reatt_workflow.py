@@ -268,7 +268,12 @@ def _ddp_worker(rank, world_size, port, model_dir, corpus, questions, out):
     retrieve.build_index(model, corpus, out, part_size=23, batch_size=8, max_len=24, progress=False)
     index, _ = retrieve.load_index(out)
     s, i = retrieve.search(model, index, questions, 9, 16, torch.device("cpu"))
-    torch.save((s, i, type(index).__name__), f"{out}/rank{rank}.pt")
+    # training-time re-retrieval under DDP: each rank encodes its slice into a shard of an in-memory ShardedIndex
+    from reatt.train import _corpus_search
+
+    args = build_parser().parse_args(["--max-doc-len", "24", "--max-query-len", "16"])
+    top = _corpus_search(model, questions, retrieve.read_corpus(corpus), 9, args, torch.device("cpu"), distributed=True)
+    torch.save((s, i, type(index).__name__, top), f"{out}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -284,9 +289,10 @@ def test_ranks_build_parts_searched_as_sharded_index(world, built, tmp_path):
     index, _ = retrieve.load_index(str(built))
     s1, i1 = retrieve.search(model, index, questions, 9, 16, torch.device("cpu"))
     for rank in range(2):
-        s, i, kind = torch.load(out / f"rank{rank}.pt")
+        s, i, kind, top = torch.load(out / f"rank{rank}.pt")
         assert kind == "ShardedIndex"
         assert torch.equal(i, i1) and torch.equal(s, s1)
+        assert torch.equal(top, i1)  # corpus line numbers = index ids
 
 
 # ---- answer containment (DPR / FiD) and SQuAD EM / F1 on hand-made cases ---------------------------------------------
