@@ -50,10 +50,15 @@ def _write(path, rows):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A saved tiny random ReAtt model (d_kv 16) and a generated corpus (90 passages) with dev questions."""
+    """A saved tiny random ReAtt model (d_kv 16) and a generated corpus (95 passages: 90 facts of one length and 5 of
+    other lengths, so batches hold padding) with dev questions."""
     d = tmp_path_factory.mktemp("workflow")
     train_rows, dev, _, corpus = generate(n_entities=6, pool=3, n_ctx=3, n_train=16, n_dev=12, seed=0,
                                           n_corpus_distractors=2)
+    words = "the capital of the river is a color what who".split()
+    for i in range(5):  # ragged lengths, one without a title, spread over the parts
+        corpus.insert(17 * i + 3, {"id": f"ragged{i}", **({"title": "x"} if i else {}),
+                                   "text": " ".join(words[: 2 * i + 1] * (i + 1))})
     tok = load_tokenizer()
     cfg = tiny_t5_config(vocab_size=len(tok), d_model=32, num_layers=3, num_decoder_layers=1, num_heads=2, d_kv=16,
                          d_ff=48)
@@ -79,7 +84,7 @@ def built(world):
 # ---- build -> search -> eval -----------------------------------------------------------------------------------------
 def test_build_search_eval_round_trip(world, built, tmp_path):
     meta = json.loads((built / "reatt_index.json").read_text())
-    assert meta["n_docs"] == world["n_docs"] == 90 and meta["n_parts"] == 4 and meta["dim"] == 16
+    assert meta["n_docs"] == world["n_docs"] == 95 and meta["n_parts"] == 5 and meta["dim"] == 16
     run = tmp_path / "run.jsonl"
     index_main(["search", "--model", world["model"], "--index", str(built), "--questions", world["dev"], "--k", "7",
                 "--out", str(run), "--device", "cpu", "--no-progress", *QLENS])
@@ -151,11 +156,11 @@ def test_exact_index_topk_equals_exact_maxsim(world, built):
 
     model = retrieve.load_model(world["model"])
     corpus = retrieve.read_corpus(world["corpus"])
-    parts = [TokenIndex.load(retrieve.part_dir(built, p)) for p in range(4)]
+    parts = [TokenIndex.load(retrieve.part_dir(built, p)) for p in range(5)]
     keys = torch.cat([p.tokens for p in parts])
     lens = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])
     offsets = [0] + torch.cumsum(lens, 0).tolist()
-    assert torch.equal(torch.cat([p.doc_ids for p in parts]), torch.arange(90))
+    assert torch.equal(torch.cat([p.doc_ids for p in parts]), torch.arange(95))
     # The stored keys are the model's layer-B retrieval keys of each passage's real tokens (bi-encoder only), in fp16.
     with torch.no_grad():
         k_ref, m_ref = model.encode_documents(corpus, max_length=24)
@@ -283,7 +288,7 @@ def test_ranks_build_parts_searched_as_sharded_index(world, built, tmp_path):
     out = tmp_path / "ddp_index"
     spawn_with_timeout(_ddp_worker, (2, _free_port(), world["model"], world["corpus"], questions, str(out)), nprocs=2)
     # every part equals the one-process build's, byte for byte
-    for p in range(4):
+    for p in range(5):
         assert _tree(retrieve.part_dir(out, p)) == _tree(retrieve.part_dir(built, p))
     model = retrieve.load_model(world["model"])
     index, _ = retrieve.load_index(str(built))
