@@ -326,6 +326,62 @@ def test_distill_kl_bad_inputs(backend):
         rk.distill_kl(s_inf, t, backend=backend)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_kl_empty_teacher(backend, dtype):
+    """An empty teacher (M = 0 dense, n = 0 sparse) has no mass: loss 0 and gradient 0, as the reference (never an
+    error: the kernels get null teacher pointers then)."""
+    dev = device_for(backend)
+    for reduction in ("batchmean", "none"):
+        s = torch.randn(3, 0, device=dev, dtype=dtype).requires_grad_(True)
+        loss = rk.distill_kl(s, torch.zeros(3, 0, device=dev), reduction=reduction, backend=backend)
+        assert (loss == 0).all() and loss.shape == ((3,) if reduction == "none" else ())
+        loss.sum().backward()
+        assert s.grad.shape == (3, 0)
+        s = torch.randn(3, 6, device=dev, dtype=dtype).requires_grad_(True)
+        loss = rk.distill_kl(s, teacher_probs=torch.zeros(3, 0, device=dev),
+                             teacher_cols=torch.zeros(3, 0, dtype=torch.int64, device=dev), reduction=reduction,
+                             backend=backend)
+        assert (loss == 0).all()
+        loss.sum().backward()
+        assert (s.grad == 0).all(), "no teacher mass: T_b = 0, so the gradient T_b * softmax - t is 0"
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers at |x| (float64), from the format: 10 (fp16) or 7 (bf16) fraction bits."""
+    frac, min_exp = (10, -14) if dtype == torch.float16 else (7, -126)
+    e = torch.floor(torch.log2(x.abs().clamp(min=2.0 ** min_exp)))
+    return torch.pow(2.0, e - frac)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_kl_grad_rounds_once(backend, dtype, sparse):
+    """Each gradient element is (T * softmax - t) * scale computed in fp32 and rounded to the student's dtype ONCE: so
+    it is within one ulp *of its own magnitude* of the float64 value. Rounding T * softmax first and then the
+    difference (as the sparse patch did) is off by an ulp of the larger T * softmax: many ulps of a small difference.
+    The student is close to log(teacher), so T * softmax - t cancels at the teacher's columns."""
+    dev = device_for(backend)
+    B, M, n = 4, 29, 5
+    cols = torch.stack([torch.randperm(M)[:n] for _ in range(B)])
+    tp = torch.softmax(torch.randn(B, n, dtype=torch.float64), -1)
+    s = torch.full((B, M), -12.0, dtype=torch.float64)
+    s.scatter_(1, cols, tp.log() + 0.01 * torch.randn(B, n, dtype=torch.float64))
+    s = s.to(dtype)
+    dense = torch.zeros(B, M, dtype=torch.float64).scatter_(1, cols, tp)
+    kw = (dict(teacher_probs=tp.float().to(dev), teacher_cols=cols.to(dev)) if sparse
+          else dict(teacher=dense.float().to(dev)))
+    sl = s.to(dev, copy=True).requires_grad_(True)
+    rk.distill_kl(sl, **kw, backend=backend).backward()  # upstream 1: the forward's gradient, untouched
+    s64 = s.detach().double().requires_grad_(True)
+    distill_kl_ref(s64, dense.float().double()).backward()
+    got, ref = sl.grad.double().cpu(), s64.grad
+    bound = _ulp(ref, dtype) + 1e-7  # one ulp at the value (half for the rounding, half for fp32 ties) + fp32 noise
+    worst = ((got - ref).abs() / bound).max().item()
+    assert worst <= 1.0, f"{backend} {dtype} sparse={sparse}: gradient off by {worst:.1f} x (ulp + 1e-7)"
+
+
 def test_distill_kl_gradcheck_reference():
     s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     t = torch.softmax(torch.randn(3, 7, dtype=torch.float64), -1)

@@ -13,8 +13,9 @@
 //   every row of query b reads the same S ids) + B*chunks*n*4 written.
 //   FLOPs: ~4 per element (max, sub, exp, add) plus the sums.
 // distill_kl: one block (256 threads) per row: pass 1 online log-sum-exp (and the dense teacher's row sum); pass 2
-// writes grad = (T * softmax - t) * grad_scale and sums t * (log t - (x - lse)); the sparse form then patches its n
-// teacher columns after a __syncthreads (same block: no global atomics).
+// writes grad = (T * softmax - t) * grad_scale and sums t * (log t - (x - lse)); the sparse form then rewrites its n
+// teacher columns after a __syncthreads (same block: no global atomics), recomputing T * p - t there in fp32 so every
+// gradient element is rounded to the student's dtype exactly once.
 //   Bytes: 2 reads of the student row (the second from L2) + 1 write of the gradient (+ the teacher).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -129,7 +130,8 @@ __global__ void reader_teacher_fwd_kernel(const T* __restrict__ attn, const int1
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         float e = 0.f;
-        if (d[j] >= 0) e = is_logits ? (x[j] > -INFINITY ? expf(x[j] - m) : 0.f) : x[j];
+        // -inf carries no mass; NaN must stay NaN (a test x > -inf would turn it into 0) so that the row is dropped.
+        if (d[j] >= 0) e = is_logits ? (x[j] == -INFINITY ? 0.f : expf(x[j] - m)) : x[j];
         z += e;
         const int d0 = __shfl_sync(kFull, d[j], 0);
         if (__all_sync(kFull, d[j] == d0)) {
@@ -142,10 +144,13 @@ __global__ void reader_teacher_fwd_kernel(const T* __restrict__ attn, const int1
       __syncwarp();
     }
     z = warp_sum(z);
-    const float inv = z > 0.f ? 1.f / z : 0.f;  // a row with no valid token (or no mass) contributes 0
+    // A row with no valid token, no mass, or a NaN/+inf at a valid token (z NaN or inf) contributes 0: skip it
+    // rather than scale by 0, since its bins may hold NaN and NaN * 0 = NaN.
+    const bool keep = z > 0.f && z < INFINITY;  // warp-uniform
+    const float inv = keep ? 1.f / z : 0.f;
     __syncwarp();
     for (int k = lane; k < n_docs; k += 32) {
-      atomicAdd(&acc[k], bins[k] * inv);
+      if (keep) atomicAdd(&acc[k], bins[k] * inv);
       bins[k] = 0.f;
     }
     __syncwarp();
@@ -170,11 +175,10 @@ template <typename T>
 __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb, int64_t ssm, int64_t M,
                                       const float* __restrict__ teacher, const float* __restrict__ tprobs,
                                       const int64_t* __restrict__ tcols, int64_t n, float* __restrict__ loss,
-                                      T* __restrict__ grad, float grad_scale, bool normalize) {
+                                      T* __restrict__ grad, float grad_scale, bool normalize, bool sparse) {
   __shared__ float red[32];
   const int64_t b = blockIdx.x;
   const T* row = student + b * ssb;
-  const bool sparse = teacher == nullptr;
   // pass 1: online log-sum-exp per thread, then across the block
   float m = -INFINITY, z = 0.f, ts = 0.f;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
@@ -196,7 +200,8 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
   ts = block_sum(ts, red);
   const float lse = mx == -INFINITY ? -INFINITY : mx + logf(z);
   const float inv_t = normalize ? 1.f / (ts > 0.f ? ts : 1.f) : 1.f;
-  const float t_mass = normalize ? 1.f : ts;
+  // T_b: the teacher row's mass after normalisation (a row with no mass stays at 0: gradient 0, loss 0).
+  const float t_mass = normalize ? (ts > 0.f ? 1.f : 0.f) : ts;
   // pass 2: gradient and (dense) loss terms
   float lacc = 0.f;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
@@ -217,7 +222,10 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
       const int64_t c = tcols[b * n + k];
       const float x = to_f<T>(row[c * ssm]);
       if (tv > 0.f) lacc += tv * (logf(tv) - (x - lse));
-      if (grad != nullptr) grad[b * M + c] = from_f<T>(to_f<T>(grad[b * M + c]) - tv * grad_scale);
+      // Recompute this column's T * p - t in fp32 and round once (reading back the rounded T * p and rounding the
+      // difference again would cost a rounding of the larger T * p: many ulps of a small difference).
+      const float p = (lse > -INFINITY && x > -INFINITY) ? expf(x - lse) : 0.f;
+      if (grad != nullptr) grad[b * M + c] = from_f<T>((t_mass * p - tv) * grad_scale);
     }
   }
   lacc = block_sum(lacc, red);
@@ -276,13 +284,18 @@ void reader_teacher_fwd_cuda(uintptr_t attn, int dtype, int64_t B, int64_t L, in
   check_launch("reader_teacher_reduce_kernel");
 }
 
-// student [B, M] (strides in elements); teacher fp32 [B, M] contiguous or 0; tprobs fp32 [B, n] and tcols int64
-// [B, n] contiguous (sparse form) or 0; loss fp32 [B]; grad [B, M] contiguous in the student's dtype, or 0.
-void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int64_t ssb, int64_t ssm,
+// student [B, M] (strides in elements); teacher fp32 [B, M] contiguous (dense form); tprobs fp32 [B, n] and tcols
+// int64 [B, n] contiguous (sparse form); loss fp32 [B]; grad [B, M] contiguous in the student's dtype, or 0. An empty
+// teacher (M = 0 dense, n = 0 sparse) may come as null pointers: every row's loss is then 0 (nothing is read).
+void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int64_t ssb, int64_t ssm, bool sparse,
                          uintptr_t teacher, uintptr_t tprobs, uintptr_t tcols, int64_t n, uintptr_t loss,
                          uintptr_t grad, double grad_scale, bool normalize, uintptr_t stream) {
   REATT_CHECK(B >= 1 && B <= 2147483647, "distill_kl_fwd_cuda: B must be in [1, 2^31)");
-  REATT_CHECK(teacher != 0 || (tprobs != 0 && tcols != 0), "distill_kl_fwd_cuda: needs a dense or a sparse teacher");
+  REATT_CHECK(M >= 0 && n >= 0, "distill_kl_fwd_cuda: negative size");
+  REATT_CHECK(loss != 0, "distill_kl_fwd_cuda: null loss");
+  REATT_CHECK(sparse ? (n == 0 || (tprobs != 0 && tcols != 0)) : (M == 0 || teacher != 0),
+              "distill_kl_fwd_cuda: a non-empty teacher needs its pointers (dense: teacher; sparse: tprobs, tcols)");
+  REATT_CHECK(M == 0 || student != 0, "distill_kl_fwd_cuda: null student");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto* t = reinterpret_cast<const float*>(teacher);
   auto* tp = reinterpret_cast<const float*>(tprobs);
@@ -294,17 +307,17 @@ void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int
     case kFloat32:
       distill_kl_fwd_kernel<float><<<grid, kKlThreads, 0, s>>>(reinterpret_cast<const float*>(student), ssb, ssm, M, t,
                                                                tp, tc, n, lo, reinterpret_cast<float*>(grad), gs,
-                                                               normalize);
+                                                               normalize, sparse);
       break;
     case kFloat16:
       distill_kl_fwd_kernel<__half><<<grid, kKlThreads, 0, s>>>(reinterpret_cast<const __half*>(student), ssb, ssm, M,
                                                                 t, tp, tc, n, lo, reinterpret_cast<__half*>(grad), gs,
-                                                                normalize);
+                                                                normalize, sparse);
       break;
     case kBFloat16:
       distill_kl_fwd_kernel<__nv_bfloat16><<<grid, kKlThreads, 0, s>>>(
           reinterpret_cast<const __nv_bfloat16*>(student), ssb, ssm, M, t, tp, tc, n, lo,
-          reinterpret_cast<__nv_bfloat16*>(grad), gs, normalize);
+          reinterpret_cast<__nv_bfloat16*>(grad), gs, normalize, sparse);
       break;
     default:
       throw std::invalid_argument(std::string("reatt: distill_kl_fwd_cuda: unsupported dtype ") + dtype_name(dtype));

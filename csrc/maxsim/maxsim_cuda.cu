@@ -57,11 +57,15 @@ namespace py = pybind11;
 namespace reatt {
 namespace {
 
+// A failed runtime call (e.g. cudaFuncSetAttribute asking for more shared memory than the device allows) also leaves
+// its error pending in cudaGetLastError(): clear it before throwing, or the next valid launch would report it.
 #define REATT_CUDA_CHECK(expr)                                                                                  \
   do {                                                                                                          \
     cudaError_t err_ = (expr);                                                                                  \
-    if (err_ != cudaSuccess)                                                                                    \
+    if (err_ != cudaSuccess) {                                                                                  \
+      cudaGetLastError();                                                                                       \
       throw std::runtime_error(std::string("reatt: CUDA error in ") + #expr + ": " + cudaGetErrorString(err_)); \
+    }                                                                                                           \
   } while (0)
 
 // After every launch: a bad configuration shows up here; a fault inside the kernel shows up at the next sync.

@@ -62,6 +62,7 @@ def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
 def _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad):
     """Per-row loss fp32 [B] and grad [B, M] (student dtype, times grad_scale; [0, M] when not compute_grad)."""
     B, M = student.shape
+    # An empty teacher (M = 0, or n = 0 sparse) passes null pointers; the kernel reads nothing and writes loss 0.
     loss = empty((B,), torch.float32, student.device)
     grad = empty((B, M) if compute_grad else (0, M), student.dtype, student.device)
     if teacher is not None:
@@ -72,7 +73,7 @@ def _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, gr
         tc = teacher_cols.to(torch.int64).contiguous()
         n = tp.shape[1]
     _ext.ext().distill_kl_fwd_cuda(
-        _ext.ptr(student), _ext.dtype_code(student), B, M, student.stride(0), student.stride(1), _ext.ptr(t),
-        _ext.ptr(tp), _ext.ptr(tc), n, _ext.ptr(loss), _ext.ptr(grad) if compute_grad else 0, float(grad_scale),
-        bool(normalize), _ext.stream(student))
+        _ext.ptr(student), _ext.dtype_code(student), B, M, student.stride(0), student.stride(1), teacher is None,
+        _ext.ptr(t), _ext.ptr(tp), _ext.ptr(tc), n, _ext.ptr(loss), _ext.ptr(grad) if compute_grad else 0,
+        float(grad_scale), bool(normalize), _ext.stream(student))
     return loss, grad

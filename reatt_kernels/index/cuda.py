@@ -6,14 +6,27 @@ import torch
 from .. import _ext
 from .._alloc import empty
 
+MAX_QUERIES = 65535  # grid y
+
 
 def _residual_maxsim_not_supported_reasons(tensors, **facts):
     if not _ext.has("residual_maxsim_fwd_cuda"):
         return ["reatt_kernels._C has no residual_maxsim_fwd_cuda (build with REATT_CUDA=1)"]
     q = tensors[0]
-    if q is not None and q.shape[1] * q.shape[2] * 4 > 160 * 1024:
-        return [f"query of {q.shape[1]} x {q.shape[2]} fp32 does not fit in shared memory"]
-    return []
+    if q is None:
+        return []
+    Bq, Lq, D = q.shape
+    reasons = []
+    if Bq > MAX_QUERIES:
+        reasons.append(f"{Bq} queries > {MAX_QUERIES} per call (grid y)")
+    # The whole query, a decoded token tile and the row maxima live in shared memory: the kernel's own formula against
+    # the current device's opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin), so an A100 or an L4 is judged by
+    # its own limit, not an H100's.
+    need, limit = _ext.ext().residual_maxsim_smem_cuda(Lq, D)
+    if need > limit:
+        reasons.append(f"a query of {Lq} x {D} fp32 needs {need} bytes of shared memory (query tile, token tile, row "
+                       f"maxima); this device allows {limit} per block")
+    return reasons
 
 
 def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits):
