@@ -115,6 +115,32 @@ def test_reader_teacher_neginf_logits(backend):
     # (the all -inf row has mass 0 and the mean still divides by every row: each row of p_T sums to (R - 1) / R)
 
 
+@pytest.mark.parametrize("is_logits", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reader_teacher_long_rows_fid_layout(backend, is_logits):
+    """Rows longer than one chunk of every kernel (S = 601: several 256-token warp chunks / 256-token CPU blocks), with
+    the FiD layout (each document a contiguous run, so whole 32-token groups share a document) and logits that grow
+    along the row (the running max rises chunk after chunk: every rescale path runs)."""
+    dev = device_for(backend)
+    B, L, H, T, S, n = 2, 1, 3, 2, 601, 5
+    attn = torch.randn(B, L, H, T, S, dtype=torch.float64) + torch.linspace(0, 6, S, dtype=torch.float64)
+    if not is_logits:
+        attn = torch.softmax(attn, -1)
+    lens = torch.tensor([150, 97, 0, 203, 151])  # one empty document; a run ends mid-group
+    doc = torch.repeat_interleave(torch.arange(n), lens)
+    doc = torch.cat([doc, torch.full((S - doc.numel(),), -1)]).repeat(B, 1)  # trailing padding
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, 300:340] = False
+    for dtype in DTYPES:
+        a = attn.to(dtype)
+        out = rk.reader_teacher(a.to(dev), doc.to(dev), attn_mask=mask.to(dev), is_logits=is_logits, n_docs=n,
+                                backend=backend)
+        ref = reader_teacher_fwd_ref(a.double(), doc, mask, n, is_logits)
+        base = rk.reader_teacher(a, doc, attn_mask=mask, is_logits=is_logits, n_docs=n, backend="torch")
+        assert_close_to_ref(out, ref, base, dtype, name=f"{backend} {dtype}")
+        assert torch.all(out[:, 2] == 0)
+
+
 @needs_triton
 @pytest.mark.parametrize("is_logits", [True, False])
 def test_reader_teacher_triton_split_s(is_logits):
@@ -165,7 +191,7 @@ def test_reader_teacher_bad_inputs():
 
 # ---- distill_kl --------------------------------------------------------------------------------------------------------
 # (B, M, n): odd sizes, B = 1, n = 1, n = M.
-KL_SHAPES = [(5, 37, 4), (1, 1, 1), (3, 200, 1), (7, 64, 64)]
+KL_SHAPES = [(5, 37, 4), (1, 1, 1), (3, 200, 1), (7, 64, 64), (2, 700, 9)]  # 700: several columns per thread
 
 
 def make_kl_case(shape, dtype, device, *, sparse, magnitude=3.0):
