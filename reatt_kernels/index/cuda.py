@@ -22,7 +22,10 @@ def _residual_maxsim_not_supported_reasons(tensors, **facts):
     # The whole query, a decoded token tile and the row maxima live in shared memory: the kernel's own formula against
     # the current device's opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin), so an A100 or an L4 is judged by
     # its own limit, not an H100's.
-    need, limit = _ext.ext().residual_maxsim_smem_cuda(Lq, D)
+    try:
+        need, limit = _ext.ext().residual_maxsim_smem_cuda(Lq, D)
+    except RuntimeError as exc:  # no usable device: say so instead of failing the selection
+        return reasons + [str(exc)]
     if need > limit:
         reasons.append(f"a query of {Lq} x {D} fp32 needs {need} bytes of shared memory (query tile, token tile, row "
                        f"maxima); this device allows {limit} per block")
