@@ -37,9 +37,6 @@
 //                                                                     reproducible)
 //   dbias[r]    += w[a,c]         r = clamp(n_a + j - i, 0, R-1)       per-warp histograms, then a fixed-order sum
 // with w[a,c] = grad[a,c] (/ n_a for mean). Bytes: dq reads Bq*C*Lq*dim*esize of d (the winners), dd reads as much of q.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -51,6 +48,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
 
 namespace py = pybind11;
 
@@ -103,6 +101,24 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+#ifdef REATT_CUDA_EMU
+// Emulated twins of the PTX helpers below (csrc/cuda_emu/emu_runtime.cpp): same signatures, plus the caller's
+// file:line so that a warp whose lanes reach a collective from different call sites is reported.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) { reatt_emu::cp_async16(dst, src); }
+__device__ __forceinline__ void cp_async_commit() { reatt_emu::cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_1() { reatt_emu::cp_async_wait(1); }
+__device__ __forceinline__ void cp_async_wait_0() { reatt_emu::cp_async_wait(0); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p, REATT_EMU_SITE) {
+  reatt_emu::warp_ldmatrix_x4(r, p, false, REATT_EMU_SITE_ARGS);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                          REATT_EMU_SITE) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "mma on f16/bf16 only");
+  reatt_emu::warp_mma_16816(std::is_same<T, __half>::value ? reatt_emu::kMmaF16 : reatt_emu::kMmaBF16, c, a, b0, b1,
+                            REATT_EMU_SITE_ARGS);
+}
+#else
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -139,6 +155,8 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // REATT_CUDA_EMU
 
 // (value, index) max with ties to the lowest index; -1 marks "no valid token" and never beats a real index.
 __device__ __forceinline__ void merge_max(float& best, int& arg, float ob, int oa) {
@@ -297,7 +315,7 @@ __device__ __forceinline__ void score_tile(const FwdParams& p, const T* sQw, con
 // (padded to Dpad in smem), A read from smem at every k step (and the FFMA path for fp32).
 template <typename T, int KT>
 __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  REATT_DYNAMIC_SMEM(unsigned char, smem, 16);
   const int WR = p.WR, DS = p.DS, RB = WARP_M * WR, lds = p.lds;
   T* sQ = reinterpret_cast<T*>(smem);                 // [RB][lds]
   T* sD = sQ + RB * lds;                              // [2][DS*BN][lds]
@@ -621,7 +639,7 @@ size_t dd_det_smem(int64_t jt, int64_t D) {
 
 template <typename T>
 __global__ void __launch_bounds__(128) maxsim_bwd_dd_det_kernel(const BwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  REATT_DYNAMIC_SMEM(unsigned char, smem, 16);
   long long* e_q = reinterpret_cast<long long*>(smem);          // [DET_BATCH] entry: q row offset
   int* e_j = reinterpret_cast<int*>(e_q + DET_BATCH);           // [DET_BATCH] entry: winning token (-1: not here)
   float* e_w = reinterpret_cast<float*>(e_j + DET_BATCH);       // [DET_BATCH] entry: weight
@@ -748,7 +766,7 @@ template <typename T, int KT>
 void launch_fwd(const FwdParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   auto kernel = maxsim_fwd_kernel<T, KT>;
   REATT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<grid, 32 * p.WR * p.DS, smem, stream>>>(p);
+  REATT_LAUNCH(kernel, grid, 32 * p.WR * p.DS, smem, stream)(p);
   REATT_LAUNCH_CHECK("maxsim_fwd_kernel");
 }
 
@@ -871,11 +889,11 @@ void launch_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
   const int64_t rows = p.Bq * p.Lq;
   {
     const dim3 grid(static_cast<unsigned>(cdiv(rows, 4)), static_cast<unsigned>(p.n_split));
-    maxsim_bwd_dq_kernel<T><<<grid, 128, 0, stream>>>(p);
+    REATT_LAUNCH(maxsim_bwd_dq_kernel<T>, grid, 128, 0, stream)(p);
     REATT_LAUNCH_CHECK("maxsim_bwd_dq_kernel");
     if (p.n_split > 1) {
       const int64_t blocks = std::min<int64_t>(cdiv(rows * p.D, 256), 65535);
-      maxsim_bwd_dq_reduce_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+      REATT_LAUNCH(maxsim_bwd_dq_reduce_kernel<T>, static_cast<unsigned>(blocks), 256, 0, stream)(p);
       REATT_LAUNCH_CHECK("maxsim_bwd_dq_reduce_kernel");
     }
   }
@@ -885,19 +903,19 @@ void launch_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
     auto kernel = maxsim_bwd_dd_det_kernel<T>;
     REATT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     if (n_docs > 0) {
-      kernel<<<static_cast<unsigned>(n_docs), 128, smem, stream>>>(p);
+      REATT_LAUNCH(kernel, static_cast<unsigned>(n_docs), 128, smem, stream)(p);
       REATT_LAUNCH_CHECK("maxsim_bwd_dd_det_kernel");
     }
   } else {
     const int64_t blocks = std::min<int64_t>(cdiv(p.Bq * p.C, 4), 65535LL * 16);
-    maxsim_bwd_dd_atomic_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
+    REATT_LAUNCH(maxsim_bwd_dd_atomic_kernel<T>, static_cast<unsigned>(blocks), 128, 0, stream)(p);
     REATT_LAUNCH_CHECK("maxsim_bwd_dd_atomic_kernel");
   }
   if (p.R > 0) {
-    maxsim_bwd_dbias_kernel<<<static_cast<unsigned>(cdiv(p.n_part, 4)), 128, 0, stream>>>(p);
+    REATT_LAUNCH(maxsim_bwd_dbias_kernel, static_cast<unsigned>(cdiv(p.n_part, 4)), 128, 0, stream)(p);
     REATT_LAUNCH_CHECK("maxsim_bwd_dbias_kernel");
-    maxsim_bwd_dbias_reduce_kernel<<<static_cast<unsigned>(std::min<int64_t>(cdiv(p.R, 256), 4096)), 256, 0,
-                                     stream>>>(p);
+    REATT_LAUNCH(maxsim_bwd_dbias_reduce_kernel, static_cast<unsigned>(std::min<int64_t>(cdiv(p.R, 256), 4096)), 256,
+                 0, stream)(p);
     REATT_LAUNCH_CHECK("maxsim_bwd_dbias_reduce_kernel");
   }
 }
