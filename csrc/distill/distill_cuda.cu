@@ -17,9 +17,6 @@
 // teacher columns after a __syncthreads (same block: no global atomics), recomputing T * p - t there in fp32 so every
 // gradient element is rounded to the student's dtype exactly once.
 //   Bytes: 2 reads of the student row (the second from L2) + 1 write of the gradient (+ the teacher).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
 #include <cmath>
@@ -27,6 +24,7 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
 
 namespace reatt {
 namespace {
@@ -81,7 +79,7 @@ __global__ void reader_teacher_fwd_kernel(const T* __restrict__ attn, const int1
                                           const uint8_t* __restrict__ mask, float* __restrict__ partial, int64_t R,
                                           int64_t H, int64_t Tn, int64_t S, int n_docs, int64_t sb, int64_t sl,
                                           int64_t sh, int64_t st, int64_t ss, int64_t rows_per_block, bool is_logits) {
-  extern __shared__ float smem[];
+  REATT_DYNAMIC_SMEM(float, smem, 16);
   float* acc = smem;  // [n_docs]: sum over this block's rows of p_row[doc]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* bins = smem + static_cast<int64_t>(n_docs) * (1 + warp);  // [n_docs]: this warp's current row, times exp(-m)
@@ -187,11 +185,11 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
       z = m == -INFINITY ? 0.f : z * expf(m - x);
       m = x;
     }
-    if (x > -INFINITY) z += expf(x - m);
+    if (x != -INFINITY) z += expf(x - m);  // -inf adds 0; NaN must reach z (a NaN logit makes the loss NaN)
     if (!sparse) ts += teacher[b * M + j];
   }
   const float mx = block_max(m, red);
-  z = (m == -INFINITY) ? 0.f : z * expf(m - mx);
+  z = (m == -INFINITY) ? z : z * expf(m - mx);  // m = -inf: z is 0, or NaN from a NaN logit (kept)
   z = block_sum(z, red);
   if (sparse) {
     ts = 0.f;
@@ -259,17 +257,17 @@ void reader_teacher_fwd_cuda(uintptr_t attn, int dtype, int64_t B, int64_t L, in
   const int nd = static_cast<int>(n_docs);
   switch (dtype) {
     case kFloat32:
-      reader_teacher_fwd_kernel<float><<<grid, kWarps * 32, smem, s>>>(reinterpret_cast<const float*>(attn), d, mk,
-                                                                       pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
-                                                                       rows_per_block, is_logits);
+      REATT_LAUNCH(reader_teacher_fwd_kernel<float>, grid, kWarps * 32, smem, s)(
+          reinterpret_cast<const float*>(attn), d, mk, pp, R, H, Tn, S, nd, sb, sl, sh, st, ss, rows_per_block,
+          is_logits);
       break;
     case kFloat16:
-      reader_teacher_fwd_kernel<__half><<<grid, kWarps * 32, smem, s>>>(reinterpret_cast<const __half*>(attn), d, mk,
-                                                                        pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
-                                                                        rows_per_block, is_logits);
+      REATT_LAUNCH(reader_teacher_fwd_kernel<__half>, grid, kWarps * 32, smem, s)(
+          reinterpret_cast<const __half*>(attn), d, mk, pp, R, H, Tn, S, nd, sb, sl, sh, st, ss, rows_per_block,
+          is_logits);
       break;
     case kBFloat16:
-      reader_teacher_fwd_kernel<__nv_bfloat16><<<grid, kWarps * 32, smem, s>>>(
+      REATT_LAUNCH(reader_teacher_fwd_kernel<__nv_bfloat16>, grid, kWarps * 32, smem, s)(
           reinterpret_cast<const __nv_bfloat16*>(attn), d, mk, pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
           rows_per_block, is_logits);
       break;
@@ -279,7 +277,7 @@ void reader_teacher_fwd_cuda(uintptr_t attn, int dtype, int64_t B, int64_t L, in
   }
   check_launch("reader_teacher_fwd_kernel");
   const int64_t total = B * n_docs;
-  reader_teacher_reduce_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(
+  REATT_LAUNCH(reader_teacher_reduce_kernel, static_cast<unsigned>((total + 255) / 256), 256, 0, s)(
       pp, reinterpret_cast<float*>(out), B, n_chunks, n_docs, 1.f / static_cast<float>(R));
   check_launch("reader_teacher_reduce_kernel");
 }
@@ -305,17 +303,17 @@ void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int
   const unsigned grid = static_cast<unsigned>(B);
   switch (dtype) {
     case kFloat32:
-      distill_kl_fwd_kernel<float><<<grid, kKlThreads, 0, s>>>(reinterpret_cast<const float*>(student), ssb, ssm, M, t,
-                                                               tp, tc, n, lo, reinterpret_cast<float*>(grad), gs,
-                                                               normalize, sparse);
+      REATT_LAUNCH(distill_kl_fwd_kernel<float>, grid, kKlThreads, 0, s)(
+          reinterpret_cast<const float*>(student), ssb, ssm, M, t, tp, tc, n, lo, reinterpret_cast<float*>(grad), gs,
+          normalize, sparse);
       break;
     case kFloat16:
-      distill_kl_fwd_kernel<__half><<<grid, kKlThreads, 0, s>>>(reinterpret_cast<const __half*>(student), ssb, ssm, M,
-                                                                t, tp, tc, n, lo, reinterpret_cast<__half*>(grad), gs,
-                                                                normalize, sparse);
+      REATT_LAUNCH(distill_kl_fwd_kernel<__half>, grid, kKlThreads, 0, s)(
+          reinterpret_cast<const __half*>(student), ssb, ssm, M, t, tp, tc, n, lo, reinterpret_cast<__half*>(grad), gs,
+          normalize, sparse);
       break;
     case kBFloat16:
-      distill_kl_fwd_kernel<__nv_bfloat16><<<grid, kKlThreads, 0, s>>>(
+      REATT_LAUNCH(distill_kl_fwd_kernel<__nv_bfloat16>, grid, kKlThreads, 0, s)(
           reinterpret_cast<const __nv_bfloat16*>(student), ssb, ssm, M, t, tp, tc, n, lo,
           reinterpret_cast<__nv_bfloat16*>(grad), gs, normalize, sparse);
       break;

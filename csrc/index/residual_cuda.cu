@@ -7,12 +7,11 @@
 //
 // Global bytes per document token: 4 (code) + D * nbits / 8 (buckets) + D * 4 (centroid row: L2-resident for hot
 // centroids) ; FLOPs: 2 * Lq * D per (query, token).
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <limits>
 
 #include "common.h"
+#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
 
 namespace reatt {
 namespace {
@@ -28,7 +27,7 @@ __global__ void residual_maxsim_fwd_kernel(const float* __restrict__ q, const bo
                                            float* __restrict__ out, int Lq, int D, int64_t Nd, int64_t Nc) {
   constexpr int K = 1 << NBITS;
   constexpr int MASK = K - 1;
-  extern __shared__ float smem[];
+  REATT_DYNAMIC_SMEM(float, smem, 16);
   float* qs = smem;                          // [Lq][D]
   float* vs = qs + Lq * D;                   // [TILE_T][D + 1]
   float* best = vs + TILE_T * (D + 1);       // [Lq]
@@ -121,7 +120,7 @@ void launch(const float* q, const bool* qm, const float* cent, const float* w, c
   }
   REATT_CHECK(Bq <= 65535, "residual_maxsim: at most 65535 queries per call (grid y)");
   dim3 grid(static_cast<unsigned>(Nc), static_cast<unsigned>(Bq));
-  kernel<<<grid, THREADS, smem, stream>>>(q, qm, cent, w, codes, pk, off, cand, out, Lq, D, Nd, Nc);
+  REATT_LAUNCH(kernel, grid, THREADS, smem, stream)(q, qm, cent, w, codes, pk, off, cand, out, Lq, D, Nd, Nc);
   cudaError_t err = cudaGetLastError();
   REATT_CHECK(err == cudaSuccess, std::string("residual_maxsim: kernel launch failed: ") + cudaGetErrorString(err));
 }

@@ -9,9 +9,12 @@ from .._alloc import empty
 MAX_QUERIES = 65535  # grid y
 
 
-def _residual_maxsim_not_supported_reasons(tensors, **facts):
-    if not _ext.has("residual_maxsim_fwd_cuda"):
-        return ["reatt_kernels._C has no residual_maxsim_fwd_cuda (build with REATT_CUDA=1)"]
+# Both launchers take ``ext``: the loader of the compiled module (_ext.ext: reatt_kernels._C; _ext.emu from
+# reatt_kernels/cuda_emu/residual.py: the same kernel under CPU emulation), as in reatt_kernels/cuda/maxsim.py.
+def _residual_maxsim_not_supported_reasons(tensors, ext=_ext.ext, **facts):
+    if not _ext.has("residual_maxsim_fwd_cuda", ext):
+        return ["reatt_kernels._C has no residual_maxsim_fwd_cuda (build with REATT_CUDA=1)" if ext is _ext.ext
+                else "reatt_kernels._C_emu has no residual_maxsim_fwd_cuda"]
     q = tensors[0]
     if q is None:
         return []
@@ -23,7 +26,7 @@ def _residual_maxsim_not_supported_reasons(tensors, **facts):
     # the current device's opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin), so an A100 or an L4 is judged by
     # its own limit, not an H100's.
     try:
-        need, limit = _ext.ext().residual_maxsim_smem_cuda(Lq, D)
+        need, limit = ext().residual_maxsim_smem_cuda(Lq, D)
     except RuntimeError as exc:  # no usable device: say so instead of failing the selection
         return reasons + [str(exc)]
     if need > limit:
@@ -32,11 +35,10 @@ def _residual_maxsim_not_supported_reasons(tensors, **facts):
     return reasons
 
 
-def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits):
+def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, ext=_ext.ext):
     Bq, Lq, D = q.shape
     out = empty(cand.shape, torch.float32, q.device)
     P = _ext.ptr
-    _ext.ext().residual_maxsim_fwd_cuda(P(q), P(q_mask), P(centroids), P(weights), P(codes), P(packed), P(d_offsets),
-                                        P(cand), P(out), Bq, Lq, D, d_offsets.shape[0] - 1, cand.shape[1], nbits,
-                                        _ext.stream(q))
+    ext().residual_maxsim_fwd_cuda(P(q), P(q_mask), P(centroids), P(weights), P(codes), P(packed), P(d_offsets), P(cand),
+                                   P(out), Bq, Lq, D, d_offsets.shape[0] - 1, cand.shape[1], nbits, _ext.stream(q))
     return out

@@ -26,6 +26,7 @@ register_impl(OP, "torch", "reatt_kernels.index.reference")
 register_impl(OP, "cpu", "reatt_kernels.index.cpu")
 register_impl(OP, "triton", "reatt_kernels.triton.residual")
 register_impl(OP, "cuda", "reatt_kernels.index.cuda")
+register_impl(OP, "cuda_emu", "reatt_kernels.cuda_emu.residual")  # the CUDA kernel under CPU emulation (tests)
 # On a GPU, "auto" prefers Triton: its kernel is the one verified against the reference (under the interpreter, and
 # by the gpu-marked tests); the CUDA kernel is selectable by name and runs in the same tests when a GPU is present.
 register_auto_order(OP, lambda dev, **kw: ["triton", "cuda", "torch"] if dev == "cuda" else ["cpu", "torch"])

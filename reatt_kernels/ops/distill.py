@@ -31,6 +31,7 @@ for _op in ("reader_teacher", "distill_kl"):
     register_impl(_op, "cpu", "reatt_kernels.cpu.distill")
     register_impl(_op, "triton", "reatt_kernels.triton.distill")
     register_impl(_op, "cuda", "reatt_kernels.cuda.distill")
+    register_impl(_op, "cuda_emu", "reatt_kernels.cuda_emu.distill")  # the CUDA kernels under CPU emulation (tests)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTS = (torch.int32, torch.int64)
