@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+import reatt_kernels as rk
 from reatt_kernels.datasets import clustered_corpus, clustered_queries
 from reatt_kernels.index import IndexCorruptedError, ResidualCodec, TokenIndex, residual_maxsim
 from reatt_kernels.index import io as index_io
 from reatt_kernels.index.codec import pack_buckets, unpack_buckets
 from reatt_kernels.index.reference import residual_decode_ref, residual_maxsim_ref
 
-from .utils import BACKENDS, _has_cpu_ext, assert_close_to_ref, device_for, noncontig
+from .utils import BACKENDS, _has_cpu_ext, assert_close_to_ref, device_for, needs_cuda_emu, noncontig
 
 DIM = 32
 NBITS = [1, 2, 4, 8]
@@ -332,3 +333,79 @@ def test_residual_maxsim_rejects_out_of_range_indices():
     with pytest.raises(ValueError, match="codes must hold centroid ids"):
         residual_maxsim(q, cent, w, codes=bad_codes, packed=packed, d_offsets=off, cand=cand, nbits=2, q_mask=qm,
                         backend="torch")
+
+
+# ---- the cuda kernel's shared memory against the device's opt-in limit (cuda_emu: the limit is ours to set) ----------
+SMEM_LIMITS_KB = {"H100": 227, "A100": 163, "sm_86/89": 99}
+
+
+@pytest.fixture
+def emu_limits():
+    """Restores the emulated device limits after a test that changes them."""
+    from reatt_kernels.cuda_emu import set_device_limits
+
+    old = set_device_limits()
+    yield set_device_limits
+    set_device_limits(**old)
+
+
+def _residual_smem_bytes(Lq, D):
+    """The kernel's shared memory, written from its layout: query [Lq, D] + token tile [32, D + 1] + row maxima [Lq]."""
+    return 4 * (Lq * D + 32 * (D + 1) + Lq)
+
+
+@needs_cuda_emu
+@pytest.mark.parametrize("gpu", list(SMEM_LIMITS_KB))
+def test_residual_maxsim_cuda_emu_smem_limit(emu_limits, gpu):
+    """The support check counts query tile + token tile + row maxima against cudaDevAttrMaxSharedMemoryPerBlockOptin:
+    the largest query that fits runs (and matches the reference), one more query token is refused with the byte counts
+    (also when the query tile alone would still fit), and the launcher itself refuses it with a clear error when
+    called past the check, leaving no pending CUDA error behind."""
+    import reatt_kernels._C_emu as E
+    from reatt_kernels.cuda_emu.residual import _residual_maxsim_fwd
+
+    limit = SMEM_LIMITS_KB[gpu] * 1024
+    emu_limits(smem_optin=limit)
+    D, nbits = 64, 4
+    lq_fit = (limit // 4 - 32 * (D + 1)) // (D + 1)
+    assert _residual_smem_bytes(lq_fit, D) <= limit < _residual_smem_bytes(lq_fit + 1, D)
+    assert E.residual_maxsim_smem_cuda(lq_fit + 1, D) == (_residual_smem_bytes(lq_fit + 1, D), limit)
+    q, qm, cent, w, codes, packed, off, cand = make_codes(nbits, D=D, lens=(5, 0, 37), Bq=1, Lq=lq_fit + 1, Nc=3)
+    cand[0] = torch.tensor([2, 1, 0])
+    args = (cent, w, codes, packed, off, cand, nbits)
+    out = residual_maxsim(q[:, :lq_fit], *args, qm[:, :lq_fit], backend="cuda_emu")
+    ref = residual_maxsim_ref(q[:, :lq_fit], qm[:, :lq_fit], *args, torch.float64)
+    base = residual_maxsim_ref(q[:, :lq_fit], qm[:, :lq_fit], *args, torch.float32)
+    assert_close_to_ref(out, ref, base, torch.float32, name=f"residual_maxsim cuda_emu at {gpu}'s limit")
+    assert 4 * (lq_fit + 1) * D <= limit, "the query tile alone still fits: only the full count refuses it"
+    with pytest.raises(rk.BackendUnavailableError, match=f"needs {_residual_smem_bytes(lq_fit + 1, D)} bytes"):
+        residual_maxsim(q, *args, qm, backend="cuda_emu")
+    with pytest.raises(ValueError, match=f"this device allows {limit}"):
+        _residual_maxsim_fwd(q.contiguous(), qm.contiguous(), *args)
+    assert E.get_last_error() == 0, "a refused launch must leave no pending CUDA error"
+    again = residual_maxsim(q[:, :lq_fit], *args, qm[:, :lq_fit], backend="cuda_emu")
+    assert torch.equal(again, out), "the next valid launch must run cleanly"
+
+
+@needs_cuda_emu
+def test_failed_cudaFuncSetAttribute_leaves_no_pending_error(emu_limits):
+    """maxsim asks cudaFuncSetAttribute for more shared memory than a 48 KB device allows: the launcher throws, clears
+    the pending runtime error, and the next valid launch (any kernel) succeeds."""
+    import reatt_kernels._C_emu as E
+    from reatt_kernels.cuda_emu.maxsim import _maxsim_fwd
+
+    emu_limits(smem_optin=48 * 1024)
+    q = torch.randn(2, 40, 256).bfloat16()
+    d = torch.randn(3, 9, 256).bfloat16()
+    qm = torch.ones(2, 40, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="cudaFuncSetAttribute"):
+        _maxsim_fwd(q, d, qm, None, None, None, 0, False)
+    assert E.get_last_error() == 0, "the failed cudaFuncSetAttribute left its error pending"
+    # the next valid launches run: a residual_maxsim (D = 16: under 48 KB) and a small maxsim
+    c = make_codes(2, D=16, Bq=2, Lq=3, Nc=4)
+    out = residual_maxsim(c[0], *c[2:], 2, c[1], backend="cuda_emu")
+    ref = residual_maxsim_ref(c[0], c[1], *c[2:], 2, torch.float64)
+    assert_close_to_ref(out, ref, None, torch.float32)
+    s = rk.maxsim(q[:, :5, :16], d[..., :16], qm[:, :5], backend="cuda_emu")
+    assert_close_to_ref(s, rk.maxsim(q[:, :5, :16].double(), d[..., :16].double(), qm[:, :5], backend="torch"), None,
+                        torch.float32)
