@@ -17,7 +17,7 @@ from reatt_kernels.index import io as index_io
 from reatt_kernels.index.codec import pack_buckets, unpack_buckets
 from reatt_kernels.index.reference import residual_decode_ref, residual_maxsim_ref
 
-from .utils import BACKENDS, _has_cpu_ext, assert_close_to_ref, device_for, needs_cuda_emu, noncontig
+from .utils import BACKENDS, _has_cpu_ext, _has_cuda_emu, assert_close_to_ref, device_for, needs_cuda_emu, noncontig
 
 DIM = 32
 NBITS = [1, 2, 4, 8]
@@ -85,7 +85,7 @@ def test_residual_decode_matches_float64_reference():
 def test_residual_maxsim_opcheck_and_compile():
     q, qm, cent, w, codes, packed, off, cand = make_codes(2)
     args = (q, qm, cent, w, codes, packed, off, cand, 2)
-    for backend in ["torch"] + (["cpu"] if _has_cpu_ext() else []):
+    for backend in ["torch"] + (["cpu"] if _has_cpu_ext() else []) + (["cuda_emu"] if _has_cuda_emu() else []):
         torch.library.opcheck(torch.ops.reatt.residual_maxsim.default, args + (backend,))
     fn = torch.compile(lambda *a: residual_maxsim(a[0], *a[2:8], 2, a[1], backend="torch"), fullgraph=True,
                        backend="aot_eager")

@@ -58,7 +58,8 @@ def residual_maxsim(q: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor
         centroids: float [C, D]. weights: float [D, 2^nbits] (bucket values per dimension).
         codes: int32 [T] centroid id per token. packed: uint8 [T, D * nbits // 8] bit-packed residual buckets.
         d_offsets: int64 [Nd + 1]. cand: int64 [Bq, Nc] document ids per query, -1 for padding.
-        nbits: 1, 2, 4 or 8. backend: "auto", "torch", "cpu", "triton" or "cuda".
+        nbits: 1, 2, 4 or 8. backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernel
+            on CPU tensors under emulation: a test tool, never chosen by "auto").
     Returns:
         fp32 scores [Bq, Nc]; -inf for padding and for empty documents, 0 for a query with no valid token.
     """

@@ -112,7 +112,8 @@ def reader_teacher(attn: Tensor, doc_index: Tensor, *, is_logits: bool = True, a
             ReAtt uses ``layers=-1``.
         steps: decoder steps to average (same forms; 4-D/5-D attn only). None = all. ReAtt uses ``steps=0``.
         n_docs: n. Default ``doc_index.max() + 1`` (a device sync; pass it explicitly in training loops).
-        backend: "auto", "torch", "cpu", "triton" or "cuda".
+        backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernel on CPU tensors under
+            emulation: a test tool, never chosen by "auto").
     Returns:
         p_T float32 [B, n]: softmax per (layer, head, step), mean over those, summed per document; each row sums to 1
         (all zeros for a query with no valid token; 0 for a document whose tokens are all padding). **Detached**: a
@@ -280,7 +281,7 @@ def distill_kl(student: Tensor, teacher: Optional[Tensor] = None, *, teacher_pro
             [0, M)); every other column has teacher mass 0 (e.g. the in-batch documents of other queries).
         reduction: "batchmean" (sum / B), "sum", "mean" (sum / (B * M), as torch's kl_div) or "none" ([B]).
         normalize_teacher: divide each teacher row by its sum; otherwise a row not summing to 1 within 1e-3 raises.
-        backend: "auto", "torch", "cpu", "triton" or "cuda".
+        backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernel under CPU emulation).
     Returns:
         fp32 loss (0-d; [B] for "none"). Differentiable w.r.t. student only (the teacher is a constant).
     Raises:
