@@ -48,10 +48,10 @@ MUTANTS = [
         build="emu",
     ),
     dict(
-        name="distill: sparse teacher inferred from a null dense pointer (an empty teacher then throws)",
+        name="distill: the launcher wants a teacher pointer even for an empty teacher (M = 0 or n = 0 throws)",
         path="csrc/distill/distill_cuda.cu",
-        old="  const T* row = student + b * ssb;\n",
-        new="  const T* row = student + b * ssb;\n  sparse = teacher == nullptr;\n",
+        old="REATT_CHECK(sparse ? (n == 0 || (tprobs != 0 && tcols != 0)) : (M == 0 || teacher != 0),",
+        new="REATT_CHECK(teacher != 0 || (tprobs != 0 && tcols != 0),",
         tests=["tests/test_distill.py", "-x", "-q", "-k", "empty_teacher and cuda_emu"],
         build="emu",
     ),
