@@ -237,12 +237,13 @@ def test_misuse_aborts_with_the_site(kind, message):
 
 
 # ---- maxsim under the opt-in shared-memory limits of three GPUs -------------------------------------------------------
-# Shapes whose first-choice tiling needs more than 99 KB (fp32 dim 250 with a cached pos_bias: 116 KB; fp32 WR=4 at
-# dim 128: 103 KB; the deterministic dd tile at dim 250: 129 KB), and one that fits everywhere.
+# (layout, shape, dtype, pos_bias length): cases whose first-choice tiling needs more than 99 KB (fp32 dim 250 with a
+# 4000-entry pos_bias cached in smem: 116 KB; fp32 WR=4 at dim 128: 100 KB; the deterministic dd tile at dim 250:
+# 129 KB), and one that fits everywhere.
 SMEM_CASES = [
-    ("padded", (2, 9, 5, 40, 250), torch.float32),
-    ("grouped", (5, 32, 2, 37, 128), torch.float32),
-    ("packed", (1, 32, 9, 70, 128), torch.bfloat16),
+    ("padded", (2, 9, 5, 40, 250), torch.float32, 4000),
+    ("padded", (5, 32, 2, 37, 128), torch.float32, None),
+    ("packed", (1, 32, 9, 70, 128), torch.bfloat16, None),
 ]
 
 
@@ -251,8 +252,11 @@ def test_maxsim_within_the_device_smem_limit(smem_kb, limits):
     """H100 (227 KB), A100 (163 KB), sm_86/sm_89 (99 KB): the launchers plan every tiling within the opt-in limit
     (the emulator fails any launch above it), and the results still match the float64 reference."""
     emu().set_device_limits(smem_optin=smem_kb * 1024, sm_count=8)
-    for layout, shape, dtype in SMEM_CASES:
-        case = _leaf(make_case(layout, shape, dtype, torch.device("cpu"), gen=lambda s: discrete(s)))
+    for layout, shape, dtype, n_bias in SMEM_CASES:
+        case = make_case(layout, shape, dtype, torch.device("cpu"), gen=lambda s: discrete(s))
+        if n_bias:
+            case["pos_bias"] = discrete((n_bias,))
+        case = _leaf(case)
         out, am = run_api(case, "cuda_emu", "mean", return_argmax=True, deterministic=True)
         ref_case = _leaf(case)
         ref, am_ref = run_ref(ref_case, "mean")
