@@ -272,7 +272,7 @@ def test_forced_backend_reasons(monkeypatch):
 
 def test_available_backends():
     ab = rk.available_backends()
-    assert set(ab) == {"torch", "cpu", "triton", "cuda"}
+    assert set(ab) == {"torch", "cpu", "triton", "cuda", "cuda_emu"}
     assert ab["torch"] == "ok"
     for name, status in ab.items():
         assert status == "ok" or (isinstance(status, list) and all(isinstance(r, str) and r for r in status)), name

@@ -72,6 +72,7 @@ struct Where {
 
 struct LaunchState {
   const char* name;
+  const char* func;
   const char* file;
   int line;
   dim3 grid, block;
@@ -117,7 +118,8 @@ std::map<const void*, int> g_max_dyn_smem;
 }
 
 std::string kernel_desc(const LaunchState& S) {
-  return std::string("kernel ") + S.name + " (launched at " + S.file + ":" + std::to_string(S.line) + "), block (" +
+  return std::string("kernel ") + S.name + " (launched by " + S.func + " at " + S.file + ":" + std::to_string(S.line) +
+         "), block (" +
          std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ")";
 }
 
@@ -338,8 +340,8 @@ cudaError_t func_set_attribute(const void* fn, cudaFuncAttribute attr, int value
   return cudaSuccess;
 }
 
-void launch_impl(const char* name, const char* file, int line, const void* fn, dim3 grid, dim3 block, size_t smem,
-                 const std::function<void()>& body) {
+void launch_impl(const char* name, const char* func, const char* file, int line, const void* fn, dim3 grid,
+                 dim3 block, size_t smem, const std::function<void()>& body) {
   const uint64_t nthreads = static_cast<uint64_t>(block.x) * block.y * block.z;
   const uint64_t n_blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   if (nthreads == 0 || nthreads > 1024 || block.z > 64 || n_blocks == 0 || grid.y > 65535 || grid.z > 65535 ||
@@ -361,6 +363,7 @@ void launch_impl(const char* name, const char* file, int line, const void* fn, d
   std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
   LaunchState S;
   S.name = name;
+  S.func = func;
   S.file = file;
   S.line = line;
   S.grid = grid;

@@ -259,12 +259,13 @@ inline T from_bits(uint64_t u) {
 
 // A kernel launch: REATT_LAUNCH(kernel, grid, block, smem, stream)(args...). The arguments are copied once; every
 // emulated thread calls the kernel with its own copy (kernels take their parameters by value).
-void launch_impl(const char* name, const char* file, int line, const void* fn, dim3 grid, dim3 block, size_t smem,
-                 const std::function<void()>& body);
+void launch_impl(const char* name, const char* func, const char* file, int line, const void* fn, dim3 grid,
+                 dim3 block, size_t smem, const std::function<void()>& body);
 
 template <typename... P>
 struct Launch {
   const char* name;
+  const char* func;  // the launching function (with its template arguments), for messages
   const char* file;
   int line;
   void (*fn)(P...);
@@ -274,7 +275,7 @@ struct Launch {
   void operator()(A&&... args) const {
     std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     auto f = fn;
-    launch_impl(name, file, line, reinterpret_cast<const void*>(fn), grid, block, smem,
+    launch_impl(name, func, file, line, reinterpret_cast<const void*>(fn), grid, block, smem,
                 [&params, f]() {
                   std::tuple<std::decay_t<P>...> mine = params;
                   std::apply(f, mine);
@@ -282,14 +283,15 @@ struct Launch {
   }
 };
 template <typename... P>
-inline Launch<P...> make_launch(const char* name, const char* file, int line, void (*fn)(P...), dim3 grid, dim3 block,
-                                size_t smem, cudaStream_t) {
-  return Launch<P...>{name, file, line, fn, grid, block, smem};
+inline Launch<P...> make_launch(const char* name, const char* func, const char* file, int line, void (*fn)(P...),
+                                dim3 grid, dim3 block, size_t smem, cudaStream_t) {
+  return Launch<P...>{name, func, file, line, fn, grid, block, smem};
 }
 }  // namespace reatt_emu
 
 #define REATT_LAUNCH(kernel, grid, block, smem, stream) \
-  ::reatt_emu::make_launch(#kernel, __FILE__, __LINE__, kernel, dim3(grid), dim3(block), (smem), (stream))
+  ::reatt_emu::make_launch(#kernel, __PRETTY_FUNCTION__, __FILE__, __LINE__, kernel, dim3(grid), dim3(block), (smem), \
+                           (stream))
 #define REATT_DYNAMIC_SMEM(T, name, align) T* name = static_cast<T*>(::reatt_emu::dynamic_smem())
 
 // ---- device intrinsics --------------------------------------------------------------------------------------------------

@@ -103,6 +103,28 @@ __global__ void cp_async_kernel(const float* src, float* out) {
   for (int k = 0; k < 4; ++k) o[12 + k] = sm[128 + l * 4 + k];
 }
 
+// fp32 -> fp16/bf16 (round to nearest even) -> fp32, elementwise: out16 [n] the bits, back [n] the value.
+struct ConvArgs {
+  const float* x;
+  uint16_t* bits;
+  float* back;
+  int64_t n;
+  int bf16;
+};
+__global__ void convert_kernel(const ConvArgs p) {
+  for (int64_t i = threadIdx.x; i < p.n; i += blockDim.x) {
+    if (p.bf16) {
+      const __nv_bfloat16 h = __float2bfloat16_rn(p.x[i]);
+      std::memcpy(p.bits + i, &h, 2);
+      p.back[i] = __bfloat162float(h);
+    } else {
+      const __half h = __float2half_rn(p.x[i]);
+      std::memcpy(p.bits + i, &h, 2);
+      p.back[i] = __half2float(h);
+    }
+  }
+}
+
 __global__ void smem_kernel(int n_write) {
   REATT_DYNAMIC_SMEM(unsigned char, sm, 16);
   if (threadIdx.x == 0)
@@ -185,6 +207,13 @@ int selftest_smem(int64_t smem, int n_write, bool set_attribute) {
   return err;
 }
 
+void selftest_convert(uintptr_t x, uintptr_t bits, uintptr_t back, int64_t n, bool bf16) {
+  ConvArgs p{reinterpret_cast<const float*>(x), reinterpret_cast<uint16_t*>(bits), reinterpret_cast<float*>(back), n,
+             bf16 ? 1 : 0};
+  REATT_LAUNCH(convert_kernel, 1, 64, 0, nullptr)(p);
+  check_launch("convert_kernel");
+}
+
 void selftest_misuse(int kind) {
   REATT_LAUNCH(misuse_kernel, 1, 64, 0, nullptr)(kind);
   check_launch("misuse_kernel");
@@ -200,6 +229,7 @@ const RegisterBindings kRegister([](py::module_& m) {
   m.def("emu_selftest_cp_async", &selftest_cp_async, py::call_guard<py::gil_scoped_release>());
   m.def("emu_selftest_smem", &selftest_smem, py::call_guard<py::gil_scoped_release>(), py::arg("smem"),
         py::arg("n_write"), py::arg("set_attribute"));
+  m.def("emu_selftest_convert", &selftest_convert, py::call_guard<py::gil_scoped_release>());
   m.def("emu_selftest_misuse", &selftest_misuse, py::call_guard<py::gil_scoped_release>());
 });
 

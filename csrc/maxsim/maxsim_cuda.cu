@@ -749,6 +749,15 @@ int sm_count() {
   return n;
 }
 
+// Dynamic shared memory one block may opt into on the current device (227 KB on an H100, 163 KB on an A100, 99 KB
+// on sm_86/sm_89): every tiling below is planned within it, so no launch asks for more than the device has.
+int64_t smem_optin() {
+  int dev = 0, n = 0;
+  REATT_CUDA_CHECK(cudaGetDevice(&dev));
+  REATT_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return n;
+}
+
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Shared memory of the forward kernel for a tiling.
@@ -838,19 +847,28 @@ void maxsim_fwd_cuda(uintptr_t q, uintptr_t d, uintptr_t q_mask, uintptr_t d_mas
   const int KT = (esize == 2 && p.vec && (p.D == 64 || p.D == 128)) ? static_cast<int>(p.D / 16) : 0;
 
   // Tiling per shape (see the header): rows that can share a document tile decide WR; the rest of the 4 warps stream
-  // more documents at once (DS). Shared memory is capped at ~112 KB so that two CTAs fit on an SM.
+  // more documents at once (DS). Shared memory is capped at ~112 KB so that two CTAs fit on an H100 SM, and at the
+  // device's opt-in limit: first fewer document slots, then fewer row warps, then the pos_bias cache goes (the table
+  // is then read through L1), and a tiling that still does not fit is an error, never a failed launch.
   const int64_t rows_needed = group_size ? p.Lq : p.Bq * p.Lq;
   int WR = rows_needed <= 32 ? 1 : rows_needed <= 64 ? 2 : 4;
   int DS = 4 / WR;
   p.bias_smem = (pos_bias != 0 && n_bias <= MAX_BIAS_SMEM) ? static_cast<int>(n_bias) : 0;
-  while (fwd_smem(esize, p.lds, WR, DS, p.bias_smem) > 112 * 1024) {
+  const size_t cap = static_cast<size_t>(std::min<int64_t>(112 * 1024, smem_optin()));
+  while (fwd_smem(esize, p.lds, WR, DS, p.bias_smem) > cap) {
     if (DS > 1)
       DS /= 2;
     else if (WR > 1)
       WR /= 2;
+    else if (p.bias_smem > 0)
+      p.bias_smem = 0;
     else
       break;
   }
+  REATT_CHECK(fwd_smem(esize, p.lds, WR, DS, p.bias_smem) <= cap,
+              "maxsim_fwd_cuda: dim " + std::to_string(p.D) + " needs " +
+                  std::to_string(fwd_smem(esize, p.lds, WR, DS, p.bias_smem)) +
+                  " bytes of shared memory per block, more than this device allows (" + std::to_string(cap) + ")");
   p.WR = WR;
   p.DS = DS;
   const int RB = WARP_M * WR;
@@ -986,8 +1004,11 @@ void maxsim_bwd_cuda(uintptr_t grad, std::vector<int64_t> grad_strides, uintptr_
   REATT_CHECK(dq != 0, "maxsim_bwd_cuda: null dq");
   REATT_CHECK(n_bias == 0 || (dbias != 0 && dbias_ws != 0), "maxsim_bwd_cuda: pos_bias gradient needs dbias, dbias_ws");
   // Token tile of the deterministic dd kernel: 64 KB of fp32 accumulators (a whole 200-token document at dim 64,
-  // a 128-token one at dim 128), since every tile rescans all of the document's entries.
-  p.jt = std::max<int64_t>(1, (64 * 1024) / (4 * p.D));
+  // a 128-token one at dim 128), since every tile rescans all of the document's entries; less where the device's
+  // opt-in shared memory cannot hold 64 KB next to the entry batch (99 KB parts at dim > 128).
+  const int64_t acc_budget = std::min<int64_t>(64 * 1024, smem_optin() - static_cast<int64_t>(dd_det_smem(0, p.D)));
+  REATT_CHECK(acc_budget >= 4 * p.D, "maxsim_bwd_cuda: the device's shared memory cannot hold one token row");
+  p.jt = std::max<int64_t>(1, acc_budget / (4 * p.D));
   if (p.Bq == 0 || p.Lq == 0 || p.C == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (dtype == kFloat32)
