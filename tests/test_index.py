@@ -388,7 +388,7 @@ def test_residual_maxsim_cuda_emu_smem_limit(emu_limits, gpu):
 
 
 @needs_cuda_emu
-def test_refused_launch_leaves_no_pending_error(emu_limits):
+def test_refused_launch_leaves_no_pending_error_cuda_emu(emu_limits):
     """maxsim at dim 256 cannot fit any tiling in a 48 KB device: the launcher refuses it (its planner, or a failed
     cudaFuncSetAttribute: the macro clears that error before throwing), leaves no pending runtime error, and the next
     valid launch (any kernel) succeeds."""
