@@ -3,6 +3,7 @@
     reatt-train --demo                                   # toy QA on CPU, random init, prints the learning curve
     reatt-train --train train.jsonl --eval dev.jsonl --model /path/t5-base --out runs/x --steps 20000
     torchrun --nproc_per_node 8 -m reatt.train ...       # DDP; in-batch negatives span every rank
+    torchrun --nproc_per_node 8 -m reatt.train --preset nq-large --model DIR ...   # the paper's NQ run (README)
 
 The loss is QA cross-entropy + kl_weight * KL(reader teacher || retriever). No retrieval labels are used: a ctx's
 "gold" field (if any) is read only by evaluation (retrieval top-k accuracy of the gold document).
@@ -26,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from .config import ReAttConfig
-from .data import Collator, EpochSampler, build_corpus, doc_id, exact_match, load_jsonl, tokenize_docs, tokenize_queries
+from .data import Collator, EpochSampler, build_corpus, doc_id, exact_match, load_jsonl
 from .distributed import rank_and_world
+from .gradcache import ibn_accum_step
 from .model import ReAttModel, tiny_t5_config
 
 
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", choices=["reader", "uniform"], default="reader",
                    help="ablation: 'uniform' replaces the reader's attention by a uniform teacher over each "
                         "query's docs")
+    g.add_argument("--teacher-docs-only", action="store_true",
+                   help="alternative teacher: count only document tokens, each head renormalised over them (default: "
+                        "the original's softmax over all encoder tokens, each pair's query tokens included)")
     g.add_argument("--head-temperature", type=float, default=0.001, help="tau of the learned head weights")
     g.add_argument("--backend", default="auto", help="kernel backend of the fused ops: auto, cpu, triton, cuda")
     g.add_argument("--reference-ops", action="store_true", help="use the plain-torch reference ops (backend=torch)")
@@ -66,9 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=8, help="questions per micro-batch per rank")
     g.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
+    g.add_argument("--ibn-accum", type=int, default=1,
+                   help="GradCache in-batch negatives: K micro-batches per step share ONE student softmax (all their "
+                        "documents, on every rank), with the gradient of one batch K times larger and the activation "
+                        "memory of one micro-batch (the original's accumulation_for_ibn)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases)")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps (then linear decay to 0)")
+    g.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="warmup as a fraction of --steps (overrides --warmup when > 0; the paper: 0.1)")
     g.add_argument("--kl-warmup", type=int, default=0,
                    help="curriculum: ramp the KL weight linearly from 0 over the first N steps (0: full from the "
                         "start)")
@@ -83,31 +94,68 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", default="1,5,20", help="retrieval top-k accuracies to report")
     g.add_argument("--eval-retrieved", action="store_true", help="also report EM when reading the retrieved top n")
     g.add_argument("--reretrieve-every", type=int, default=0,
-                   help="every N steps: encode the corpus, search it with exact MaxSim, refresh training ctxs")
+                   help="every N steps: index the corpus with the current bi-encoder (exact TokenIndex, sharded "
+                        "across ranks) and refresh each training question's ctxs with its top n-docs")
+    g.add_argument("--reretrieve-at-start", action="store_true",
+                   help="refresh training ctxs with the loaded model before the first step (between rounds)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     g.add_argument("--stop-after", type=int, default=0,
                    help="stop this invocation after N steps with a checkpoint, as a preempted job would (0: off)")
     g.add_argument("--time-budget", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g = ap.add_argument_group("presets")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named hyper-parameters of a paper run (README); flags given explicitly win. nq-large: " +
+                        ", ".join(f"{k}={v}" for k, v in PRESETS["nq-large"].items()))
     g = ap.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
                    help="toy open-domain QA from random init on CPU (generated data + tokenizer); prints and plots "
                         "gold-document top-1 retrieval accuracy and EM")
-    g.add_argument("--plot", help="PNG path for the learning curve (demo default: benchmarks/results/cpu/"
-                                  "reatt_demo.png)")
+    g.add_argument("--plot", help="PNG path for the learning curve (demo default: OUT/demo.png; skipped with a "
+                                  "notice when matplotlib is not installed)")
     return ap
 
 
 # lr 5e-4, not 2e-3: at 2e-3 the tiny reader never learns to copy the answer out of the documents within 10 min
 # (QA loss stays at the no-reading floor ln(12)/2, EM ~0.2); at 3e-4..1e-3 it crosses the floor by step ~900 and,
-# at 5e-4, reads (EM > 0.9) by step ~1600 (measured on this task: benchmarks/results/cpu/reatt_demo.json).
+# at 5e-4, reads (EM > 0.9) by step ~1600 (measured on the earlier demo task, whose distractors held answers of their
+# own; on the current one it reads by step ~500: benchmarks/results/cpu/reatt_demo_ablation.json).
 DEMO_DEFAULTS = dict(n_docs=4, batch_size=16, lr=5e-4, warmup=50, steps=3000, eval_every=100, kl_weight=8.0,
                      max_query_len=16, max_doc_len=16, max_answer_len=4, time_budget=10.0, eval_retrieved=True,
                      weight_decay=0.0,
                      # 8 heads of 16: a tiny T5 learns to copy from its input several times faster than with 2-4
                      # heads of 64 (measured on this task); retrieval vectors are then 16-d.
                      tiny="d_model=128,num_layers=4,num_decoder_layers=2,num_heads=8,d_kv=16,d_ff=256")
+
+
+# The paper's NQ run with T5-large (the author's FiD fork, train_reader_large.sh): 8 GPUs x 8 queries x 100 documents,
+# the 8 per GPU as 4 GradCache micro-batches of 2 (accumulation_for_ibn 4), so one student softmax spans 64 x 100
+# documents. 250 tokens per (query, document) pair: the original truncates the pair jointly; here 50 query + 200
+# document tokens (NQ questions are far below 50). Layer 12, head 6 come from the T5-large architecture preset (or the
+# saved model of the previous round).
+PRESETS = {
+    "nq-large": dict(lr=5e-5, n_docs=100, max_query_len=50, max_doc_len=200, max_answer_len=50, kl_weight=8.0,
+                     retrieval_layer=12, retrieval_head=6, warmup_ratio=0.1, clip=1.0, weight_decay=0.01,
+                     batch_size=2, ibn_accum=4, steps=8000, gradient_checkpointing=True),
+}
+
+
+def _given_flags(ap: argparse.ArgumentParser, argv: list) -> set:
+    """Destinations of the flags given explicitly on the command line (``--flag v`` or ``--flag=v``)."""
+    given = set()
+    for a in ap._actions:
+        if any(o == x or x.startswith(o + "=") for o in a.option_strings for x in argv):
+            given.add(a.dest)
+    return given
+
+
+def apply_defaults(args, ap: argparse.ArgumentParser, argv: list, defaults: dict) -> None:
+    """Set each of ``defaults`` on ``args`` unless its flag was given explicitly."""
+    given = _given_flags(ap, argv)
+    for k, v in defaults.items():
+        if k not in given:
+            setattr(args, k, v)
 
 
 def _parse_tiny(s: str) -> dict:
@@ -174,43 +222,61 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmu
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+def check_step_args(args) -> None:
+    """Combinations the step cannot honour, as clear errors (not silent fallbacks)."""
+    if args.ibn_accum < 1:
+        raise SystemExit(f"reatt-train: --ibn-accum must be >= 1, got {args.ibn_accum}")
+    if args.accum < 1:
+        raise SystemExit(f"reatt-train: --accum must be >= 1, got {args.accum}")
+    if args.ibn_accum > 1 and args.accum > 1:
+        raise SystemExit("reatt-train: use --ibn-accum K or --accum K, not both (--ibn-accum already accumulates K "
+                         "micro-batches, and shares their documents as negatives)")
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP's constructor does)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, 0)
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-# ---- evaluation and re-retrieval -------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_corpus(model: ReAttModel, tok, docs, max_len: int, device, bs: int = 256):
-    """All corpus documents -> (k vectors [N, Ld, d], mask [N, Ld]) padded to one Ld."""
-    vs, ms = [], []
-    for i in range(0, len(docs), bs):
-        ids, m = tokenize_docs(tok, docs[i : i + bs], max_len)
-        v, _ = model.encode_document_ids(ids.to(device), m.to(device))
-        vs.append(v.float())
-        ms.append(m.to(device))
-    L = max(v.shape[1] for v in vs)
-    pad = torch.nn.functional.pad
-    return (torch.cat([pad(v, (0, 0, 0, L - v.shape[1])) for v in vs]),
-            torch.cat([pad(m, (0, L - m.shape[1]), value=False) for m in ms]))
+# ---- evaluation and re-retrieval (through reatt.retrieve: the same index code as reatt-index) ----------------------
+def _corpus_search(model: ReAttModel, questions, corpus, k: int, args, device, distributed: bool = False):
+    """Top-k corpus indices [Nq, k] per question: an exact TokenIndex (ShardedIndex across ranks when
+    ``distributed``) built batch by batch from the bi-encoder keys, searched by MaxSim sum without position bias."""
+    from .retrieve import build_memory_index, search
+
+    index = build_memory_index(model, corpus, args.max_doc_len, device, distributed=distributed)
+    _, ids = search(model, index, questions, k, args.max_query_len, device)
+    return ids
 
 
 @torch.no_grad()
-def search(model: ReAttModel, tok, questions, corpus_vecs, max_len: int, k: int, device, bs: int = 64):
-    """Exact MaxSim (sum, no bias) of each question against the whole corpus -> top-k doc indices [Nq, k]."""
-    dv, dm = corpus_vecs
-    out = []
-    for i in range(0, len(questions), bs):
-        ids, m = tokenize_queries(tok, questions[i : i + bs], max_len)
-        qv, _ = model.encode_query_ids(ids.to(device), m.to(device))
-        s = model.score(qv.float(), m.to(device), dv, dm)
-        out.append(s.topk(min(k, s.shape[1]), dim=1).indices.cpu())
-    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long)
+def own_docs_top1(model: ReAttModel, tok, examples, args, device) -> float:
+    """Gold top-1 among each question's own ctxs (first n_docs), by the inference score (MaxSim sum, no bias), over
+    the questions that have a gold ctx there."""
+    col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
+    hits = total = 0
+    for i in range(0, len(examples), 64):
+        b = to_device(col(examples[i : i + 64]), device)
+        B, n, Ld = b["d_ids"].shape
+        q, qm = model.encode_query_ids(b["q_ids"], b["q_mask"])
+        d, dm = model.encode_document_ids(b["d_ids"].view(B * n, Ld), b["d_mask"].view(B * n, Ld))
+        s = model.score(q.float(), qm, d.float(), dm).view(B, B, n)[torch.arange(B), torch.arange(B)]  # [B, n]
+        has = b["gold"].any(1)
+        best = s.argmax(1)
+        hits += int((b["gold"][torch.arange(B), best] & has).sum())
+        total += int(has.sum())
+    return hits / max(1, total)
 
 
 @torch.no_grad()
 def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, device) -> dict:
-    """EM reading the given ctxs, gold-document top-k retrieval accuracy over the corpus, and (optionally) EM reading
-    the retrieved top n_docs."""
+    """EM reading the given ctxs; gold top-1 among the given ctxs and gold top-k over the corpus (questions with a
+    gold ctx); and (optionally) EM reading the retrieved top n_docs."""
     model.eval()
     exs = examples[: args.eval_max]
     ks = [int(k) for k in str(args.top_k).split(",") if k]
@@ -230,10 +296,11 @@ def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, devic
 
     res["em"] = em_of(exs)
     with_gold = [e for e in exs if e.gold_ids]
+    if with_gold:
+        res["retrieval_own_top1"] = own_docs_top1(model, tok, with_gold, args, device)
     if with_gold or args.eval_retrieved:
-        cv = encode_corpus(model, tok, corpus, args.max_doc_len, device)
-        top = search(model, tok, [e.question for e in exs], cv, args.max_query_len, max(ks + [args.n_docs]), device)
-        ids = [[doc_id(corpus[j]) for j in row.tolist()] for row in top]
+        top = _corpus_search(model, [e.question for e in exs], corpus, max(ks + [args.n_docs]), args, device)
+        ids = [[doc_id(corpus[j]) for j in row.tolist() if j >= 0] for row in top]
         if with_gold:
             for k in ks:
                 res[f"retrieval_top{k}"] = float(np.mean([bool(set(e.gold_ids) & set(r[:k]))
@@ -242,8 +309,8 @@ def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, devic
         if args.eval_retrieved:
             from .data import Example
 
-            rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist()], e.line, e.gold_ids)
-                    for e, row in zip(exs, top)]
+            rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist() if j >= 0],
+                            e.line, e.gold_ids) for e, row in zip(exs, top)]
             res["em_retrieved"] = em_of(rexs)
     model.train()
     return res
@@ -251,12 +318,12 @@ def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, devic
 
 @torch.no_grad()
 def reretrieve(model: ReAttModel, tok, examples, corpus, args, device) -> None:
-    """Refresh every training question's ctxs with its top n_docs corpus documents by exact MaxSim."""
+    """Refresh every training question's ctxs with its top n_docs corpus documents (exact index; under DDP every
+    rank encodes its slice of the corpus into a shard of a ShardedIndex)."""
     model.eval()
-    cv = encode_corpus(model, tok, corpus, args.max_doc_len, device)
-    top = search(model, tok, [e.question for e in examples], cv, args.max_query_len, args.n_docs, device)
+    top = _corpus_search(model, [e.question for e in examples], corpus, args.n_docs, args, device, distributed=True)
     for e, row in zip(examples, top):
-        e.ctxs = [corpus[j] for j in row.tolist()]
+        e.ctxs = [corpus[j] for j in row.tolist() if j >= 0]
     model.train()
 
 
@@ -272,23 +339,48 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+def reatt_config_for(args, t5_config=None) -> ReAttConfig:
+    """The ReAttConfig of this run: architecture fields (layer, head, tau) from the saved model of the previous round
+    when ``--model`` holds one, else from the flags, else from the original's preset for the T5's shape (an error
+    naming --retrieval-layer/--retrieval-head otherwise); training choices always from this run's flags."""
+    from .config import ARCH_FIELDS, CONFIG_NAME
+
+    train_kw = dict(kl_weight=args.kl_weight, in_batch_negatives=not args.no_in_batch_negatives,
+                    train_pos_bias=not args.no_train_pos_bias, backend=args.backend,
+                    use_fused_kernels=not args.reference_ops, teacher=args.teacher,
+                    teacher_includes_query=not args.teacher_docs_only)
+    flags = {"retrieval_layer": args.retrieval_layer, "retrieval_head": args.retrieval_head,
+             "head_temperature": args.head_temperature}
+    if args.model and os.path.exists(os.path.join(args.model, CONFIG_NAME)):
+        saved = ReAttConfig.load(args.model)
+        given = _given_flags(build_parser(), getattr(args, "_argv", []))
+        clash = [f"--{f.replace('_', '-')} {flags[f]} (saved: {getattr(saved, f)})" for f in ARCH_FIELDS
+                 if flags[f] is not None and flags[f] != getattr(saved, f)
+                 and (f != "head_temperature" or f in given)]
+        if clash:
+            raise SystemExit(f"reatt-train: {args.model} holds a ReAttModel whose retriever differs from "
+                             f"{', '.join(clash)}: its saved head weights belong to the saved retriever; drop those "
+                             "flags to continue from it")
+        return ReAttConfig(**{**{f: getattr(saved, f) for f in ARCH_FIELDS}, **train_kw})
+    if t5_config is None:  # random tiny T5: B = half the encoder, head 0 unless given
+        return ReAttConfig(retrieval_layer=args.retrieval_layer if args.retrieval_layer is not None
+                           else args._num_layers // 2,
+                           retrieval_head=args.retrieval_head or 0, head_temperature=args.head_temperature,
+                           **train_kw)
+    try:
+        return ReAttConfig.for_architecture(t5_config.num_layers, t5_config.num_heads,
+                                            retrieval_layer=args.retrieval_layer, retrieval_head=args.retrieval_head,
+                                            head_temperature=args.head_temperature, **train_kw)
+    except ValueError as e:
+        raise SystemExit(f"reatt-train: --model {args.model}: {e}") from None
+
+
 def build_model(args, tok, device) -> ReAttModel:
-    rc_kw = dict(kl_weight=args.kl_weight, in_batch_negatives=not args.no_in_batch_negatives,
-                 train_pos_bias=not args.no_train_pos_bias, backend=args.backend,
-                 use_fused_kernels=not args.reference_ops, head_temperature=args.head_temperature,
-                 teacher=args.teacher)
     if args.model:
         from transformers import T5Config
 
         tcfg = T5Config.from_pretrained(args.model, local_files_only=True)
-        try:
-            rc = ReAttConfig.for_t5(tcfg._name_or_path or args.model, **rc_kw)
-        except ValueError:
-            rc = ReAttConfig(retrieval_layer=tcfg.num_layers // 2, retrieval_head=0, **rc_kw)
-        if args.retrieval_layer is not None:
-            rc.retrieval_layer = args.retrieval_layer
-        if args.retrieval_head is not None:
-            rc.retrieval_head = args.retrieval_head
+        rc = reatt_config_for(args, tcfg)
         extra = {"dropout_rate": args.dropout} if args.dropout is not None else {}
         model = ReAttModel.from_pretrained(args.model, reatt_config=rc, **extra)
         model.tokenizer = tok
@@ -297,17 +389,22 @@ def build_model(args, tok, device) -> ReAttModel:
         if args.dropout is not None:
             shape["dropout_rate"] = args.dropout
         tcfg = tiny_t5_config(vocab_size=len(tok), **shape)
-        rc = ReAttConfig(retrieval_layer=args.retrieval_layer if args.retrieval_layer is not None
-                         else tcfg.num_layers // 2,
-                         retrieval_head=args.retrieval_head or 0, **rc_kw)
+        args._num_layers = tcfg.num_layers
+        rc = reatt_config_for(args)
         model = ReAttModel.from_config(tcfg, rc, tokenizer=tok, seed=args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(device)
 
 
-def _plot(history: list, path: str, title: str) -> None:
-    import matplotlib
+def _plot(history: list, path: str, title: str) -> bool:
+    """Learning curve PNG. matplotlib is optional (the "bench" extra): without it, one notice and no plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed, so no plot was written to {path} (pip install matplotlib)",
+              file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -329,6 +426,7 @@ def _plot(history: list, path: str, title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def train(args) -> list:
@@ -365,6 +463,15 @@ def train(args) -> list:
     corpus_index = {doc_id(c): i for i, c in enumerate(corpus)}
 
     model = build_model(args, tok, device)
+    check_step_args(args)
+    qa_only = args.kl_weight == 0
+    if qa_only:
+        # The QA-only warm-up: no teacher, no student. The student's own parameters get no gradient at all, so they
+        # are frozen (DDP requires every trainable parameter to receive one).
+        model.head_logits.requires_grad_(False)
+        model.log_scale.requires_grad_(False)
+    if args.warmup_ratio > 0:
+        args.warmup = int(round(args.warmup_ratio * args.steps))
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
     col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
     G = args.batch_size * world
@@ -390,7 +497,9 @@ def train(args) -> list:
             print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
     ddp = model
-    if world > 1:
+    if world > 1 and args.ibn_accum > 1:
+        broadcast_parameters(model)  # GradCache steps sum the gradients over ranks themselves: no DDP wrapper
+    elif world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     model.train()
@@ -419,8 +528,10 @@ def train(args) -> list:
         if not eval_exs:
             return
         if main_proc:
+            te = time.time()
             res = evaluate(model, tok, eval_exs, corpus, corpus_index, args, device)
-            rec = {"step": step_now, "train_seconds": round(t_train, 1), **res}
+            rec = {"step": step_now, "train_seconds": round(t_train, 1), "eval_seconds": round(time.time() - te, 1),
+                   **res}
             history.append(rec)
             log({"type": "eval", **rec})
             parts = [f"{k} {v:.3f}" for k, v in res.items() if k != "retrieval_chance_top1"]
@@ -434,6 +545,9 @@ def train(args) -> list:
 
         pbar = tqdm(total=args.steps, initial=step, desc="reatt-train", dynamic_ncols=True, file=sys.stderr)
     t_train, t0, step0 = 0.0, time.time(), step
+    if step == 0 and args.reretrieve_at_start and not reretrieved:
+        reretrieve(model, tok, train_exs, corpus, args, device)  # round k+1 reads what round k's retriever finds
+        reretrieved = True
     if step == 0 and args.eval_every:
         run_eval(0, 0.0)
     while step < args.steps:
@@ -444,13 +558,17 @@ def train(args) -> list:
         if args.kl_warmup:
             model.config.kl_weight = args.kl_weight * min(1.0, step / args.kl_warmup)
         logs = {"loss": 0.0, "qa_loss": 0.0, "kl_loss": 0.0}
-        for micro in range(args.accum):
+        if args.ibn_accum > 1:
+            micro = [to_device(col([train_exs[i] for i in sampler.batch(step * args.ibn_accum + k, rank, world)]),
+                               device) for k in range(args.ibn_accum)]
+            logs.update(ibn_accum_step(model, micro, autocast=autocast))
+        for micro in range(args.accum if args.ibn_accum <= 1 else 0):
             idx = sampler.batch(step * args.accum + micro, rank, world)
             batch = to_device(col([train_exs[i] for i in idx]), device)
             sync = micro == args.accum - 1 or world == 1
             ctx = ddp.no_sync() if (world > 1 and not sync) else nullcontext()
             with ctx, autocast():
-                out = ddp(**batch)
+                out = ddp(**batch, compute_kl=not qa_only)
                 loss = out["loss"] / args.accum
             with ctx:
                 loss.backward()
@@ -499,14 +617,17 @@ def train(args) -> list:
     if main_proc:
         model.save_pretrained(os.path.join(args.out, "final"))
         if args.plot and history:
-            _plot(history, args.plot, f"ReAtt toy QA from random init ({step} steps, {t_train / 60:.1f} min CPU)")
-            print(f"plot: {args.plot}")
+            if _plot(history, args.plot, f"ReAtt toy QA from random init ({step} steps, {t_train / 60:.1f} min CPU)"):
+                print(f"plot: {args.plot}")
     return history
 
 
 def main(argv: Optional[list] = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
+    args._argv = list(argv if argv is not None else sys.argv[1:])
+    if args.preset:
+        apply_defaults(args, ap, args._argv, PRESETS[args.preset])
     if args.demo:
         from .demo import write_demo
 
@@ -519,17 +640,18 @@ def main(argv: Optional[list] = None) -> None:
         args.train, args.eval, args.tokenizer = paths["train"], paths["dev"], paths["tokenizer"]
         args.corpus = args.corpus or paths["corpus"]
         if args.plot is None:
-            args.plot = os.path.join("benchmarks", "results", "cpu", "reatt_demo.png")
+            args.plot = os.path.join(args.out, "demo.png")  # never into the repository's committed results
         if args.threads is None:
             # One thread: the model is tiny, and on a shared 2-core machine two torch threads spin against other
             # processes (measured: 4.5 s/step with 2 threads under load vs 0.2 s/step with 1).
             args.threads = 1
     hist = train(args)
     if args.demo and hist:
-        print("\nstep  train_s  retrieval@1  EM(given)  EM(retrieved)")
+        print("\nstep  train_s  gold@1(own docs)  gold@1(corpus)  EM(given)  EM(retrieved)")
         for h in hist:
-            print(f"{h['step']:5d}  {h['train_seconds']:7.1f}  {h.get('retrieval_top1', float('nan')):11.3f}  "
-                  f"{h['em']:9.3f}  {h.get('em_retrieved', float('nan')):13.3f}")
+            print(f"{h['step']:5d}  {h['train_seconds']:7.1f}  {h.get('retrieval_own_top1', float('nan')):16.3f}  "
+                  f"{h.get('retrieval_top1', float('nan')):14.3f}  {h['em']:9.3f}  "
+                  f"{h.get('em_retrieved', float('nan')):13.3f}")
     if dist.is_initialized():
         # Drain every rank's pending gloo/NCCL work before teardown: destroying a group while its worker thread is
         # still releasing finished work can deadlock on the GIL (seen with gloo in the DDP test).

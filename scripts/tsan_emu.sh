@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 LIB=$(PY="$PY" scripts/emu_sanitized_build.sh thread build/emu-tsan)
-export LD_PRELOAD="$(gcc -print-file-name=libtsan.so)"
+export LD_PRELOAD="$(gcc -print-file-name=libtsan.so) $(gcc -print-file-name=libstdc++.so)"
 # torch and libgomp are not instrumented; only the emulated kernels' accesses are checked.
 export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 report_signal_unsafe=0 ${TSAN_OPTIONS:-}"
 export REATT_EMU_LIB="$LIB" OMP_NUM_THREADS=1

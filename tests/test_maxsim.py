@@ -7,7 +7,9 @@ import torch
 import reatt_kernels as rk
 from reatt_kernels.reference import maxsim_fwd_ref
 
-from .utils import BACKENDS, DTYPES, assert_close_to_ref, device_for, discrete, noncontig, random_mask
+from .utils import BACKENDS, CUDA_EMU, DTYPES, assert_close_to_ref, device_for, discrete, noncontig, random_mask
+
+BACKENDS = [*BACKENDS, CUDA_EMU]  # maxsim's CUDA kernels also run under CPU emulation
 
 LAYOUTS = ["padded", "packed", "grouped"]
 # (Bq, Lq, Nd (n per query when grouped), Ld, dim): odd sizes, dim not a multiple of 16, Lq = 1, Ld = 1.

@@ -6,7 +6,7 @@
 #include "emu_runtime.h"
 
 #include <algorithm>
-#include <condition_variable>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -15,6 +15,10 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__)
 #define REATT_EMU_ASAN 1
@@ -53,8 +57,20 @@ const char* coll_name(int kind, int sub) {
   }
 }
 
+// Waiters sleep on an atomic generation counter (a Linux futex), not on a condition variable: a woken lane needs no
+// mutex, so a release costs one wake-up per lane instead of a convoy on the block's mutex, and nobody spins (the
+// machine runs far more emulated threads than it has cores). The acquire load orders the waker's writes for TSan.
+void wait_change(std::atomic<int>& a, int old) {
+  while (a.load(std::memory_order_acquire) == old)
+    syscall(SYS_futex, reinterpret_cast<int*>(&a), FUTEX_WAIT_PRIVATE, old, nullptr, nullptr, 0);
+}
+void publish(std::atomic<int>& a, uint64_t gen) {
+  a.store(static_cast<int>(gen), std::memory_order_release);
+  syscall(SYS_futex, reinterpret_cast<int*>(&a), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+
 struct Warp {
-  std::condition_variable cv;
+  std::atomic<int> gen_a{0};  // == (int)gen, for the waiters
   uint64_t gen = 0;       // completed collectives
   unsigned arrived = 0;   // lanes at the pending one
   unsigned mask = 0, present = 0, exited = 0;
@@ -79,7 +95,7 @@ struct LaunchState {
   int nthreads = 0;
   std::mutex m;
   // __syncthreads
-  std::condition_variable bar_cv;
+  std::atomic<int> bar_gen_a{0};
   int live = 0, blocked = 0, bar_arrived = 0;
   uint64_t bar_gen = 0;
   int acc_or = 0, acc_and = 1, acc_count = 0;
@@ -87,7 +103,7 @@ struct LaunchState {
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<Where> where;
   // the block walk
-  std::condition_variable end_cv;
+  std::atomic<int> end_gen_a{0};
   int end_arrived = 0;
   uint64_t end_gen = 0, cur_block = 0, n_blocks = 0;
   // dynamic shared memory of the current block
@@ -148,7 +164,7 @@ void maybe_complete_barrier(LaunchState& S, int waiting) {
   S.blocked -= waiting;
   S.bar_arrived = 0;
   ++S.bar_gen;
-  S.bar_cv.notify_all();
+  publish(S.bar_gen_a, S.bar_gen);
 }
 
 bool in_smem(const LaunchState& S, const void* p, size_t n) {
@@ -238,9 +254,10 @@ void run_thread(LaunchState* Sp, int tid, const std::function<void()>* body) {
       ++S.end_gen;
       S.cur_block = S.fault.empty() ? S.cur_block + 1 : S.n_blocks;  // a fault ends the launch
       if (S.cur_block < S.n_blocks) reset_block(S);
-      S.end_cv.notify_all();
+      publish(S.end_gen_a, S.end_gen);
     } else {
-      S.end_cv.wait(lk, [&] { return S.end_gen != gen; });
+      lk.unlock();
+      wait_change(S.end_gen_a, static_cast<int>(gen));
     }
   }
   tl_state = nullptr;
@@ -287,13 +304,14 @@ void collective(int kind, int sub, unsigned mask, const char* file, int line, Fi
     W.arrived = 0;
     ++W.gen;
     S.blocked -= __builtin_popcount(mask) - 1;
-    W.cv.notify_all();
+    publish(W.gen_a, W.gen);
+    lk.unlock();
   } else {
     ++S.blocked;
-    S.where[tid] = Where{coll_name(kind, sub), file, line};
+    S.where[tid] = Where{coll_name(kind, sub), file, line};  // stale once released: read only when all are blocked
     deadlock_check(S);
-    W.cv.wait(lk, [&] { return W.gen != gen; });
-    S.where[tid] = Where{};
+    lk.unlock();
+    wait_change(W.gen_a, static_cast<int>(gen));
   }
   read(slots[lane]);
 }
@@ -421,12 +439,13 @@ int block_barrier(int kind, int pred, const char* file, int line) {
   ++S.bar_arrived;
   if (S.bar_arrived == S.live) {
     maybe_complete_barrier(S, S.bar_arrived - 1);
+    lk.unlock();
   } else {
     ++S.blocked;
     S.where[tl_tid] = Where{"__syncthreads", file, line};
     deadlock_check(S);
-    S.bar_cv.wait(lk, [&] { return S.bar_gen != gen; });
-    S.where[tl_tid] = Where{};
+    lk.unlock();
+    wait_change(S.bar_gen_a, static_cast<int>(gen));
   }
   const int idx = gen & 1;
   return kind == 1 ? S.res_or[idx] : kind == 2 ? S.res_and[idx] : kind == 3 ? S.res_count[idx] : 0;

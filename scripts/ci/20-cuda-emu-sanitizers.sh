@@ -8,7 +8,8 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-python}
 LIB=$(PY="$PY" scripts/emu_sanitized_build.sh address,undefined build/emu-asan)
 # Python is not built with ASan: its runtime must be loaded first. Leaks are Python's and torch's, not the kernels'.
-export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
+# libstdc++ too: ASan intercepts __cxa_throw and must find the real one at start-up (python itself is C).
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export REATT_EMU_LIB="$LIB" OMP_NUM_THREADS=1
