@@ -26,6 +26,8 @@ def _env(**kw):
 @pytest.fixture()
 def tree_without_csrc(tmp_path):
     """What an incomplete sdist unpacks to: the Python package and build files, no csrc/ and no CMakeLists.txt."""
+    if not (REPO / "setup.py").is_file():
+        pytest.skip("needs the source tree (these tests also run against an installed wheel)")
     for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, tmp_path / name)
     for pkg in ("reatt_kernels", "reatt"):
