@@ -67,13 +67,19 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    def build_extensions(self) -> None:
+        self._skipped: set = set()
+        super().build_extensions()
+        # A fallen-back extension has no file: drop it so --inplace copies and editable installs do not look for it.
+        self.extensions = [e for e in self.extensions if e.name not in self._skipped]
+
     def build_extension(self, ext: Extension) -> None:
         mode = os.environ.get("REATT_CUDA", "auto").strip().lower()
         if mode not in ("auto", "0", "1"):
             raise SystemExit(f"REATT_CUDA must be auto, 0 or 1, got {mode!r}")
         missing = missing_build_part()
         if missing is not None:
-            self._fallback(*missing)
+            self._fallback(ext, *missing)
             return
         attempts = {"auto": ["auto", "0"], "1": ["1"], "0": ["0"]}[mode]
         last_err = None
@@ -88,16 +94,17 @@ class CMakeBuild(build_ext):
                           "'cuda' backend will be missing; fix the CUDA toolkit, or set REATT_CUDA=0 to skip it")
         if mode == "1":
             raise SystemExit(f"reatt_kernels: REATT_CUDA=1 and the CUDA build failed: {last_err}")
-        self._fallback(f"the C++ build failed ({last_err})", "read the CMake/compiler output above; a C++17 compiler "
+        self._fallback(ext, f"the C++ build failed ({last_err})", "read the CMake/compiler output above; a C++17 compiler "
                        "and cmake>=3.24 are needed")
 
-    def _fallback(self, what: str, fix: str) -> None:
+    def _fallback(self, ext: Extension, what: str, fix: str) -> None:
         # The pure-Python package still works (torch and triton backends); packagers must not ship it by accident.
         if _require_ext():
             raise SystemExit(f"reatt_kernels: REATT_REQUIRE_EXT=1 and the C++ extension cannot be built: {what}. "
                              f"Fix: {fix}")
         _warn(f"installing WITHOUT the C++/CUDA extension: {what}; the 'cpu' and 'cuda' backends will be "
               f"unavailable. Fix: {fix}; {FIX_HINT}")
+        getattr(self, "_skipped", set()).add(ext.name)
 
     def _cmake_build(self, ext: Extension, cuda: str) -> None:
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()

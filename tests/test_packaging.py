@@ -68,6 +68,11 @@ def test_missing_compiler_is_named(tree_without_csrc, tmp_path_factory):
     assert "no C++17 compiler" in r.stderr and "/nonexistent/g++" in r.stderr, r.stderr
 
 
+# The dev venv's editable install adds an import hook that would find reatt_kernels._C in the checkout it points at;
+# the subprocess drops it so that only the copied package (without _C) is importable.
+_NO_EDITABLE = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]; "
+
+
 @pytest.fixture()
 def package_without_ext(tmp_path):
     src = Path(reatt_kernels.__file__).resolve().parent
@@ -76,7 +81,7 @@ def package_without_ext(tmp_path):
 
 
 def test_import_without_ext_warns(package_without_ext):
-    code = "import reatt_kernels as rk; print(rk.available_backends()['cpu'])"
+    code = _NO_EDITABLE + "import reatt_kernels as rk; print(rk.available_backends()['cpu'])"
     r = subprocess.run([sys.executable, "-c", code], cwd=package_without_ext, env=_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -86,7 +91,7 @@ def test_import_without_ext_warns(package_without_ext):
 
 
 def test_import_without_ext_raises_when_required(package_without_ext):
-    r = subprocess.run([sys.executable, "-c", "import reatt_kernels"], cwd=package_without_ext,
+    r = subprocess.run([sys.executable, "-c", _NO_EDITABLE + "import reatt_kernels"], cwd=package_without_ext,
                        env=_env(REATT_REQUIRE_EXT="1"), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "ImportError" in r.stderr and "REATT_REQUIRE_EXT=1" in r.stderr, r.stderr
