@@ -19,6 +19,7 @@
 #     2.32 variable its headers read. libgcc_s stays dynamic (manylinux allows it) so no new-glibc unwinder is pulled in.
 #   - OpenMP: linked against a libgomp built for manylinux (the copy inside the torch manylinux_2_28 wheel, glibc 2.17
 #     floor); `auditwheel repair` vendors it as reatt_kernels.libs/libgomp-<hash>.so.1.
+#   - REATT_EMU=OFF: the CPU emulation module _C_emu is a test tool, not shipped in release wheels.
 #   - CUDA: cudart_static (CMake CUDA::cudart_static), so the wheel needs only the NVIDIA driver (libcuda, loaded by
 #     cudart at run time), never a CUDA toolkit.
 # Environment: PYTHONS, REATT_CUDA (default 1), REATT_CUDA_ARCHS (default "80-real;90"), OUT (default dist),
@@ -103,7 +104,7 @@ for v in $PYTHONS; do
   raw=$WORK/raw-$tag && rm -rf "$raw" && mkdir -p "$raw"
   start=$(date +%s)
   # Built in isolation from the sdist (pip unpacks it to a temp dir): proves the sdist alone is enough.
-  if ! LDFLAGS="-L$SYS -L$SYS/gomp -Wl,-rpath-link,$SYS" REATT_CMAKE_ARGS="-DREATT_PORTABLE=ON" \
+  if ! LDFLAGS="-L$SYS -L$SYS/gomp -Wl,-rpath-link,$SYS" REATT_CMAKE_ARGS="-DREATT_PORTABLE=ON -DREATT_EMU=OFF" \
        "$py" -m pip wheel -v --no-deps --no-cache-dir -w "$raw" "$SDIST" > "$WORK/build-$tag.log" 2>&1; then
     echo "!! $tag: build failed, log: $WORK/build-$tag.log"; tail -30 "$WORK/build-$tag.log"; failed+=("$tag"); continue
   fi
