@@ -9,7 +9,7 @@ Follows pybind11's cmake_example. Environment variables:
 - ``REATT_BUILD_JOBS``: parallel compile jobs (default: number of CPUs).
 - ``REATT_REQUIRE_EXT=1``: a C++ extension that cannot be built fails the install instead of falling back to the
   pure-Python package (CI and ``scripts/build_wheels.sh`` set it).
-- ``REATT_CMAKE_ARGS``: extra CMake arguments, shell-quoted (``scripts/build_wheels.sh`` passes ``-DREATT_PORTABLE=ON``).
+- ``REATT_CMAKE_ARGS``: extra CMake arguments, shell-quoted (``scripts/build_wheels.sh``: ``-DREATT_PORTABLE=ON``).
 
 A missing compiler does not break installation by default: in ``auto`` mode a failed CUDA build is retried without CUDA,
 and a failed C++ build installs the pure-Python package. Either prints one ``reatt_kernels: WARNING:`` line naming the
@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import warnings
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -32,9 +31,8 @@ FIX_HINT = "set REATT_REQUIRE_EXT=1 to make this an error"
 
 
 def _warn(msg: str) -> None:
-    # One line on stderr (pip shows it with -v; `python -m build` always) and a Python warning for logs that keep them.
+    # Exactly one line on stderr: `python -m build` shows it, pip with -v (and importing the package warns again).
     print(f"reatt_kernels: WARNING: {msg}", file=sys.stderr, flush=True)
-    warnings.warn(f"reatt_kernels: {msg}", stacklevel=2)
 
 
 def _require_ext() -> bool:
@@ -57,7 +55,8 @@ def missing_build_part() -> "tuple[str, str] | None":
     try:
         import pybind11  # noqa: F401
     except ImportError:
-        return ("pybind11 is not importable", "pip install 'pybind11>=2.12' (or build with build isolation) and reinstall")
+        return ("pybind11 is not importable",
+                "pip install 'pybind11>=2.12' (or build with build isolation) and reinstall")
     return None
 
 
@@ -94,8 +93,8 @@ class CMakeBuild(build_ext):
                           "'cuda' backend will be missing; fix the CUDA toolkit, or set REATT_CUDA=0 to skip it")
         if mode == "1":
             raise SystemExit(f"reatt_kernels: REATT_CUDA=1 and the CUDA build failed: {last_err}")
-        self._fallback(ext, f"the C++ build failed ({last_err})", "read the CMake/compiler output above; a C++17 compiler "
-                       "and cmake>=3.24 are needed")
+        self._fallback(ext, f"the C++ build failed ({last_err})",
+                       "read the CMake/compiler output above; a C++17 compiler and cmake>=3.24 are needed")
 
     def _fallback(self, ext: Extension, what: str, fix: str) -> None:
         # The pure-Python package still works (torch and triton backends); packagers must not ship it by accident.
