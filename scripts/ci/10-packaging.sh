@@ -22,7 +22,8 @@ if command -v nvcc > /dev/null && [ "${REATT_CUDA:-auto}" != 0 ]; then cuda=1; e
 echo "packaging check: python $("$PY" -c 'import platform; print(platform.python_version())'), CUDA build: $cuda"
 
 # 1. sdist
-"$PY" -m build --sdist --outdir "$tmp/dist" . > "$tmp/sdist.log" 2>&1 || { cat "$tmp/sdist.log"; exit 1; }
+# (from $tmp: in the checkout, `-m build` would import the CMake build/ folder instead of pypa's build)
+(cd "$tmp" && "$PY" -m build --sdist --outdir "$tmp/dist" "$ROOT" > "$tmp/sdist.log" 2>&1) || { cat "$tmp/sdist.log"; exit 1; }
 sdist=$(ls "$tmp"/dist/reatt_kernels-*.tar.gz)
 tar tzf "$sdist" | sed 's|^[^/]*/||' | sort > "$tmp/sdist-files.txt"
 if git rev-parse --git-dir > /dev/null 2>&1; then
