@@ -25,7 +25,7 @@ echo "packaging check: python $("$PY" -c 'import platform; print(platform.python
 # 1. sdist
 # (from $tmp: in the checkout, `-m build` would import the CMake build/ folder instead of pypa's build; no isolation:
 # making an sdist runs no compiler, and the dev venv's setuptools saves resolving a build environment)
-(cd "$tmp" && "$PY" -m build --sdist --no-isolation --outdir "$tmp/dist" "$ROOT" > "$tmp/sdist.log" 2>&1) || { cat "$tmp/sdist.log"; exit 1; }
+(cd "$tmp" && "$PY" -m build --sdist --no-isolation --skip-dependency-check --outdir "$tmp/dist" "$ROOT" > "$tmp/sdist.log" 2>&1) || { cat "$tmp/sdist.log"; exit 1; }
 sdist=$(ls "$tmp"/dist/reatt_kernels-*.tar.gz)
 tar tzf "$sdist" | sed 's|^[^/]*/||' | sort > "$tmp/sdist-files.txt"
 if git rev-parse --git-dir > /dev/null 2>&1; then
