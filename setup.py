@@ -69,8 +69,10 @@ class CMakeBuild(build_ext):
     def build_extensions(self) -> None:
         self._skipped: set = set()
         super().build_extensions()
-        # A fallen-back extension has no file: drop it so --inplace copies and editable installs do not look for it.
-        self.extensions = [e for e in self.extensions if e.name not in self._skipped]
+        # A fallen-back extension has no file, nor has an optional module that CMake was told not to build (e.g. a
+        # release wheel's -DREATT_EMU=OFF): drop them so --inplace copies and editable installs do not look for them.
+        self.extensions = [e for e in self.extensions if e.name not in self._skipped
+                           and (not getattr(e, "optional", False) or Path(self.get_ext_fullpath(e.name)).exists())]
 
     def build_extension(self, ext: Extension) -> None:
         mode = os.environ.get("REATT_CUDA", "auto").strip().lower()
