@@ -9,8 +9,9 @@
 #      cubins and sm_80 PTX.
 # CUDA is compiled for sm_80 only here (the release wheels, scripts/build_wheels.sh, build sm_80 + sm_90 + PTX): one
 # architecture proves the objects land in the wheel at half the compile time.
-# Time: 19.5 min wall on the shared 2-core dev machine at load average 15-27, of which 2.7 CPU-minutes (user+sys), so
-# roughly 3-5 minutes on an idle 2-core CI machine with nvcc; the wheel build (compiles) and the torch install dominate.
+# Time with nvcc, on the shared 2-core dev machine: 7.7 min wall at load average 13-14 (19.5 min at 15-27), 2.6
+# CPU-minutes (user+sys) either way, so roughly 3-5 minutes on an idle 2-core CI machine; the wheel build (it compiles)
+# and the torch install into the fresh venv dominate.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
