@@ -14,7 +14,9 @@ from reatt_kernels import _alloc
 from reatt_kernels.reference.distill import distill_kl_ref, reader_teacher_fwd_ref
 from reatt_kernels.reference.maxsim import maxsim_fwd_ref
 
-from .utils import BACKENDS, DTYPES, assert_close_to_ref, device_for, needs_triton, noncontig, random_mask
+from .utils import BACKENDS, CUDA_EMU, DTYPES, assert_close_to_ref, device_for, needs_triton, noncontig, random_mask
+
+BACKENDS = [*BACKENDS, CUDA_EMU]  # every op here runs its CUDA kernel under emulation too
 
 
 # ---- reader_teacher ----------------------------------------------------------------------------------------------------

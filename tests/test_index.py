@@ -17,7 +17,9 @@ from reatt_kernels.index import io as index_io
 from reatt_kernels.index.codec import pack_buckets, unpack_buckets
 from reatt_kernels.index.reference import residual_decode_ref, residual_maxsim_ref
 
-from .utils import BACKENDS, _has_cpu_ext, _has_cuda_emu, assert_close_to_ref, device_for, needs_cuda_emu, noncontig
+from .utils import BACKENDS, CUDA_EMU, _has_cpu_ext, _has_cuda_emu, assert_close_to_ref, device_for, needs_cuda_emu, noncontig
+
+BACKENDS = [*BACKENDS, CUDA_EMU]  # every op here runs its CUDA kernel under emulation too
 
 DIM = 32
 NBITS = [1, 2, 4, 8]

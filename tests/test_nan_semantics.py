@@ -18,7 +18,9 @@ from reatt_kernels.index.reference import residual_maxsim_ref
 from reatt_kernels.reference.distill import reader_teacher_fwd_ref
 from reatt_kernels.reference.maxsim import maxsim_fwd_ref
 
-from .utils import BACKENDS, assert_close_to_ref, device_for
+from .utils import BACKENDS, CUDA_EMU, assert_close_to_ref, device_for
+
+BACKENDS = [*BACKENDS, CUDA_EMU]  # every op here runs its CUDA kernel under emulation too
 
 NAN, INF = float("nan"), float("inf")
 
