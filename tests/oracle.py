@@ -93,6 +93,7 @@ def maxsim_oracle(layout: str, q: Tensor, d: Tensor, q_mask: Optional[Tensor] = 
         R = pb.numel() if pb is not None else 0
         dbias = torch.zeros(R, dtype=F64)
         mag_dbias = torch.zeros(R, dtype=F64)
+        n_dq, n_dd, n_dbias = torch.zeros(Bq, Lq, 1, dtype=F64), torch.zeros(dd.shape[0], 1, dtype=F64), torch.zeros(R)
     for a in range(Bq):
         toks, valid, flat = _query_docs(layout, d, dm, off, a)
         Lmax = toks.shape[1]
@@ -136,14 +137,22 @@ def maxsim_oracle(layout: str, q: Tensor, d: Tensor, q_mask: Optional[Tensor] = 
                 row = int(flat[c, jj])
                 dq[a, ii] += w * toks[c, jj]
                 mag_dq[a, ii] += abs(w) * toks[c, jj].abs()
+                n_dq[a, ii] += 1
                 dd[row] += w * q[a, ii]
                 mag_dd[row] += abs(w) * q[a, ii].abs()
+                n_dd[row] += 1
                 if R:
                     rr = min(max(n_a + jj - ii, 0), R - 1)
                     dbias[rr] += w
                     mag_dbias[rr] += abs(w)
+                    n_dbias[rr] += 1
     out = dict(score=score, argmax=argmax, mag=mag)
     if g is not None:
+        # Gradients are long fp32 sums (dbias[R - 1] may collect every clamped pair): their rounding error grows like
+        # sqrt(number of terms) x sum |terms| x u in practice (n x ... in the worst case), so the magnitude carries it.
+        mag_dq *= n_dq.clamp(min=1).sqrt()
+        mag_dd *= n_dd.clamp(min=1).sqrt()
+        mag_dbias *= n_dbias.clamp(min=1).sqrt()
         out.update(dq=dq, mag_dq=mag_dq, dd=dd.reshape(d.shape), mag_dd=mag_dd.reshape(d.shape), dbias=dbias,
                    mag_dbias=mag_dbias)
     return out
