@@ -4,7 +4,8 @@
 Each mutant is ``dict(name=, path=, old=, new=, tests=[pytest args], build=None | "cpu" | "emu")``: ``old`` must occur
 exactly once in ``path``. ``build="cpu"`` rebuilds ``reatt_kernels._C`` (CPU kernels only) after patching; ``"emu"``
 rebuilds the CUDA-emulation module ``reatt_kernels._C_emu`` (the same CMake project) and is reported as "not built"
-only while the mutated file does not exist in the source tree at all. Besides ``MUTANTS`` below, every
+only while the source tree has no ``_C_emu`` module at all (CMakeLists.txt does not name it); otherwise a missing
+``_C_emu`` fails the gate. Besides ``MUTANTS`` below, every
 ``scripts/mutants_*.py`` next to this file may define its own ``MUTANTS`` list. Adding a kernel means adding its
 mutants.
 
@@ -218,12 +219,18 @@ def main() -> int:
                                text=True, env=dict(os.environ, PYTHONPATH=str(tree)))
         if where.returncode != 0 or any(not line.startswith(str(tree)) for line in where.stdout.split()):
             raise RuntimeError(f"the copy's reatt_kernels is not the one imported: {where.stdout} {where.stderr}")
-        # Which mutants can run at all: the patched file must exist, and its text occur exactly once.
-        runnable = []
+        # Which mutants can run at all: the patched file must exist, and its text occur exactly once. An "emu" mutant
+        # is skipped only while the source tree has no _C_emu module at all; once it has one, it must have been built.
+        emu_in_tree = "_C_emu" in (tree / "CMakeLists.txt").read_text()
+        emu_built = bool(glob.glob(str(tree / "reatt_kernels" / "_C_emu*.so")))
+        if emu_in_tree and not emu_built:
+            problems.append("CMakeLists.txt defines _C_emu but the build produced no reatt_kernels/_C_emu*.so")
+        runnable, skipped = [], []
         for m in mutants:
             f = tree / m["path"]
-            if m.get("build") == "emu" and not f.exists():
-                print(f"  SKIP     {m['name']}: not built ({m['path']} is not in this source tree yet)", flush=True)
+            if m.get("build") == "emu" and not emu_in_tree:
+                print(f"  SKIP     {m['name']}: not built (no _C_emu module in this source tree)", flush=True)
+                skipped.append(m["name"])
                 continue
             if m.get("build") not in (None, "cpu", "emu"):
                 problems.append(f"{m['name']}: unknown build {m.get('build')!r}")
@@ -248,6 +255,9 @@ def main() -> int:
                 problems.append(f"baseline {status} for: {' '.join(args)}")
         if problems:
             raise RuntimeError("baseline")
+        # Python mutants first (against the clean build), then the C++ ones grouped by folder, so that consecutive
+        # rebuilds mostly recompile one translation unit (the restored file of the previous mutant and the new one).
+        runnable.sort(key=lambda m: (m.get("build") is not None, str(Path(m["path"]).parent) if m.get("build") else ""))
         results = []
         so_dirty = False  # the in-place .so was built from a mutated source
         for m in runnable:
@@ -279,7 +289,7 @@ def main() -> int:
         errors = [f"{m['name']}: {s}" for m, v, s in results if v == "ERROR"]
         caught = sum(v == "CAUGHT" for _, v, _ in results)
         print(f"mutation gate: {caught} caught, {len(survived)} survived, {len(errors)} errors, "
-              f"{len(mutants) - len(runnable) - len([p for p in problems])} not built, in {time.time() - t_start:.0f} s")
+              f"{len(skipped)} not built, in {time.time() - t_start:.0f} s")
         for name in survived:
             print(f"  SURVIVED: {name}: no test of its backend catches it; write one")
         problems += errors
