@@ -301,7 +301,8 @@ def residual_decode_oracle(centroids, weights, codes, packed, nbits: int) -> tup
     return c + r, c.abs() + r.abs()
 
 
-def residual_maxsim_oracle(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits) -> tuple[Tensor, Tensor]:
+def residual_maxsim_oracle(q, q_mask, centroids, weights, codes, packed, d_offsets, cand,
+                           nbits: int) -> tuple[Tensor, Tensor]:
     """score(a, c) = sum_{i valid} max_{t in doc cand[a, c]} q[a, i] . v_t; -inf for padding (cand < 0) and for an
     empty document (0 when the query has no valid token). Returns scores [Bq, Nc] and their magnitudes."""
     q = f64(q)

@@ -44,9 +44,11 @@ def ulps_for(backend: str) -> float:
     return LOOSER_ULPS.get((backend, device_for(backend).type), FP32_ULPS)
 
 
-def assert_fp32_level(out, ref64, mag, *, ulps: float = FP32_ULPS, name: str = "out", out_dtype=None,
-                      roundings: int = 1, backend=None):
+def assert_fp32_level(out, ref64, mag, *, backend=None, ulps=None, name: str = "out", out_dtype=None,
+                      roundings: int = 1):
     """Assert |out - ref64| <= ulps * u32 * mag + roundings * u(out dtype) * |ref64| + tiny, elementwise.
+
+    ``ulps`` defaults to the backend's factor (:func:`ulps_for`), FP32_ULPS without a backend.
 
     ``roundings``: how many times the result is legitimately rounded to the output dtype (1; a caller passing more
     says why next to the call).
@@ -55,6 +57,7 @@ def assert_fp32_level(out, ref64, mag, *, ulps: float = FP32_ULPS, name: str = "
     the message gives the max and mean absolute difference, the worst ratio to the bound, and where it is.
     """
     out_dtype = out_dtype or out.dtype
+    ulps = ulps if ulps is not None else (ulps_for(backend) if backend else FP32_ULPS)
     o = out.detach().double().cpu()
     r = torch.as_tensor(ref64).double().cpu()
     m = torch.as_tensor(mag).double().cpu()
