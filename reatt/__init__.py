@@ -3,6 +3,7 @@
 - :class:`reatt.config.ReAttConfig`: retrieval layer/head, KL weight, in-batch negatives, kernel switch.
 - :class:`reatt.model.ReAttModel`: bi-encoder (blocks < B), retriever (block B's head), reader (blocks >= B), FiD.
 - ``reatt-train`` (:mod:`reatt.train`): training, evaluation, re-retrieval, checkpoints, DDP, and ``--demo``.
+- :mod:`reatt.gradcache`: GradCache in-batch negatives over K micro-batches (``reatt-train --ibn-accum K``).
 
 ``reatt.model`` needs transformers (the "model" extra); importing ``reatt`` alone does not.
 """

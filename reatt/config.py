@@ -17,12 +17,21 @@ import json
 import os
 from dataclasses import dataclass
 
-# Paper defaults per T5 size: B = half the encoder, head chosen in the paper for T5-large.
-PRESETS = {
-    "t5-small": dict(retrieval_layer=3, retrieval_head=6),
-    "t5-base": dict(retrieval_layer=6, retrieval_head=6),
-    "t5-large": dict(retrieval_layer=12, retrieval_head=6),
+# The original's retrieval layer and head per T5 architecture (the author's FiD fork, ``get_single_head_idx``):
+# B = half the encoder; the head is the one the paper picked for that size. Keyed by (encoder layers, heads), never by
+# a checkpoint's name or path: names such as ``t5-v1_1-large`` or ``my_t5_large`` say nothing reliable.
+ARCH_PRESETS = {
+    (24, 16): dict(retrieval_layer=12, retrieval_head=6),  # T5-large (t5-large-lm-adapt in the paper)
+    (12, 12): dict(retrieval_layer=6, retrieval_head=3),  # T5-base
 }
+# The same by explicit size name (for ``ReAttConfig.for_t5("t5-large")``; exact names only).
+PRESETS = {
+    "t5-base": ARCH_PRESETS[(12, 12)],
+    "t5-large": ARCH_PRESETS[(24, 16)],
+}
+# Fields that describe the trained model itself (its saved head_logits are one-hot on the trained head, its retriever
+# lives at that layer): a saved model restores them. The others are per-run training choices.
+ARCH_FIELDS = ("retrieval_layer", "retrieval_head", "head_temperature")
 
 CONFIG_NAME = "reatt_config.json"
 
@@ -40,10 +49,12 @@ class ReAttConfig:
         train_pos_bias: let the KL train the retrieval head's relative-position bias (else it is detached).
         backend: kernel backend for the fused path ("auto", "cpu", "triton", "cuda").
         use_fused_kernels: True runs ``backend``; False runs the plain-torch reference ops (backend="torch").
-        head_temperature: tau of the learned head weights softmax(w / tau) (0.001: nearly one-hot).
-        init_log_scale: initial c of the learned temperature exp(c) on the student score.
-        teacher_includes_query: count the cross-attention on a pair's query tokens toward its document (default:
-            document tokens only).
+        head_temperature: tau of the learned head weights softmax(w / tau) (0.001, as the original). w starts at 0
+            (uniform over heads, as the original), so the starting scale is exp(c) / H and w learns.
+        init_log_scale: initial c of the learned temperature exp(c) on the student score (0, as the original).
+        teacher_includes_query: the original teacher (default True): the step-0 cross-attention softmaxed over all
+            encoder tokens of all pairs and each pair's query tokens counted toward its document. False: only document
+            tokens count, each head renormalised over them (this project's earlier default; ``--teacher-docs-only``).
         teacher: "reader" (ReAtt), or "uniform" over each query's present documents: an ablation that shows how much
             retrieval the document sets alone teach, without the reader's attention.
     """
@@ -57,16 +68,32 @@ class ReAttConfig:
     use_fused_kernels: bool = True
     head_temperature: float = 0.001
     init_log_scale: float = 0.0
-    teacher_includes_query: bool = False
+    teacher_includes_query: bool = True
     teacher: str = "reader"
 
     @classmethod
     def for_t5(cls, name: str, **overrides) -> "ReAttConfig":
-        """Paper defaults for ``t5-small`` / ``t5-base`` / ``t5-large`` (any name containing one of them)."""
-        for key, preset in PRESETS.items():
-            if key in name:
-                return cls(**{**preset, **overrides})
-        raise ValueError(f"no ReAtt preset for {name!r}; known: {sorted(PRESETS)}")
+        """The original's layer and head for ``"t5-base"`` or ``"t5-large"`` (exact names)."""
+        if name not in PRESETS:
+            raise ValueError(f"no ReAtt preset named {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def for_architecture(cls, num_layers: int, num_heads: int, **overrides) -> "ReAttConfig":
+        """The original's layer and head for a T5 with ``num_layers`` encoder blocks and ``num_heads`` heads.
+
+        Raises ValueError, naming what to pass, for any other shape (or if only one of layer/head is overridden and the
+        shape is unknown): a retriever head is never guessed."""
+        preset = ARCH_PRESETS.get((int(num_layers), int(num_heads)))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if preset is None and not {"retrieval_layer", "retrieval_head"} <= set(given):
+            known = ", ".join(f"{l} layers x {h} heads -> layer {p['retrieval_layer']}, head {p['retrieval_head']}"
+                              for (l, h), p in ARCH_PRESETS.items())
+            raise ValueError(f"cannot determine the ReAtt retrieval layer and head for a T5 with {num_layers} encoder "
+                             f"layers and {num_heads} heads (no saved reatt_config.json, no preset: {known}); pass "
+                             "--retrieval-layer B and --retrieval-head H (ReAttConfig(retrieval_layer=..., "
+                             "retrieval_head=...))")
+        return cls(**{**(preset or {}), **given})
 
     @property
     def kernel_backend(self) -> str:

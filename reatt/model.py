@@ -20,7 +20,9 @@ layers, a query token never sees a document token, so its states are the same in
 
 Positions inside a pair are compact: query token i sits at i, document token j at n_a + j (n_a = real query
 tokens), whatever the padding, so the reader's relative distances are those of the unpadded concatenation and the
-retrieval bias at distance r = n_a + j - i is exactly the one ``reatt_kernels.maxsim`` applies.
+retrieval bias at distance r = n_a + j - i is exactly the one ``reatt_kernels.maxsim`` applies. An in-batch document
+of another query a' keeps ITS pair's offset, r = n_a' + j - i, as in the original (its key vector and position are
+those of the pair it was encoded in); :meth:`ReAttModel.student_scores` does this with the same kernels.
 """
 from __future__ import annotations
 
@@ -84,9 +86,9 @@ class ReAttModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.gradient_checkpointing = False
-        w = torch.zeros(tc.num_heads)
-        w[config.retrieval_head] = 1.0  # with tau = 0.001, softmax(w / tau) starts one-hot on the retrieval head
-        self.head_logits = nn.Parameter(w)
+        # w = 0 as in the original: softmax(w / tau) starts uniform (scale exp(c) / H) and w learns. A one-hot start
+        # saturates the softmax at tau = 0.001, and its gradient is then exactly 0: w would never move.
+        self.head_logits = nn.Parameter(torch.zeros(tc.num_heads))
         self.log_scale = nn.Parameter(torch.tensor(float(config.init_log_scale)))
         self._teacher_logits: Optional[Tensor] = None
         self._capture_teacher = False
@@ -114,17 +116,24 @@ class ReAttModel(nn.Module):
         ``tokenizer_dir`` (default: ``local_dir``) when it holds tokenizer files."""
         from .config import CONFIG_NAME
 
+        from .config import ARCH_FIELDS
+
         _, T5ForConditionalGeneration, _ = _t5_classes()
         t5 = T5ForConditionalGeneration.from_pretrained(local_dir, local_files_only=True, attn_implementation="eager",
                                                         **kw)
+        saved = ReAttConfig.load(local_dir) if os.path.exists(os.path.join(local_dir, CONFIG_NAME)) else None
         if reatt_config is None:
-            if os.path.exists(os.path.join(local_dir, CONFIG_NAME)):
-                reatt_config = ReAttConfig.load(local_dir)
-            else:
-                try:
-                    reatt_config = ReAttConfig.for_t5(getattr(t5.config, "_name_or_path", "") or local_dir)
-                except ValueError:  # not a named T5 size: B = half the encoder, head 0
-                    reatt_config = ReAttConfig(retrieval_layer=t5.config.num_layers // 2, retrieval_head=0)
+            # A saved ReAttModel restores its own config; a plain T5 gets the original's layer/head for its shape, or
+            # an error naming what to pass (never a guess from the directory name).
+            reatt_config = saved or ReAttConfig.for_architecture(t5.config.num_layers, t5.config.num_heads)
+        elif saved is not None:
+            diff = {f: (getattr(saved, f), getattr(reatt_config, f)) for f in ARCH_FIELDS
+                    if getattr(saved, f) != getattr(reatt_config, f)}
+            if diff:
+                raise ValueError(f"{local_dir} holds a ReAttModel trained with " + ", ".join(
+                    f"{f}={a}" for f, (a, _) in diff.items()) + "; the reatt_config passed asks for " + ", ".join(
+                    f"{f}={b}" for f, (_, b) in diff.items()) + " (its saved head weights belong to the saved "
+                    "retriever): pass the saved values or none")
         tok = None
         tdir = tokenizer_dir or local_dir
         if any(os.path.exists(os.path.join(tdir, f)) for f in ("tokenizer.json", "spiece.model")):
@@ -223,19 +232,21 @@ class ReAttModel(nn.Module):
         w = (attn.q if which == "q" else attn.k).weight[hd * dk : (hd + 1) * dk]
         return F.linear(layer.layer_norm(h), w)
 
-    def retrieval_pos_bias(self, R: int, device=None) -> Tensor:
-        """The retrieval head's bias per distance r = 0..R-1 (key after query: T5's 'positive' buckets) -> [R] fp32."""
+    def retrieval_pos_bias(self, R: int, device=None, start: int = 0) -> Tensor:
+        """The retrieval head's bias per distance r = start .. start+R-1 (key minus query position; negative = key
+        before query, T5's other buckets) -> [R], fp32 (fp64 for an fp64 model)."""
         a = self._rel_attn
         device = device or a.relative_attention_bias.weight.device
-        r = torch.arange(R, device=device)
+        r = torch.arange(start, start + R, device=device)
         pb = self._rel_bias(torch.zeros_like(r)[None, :1], r[None])[0, self.config.retrieval_head, 0]
-        pb = pb.float()
+        pb = pb.to(torch.promote_types(pb.dtype, torch.float32))
         return pb if self.config.train_pos_bias else pb.detach()
 
     def student_scale(self) -> Tensor:
         """exp(c) * softmax(w / tau)[head]: ReAtt's learned temperature on the MaxSim score (0-d)."""
-        w = torch.softmax(self.head_logits.float() / self.config.head_temperature, 0)
-        return self.log_scale.float().exp() * w[self.config.retrieval_head]
+        ct = torch.promote_types(self.head_logits.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+        w = torch.softmax(self.head_logits.to(ct) / self.config.head_temperature, 0)
+        return self.log_scale.to(ct).exp() * w[self.config.retrieval_head]
 
     def encode_query_ids(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """ids [N, Lq], bool mask -> (q vectors [N, Lq, d], mask). Runs only blocks <= B."""
@@ -276,15 +287,18 @@ class ReAttModel(nn.Module):
 
         Args: hq [B, Lq, D] and q_mask [B, Lq]; hd [B*n, Ld, D] and d_mask [B*n, Ld] (bi-encoder outputs).
         Returns: encoder states [B, n*(Lq+Ld), D], their bool mask [B, n*(Lq+Ld)], and doc_index [B, n*(Lq+Ld)]
-            (document of each token for the teacher; -1 for padding and, unless teacher_includes_query, for the
-            query tokens of each pair).
+            (document of each token for the teacher; -1 for padding, for every token of an empty document slot, and,
+            with teacher_includes_query off, for the query tokens of each pair).
         """
         B, Lq, D = hq.shape
         n = hd.shape[0] // max(B, 1)
         Ld = hd.shape[1]
         dev = hq.device
         h = torch.cat([hq.repeat_interleave(n, 0), hd], 1)  # [B*n, Lq+Ld, D]
-        valid = torch.cat([q_mask.repeat_interleave(n, 0), d_mask], 1)
+        # A missing document (an empty slot: the question has fewer than n) is no pair at all: its query tokens are
+        # masked too, so the decoder never reads them and the teacher gives the slot mass 0 (student: -inf).
+        present = d_mask.any(1, keepdim=True)
+        valid = torch.cat([q_mask.repeat_interleave(n, 0) & present, d_mask], 1)
         nq = q_mask.sum(1).repeat_interleave(n, 0)  # [B*n]
         pos = torch.cat([torch.arange(Lq, device=dev)[None].expand(B * n, Lq),
                          nq[:, None] + torch.arange(Ld, device=dev)[None]], 1)
@@ -311,7 +325,8 @@ class ReAttModel(nn.Module):
             qh = module.q(hidden[:, :1]).view(hidden.shape[0], H, dk)  # decoder step 0
             kh = module.k(kv).view(kv.shape[0], kv.shape[1], H, dk)
             # T5 does not scale q.k, and cross-attention has no position bias: these are the layer's logits.
-            self._teacher_logits = torch.einsum("bhd,bshd->bhs", qh.float(), kh.float())
+            ct = torch.promote_types(qh.dtype, torch.float32)
+            self._teacher_logits = torch.einsum("bhd,bshd->bhs", qh.to(ct), kh.to(ct))
 
     def decode(self, enc: Tensor, enc_mask: Tensor, labels: Optional[Tensor] = None,
                decoder_input_ids: Optional[Tensor] = None, capture_teacher: bool = False):
@@ -326,19 +341,15 @@ class ReAttModel(nn.Module):
         return out
 
     # ---- training forward --------------------------------------------------------------------------------------------
-    def forward(self, q_ids: Tensor, q_mask: Tensor, d_ids: Tensor, d_mask: Tensor, labels: Optional[Tensor] = None,
-                compute_kl: bool = True, gold: Optional[Tensor] = None) -> dict:
-        """One ReAtt training forward.
+    def forward_parts(self, q_ids: Tensor, q_mask: Tensor, d_ids: Tensor, d_mask: Tensor, labels: Tensor,
+                      teacher: bool = True) -> dict:
+        """Everything of one training forward except the retrieval KL (the pieces GradCache caches and re-runs).
 
-        Args:
-            q_ids, q_mask: [B, Lq] query ids ("question: ..."; no EOS) and bool mask.
-            d_ids, d_mask: [B, n, Ld] document ids ("title: ... context: ... </s>") and bool mask.
-            labels: [B, T] answer ids with -100 padding (None: no QA loss and no teacher).
-            compute_kl: add kl_weight * KL (needs labels: the teacher reads the decoder at step 0).
-            gold: ignored (a logging-only field of the batch; retrieval is never supervised).
-        Returns:
-            dict with "loss", "qa_loss", "kl_loss" (0-d), "teacher" [B, n], "student_scale", and "q", "d" retrieval
-            vectors ([B, Lq, d], [B*n, Ld, d]).
+        Args: as :meth:`forward` (labels required).
+        Returns: dict with "q" [B, Lq, d] and "d" [B*n, Ld, d] retrieval vectors, "q_mask" [B, Lq], "d_mask" [B*n, Ld],
+            "d_qlen" int64 [B*n] (real query tokens of each document's own pair: its position offset), "qa_loss" (0-d,
+            token mean), "n_tokens" (answer tokens, int), "logits", and "teacher" fp32 [B, n] (detached; None when
+            ``teacher`` is False).
         """
         B, n, Ld = d_ids.shape
         d_ids2, d_mask2 = d_ids.reshape(B * n, Ld), d_mask.reshape(B * n, Ld)
@@ -347,56 +358,154 @@ class ReAttModel(nn.Module):
         qv = self._retrieval_proj(hq, "q")
         dv = self._retrieval_proj(hd, "k")
         enc, enc_mask, doc_index = self.read(hq, q_mask, hd, d_mask2)
-        out = {"q": qv, "d": dv}
-        zero = enc.new_zeros(())
-        if labels is None:
-            out.update(loss=zero, qa_loss=zero, kl_loss=zero, encoder_states=enc, encoder_mask=enc_mask)
-            return out
-        dec = self.decode(enc, enc_mask, labels=labels, capture_teacher=compute_kl)
-        qa = dec.loss
-        out.update(qa_loss=qa, logits=dec.logits)
-        if not compute_kl:
-            out.update(loss=qa, kl_loss=zero)
-            return out
-        teacher = rk.reader_teacher(self._teacher_logits, doc_index, is_logits=True, n_docs=n,
-                                    backend=self.config.kernel_backend)
-        if self.config.teacher == "uniform":
-            present = d_mask.any(-1).float()
-            teacher = present / present.sum(1, keepdim=True).clamp(min=1)
+        dec = self.decode(enc, enc_mask, labels=labels, capture_teacher=teacher)
+        out = {"q": qv, "d": dv, "q_mask": q_mask, "d_mask": d_mask2, "qa_loss": dec.loss, "logits": dec.logits,
+               "n_tokens": int((labels != -100).sum()), "d_qlen": q_mask.sum(1).repeat_interleave(n), "teacher": None}
+        if teacher:
+            if self.config.teacher == "uniform":
+                present = d_mask.any(-1).to(torch.promote_types(qv.dtype, torch.float32))
+                t = present / present.sum(1, keepdim=True).clamp(min=1)
+            else:
+                t = rk.reader_teacher(self._teacher_logits, doc_index, is_logits=True, n_docs=n,
+                                      backend=self.config.kernel_backend)
+            out["teacher"] = t.detach()
         self._teacher_logits = None
-        kl = self.retrieval_kl(qv, q_mask, dv, d_mask2, teacher)
-        out.update(teacher=teacher, kl_loss=kl, loss=qa + self.config.kl_weight * kl,
+        return out
+
+    def forward(self, q_ids: Tensor, q_mask: Tensor, d_ids: Tensor, d_mask: Tensor, labels: Optional[Tensor] = None,
+                compute_kl: bool = True, gold: Optional[Tensor] = None) -> dict:
+        """One ReAtt training forward.
+
+        Args:
+            q_ids, q_mask: [B, Lq] query ids ("question: ..."; no EOS) and bool mask.
+            d_ids, d_mask: [B, n, Ld] document ids ("title: ... context: ... </s>") and bool mask.
+            labels: [B, T] answer ids with -100 padding (None: no QA loss and no teacher).
+            compute_kl: add kl_weight * KL (needs labels: the teacher reads the decoder at step 0). False: QA only
+                (no teacher, no student: the warm-up round).
+            gold: ignored (a logging-only field of the batch; retrieval is never supervised).
+        Returns:
+            dict with "loss", "qa_loss", "kl_loss" (0-d), "teacher" [B, n], "student_scale", and "q", "d" retrieval
+            vectors ([B, Lq, d], [B*n, Ld, d]).
+        """
+        if labels is None:
+            B, n, Ld = d_ids.shape
+            d_ids2, d_mask2 = d_ids.reshape(B * n, Ld), d_mask.reshape(B * n, Ld)
+            hq = self.bi_encode(q_ids, q_mask)
+            hd = self.bi_encode(d_ids2, d_mask2)
+            enc, enc_mask, _ = self.read(hq, q_mask, hd, d_mask2)
+            zero = enc.new_zeros(())
+            return {"q": self._retrieval_proj(hq, "q"), "d": self._retrieval_proj(hd, "k"), "loss": zero,
+                    "qa_loss": zero, "kl_loss": zero, "encoder_states": enc, "encoder_mask": enc_mask}
+        p = self.forward_parts(q_ids, q_mask, d_ids, d_mask, labels, teacher=compute_kl)
+        qa = p["qa_loss"]
+        out = {"q": p["q"], "d": p["d"], "qa_loss": qa, "logits": p["logits"]}
+        if not compute_kl:
+            out.update(loss=qa, kl_loss=qa.new_zeros(()))
+            return out
+        kl = self.retrieval_kl(p["q"], q_mask, p["d"], p["d_mask"], p["teacher"])
+        out.update(teacher=p["teacher"], kl_loss=kl, loss=qa + self.config.kl_weight * kl,
                    student_scale=self.student_scale().detach())
         return out
 
     def retrieval_kl(self, qv: Tensor, q_mask: Tensor, dv: Tensor, d_mask: Tensor, teacher: Tensor) -> Tensor:
         """KL(teacher [B, n] || student) with the student over the query's own documents and (in_batch_negatives)
         every in-batch document, across ranks under torch.distributed. qv [B, Lq, d], dv [B*n, Ld, d]."""
-        cfg = self.config
         B, n = teacher.shape
-        scale = self.student_scale()
-        be = cfg.kernel_backend
-        Ld = dv.shape[1]
-        pos_bias = self.retrieval_pos_bias(qv.shape[1] + Ld, qv.device)
-        if not cfg.in_batch_negatives:
-            s = rk.maxsim_grouped(qv, dv.reshape(B, n, Ld, -1), q_mask, d_mask.reshape(B, n, Ld), pos_bias=pos_bias,
-                                  reduce="mean", backend=be)
-            student = torch.where(torch.isneginf(s), s, scale * s.masked_fill(torch.isneginf(s), 0.0))
-            return rk.distill_kl(student, teacher, reduction="batchmean", backend=be)
+        d_qlen = q_mask.sum(1).repeat_interleave(n)
         cols = None
-        if is_distributed():
+        if self.config.in_batch_negatives and is_distributed():
             # Same Ld on every rank, then every rank's documents become this rank's negatives.
+            Ld = dv.shape[1]
             L_all = all_reduce_max_int(Ld, dv.device)
             if L_all > Ld:
                 dv = F.pad(dv, (0, 0, 0, L_all - Ld))
                 d_mask = F.pad(d_mask, (0, L_all - Ld), value=False)
-                pos_bias = self.retrieval_pos_bias(qv.shape[1] + L_all, qv.device)
             rank, _ = rank_and_world()
             dv = all_gather_with_grad(dv)
             d_mask = all_gather_nograd(d_mask)
+            d_qlen = all_gather_nograd(d_qlen)
             cols = rank * B * n + torch.arange(B, device=qv.device)[:, None] * n + torch.arange(n, device=qv.device)
-        return rk.retrieval_distill_loss(qv, dv, teacher, q_mask=q_mask, d_mask=d_mask, pos_bias=pos_bias,
-                                         scale=scale, reduce="mean", teacher_cols=cols, backend=be)
+        return self.student_kl(qv, q_mask, dv, d_mask, d_qlen, teacher, teacher_cols=cols)
+
+    def student_kl(self, qv: Tensor, q_mask: Tensor, dv: Tensor, d_mask: Tensor, d_qlen: Optional[Tensor],
+                   teacher: Tensor, teacher_cols: Optional[Tensor] = None) -> Tensor:
+        """Batch-mean KL(teacher || log_softmax(scale * S)) on given vectors (no communication).
+
+        Args:
+            qv [B, Lq, d], q_mask [B, Lq]; dv [Nd, Ld, d], d_mask [Nd, Ld]; teacher [B, n] over each query's own
+            documents, at ``teacher_cols`` [B, n] (default a*n .. a*n+n-1); d_qlen int [Nd]: each document's pair
+            offset (its own query's length; None: the scoring query's, this project's former choice).
+        With in_batch_negatives off, each query scores only its own n documents (d must then be [B*n, ...])."""
+        B, n = teacher.shape
+        scale = self.student_scale()
+        be = self.config.kernel_backend
+        if not self.config.in_batch_negatives:
+            Ld = dv.shape[1]
+            pos_bias = self.retrieval_pos_bias(qv.shape[1] + Ld, qv.device)
+            s = rk.maxsim_grouped(qv, dv.reshape(B, n, Ld, -1), q_mask, d_mask.reshape(B, n, Ld), pos_bias=pos_bias,
+                                  reduce="mean", backend=be)
+            student = torch.where(torch.isneginf(s), s, scale * s.masked_fill(torch.isneginf(s), 0.0))
+            return rk.distill_kl(student, teacher, reduction="batchmean", backend=be)
+        if d_qlen is None:
+            # One maxsim call with r = n_a + j - i, a = the scoring query: the fused loss op does it all.
+            pos_bias = self.retrieval_pos_bias(qv.shape[1] + dv.shape[1], qv.device)
+            return rk.retrieval_distill_loss(qv, dv, teacher, q_mask=q_mask, d_mask=d_mask, pos_bias=pos_bias,
+                                             scale=scale, reduce="mean", teacher_cols=teacher_cols, backend=be)
+        s = self.student_scores(qv, q_mask, dv, d_mask, d_qlen)
+        if teacher_cols is None:
+            teacher_cols = torch.arange(B, device=qv.device)[:, None] * n + torch.arange(n, device=qv.device)
+        empty = torch.isneginf(s)
+        student = torch.where(empty, s, scale * s.masked_fill(empty, 0.0))
+        return rk.distill_kl(student, teacher_probs=teacher, teacher_cols=teacher_cols, reduction="batchmean",
+                             backend=be)
+
+    def student_scores(self, qv: Tensor, q_mask: Tensor, dv: Tensor, d_mask: Tensor, d_qlen: Tensor) -> Tensor:
+        """Training MaxSim of every query against every document, each document at its own pair's offset:
+
+            S[a, b] = mean_{i < n_a} max_j ( q_a,i . k_b,j + bias(d_qlen[b] + j - i) )
+
+        qv [B, Lq, d] (q_mask a prefix mask, as the collator makes it), dv [Nd, Ld, d], d_qlen int [Nd] -> [B, Nd].
+
+        The kernels apply bias(n_a + j' - i') with the scoring query's n_a. With every query left-padded by
+        P_a = n_a - n_min masked slots (i' = i + P_a) and every document left-padded by Q = n_max - n_min (j' = j + Q),
+        they see r = n_max + j - i for every query, in [1, n_max + Ld - 1]; a bias table shifted by d_qlen[b] - n_max
+        then gives bias(d_qlen[b] + j - i), distances below 0 (key before query) included. One table per distinct
+        d_qlen: documents are grouped by it (a few groups per batch; the same total work as one call)."""
+        B, Lq, _ = qv.shape
+        Nd, Ld = dv.shape[:2]
+        be = self.config.kernel_backend
+        d_qlen = d_qlen.to(device=qv.device, dtype=torch.long)
+        nq = q_mask.sum(1)
+        if B == 0 or Nd == 0:
+            return qv.new_zeros((B, Nd), dtype=torch.promote_types(qv.dtype, torch.float32))
+        lens = torch.unique(d_qlen)
+        if lens.numel() == 1 and bool((nq == lens[0]).all()):  # every pair offset is the scoring query's own length
+            return rk.maxsim(qv, dv, q_mask, d_mask, pos_bias=self.retrieval_pos_bias(Lq + Ld, qv.device),
+                             reduce="mean", backend=be)
+        n_min, n_max = int(nq.min()), int(nq.max())
+        P = nq - n_min  # [B] left padding of each query
+        Pm, Q = int(P.max()), n_max - n_min
+        # Scatter query a's tokens to columns P_a .. P_a + Lq - 1 of a [B, Pm + Lq] layout (a gather keeps autograd).
+        cols = torch.arange(Pm + Lq, device=qv.device)[None, :] - P[:, None]  # source token of each new column
+        ok = (cols >= 0) & (cols < Lq)
+        src = cols.clamp(0, Lq - 1)
+        q_pad = torch.gather(qv, 1, src[..., None].expand(B, Pm + Lq, qv.shape[2])) * ok[..., None].to(qv.dtype)
+        qm_pad = torch.gather(q_mask, 1, src) & ok
+        d_pad = F.pad(dv, (0, 0, Q, 0))
+        dm_pad = F.pad(d_mask, (Q, 0), value=False)
+        R = n_max + Ld
+        out = []
+        order = []
+        for m in lens.tolist():
+            idx = torch.nonzero(d_qlen == m).flatten()
+            pb = self.retrieval_pos_bias(R, qv.device, start=m - n_max)
+            out.append(rk.maxsim(q_pad, d_pad.index_select(0, idx), qm_pad, dm_pad.index_select(0, idx), pos_bias=pb,
+                                 reduce="mean", backend=be))
+            order.append(idx)
+        s = torch.cat(out, 1)
+        inv = torch.empty_like(d_qlen)
+        inv[torch.cat(order)] = torch.arange(Nd, device=qv.device)
+        return s.index_select(1, inv)
 
     # ---- inference ---------------------------------------------------------------------------------------------------
     @torch.no_grad()

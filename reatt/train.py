@@ -3,6 +3,7 @@
     reatt-train --demo                                   # toy QA on CPU, random init, prints the learning curve
     reatt-train --train train.jsonl --eval dev.jsonl --model /path/t5-base --out runs/x --steps 20000
     torchrun --nproc_per_node 8 -m reatt.train ...       # DDP; in-batch negatives span every rank
+    torchrun --nproc_per_node 8 -m reatt.train --preset nq-large --model DIR ...   # the paper's NQ run (README)
 
 The loss is QA cross-entropy + kl_weight * KL(reader teacher || retriever). No retrieval labels are used: a ctx's
 "gold" field (if any) is read only by evaluation (retrieval top-k accuracy of the gold document).
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from .config import ReAttConfig
 from .data import Collator, EpochSampler, build_corpus, doc_id, exact_match, load_jsonl, tokenize_docs, tokenize_queries
 from .distributed import rank_and_world
+from .gradcache import ibn_accum_step
 from .model import ReAttModel, tiny_t5_config
 
 
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", choices=["reader", "uniform"], default="reader",
                    help="ablation: 'uniform' replaces the reader's attention by a uniform teacher over each "
                         "query's docs")
+    g.add_argument("--teacher-docs-only", action="store_true",
+                   help="alternative teacher: count only document tokens, each head renormalised over them (default: "
+                        "the original's softmax over all encoder tokens, each pair's query tokens included)")
     g.add_argument("--head-temperature", type=float, default=0.001, help="tau of the learned head weights")
     g.add_argument("--backend", default="auto", help="kernel backend of the fused ops: auto, cpu, triton, cuda")
     g.add_argument("--reference-ops", action="store_true", help="use the plain-torch reference ops (backend=torch)")
@@ -66,9 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=8, help="questions per micro-batch per rank")
     g.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
+    g.add_argument("--ibn-accum", type=int, default=1,
+                   help="GradCache in-batch negatives: K micro-batches per step share ONE student softmax (all their "
+                        "documents, on every rank), with the gradient of one batch K times larger and the activation "
+                        "memory of one micro-batch (the original's accumulation_for_ibn)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases)")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps (then linear decay to 0)")
+    g.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="warmup as a fraction of --steps (overrides --warmup when > 0; the paper: 0.1)")
     g.add_argument("--kl-warmup", type=int, default=0,
                    help="curriculum: ramp the KL weight linearly from 0 over the first N steps (0: full from the "
                         "start)")
@@ -84,12 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-retrieved", action="store_true", help="also report EM when reading the retrieved top n")
     g.add_argument("--reretrieve-every", type=int, default=0,
                    help="every N steps: encode the corpus, search it with exact MaxSim, refresh training ctxs")
+    g.add_argument("--reretrieve-at-start", action="store_true",
+                   help="refresh training ctxs with the loaded model before the first step (between rounds)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     g.add_argument("--stop-after", type=int, default=0,
                    help="stop this invocation after N steps with a checkpoint, as a preempted job would (0: off)")
     g.add_argument("--time-budget", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g = ap.add_argument_group("presets")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named hyper-parameters of a paper run (README); flags given explicitly win. nq-large: " +
+                        ", ".join(f"{k}={v}" for k, v in PRESETS["nq-large"].items()))
     g = ap.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
                    help="toy open-domain QA from random init on CPU (generated data + tokenizer); prints and plots "
@@ -108,6 +125,35 @@ DEMO_DEFAULTS = dict(n_docs=4, batch_size=16, lr=5e-4, warmup=50, steps=3000, ev
                      # 8 heads of 16: a tiny T5 learns to copy from its input several times faster than with 2-4
                      # heads of 64 (measured on this task); retrieval vectors are then 16-d.
                      tiny="d_model=128,num_layers=4,num_decoder_layers=2,num_heads=8,d_kv=16,d_ff=256")
+
+
+# The paper's NQ run with T5-large (the author's FiD fork, train_reader_large.sh): 8 GPUs x 8 queries x 100 documents,
+# the 8 per GPU as 4 GradCache micro-batches of 2 (accumulation_for_ibn 4), so one student softmax spans 64 x 100
+# documents. 250 tokens per (query, document) pair: the original truncates the pair jointly; here 50 query + 200
+# document tokens (NQ questions are far below 50). Layer 12, head 6 come from the T5-large architecture preset (or the
+# saved model of the previous round).
+PRESETS = {
+    "nq-large": dict(lr=5e-5, n_docs=100, max_query_len=50, max_doc_len=200, max_answer_len=50, kl_weight=8.0,
+                     retrieval_layer=12, retrieval_head=6, warmup_ratio=0.1, clip=1.0, weight_decay=0.01,
+                     batch_size=2, ibn_accum=4, steps=8000, gradient_checkpointing=True),
+}
+
+
+def _given_flags(ap: argparse.ArgumentParser, argv: list) -> set:
+    """Destinations of the flags given explicitly on the command line (``--flag v`` or ``--flag=v``)."""
+    given = set()
+    for a in ap._actions:
+        if any(o == x or x.startswith(o + "=") for o in a.option_strings for x in argv):
+            given.add(a.dest)
+    return given
+
+
+def apply_defaults(args, ap: argparse.ArgumentParser, argv: list, defaults: dict) -> None:
+    """Set each of ``defaults`` on ``args`` unless its flag was given explicitly."""
+    given = _given_flags(ap, argv)
+    for k, v in defaults.items():
+        if k not in given:
+            setattr(args, k, v)
 
 
 def _parse_tiny(s: str) -> dict:
@@ -172,6 +218,23 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmu
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def check_step_args(args) -> None:
+    """Combinations the step cannot honour, as clear errors (not silent fallbacks)."""
+    if args.ibn_accum < 1:
+        raise SystemExit(f"reatt-train: --ibn-accum must be >= 1, got {args.ibn_accum}")
+    if args.accum < 1:
+        raise SystemExit(f"reatt-train: --accum must be >= 1, got {args.accum}")
+    if args.ibn_accum > 1 and args.accum > 1:
+        raise SystemExit("reatt-train: use --ibn-accum K or --accum K, not both (--ibn-accum already accumulates K "
+                         "micro-batches, and shares their documents as negatives)")
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP's constructor does)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, 0)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -272,23 +335,48 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+def reatt_config_for(args, t5_config=None) -> ReAttConfig:
+    """The ReAttConfig of this run: architecture fields (layer, head, tau) from the saved model of the previous round
+    when ``--model`` holds one, else from the flags, else from the original's preset for the T5's shape (an error
+    naming --retrieval-layer/--retrieval-head otherwise); training choices always from this run's flags."""
+    from .config import ARCH_FIELDS, CONFIG_NAME
+
+    train_kw = dict(kl_weight=args.kl_weight, in_batch_negatives=not args.no_in_batch_negatives,
+                    train_pos_bias=not args.no_train_pos_bias, backend=args.backend,
+                    use_fused_kernels=not args.reference_ops, teacher=args.teacher,
+                    teacher_includes_query=not args.teacher_docs_only)
+    flags = {"retrieval_layer": args.retrieval_layer, "retrieval_head": args.retrieval_head,
+             "head_temperature": args.head_temperature}
+    if args.model and os.path.exists(os.path.join(args.model, CONFIG_NAME)):
+        saved = ReAttConfig.load(args.model)
+        given = _given_flags(build_parser(), getattr(args, "_argv", []))
+        clash = [f"--{f.replace('_', '-')} {flags[f]} (saved: {getattr(saved, f)})" for f in ARCH_FIELDS
+                 if flags[f] is not None and flags[f] != getattr(saved, f)
+                 and (f != "head_temperature" or f in given)]
+        if clash:
+            raise SystemExit(f"reatt-train: {args.model} holds a ReAttModel whose retriever differs from "
+                             f"{', '.join(clash)}: its saved head weights belong to the saved retriever; drop those "
+                             "flags to continue from it")
+        return ReAttConfig(**{**{f: getattr(saved, f) for f in ARCH_FIELDS}, **train_kw})
+    if t5_config is None:  # random tiny T5: B = half the encoder, head 0 unless given
+        return ReAttConfig(retrieval_layer=args.retrieval_layer if args.retrieval_layer is not None
+                           else args._num_layers // 2,
+                           retrieval_head=args.retrieval_head or 0, head_temperature=args.head_temperature,
+                           **train_kw)
+    try:
+        return ReAttConfig.for_architecture(t5_config.num_layers, t5_config.num_heads,
+                                            retrieval_layer=args.retrieval_layer, retrieval_head=args.retrieval_head,
+                                            head_temperature=args.head_temperature, **train_kw)
+    except ValueError as e:
+        raise SystemExit(f"reatt-train: --model {args.model}: {e}") from None
+
+
 def build_model(args, tok, device) -> ReAttModel:
-    rc_kw = dict(kl_weight=args.kl_weight, in_batch_negatives=not args.no_in_batch_negatives,
-                 train_pos_bias=not args.no_train_pos_bias, backend=args.backend,
-                 use_fused_kernels=not args.reference_ops, head_temperature=args.head_temperature,
-                 teacher=args.teacher)
     if args.model:
         from transformers import T5Config
 
         tcfg = T5Config.from_pretrained(args.model, local_files_only=True)
-        try:
-            rc = ReAttConfig.for_t5(tcfg._name_or_path or args.model, **rc_kw)
-        except ValueError:
-            rc = ReAttConfig(retrieval_layer=tcfg.num_layers // 2, retrieval_head=0, **rc_kw)
-        if args.retrieval_layer is not None:
-            rc.retrieval_layer = args.retrieval_layer
-        if args.retrieval_head is not None:
-            rc.retrieval_head = args.retrieval_head
+        rc = reatt_config_for(args, tcfg)
         extra = {"dropout_rate": args.dropout} if args.dropout is not None else {}
         model = ReAttModel.from_pretrained(args.model, reatt_config=rc, **extra)
         model.tokenizer = tok
@@ -297,9 +385,8 @@ def build_model(args, tok, device) -> ReAttModel:
         if args.dropout is not None:
             shape["dropout_rate"] = args.dropout
         tcfg = tiny_t5_config(vocab_size=len(tok), **shape)
-        rc = ReAttConfig(retrieval_layer=args.retrieval_layer if args.retrieval_layer is not None
-                         else tcfg.num_layers // 2,
-                         retrieval_head=args.retrieval_head or 0, **rc_kw)
+        args._num_layers = tcfg.num_layers
+        rc = reatt_config_for(args)
         model = ReAttModel.from_config(tcfg, rc, tokenizer=tok, seed=args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -365,6 +452,15 @@ def train(args) -> list:
     corpus_index = {doc_id(c): i for i, c in enumerate(corpus)}
 
     model = build_model(args, tok, device)
+    check_step_args(args)
+    qa_only = args.kl_weight == 0
+    if qa_only:
+        # The QA-only warm-up: no teacher, no student. The student's own parameters get no gradient at all, so they
+        # are frozen (DDP requires every trainable parameter to receive one).
+        model.head_logits.requires_grad_(False)
+        model.log_scale.requires_grad_(False)
+    if args.warmup_ratio > 0:
+        args.warmup = int(round(args.warmup_ratio * args.steps))
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
     col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
     G = args.batch_size * world
@@ -390,7 +486,9 @@ def train(args) -> list:
             print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
     ddp = model
-    if world > 1:
+    if world > 1 and args.ibn_accum > 1:
+        broadcast_parameters(model)  # GradCache steps sum the gradients over ranks themselves: no DDP wrapper
+    elif world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     model.train()
@@ -434,6 +532,9 @@ def train(args) -> list:
 
         pbar = tqdm(total=args.steps, initial=step, desc="reatt-train", dynamic_ncols=True, file=sys.stderr)
     t_train, t0, step0 = 0.0, time.time(), step
+    if step == 0 and args.reretrieve_at_start and not reretrieved:
+        reretrieve(model, tok, train_exs, corpus, args, device)  # round k+1 reads what round k's retriever finds
+        reretrieved = True
     if step == 0 and args.eval_every:
         run_eval(0, 0.0)
     while step < args.steps:
@@ -444,13 +545,17 @@ def train(args) -> list:
         if args.kl_warmup:
             model.config.kl_weight = args.kl_weight * min(1.0, step / args.kl_warmup)
         logs = {"loss": 0.0, "qa_loss": 0.0, "kl_loss": 0.0}
-        for micro in range(args.accum):
+        if args.ibn_accum > 1:
+            micro = [to_device(col([train_exs[i] for i in sampler.batch(step * args.ibn_accum + k, rank, world)]),
+                               device) for k in range(args.ibn_accum)]
+            logs.update(ibn_accum_step(model, micro, autocast=autocast))
+        for micro in range(args.accum if args.ibn_accum <= 1 else 0):
             idx = sampler.batch(step * args.accum + micro, rank, world)
             batch = to_device(col([train_exs[i] for i in idx]), device)
             sync = micro == args.accum - 1 or world == 1
             ctx = ddp.no_sync() if (world > 1 and not sync) else nullcontext()
             with ctx, autocast():
-                out = ddp(**batch)
+                out = ddp(**batch, compute_kl=not qa_only)
                 loss = out["loss"] / args.accum
             with ctx:
                 loss.backward()
@@ -507,6 +612,9 @@ def train(args) -> list:
 def main(argv: Optional[list] = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
+    args._argv = list(argv if argv is not None else sys.argv[1:])
+    if args.preset:
+        apply_defaults(args, ap, args._argv, PRESETS[args.preset])
     if args.demo:
         from .demo import write_demo
 

@@ -70,7 +70,17 @@ def test_forward_shapes_and_masks(tok, examples):
                                       m.bi_encode(b["d_ids"].flatten(0, 1), b["d_mask"].flatten(0, 1)),
                                       b["d_mask"].flatten(0, 1))
     assert enc.shape == (B, n * (Lq + Ld), 32)
-    assert enc_mask.sum() == b["q_mask"].sum() * n + b["d_mask"].sum()
+    # The empty slot (query 2, document 2) is no pair: its query tokens are masked too.
+    assert enc_mask.sum() == b["q_mask"].sum() * n - b["q_mask"][2].sum() + b["d_mask"].sum()
+    assert not enc_mask.reshape(B, n, -1)[2, 2].any()
+    # The original teacher (default): every valid token, query tokens included, counts toward its pair.
+    assert ((doc_index >= 0) == enc_mask).all()
+    assert (doc_index.reshape(B, n, -1)[enc_mask.reshape(B, n, -1)] ==
+            torch.arange(n)[None, :, None].expand(B, n, Lq + Ld)[enc_mask.reshape(B, n, -1)]).all()
+    m.config.teacher_includes_query = False  # the alternative: document tokens only
+    _, _, doc_index = m.read(m.bi_encode(b["q_ids"], b["q_mask"]), b["q_mask"],
+                             m.bi_encode(b["d_ids"].flatten(0, 1), b["d_mask"].flatten(0, 1)),
+                             b["d_mask"].flatten(0, 1))
     assert ((doc_index >= 0) == enc_mask.reshape(B, n, -1)[..., :].reshape(B, -1).logical_and(
         torch.cat([torch.zeros(B * n, Lq, dtype=torch.bool), torch.ones(B * n, Ld, dtype=torch.bool)], 1)
         .reshape(B, -1))).all()
