@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ReAttConfig
-from .data import Collator, EpochSampler, build_corpus, doc_id, exact_match, load_jsonl, tokenize_docs, tokenize_queries
+from .data import Collator, EpochSampler, build_corpus, doc_id, exact_match, load_jsonl
 from .distributed import rank_and_world
 from .gradcache import ibn_accum_step
 from .model import ReAttModel, tiny_t5_config
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", default="1,5,20", help="retrieval top-k accuracies to report")
     g.add_argument("--eval-retrieved", action="store_true", help="also report EM when reading the retrieved top n")
     g.add_argument("--reretrieve-every", type=int, default=0,
-                   help="every N steps: encode the corpus, search it with exact MaxSim, refresh training ctxs")
+                   help="every N steps: index the corpus with the current bi-encoder (exact TokenIndex, sharded "
+                        "across ranks) and refresh each training question's ctxs with its top n-docs")
     g.add_argument("--reretrieve-at-start", action="store_true",
                    help="refresh training ctxs with the loaded model before the first step (between rounds)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
@@ -111,14 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help="toy open-domain QA from random init on CPU (generated data + tokenizer); prints and plots "
                         "gold-document top-1 retrieval accuracy and EM")
-    g.add_argument("--plot", help="PNG path for the learning curve (demo default: benchmarks/results/cpu/"
-                                  "reatt_demo.png)")
+    g.add_argument("--plot", help="PNG path for the learning curve (demo default: OUT/demo.png; skipped with a "
+                                  "notice when matplotlib is not installed)")
     return ap
 
 
 # lr 5e-4, not 2e-3: at 2e-3 the tiny reader never learns to copy the answer out of the documents within 10 min
 # (QA loss stays at the no-reading floor ln(12)/2, EM ~0.2); at 3e-4..1e-3 it crosses the floor by step ~900 and,
-# at 5e-4, reads (EM > 0.9) by step ~1600 (measured on this task: benchmarks/results/cpu/reatt_demo.json).
+# at 5e-4, reads (EM > 0.9) by step ~1600 (measured on the earlier demo task, whose distractors held answers of their
+# own; on the current one it reads by step ~500: benchmarks/results/cpu/reatt_demo_ablation.json).
 DEMO_DEFAULTS = dict(n_docs=4, batch_size=16, lr=5e-4, warmup=50, steps=3000, eval_every=100, kl_weight=8.0,
                      max_query_len=16, max_doc_len=16, max_answer_len=4, time_budget=10.0, eval_retrieved=True,
                      weight_decay=0.0,
@@ -241,39 +243,40 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-# ---- evaluation and re-retrieval -------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_corpus(model: ReAttModel, tok, docs, max_len: int, device, bs: int = 256):
-    """All corpus documents -> (k vectors [N, Ld, d], mask [N, Ld]) padded to one Ld."""
-    vs, ms = [], []
-    for i in range(0, len(docs), bs):
-        ids, m = tokenize_docs(tok, docs[i : i + bs], max_len)
-        v, _ = model.encode_document_ids(ids.to(device), m.to(device))
-        vs.append(v.float())
-        ms.append(m.to(device))
-    L = max(v.shape[1] for v in vs)
-    pad = torch.nn.functional.pad
-    return (torch.cat([pad(v, (0, 0, 0, L - v.shape[1])) for v in vs]),
-            torch.cat([pad(m, (0, L - m.shape[1]), value=False) for m in ms]))
+# ---- evaluation and re-retrieval (through reatt.retrieve: the same index code as reatt-index) ----------------------
+def _corpus_search(model: ReAttModel, questions, corpus, k: int, args, device, distributed: bool = False):
+    """Top-k corpus indices [Nq, k] per question: an exact TokenIndex (ShardedIndex across ranks when
+    ``distributed``) built batch by batch from the bi-encoder keys, searched by MaxSim sum without position bias."""
+    from .retrieve import build_memory_index, search
+
+    index = build_memory_index(model, corpus, args.max_doc_len, device, distributed=distributed)
+    _, ids = search(model, index, questions, k, args.max_query_len, device)
+    return ids
 
 
 @torch.no_grad()
-def search(model: ReAttModel, tok, questions, corpus_vecs, max_len: int, k: int, device, bs: int = 64):
-    """Exact MaxSim (sum, no bias) of each question against the whole corpus -> top-k doc indices [Nq, k]."""
-    dv, dm = corpus_vecs
-    out = []
-    for i in range(0, len(questions), bs):
-        ids, m = tokenize_queries(tok, questions[i : i + bs], max_len)
-        qv, _ = model.encode_query_ids(ids.to(device), m.to(device))
-        s = model.score(qv.float(), m.to(device), dv, dm)
-        out.append(s.topk(min(k, s.shape[1]), dim=1).indices.cpu())
-    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long)
+def own_docs_top1(model: ReAttModel, tok, examples, args, device) -> float:
+    """Gold top-1 among each question's own ctxs (first n_docs), by the inference score (MaxSim sum, no bias), over
+    the questions that have a gold ctx there."""
+    col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
+    hits = total = 0
+    for i in range(0, len(examples), 64):
+        b = to_device(col(examples[i : i + 64]), device)
+        B, n, Ld = b["d_ids"].shape
+        q, qm = model.encode_query_ids(b["q_ids"], b["q_mask"])
+        d, dm = model.encode_document_ids(b["d_ids"].view(B * n, Ld), b["d_mask"].view(B * n, Ld))
+        s = model.score(q.float(), qm, d.float(), dm).view(B, B, n)[torch.arange(B), torch.arange(B)]  # [B, n]
+        has = b["gold"].any(1)
+        best = s.argmax(1)
+        hits += int((b["gold"][torch.arange(B), best] & has).sum())
+        total += int(has.sum())
+    return hits / max(1, total)
 
 
 @torch.no_grad()
 def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, device) -> dict:
-    """EM reading the given ctxs, gold-document top-k retrieval accuracy over the corpus, and (optionally) EM reading
-    the retrieved top n_docs."""
+    """EM reading the given ctxs; gold top-1 among the given ctxs and gold top-k over the corpus (questions with a
+    gold ctx); and (optionally) EM reading the retrieved top n_docs."""
     model.eval()
     exs = examples[: args.eval_max]
     ks = [int(k) for k in str(args.top_k).split(",") if k]
@@ -293,10 +296,11 @@ def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, devic
 
     res["em"] = em_of(exs)
     with_gold = [e for e in exs if e.gold_ids]
+    if with_gold:
+        res["retrieval_own_top1"] = own_docs_top1(model, tok, with_gold, args, device)
     if with_gold or args.eval_retrieved:
-        cv = encode_corpus(model, tok, corpus, args.max_doc_len, device)
-        top = search(model, tok, [e.question for e in exs], cv, args.max_query_len, max(ks + [args.n_docs]), device)
-        ids = [[doc_id(corpus[j]) for j in row.tolist()] for row in top]
+        top = _corpus_search(model, [e.question for e in exs], corpus, max(ks + [args.n_docs]), args, device)
+        ids = [[doc_id(corpus[j]) for j in row.tolist() if j >= 0] for row in top]
         if with_gold:
             for k in ks:
                 res[f"retrieval_top{k}"] = float(np.mean([bool(set(e.gold_ids) & set(r[:k]))
@@ -305,8 +309,8 @@ def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, devic
         if args.eval_retrieved:
             from .data import Example
 
-            rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist()], e.line, e.gold_ids)
-                    for e, row in zip(exs, top)]
+            rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist() if j >= 0],
+                            e.line, e.gold_ids) for e, row in zip(exs, top)]
             res["em_retrieved"] = em_of(rexs)
     model.train()
     return res
@@ -314,12 +318,12 @@ def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, devic
 
 @torch.no_grad()
 def reretrieve(model: ReAttModel, tok, examples, corpus, args, device) -> None:
-    """Refresh every training question's ctxs with its top n_docs corpus documents by exact MaxSim."""
+    """Refresh every training question's ctxs with its top n_docs corpus documents (exact index; under DDP every
+    rank encodes its slice of the corpus into a shard of a ShardedIndex)."""
     model.eval()
-    cv = encode_corpus(model, tok, corpus, args.max_doc_len, device)
-    top = search(model, tok, [e.question for e in examples], cv, args.max_query_len, args.n_docs, device)
+    top = _corpus_search(model, [e.question for e in examples], corpus, args.n_docs, args, device, distributed=True)
     for e, row in zip(examples, top):
-        e.ctxs = [corpus[j] for j in row.tolist()]
+        e.ctxs = [corpus[j] for j in row.tolist() if j >= 0]
     model.train()
 
 
@@ -393,8 +397,14 @@ def build_model(args, tok, device) -> ReAttModel:
     return model.to(device)
 
 
-def _plot(history: list, path: str, title: str) -> None:
-    import matplotlib
+def _plot(history: list, path: str, title: str) -> bool:
+    """Learning curve PNG. matplotlib is optional (the "bench" extra): without it, one notice and no plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed, so no plot was written to {path} (pip install matplotlib)",
+              file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -416,6 +426,7 @@ def _plot(history: list, path: str, title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def train(args) -> list:
@@ -517,8 +528,10 @@ def train(args) -> list:
         if not eval_exs:
             return
         if main_proc:
+            te = time.time()
             res = evaluate(model, tok, eval_exs, corpus, corpus_index, args, device)
-            rec = {"step": step_now, "train_seconds": round(t_train, 1), **res}
+            rec = {"step": step_now, "train_seconds": round(t_train, 1), "eval_seconds": round(time.time() - te, 1),
+                   **res}
             history.append(rec)
             log({"type": "eval", **rec})
             parts = [f"{k} {v:.3f}" for k, v in res.items() if k != "retrieval_chance_top1"]
@@ -604,8 +617,8 @@ def train(args) -> list:
     if main_proc:
         model.save_pretrained(os.path.join(args.out, "final"))
         if args.plot and history:
-            _plot(history, args.plot, f"ReAtt toy QA from random init ({step} steps, {t_train / 60:.1f} min CPU)")
-            print(f"plot: {args.plot}")
+            if _plot(history, args.plot, f"ReAtt toy QA from random init ({step} steps, {t_train / 60:.1f} min CPU)"):
+                print(f"plot: {args.plot}")
     return history
 
 
@@ -627,17 +640,18 @@ def main(argv: Optional[list] = None) -> None:
         args.train, args.eval, args.tokenizer = paths["train"], paths["dev"], paths["tokenizer"]
         args.corpus = args.corpus or paths["corpus"]
         if args.plot is None:
-            args.plot = os.path.join("benchmarks", "results", "cpu", "reatt_demo.png")
+            args.plot = os.path.join(args.out, "demo.png")  # never into the repository's committed results
         if args.threads is None:
             # One thread: the model is tiny, and on a shared 2-core machine two torch threads spin against other
             # processes (measured: 4.5 s/step with 2 threads under load vs 0.2 s/step with 1).
             args.threads = 1
     hist = train(args)
     if args.demo and hist:
-        print("\nstep  train_s  retrieval@1  EM(given)  EM(retrieved)")
+        print("\nstep  train_s  gold@1(own docs)  gold@1(corpus)  EM(given)  EM(retrieved)")
         for h in hist:
-            print(f"{h['step']:5d}  {h['train_seconds']:7.1f}  {h.get('retrieval_top1', float('nan')):11.3f}  "
-                  f"{h['em']:9.3f}  {h.get('em_retrieved', float('nan')):13.3f}")
+            print(f"{h['step']:5d}  {h['train_seconds']:7.1f}  {h.get('retrieval_own_top1', float('nan')):16.3f}  "
+                  f"{h.get('retrieval_top1', float('nan')):14.3f}  {h['em']:9.3f}  "
+                  f"{h.get('em_retrieved', float('nan')):13.3f}")
     if dist.is_initialized():
         # Drain every rank's pending gloo/NCCL work before teardown: destroying a group while its worker thread is
         # still releasing finished work can deadlock on the GIL (seen with gloo in the DDP test).
