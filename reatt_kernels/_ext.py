@@ -6,6 +6,8 @@ CUDA, the stream handle. The helpers here turn tensors into those arguments.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -46,6 +48,27 @@ def ext():
 def import_error() -> Optional[str]:
     _load()
     return _IMPORT_ERROR
+
+
+class ExtensionMissingWarning(UserWarning):
+    """``reatt_kernels._C`` could not be imported; only the torch (and triton) backends run."""
+
+
+def check_loaded() -> None:
+    """Run by ``import reatt_kernels``: a missing ``_C`` warns once, or raises under ``REATT_REQUIRE_EXT=1``.
+
+    The pure-Python fallback is legitimate (no compiler on the machine), but it must never pass unnoticed: the message
+    names the missing part and the fix.
+    """
+    if ext() is not None:
+        return
+    msg = (f"reatt_kernels._C is not importable ({_IMPORT_ERROR}), so the 'cpu' and 'cuda' backends are unavailable. "
+           "Fix: install a binary wheel, or rebuild with a C++17 compiler and cmake>=3.24 (pip install --no-binary "
+           "reatt-kernels reatt-kernels; in a git checkout: scripts/build_ext.sh); REATT_REQUIRE_EXT=1 makes this an "
+           "error")
+    if os.environ.get("REATT_REQUIRE_EXT", "0").strip() not in ("", "0"):
+        raise ImportError(msg)
+    warnings.warn(msg, ExtensionMissingWarning, stacklevel=2)
 
 
 @functools.lru_cache(maxsize=None)
