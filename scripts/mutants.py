@@ -151,7 +151,9 @@ def copy_tree(dst: Path) -> None:
 
 def build(tree: Path, log: Path) -> float:
     """(Re)build the copy's extension in place, CPU kernels only (incremental after the first call)."""
-    env = dict(os.environ, REATT_CUDA="0", REATT_BUILD_DIR=str(tree / "build" / "mutants"))
+    # REATT_REQUIRE_EXT=1: a C++ mutant that does not compile must be an error, not a silent pure-Python fallback
+    # that leaves the previous .so in place.
+    env = dict(os.environ, REATT_CUDA="0", REATT_REQUIRE_EXT="1", REATT_BUILD_DIR=str(tree / "build" / "mutants"))
     cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
     t0 = time.time()
     with open(log, "a") as fh:
