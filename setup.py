@@ -1,4 +1,5 @@
-"""Build driver: setuptools -> CMake -> one pybind11 module, ``reatt_kernels._C``.
+"""Build driver: setuptools -> CMake -> the pybind11 modules ``reatt_kernels._C`` and ``reatt_kernels._C_emu`` (the CUDA
+kernels compiled as host C++ against the CPU emulation in csrc/cuda_emu/; built by the same CMake run, next to _C).
 
 Follows pybind11's cmake_example. Environment variables:
 
@@ -61,8 +62,8 @@ def missing_build_part() -> "tuple[str, str] | None":
 
 
 class CMakeExtension(Extension):
-    def __init__(self, name: str):
-        super().__init__(name, sources=[])
+    def __init__(self, name: str, optional: bool = False):
+        super().__init__(name, sources=[], optional=optional)
 
 
 class CMakeBuild(build_ext):
@@ -75,6 +76,8 @@ class CMakeBuild(build_ext):
                            and (not getattr(e, "optional", False) or Path(self.get_ext_fullpath(e.name)).exists())]
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == "reatt_kernels._C_emu":
+            return  # built next to _C by the CMake run of _C (optional: absent when the C++ build failed)
         mode = os.environ.get("REATT_CUDA", "auto").strip().lower()
         if mode not in ("auto", "0", "1"):
             raise SystemExit(f"REATT_CUDA must be auto, 0 or 1, got {mode!r}")
@@ -139,4 +142,5 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
 
 
-setup(ext_modules=[CMakeExtension("reatt_kernels._C")], cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[CMakeExtension("reatt_kernels._C"), CMakeExtension("reatt_kernels._C_emu", optional=True)],
+      cmdclass={"build_ext": CMakeBuild})

@@ -1,4 +1,5 @@
-"""Loads the compiled module ``reatt_kernels._C`` once, and keeps the import error for the backends' reasons list.
+"""Loads the compiled modules once (``reatt_kernels._C``, and ``reatt_kernels._C_emu``: the CUDA kernels under CPU
+emulation), and keeps their import errors for the backends' reasons lists.
 
 The module links no libtorch: every binding takes raw data pointers (``int``), sizes, strides, a dtype code and, for
 CUDA, the stream handle. The helpers here turn tensors into those arguments.
@@ -45,6 +46,44 @@ def ext():
     return _load()
 
 
+_C_EMU = None
+_EMU_IMPORT_ERROR: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_emu():
+    """``reatt_kernels._C_emu``, or the file named by ``REATT_EMU_LIB`` (a sanitized build: scripts/ci/20-*.sh)."""
+    global _C_EMU, _EMU_IMPORT_ERROR
+    try:
+        path = os.environ.get("REATT_EMU_LIB", "")
+        if path:
+            import importlib.util
+            import sys
+
+            spec = importlib.util.spec_from_file_location("reatt_kernels._C_emu", path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"REATT_EMU_LIB={path!r} is not a loadable extension module")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            sys.modules["reatt_kernels._C_emu"] = mod
+        else:
+            from reatt_kernels import _C_emu as mod  # type: ignore[attr-defined]
+        _C_EMU = mod
+    except Exception as exc:  # pragma: no cover - depends on the build
+        _EMU_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    return _C_EMU
+
+
+def emu():
+    """The CUDA kernels compiled against the CPU emulation (``reatt_kernels._C_emu``), or None."""
+    return _load_emu()
+
+
+def emu_import_error() -> Optional[str]:
+    _load_emu()
+    return _EMU_IMPORT_ERROR
+
+
 def import_error() -> Optional[str]:
     _load()
     return _IMPORT_ERROR
@@ -81,9 +120,9 @@ def cuda_built() -> bool:
     return bool(build_info().get("cuda", False))
 
 
-def has(name: str) -> bool:
-    """True when the compiled module exposes binding ``name`` (an op whose sources were built)."""
-    mod = ext()
+def has(name: str, loader=ext) -> bool:
+    """True when the compiled module (``loader()``: :func:`ext` or :func:`emu`) exposes binding ``name``."""
+    mod = loader()
     return mod is not None and hasattr(mod, name)
 
 

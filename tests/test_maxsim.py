@@ -10,7 +10,9 @@ import reatt_kernels as rk
 from reatt_kernels.reference import maxsim_fwd_ref
 
 from .oracle import maxsim_oracle
-from .utils import BACKENDS, DTYPES, assert_fp32_level, device_for, discrete, noncontig, random_mask
+from .utils import BACKENDS, CUDA_EMU, DTYPES, assert_fp32_level, device_for, discrete, noncontig, random_mask
+
+BACKENDS = [*BACKENDS, CUDA_EMU]  # maxsim's CUDA kernels also run under CPU emulation
 
 LAYOUTS = ["padded", "packed", "grouped"]
 # (Bq, Lq, Nd (n per query when grouped), Ld, dim): odd sizes, dim not a multiple of 16, Lq = 1, Ld = 1.
@@ -293,7 +295,7 @@ def test_forced_backend_reasons(monkeypatch):
 
 def test_available_backends():
     ab = rk.available_backends()
-    assert set(ab) == {"torch", "cpu", "triton", "cuda"}
+    assert set(ab) == {"torch", "cpu", "triton", "cuda", "cuda_emu"}
     assert ab["torch"] == "ok"
     for name, status in ab.items():
         assert status == "ok" or (isinstance(status, list) and all(isinstance(r, str) and r for r in status)), name

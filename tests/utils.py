@@ -114,6 +114,12 @@ def _has_cpu_ext() -> bool:
     return available_backends()["cpu"] == "ok"
 
 
+def _has_cuda_emu() -> bool:
+    from reatt_kernels import available_backends
+
+    return available_backends()["cuda_emu"] == "ok"
+
+
 def _has_cuda_backend() -> bool:
     from reatt_kernels import available_backends
 
@@ -126,6 +132,8 @@ IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 needs_triton = pytest.mark.skipif(not IN_CI and not _has_triton(),
                                   reason="triton not importable / no GPU and no TRITON_INTERPRET")
 needs_cpu_ext = pytest.mark.skipif(not IN_CI and not _has_cpu_ext(), reason="reatt_kernels._C not built")
+# _C_emu comes from the same CMake run as _C, so tests/test_cuda_emu.py fails (not skips) when _C exists without it.
+needs_cuda_emu = pytest.mark.skipif(not IN_CI and not _has_cuda_emu(), reason="reatt_kernels._C_emu not built")
 needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BACKENDS = [
@@ -136,6 +144,10 @@ BACKENDS = [
     pytest.param("triton", marks=[needs_triton] + ([pytest.mark.gpu] if torch.cuda.is_available() else [])),
     pytest.param("cuda", marks=needs_cuda),
 ]
+# The CUDA kernels on CPU tensors under emulation (reatt_kernels._C_emu): the cuda column's test on every commit. A
+# test file adds it to its backend matrix (`BACKENDS = [*BACKENDS, CUDA_EMU]`) once its op is wired to cuda_emu;
+# when every op with a CUDA kernel is, it moves into BACKENDS above.
+CUDA_EMU = pytest.param("cuda_emu", marks=needs_cuda_emu)
 
 
 def device_for(backend: str) -> torch.device:
