@@ -12,7 +12,7 @@ GEN=()
 if "$PY" -c "import ninja" 2>/dev/null || command -v ninja >/dev/null; then GEN=(-G Ninja); fi
 LOCK=()
 if command -v flock >/dev/null; then LOCK=(flock /tmp/reatt-build.lock); fi
-"${LOCK[@]}" cmake -S . -B "$BUILD" "${GEN[@]}" -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$PYBIND11_DIR" \
+"${LOCK[@]}" cmake -S . -B "$BUILD" "${GEN[@]}" -DPython_EXECUTABLE="$("$PY" -c "import sys; print(sys.executable)")" -Dpybind11_DIR="$PYBIND11_DIR" \
   -DREATT_CUDA=0 -DREATT_EMU_SANITIZE="$SAN" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$BUILD/lib" >&2
 "${LOCK[@]}" cmake --build "$BUILD" --target _C_emu -j "${REATT_BUILD_JOBS:-2}" >&2

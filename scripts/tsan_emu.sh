@@ -16,4 +16,4 @@ assert m.build_info()['tsan'], 'REATT_EMU_LIB is not the TSan build'"
 if [ $# -eq 0 ]; then
   set -- tests/test_cuda_emu.py tests/test_maxsim.py tests/test_maxsim_cuda.py -k "cuda_emu and not misuse"
 fi
-exec "$PY" -m pytest -q -p no:cacheprovider "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider --capture=sys "$@"

@@ -11,7 +11,7 @@
 //   blockDim threads once; they walk the grid's blocks one after another (one block at a time). Launches are
 //   serialised by a global mutex.
 // * threadIdx/blockIdx/blockDim/gridDim are thread-local. __syncthreads and its _or/_and/_count forms are real barriers
-//   (mutex + condvar + generation counter); exited threads stop counting, as on hardware.
+//   (a mutex-guarded count + a futex on a generation counter); exited threads stop counting, as on hardware.
 // * Warp collectives (__shfl*_sync, __all/__any/__ballot/__match_any_sync, __syncwarp, ldmatrix, mma) rendezvous
 //   through a double-buffered per-warp slot array: every lane named in the mask must arrive at the same call site
 //   (file:line, taken with __builtin_FILE/__builtin_LINE at the caller); anything else aborts with the kernel, file and

@@ -217,12 +217,13 @@ def _kl_backward(ctx, g_loss, g_grad):
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad:
         raise RuntimeError("distill_kl: the forward ran without computing the gradient (grad mode was off)")
+    # Scale in fp32 and round once: multiplying in a half dtype would round g_loss and the product as well.
     if ctx.reduction == "none":
-        dstudent = grad * g_loss.to(grad.dtype)[:, None]
+        dstudent = (grad.float() * g_loss.float()[:, None]).to(grad.dtype)
     elif _is_concrete(g_loss) and bool(g_loss == 1):
         dstudent = grad  # the gradient was computed in the forward: nothing left to do
     else:
-        dstudent = grad * g_loss.to(grad.dtype)
+        dstudent = (grad.float() * g_loss.float()).to(grad.dtype)
     return dstudent, None, None, None, None, None, None, None
 
 

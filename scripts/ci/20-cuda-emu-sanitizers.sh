@@ -15,4 +15,5 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export REATT_EMU_LIB="$LIB" OMP_NUM_THREADS=1
 "$PY" -c "import reatt_kernels._ext as e; m = e.emu(); assert m is not None, e.emu_import_error(); \
 assert m.build_info()['asan'], 'REATT_EMU_LIB is not the ASan build'"
-exec "$PY" -m pytest -q -p no:cacheprovider tests -k cuda_emu
+# --capture=sys: a sanitizer report goes to fd 2 directly and must not vanish with pytest's captured output on abort.
+exec "$PY" -m pytest -q -p no:cacheprovider --capture=sys tests -k cuda_emu
