@@ -7,7 +7,8 @@ namespace py = pybind11;
 
 #ifdef REATT_WITH_CUDA
 namespace reatt {
-py::dict cuda_runtime_info();  // csrc/cuda_info.cu
+py::dict cuda_runtime_info();       // csrc/cuda_info.cu
+std::string cuda_compiled_archs();  // csrc/cuda_info.cu
 }
 #endif
 
@@ -17,10 +18,12 @@ PYBIND11_MODULE(_C, m) {
     py::dict info;
 #ifdef REATT_WITH_CUDA
     info["cuda"] = true;
-    info["cuda_archs"] = REATT_CUDA_ARCHS;
+    info["cuda_archs"] = REATT_CUDA_ARCHS;  // as requested from CMake, e.g. "80-real,90" (90: SASS + PTX)
+    info["cuda_compiled_archs"] = reatt::cuda_compiled_archs();  // what nvcc compiled, e.g. "800,900"
 #else
     info["cuda"] = false;
     info["cuda_archs"] = "";
+    info["cuda_compiled_archs"] = "";
 #endif
 #ifdef REATT_WITH_OPENMP
     info["openmp"] = true;

@@ -3,9 +3,23 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 namespace py = pybind11;
 
 namespace reatt {
+
+// The architectures nvcc compiled this file for (its __CUDA_ARCH_LIST__, e.g. "800,900"): what the binary holds, as
+// opposed to what CMake was asked for.
+#define REATT_STR2(...) #__VA_ARGS__
+#define REATT_STR(...) REATT_STR2(__VA_ARGS__)
+std::string cuda_compiled_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return REATT_STR(__CUDA_ARCH_LIST__);
+#else
+  return "";
+#endif
+}
 
 py::dict cuda_runtime_info() {
   py::dict info;

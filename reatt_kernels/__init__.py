@@ -6,11 +6,15 @@ Public API (shapes in each docstring):
 
 Importing this package touches no CUDA and does not import triton.
 """
+from . import _ext
 from ._dispatch import BackendUnavailableError, available_backends
 from .ops.maxsim import maxsim, maxsim_grouped, maxsim_packed
 from .ops.distill import distill_kl, reader_teacher, retrieval_distill_loss
 
 __version__ = "0.1.0"
+
+# A missing compiled extension warns here (or raises under REATT_REQUIRE_EXT=1) instead of passing unnoticed.
+_ext.check_loaded()
 
 
 def __getattr__(name):

@@ -144,10 +144,26 @@ class CudaBackend(Backend):
         return reasons
 
 
-BACKENDS: dict[str, type[Backend]] = {b.NAME: b for b in (TorchBackend, CpuBackend, TritonBackend, CudaBackend)}
+class CudaEmuBackend(Backend):
+    """The CUDA kernels of csrc/ on CPU tensors, under a CPU emulation of the CUDA execution model
+    (reatt_kernels._C_emu): a test tool, like the Triton interpreter, so never in an AUTO_ORDER."""
 
-# Preference order for backend="auto" per device type. Triton on CPU is the interpreter: correct but slow, so it is
-# never chosen automatically.
+    NAME = "cuda_emu"
+    DEVICES = ("cpu",)
+
+    @classmethod
+    def env_reasons(cls) -> list[str]:
+        if _ext.emu() is None:
+            return [f"reatt_kernels._C_emu is not importable ({_ext.emu_import_error()})"]
+        return []
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    b.NAME: b for b in (TorchBackend, CpuBackend, TritonBackend, CudaBackend, CudaEmuBackend)
+}
+
+# Preference order for backend="auto" per device type. Triton on CPU is the interpreter and cuda_emu the CUDA kernels
+# under CPU emulation: both correct but slow (test tools), so never chosen automatically.
 # On CUDA, Triton comes before our CUDA C++ kernels for now: no GPU result is committed under benchmarks/results/ yet
 # (no GPU machine was lent to the sessions that wrote them), the Triton kernels are verified under the interpreter and
 # compiled for sm_90, while the CUDA kernels have only been compiled. `backend="cuda"` (or REATT_BACKEND=cuda) selects

@@ -10,13 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+import reatt_kernels as rk
 from reatt_kernels.datasets import clustered_corpus, clustered_queries
 from reatt_kernels.index import IndexCorruptedError, ResidualCodec, TokenIndex, residual_maxsim
 from reatt_kernels.index import io as index_io
 from reatt_kernels.index.codec import pack_buckets, unpack_buckets
-from reatt_kernels.index.reference import residual_decode_ref, residual_maxsim_ref
 
-from .utils import BACKENDS, _has_cpu_ext, assert_close_to_ref, device_for, noncontig
+from .oracle import maxsim_oracle, residual_decode_oracle, residual_maxsim_oracle
+from .utils import (BACKENDS, CUDA_EMU, _has_cpu_ext, _has_cuda_emu, assert_fp32_level, device_for, needs_cuda_emu,
+                    noncontig)
+
+BACKENDS = [*BACKENDS, CUDA_EMU]  # every op here runs its CUDA kernel under emulation too
 
 DIM = 32
 NBITS = [1, 2, 4, 8]
@@ -50,13 +54,11 @@ def test_residual_maxsim_matches_reference(backend, nbits):
     D = 24 if nbits != 1 else 32  # D * nbits must fill whole bytes
     q, qm, cent, w, codes, packed, off, cand = make_codes(nbits, D=D, device=device_for(backend))
     q = noncontig(q)
-    ref = residual_maxsim_ref(q.cpu(), qm.cpu(), cent.cpu(), w.cpu(), codes.cpu(), packed.cpu(), off.cpu(),
-                              cand.cpu(), nbits, torch.float64)
-    base = residual_maxsim_ref(q.cpu(), qm.cpu(), cent.cpu(), w.cpu(), codes.cpu(), packed.cpu(), off.cpu(),
-                               cand.cpu(), nbits, torch.float32)
+    ref, mag = residual_maxsim_oracle(q, qm, cent, w, codes, packed, off, cand, nbits)
     out = residual_maxsim(q, cent, w, codes, packed, off, cand, nbits, qm, backend=backend)
     assert out.dtype == torch.float32 and out.shape == cand.shape
-    assert_close_to_ref(out, ref, base, torch.float32, name=f"residual_maxsim[{backend}, nbits={nbits}]")
+    assert_fp32_level(out, ref, mag, backend=backend,
+                      name=f"residual_maxsim[{backend}, nbits={nbits}]")
     # the spec's edge cases, exactly
     assert torch.isinf(out[0, 0]) and out[0, 0] < 0, "an empty document must score -inf"
     assert (out[-1][cand[-1] >= 0] == 0).all(), "a query with no valid token must score 0"
@@ -71,8 +73,8 @@ def test_residual_decode_matches_float64_reference():
         codes, packed = codec.encode(x)
         assert codes.dtype == torch.int32 and packed.shape == (500, DIM * nbits // 8)
         dec = codec.decode(codes, packed, torch.float64)
-        ref = residual_decode_ref(codec.centroids, codec.weights, codes, packed, nbits)
-        torch.testing.assert_close(dec, ref, rtol=0, atol=1e-12)
+        ref, _ = residual_decode_oracle(codec.centroids, codec.weights, codes, packed, nbits)
+        torch.testing.assert_close(dec, ref, rtol=0, atol=1e-12)  # one fp32 + fp32 sum, exact in float64
         b = torch.randint(0, 1 << nbits, (7, DIM))
         assert torch.equal(unpack_buckets(pack_buckets(b, nbits), nbits, DIM), b)
         # more bits, less error: the 8-bit decode is close, the 1-bit one at least beats the centroid alone
@@ -81,10 +83,39 @@ def test_residual_decode_matches_float64_reference():
         assert err < err_centroid * (0.1 if nbits == 8 else 0.9)
 
 
+@pytest.mark.parametrize("nbits", NBITS)
+def test_codec_pack_layout_matches_spec(nbits):
+    """pack_buckets / ResidualCodec.decode follow the spec's bit layout (dimension d in byte d * nbits // 8 at bit
+    (d * nbits) % 8, LSB first): decoding packed random buckets equals the oracle's decode, which reads that layout."""
+    D, T, C = 16, 9, 3
+    b = torch.randint(0, 1 << nbits, (T, D))
+    codes = torch.randint(0, C, (T,), dtype=torch.int32)
+    codec = ResidualCodec(torch.randn(C, D), torch.zeros(D, (1 << nbits) - 1), torch.randn(D, 1 << nbits), nbits)
+    packed = pack_buckets(b, nbits)
+    want = codec.centroids.double()[codes.long()] + codec.weights.double()[torch.arange(D)[None, :], b]
+    got, _ = residual_decode_oracle(codec.centroids, codec.weights, codes, packed, nbits)
+    assert torch.equal(got, want), "pack_buckets does not follow the spec's bit layout"
+    assert torch.equal(codec.decode(codes, packed, torch.float64), want)
+    assert torch.equal(unpack_buckets(packed, nbits, D), b)
+
+
+@pytest.mark.parametrize("kind", ["exact", "residual"])
+def test_deleted_documents_never_returned_small(kind):
+    """A tiny index: a deleted document is never returned, even when it is the best match and k covers everything."""
+    docs = [torch.nn.functional.normalize(torch.randn(n, 16), dim=-1) for n in (3, 5, 2, 4)]
+    index = TokenIndex.build(docs, kind=kind, nbits=2, n_centroids=4, progress=False)
+    q = docs[1][None, :3] + 0.01 * torch.randn(1, 3, 16)
+    kw = {"exhaustive": True} if kind == "residual" else {}
+    assert index.search(q, k=1, **kw)[1][0, 0] == 1
+    index.delete([1])
+    s, i = index.search(q, k=4, **kw)
+    assert 1 not in i[0].tolist() and sorted(i[0, :3].tolist()) == [0, 2, 3] and i[0, 3] == -1
+
+
 def test_residual_maxsim_opcheck_and_compile():
     q, qm, cent, w, codes, packed, off, cand = make_codes(2)
     args = (q, qm, cent, w, codes, packed, off, cand, 2)
-    for backend in ["torch"] + (["cpu"] if _has_cpu_ext() else []):
+    for backend in ["torch"] + (["cpu"] if _has_cpu_ext() else []) + (["cuda_emu"] if _has_cuda_emu() else []):
         torch.library.opcheck(torch.ops.reatt.residual_maxsim.default, args + (backend,))
     fn = torch.compile(lambda *a: residual_maxsim(a[0], *a[2:8], 2, a[1], backend="torch"), fullgraph=True,
                        backend="aot_eager")
@@ -373,3 +404,80 @@ def test_residual_maxsim_rejects_out_of_range_indices():
     with pytest.raises(ValueError, match="codes must hold centroid ids"):
         residual_maxsim(q, cent, w, codes=bad_codes, packed=packed, d_offsets=off, cand=cand, nbits=2, q_mask=qm,
                         backend="torch")
+
+
+# ---- the cuda kernel's shared memory against the device's opt-in limit (cuda_emu: the limit is ours to set) ----------
+SMEM_LIMITS_KB = {"H100": 227, "A100": 163, "sm_86/89": 99}
+
+
+@pytest.fixture
+def emu_limits():
+    """Restores the emulated device limits after a test that changes them."""
+    from reatt_kernels.cuda_emu import set_device_limits
+
+    old = set_device_limits()
+    yield set_device_limits
+    set_device_limits(**old)
+
+
+def _residual_smem_bytes(Lq, D):
+    """The kernel's shared memory, written from its layout: query [Lq, D] + token tile [32, D + 1] + row maxima [Lq]."""
+    return 4 * (Lq * D + 32 * (D + 1) + Lq)
+
+
+@needs_cuda_emu
+@pytest.mark.parametrize("gpu", list(SMEM_LIMITS_KB))
+def test_residual_maxsim_cuda_emu_smem_limit(emu_limits, gpu):
+    """The support check counts query tile + token tile + row maxima against cudaDevAttrMaxSharedMemoryPerBlockOptin:
+    the largest query that fits runs (and matches the reference), one more query token is refused with the byte counts
+    (also when the query tile alone would still fit), and the launcher itself refuses it with a clear error when
+    called past the check, leaving no pending CUDA error behind."""
+    import reatt_kernels._C_emu as E
+    from reatt_kernels.cuda_emu.residual import _residual_maxsim_fwd
+
+    limit = SMEM_LIMITS_KB[gpu] * 1024
+    emu_limits(smem_optin=limit)
+    D, nbits = 64, 4
+    lq_fit = (limit // 4 - 32 * (D + 1)) // (D + 1)
+    assert _residual_smem_bytes(lq_fit, D) <= limit < _residual_smem_bytes(lq_fit + 1, D)
+    assert E.residual_maxsim_smem_cuda(lq_fit + 1, D) == (_residual_smem_bytes(lq_fit + 1, D), limit)
+    q, qm, cent, w, codes, packed, off, cand = make_codes(nbits, D=D, lens=(5, 0, 37), Bq=1, Lq=lq_fit + 1, Nc=3)
+    cand[0] = torch.tensor([2, 1, 0])
+    args = (cent, w, codes, packed, off, cand, nbits)
+    out = residual_maxsim(q[:, :lq_fit], *args, qm[:, :lq_fit], backend="cuda_emu")
+    ref, mag = residual_maxsim_oracle(q[:, :lq_fit], qm[:, :lq_fit], *args)
+    assert_fp32_level(out, ref, mag, backend="cuda_emu", name=f"residual_maxsim cuda_emu at {gpu}'s limit")
+    assert 4 * (lq_fit + 1) * D <= limit, "the query tile alone still fits: only the full count refuses it"
+    with pytest.raises(rk.BackendUnavailableError, match=f"needs {_residual_smem_bytes(lq_fit + 1, D)} bytes"):
+        residual_maxsim(q, *args, qm, backend="cuda_emu")
+    with pytest.raises(ValueError, match=f"this device allows {limit}"):
+        _residual_maxsim_fwd(q.contiguous(), qm.contiguous(), *args)
+    assert E.get_last_error() == 0, "a refused launch must leave no pending CUDA error"
+    again = residual_maxsim(q[:, :lq_fit], *args, qm[:, :lq_fit], backend="cuda_emu")
+    assert torch.equal(again, out), "the next valid launch must run cleanly"
+
+
+@needs_cuda_emu
+def test_refused_launch_leaves_no_pending_error_cuda_emu(emu_limits):
+    """maxsim at dim 256 cannot fit any tiling in a 48 KB device: the launcher refuses it (its planner, or a failed
+    cudaFuncSetAttribute: the macro clears that error before throwing), leaves no pending runtime error, and the next
+    valid launch (any kernel) succeeds."""
+    import reatt_kernels._C_emu as E
+    from reatt_kernels.cuda_emu.maxsim import _maxsim_fwd
+
+    emu_limits(smem_optin=48 * 1024)
+    q = torch.randn(2, 40, 256).bfloat16()
+    d = torch.randn(3, 9, 256).bfloat16()
+    qm = torch.ones(2, 40, dtype=torch.bool)
+    with pytest.raises((RuntimeError, ValueError), match="shared memory|cudaFuncSetAttribute"):
+        _maxsim_fwd(q, d, qm, None, None, None, 0, False)
+    assert E.get_last_error() == 0, "the refused launch left a CUDA error pending"
+    # the next valid launches run: a residual_maxsim (D = 16: under 48 KB) and a small maxsim
+    c = make_codes(2, D=16, Bq=2, Lq=3, Nc=4)
+    out = residual_maxsim(c[0], *c[2:], 2, c[1], backend="cuda_emu")
+    ref, mag = residual_maxsim_oracle(c[0], c[1], *c[2:], 2)
+    assert_fp32_level(out, ref, mag, backend="cuda_emu", name="residual_maxsim after the refused launch")
+    qs, ds, qms = q[:, :5, :16].contiguous(), d[..., :16].contiguous(), qm[:, :5].contiguous()
+    s = rk.maxsim(qs, ds, qms, backend="cuda_emu")
+    o = maxsim_oracle("padded", qs, ds, qms)
+    assert_fp32_level(s, o["score"], o["mag"], backend="cuda_emu", name="maxsim after the refused launch")

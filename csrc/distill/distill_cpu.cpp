@@ -29,10 +29,12 @@ constexpr int BLOCK = 256;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // exp(x) for x <= 0 (arguments are x - max): Cody-Waite range reduction and a degree-6 polynomial, relative error
-// ~2e-7, branch-free so the block loop vectorises. Below -87 (and for -inf) it returns 0.
+// ~2e-7, branch-free so the block loop vectorises. Below -87 (and for -inf) it returns 0; NaN stays NaN (the row's sum
+// then turns NaN and the row is dropped, as in the reference), without converting NaN to an int on the way.
 static inline float exp_nonpos(float x) {
   const bool under = x < -87.0f;
-  const float xc = under ? -87.0f : x;
+  const bool nan = x != x;
+  const float xc = (under || nan) ? -87.0f : x;
   const float fn = std::floor(xc * 1.44269504088896341f + 0.5f);
   const float r = (xc - fn * 0.693145751953125f) - fn * 1.428606765330187045e-06f;
   float p = 1.0f / 720.0f;
@@ -45,7 +47,7 @@ static inline float exp_nonpos(float x) {
   const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return under ? 0.0f : p * scale;
+  return under ? 0.0f : (nan ? x : p * scale);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -212,7 +214,8 @@ void reader_teacher_rows(const T* attn, int64_t B, int64_t L, int64_t H, int64_t
         }
       }
       double* ab = a.data() + b * n;
-      if (z > 0.0f) {  // a row with no valid token (or no mass) contributes 0
+      // A row with no valid token, no mass, or a NaN/+inf at a valid token (z NaN or inf) contributes 0.
+      if (z > 0.0f && z < std::numeric_limits<float>::infinity()) {
         const double inv = 1.0 / static_cast<double>(z);
         for (int64_t k = 0; k < n; ++k) ab[k] += bins[k] * inv;
       }

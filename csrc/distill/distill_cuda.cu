@@ -13,12 +13,10 @@
 //   every row of query b reads the same S ids) + B*chunks*n*4 written.
 //   FLOPs: ~4 per element (max, sub, exp, add) plus the sums.
 // distill_kl: one block (256 threads) per row: pass 1 online log-sum-exp (and the dense teacher's row sum); pass 2
-// writes grad = (T * softmax - t) * grad_scale and sums t * (log t - (x - lse)); the sparse form then patches its n
-// teacher columns after a __syncthreads (same block: no global atomics).
+// writes grad = (T * softmax - t) * grad_scale and sums t * (log t - (x - lse)); the sparse form then rewrites its n
+// teacher columns after a __syncthreads (same block: no global atomics), recomputing T * p - t there in fp32 so every
+// gradient element is rounded to the student's dtype exactly once.
 //   Bytes: 2 reads of the student row (the second from L2) + 1 write of the gradient (+ the teacher).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
 #include <cmath>
@@ -26,6 +24,7 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
 
 namespace reatt {
 namespace {
@@ -80,7 +79,7 @@ __global__ void reader_teacher_fwd_kernel(const T* __restrict__ attn, const int1
                                           const uint8_t* __restrict__ mask, float* __restrict__ partial, int64_t R,
                                           int64_t H, int64_t Tn, int64_t S, int n_docs, int64_t sb, int64_t sl,
                                           int64_t sh, int64_t st, int64_t ss, int64_t rows_per_block, bool is_logits) {
-  extern __shared__ float smem[];
+  REATT_DYNAMIC_SMEM(float, smem, 16);
   float* acc = smem;  // [n_docs]: sum over this block's rows of p_row[doc]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* bins = smem + static_cast<int64_t>(n_docs) * (1 + warp);  // [n_docs]: this warp's current row, times exp(-m)
@@ -129,7 +128,8 @@ __global__ void reader_teacher_fwd_kernel(const T* __restrict__ attn, const int1
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         float e = 0.f;
-        if (d[j] >= 0) e = is_logits ? (x[j] > -INFINITY ? expf(x[j] - m) : 0.f) : x[j];
+        // -inf carries no mass; NaN must stay NaN (a test x > -inf would turn it into 0) so that the row is dropped.
+        if (d[j] >= 0) e = is_logits ? (x[j] == -INFINITY ? 0.f : expf(x[j] - m)) : x[j];
         z += e;
         const int d0 = __shfl_sync(kFull, d[j], 0);
         if (__all_sync(kFull, d[j] == d0)) {
@@ -142,10 +142,13 @@ __global__ void reader_teacher_fwd_kernel(const T* __restrict__ attn, const int1
       __syncwarp();
     }
     z = warp_sum(z);
-    const float inv = z > 0.f ? 1.f / z : 0.f;  // a row with no valid token (or no mass) contributes 0
+    // A row with no valid token, no mass, or a NaN/+inf at a valid token (z NaN or inf) contributes 0: skip it
+    // rather than scale by 0, since its bins may hold NaN and NaN * 0 = NaN.
+    const bool keep = z > 0.f && z < INFINITY;  // warp-uniform
+    const float inv = keep ? 1.f / z : 0.f;
     __syncwarp();
     for (int k = lane; k < n_docs; k += 32) {
-      atomicAdd(&acc[k], bins[k] * inv);
+      if (keep) atomicAdd(&acc[k], bins[k] * inv);
       bins[k] = 0.f;
     }
     __syncwarp();
@@ -170,11 +173,10 @@ template <typename T>
 __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb, int64_t ssm, int64_t M,
                                       const float* __restrict__ teacher, const float* __restrict__ tprobs,
                                       const int64_t* __restrict__ tcols, int64_t n, float* __restrict__ loss,
-                                      T* __restrict__ grad, float grad_scale, bool normalize) {
+                                      T* __restrict__ grad, float grad_scale, bool normalize, bool sparse) {
   __shared__ float red[32];
   const int64_t b = blockIdx.x;
   const T* row = student + b * ssb;
-  const bool sparse = teacher == nullptr;
   // pass 1: online log-sum-exp per thread, then across the block
   float m = -INFINITY, z = 0.f, ts = 0.f;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
@@ -183,11 +185,11 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
       z = m == -INFINITY ? 0.f : z * expf(m - x);
       m = x;
     }
-    if (x > -INFINITY) z += expf(x - m);
+    if (x != -INFINITY) z += expf(x - m);  // -inf adds 0; NaN must reach z (a NaN logit makes the loss NaN)
     if (!sparse) ts += teacher[b * M + j];
   }
   const float mx = block_max(m, red);
-  z = (m == -INFINITY) ? 0.f : z * expf(m - mx);
+  z = (m == -INFINITY) ? z : z * expf(m - mx);  // m = -inf: z is 0, or NaN from a NaN logit (kept)
   z = block_sum(z, red);
   if (sparse) {
     ts = 0.f;
@@ -196,7 +198,8 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
   ts = block_sum(ts, red);
   const float lse = mx == -INFINITY ? -INFINITY : mx + logf(z);
   const float inv_t = normalize ? 1.f / (ts > 0.f ? ts : 1.f) : 1.f;
-  const float t_mass = normalize ? 1.f : ts;
+  // T_b: the teacher row's mass after normalisation (a row with no mass stays at 0: gradient 0, loss 0).
+  const float t_mass = normalize ? (ts > 0.f ? 1.f : 0.f) : ts;
   // pass 2: gradient and (dense) loss terms
   float lacc = 0.f;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
@@ -217,7 +220,10 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
       const int64_t c = tcols[b * n + k];
       const float x = to_f<T>(row[c * ssm]);
       if (tv > 0.f) lacc += tv * (logf(tv) - (x - lse));
-      if (grad != nullptr) grad[b * M + c] = from_f<T>(to_f<T>(grad[b * M + c]) - tv * grad_scale);
+      // Recompute this column's T * p - t in fp32 and round once (reading back the rounded T * p and rounding the
+      // difference again would cost a rounding of the larger T * p: many ulps of a small difference).
+      const float p = (lse > -INFINITY && x > -INFINITY) ? expf(x - lse) : 0.f;
+      if (grad != nullptr) grad[b * M + c] = from_f<T>((t_mass * p - tv) * grad_scale);
     }
   }
   lacc = block_sum(lacc, red);
@@ -251,17 +257,17 @@ void reader_teacher_fwd_cuda(uintptr_t attn, int dtype, int64_t B, int64_t L, in
   const int nd = static_cast<int>(n_docs);
   switch (dtype) {
     case kFloat32:
-      reader_teacher_fwd_kernel<float><<<grid, kWarps * 32, smem, s>>>(reinterpret_cast<const float*>(attn), d, mk,
-                                                                       pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
-                                                                       rows_per_block, is_logits);
+      REATT_LAUNCH(reader_teacher_fwd_kernel<float>, grid, kWarps * 32, smem, s)(
+          reinterpret_cast<const float*>(attn), d, mk, pp, R, H, Tn, S, nd, sb, sl, sh, st, ss, rows_per_block,
+          is_logits);
       break;
     case kFloat16:
-      reader_teacher_fwd_kernel<__half><<<grid, kWarps * 32, smem, s>>>(reinterpret_cast<const __half*>(attn), d, mk,
-                                                                        pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
-                                                                        rows_per_block, is_logits);
+      REATT_LAUNCH(reader_teacher_fwd_kernel<__half>, grid, kWarps * 32, smem, s)(
+          reinterpret_cast<const __half*>(attn), d, mk, pp, R, H, Tn, S, nd, sb, sl, sh, st, ss, rows_per_block,
+          is_logits);
       break;
     case kBFloat16:
-      reader_teacher_fwd_kernel<__nv_bfloat16><<<grid, kWarps * 32, smem, s>>>(
+      REATT_LAUNCH(reader_teacher_fwd_kernel<__nv_bfloat16>, grid, kWarps * 32, smem, s)(
           reinterpret_cast<const __nv_bfloat16*>(attn), d, mk, pp, R, H, Tn, S, nd, sb, sl, sh, st, ss,
           rows_per_block, is_logits);
       break;
@@ -271,18 +277,23 @@ void reader_teacher_fwd_cuda(uintptr_t attn, int dtype, int64_t B, int64_t L, in
   }
   check_launch("reader_teacher_fwd_kernel");
   const int64_t total = B * n_docs;
-  reader_teacher_reduce_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(
+  REATT_LAUNCH(reader_teacher_reduce_kernel, static_cast<unsigned>((total + 255) / 256), 256, 0, s)(
       pp, reinterpret_cast<float*>(out), B, n_chunks, n_docs, 1.f / static_cast<float>(R));
   check_launch("reader_teacher_reduce_kernel");
 }
 
-// student [B, M] (strides in elements); teacher fp32 [B, M] contiguous or 0; tprobs fp32 [B, n] and tcols int64
-// [B, n] contiguous (sparse form) or 0; loss fp32 [B]; grad [B, M] contiguous in the student's dtype, or 0.
-void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int64_t ssb, int64_t ssm,
+// student [B, M] (strides in elements); teacher fp32 [B, M] contiguous (dense form); tprobs fp32 [B, n] and tcols
+// int64 [B, n] contiguous (sparse form); loss fp32 [B]; grad [B, M] contiguous in the student's dtype, or 0. An empty
+// teacher (M = 0 dense, n = 0 sparse) may come as null pointers: every row's loss is then 0 (nothing is read).
+void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int64_t ssb, int64_t ssm, bool sparse,
                          uintptr_t teacher, uintptr_t tprobs, uintptr_t tcols, int64_t n, uintptr_t loss,
                          uintptr_t grad, double grad_scale, bool normalize, uintptr_t stream) {
   REATT_CHECK(B >= 1 && B <= 2147483647, "distill_kl_fwd_cuda: B must be in [1, 2^31)");
-  REATT_CHECK(teacher != 0 || (tprobs != 0 && tcols != 0), "distill_kl_fwd_cuda: needs a dense or a sparse teacher");
+  REATT_CHECK(M >= 0 && n >= 0, "distill_kl_fwd_cuda: negative size");
+  REATT_CHECK(loss != 0, "distill_kl_fwd_cuda: null loss");
+  REATT_CHECK(sparse ? (n == 0 || (tprobs != 0 && tcols != 0)) : (M == 0 || teacher != 0),
+              "distill_kl_fwd_cuda: a non-empty teacher needs its pointers (dense: teacher; sparse: tprobs, tcols)");
+  REATT_CHECK(M == 0 || student != 0, "distill_kl_fwd_cuda: null student");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto* t = reinterpret_cast<const float*>(teacher);
   auto* tp = reinterpret_cast<const float*>(tprobs);
@@ -292,19 +303,19 @@ void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int
   const unsigned grid = static_cast<unsigned>(B);
   switch (dtype) {
     case kFloat32:
-      distill_kl_fwd_kernel<float><<<grid, kKlThreads, 0, s>>>(reinterpret_cast<const float*>(student), ssb, ssm, M, t,
-                                                               tp, tc, n, lo, reinterpret_cast<float*>(grad), gs,
-                                                               normalize);
+      REATT_LAUNCH(distill_kl_fwd_kernel<float>, grid, kKlThreads, 0, s)(
+          reinterpret_cast<const float*>(student), ssb, ssm, M, t, tp, tc, n, lo, reinterpret_cast<float*>(grad), gs,
+          normalize, sparse);
       break;
     case kFloat16:
-      distill_kl_fwd_kernel<__half><<<grid, kKlThreads, 0, s>>>(reinterpret_cast<const __half*>(student), ssb, ssm, M,
-                                                                t, tp, tc, n, lo, reinterpret_cast<__half*>(grad), gs,
-                                                                normalize);
+      REATT_LAUNCH(distill_kl_fwd_kernel<__half>, grid, kKlThreads, 0, s)(
+          reinterpret_cast<const __half*>(student), ssb, ssm, M, t, tp, tc, n, lo, reinterpret_cast<__half*>(grad), gs,
+          normalize, sparse);
       break;
     case kBFloat16:
-      distill_kl_fwd_kernel<__nv_bfloat16><<<grid, kKlThreads, 0, s>>>(
+      REATT_LAUNCH(distill_kl_fwd_kernel<__nv_bfloat16>, grid, kKlThreads, 0, s)(
           reinterpret_cast<const __nv_bfloat16*>(student), ssb, ssm, M, t, tp, tc, n, lo,
-          reinterpret_cast<__nv_bfloat16*>(grad), gs, normalize);
+          reinterpret_cast<__nv_bfloat16*>(grad), gs, normalize, sparse);
       break;
     default:
       throw std::invalid_argument(std::string("reatt: distill_kl_fwd_cuda: unsupported dtype ") + dtype_name(dtype));

@@ -7,12 +7,11 @@
 //
 // Global bytes per document token: 4 (code) + D * nbits / 8 (buckets) + D * 4 (centroid row: L2-resident for hot
 // centroids) ; FLOPs: 2 * Lq * D per (query, token).
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <limits>
 
 #include "common.h"
+#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
 
 namespace reatt {
 namespace {
@@ -28,7 +27,7 @@ __global__ void residual_maxsim_fwd_kernel(const float* __restrict__ q, const bo
                                            float* __restrict__ out, int Lq, int D, int64_t Nd, int64_t Nc) {
   constexpr int K = 1 << NBITS;
   constexpr int MASK = K - 1;
-  extern __shared__ float smem[];
+  REATT_DYNAMIC_SMEM(float, smem, 16);
   float* qs = smem;                          // [Lq][D]
   float* vs = qs + Lq * D;                   // [TILE_T][D + 1]
   float* best = vs + TILE_T * (D + 1);       // [Lq]
@@ -83,20 +82,45 @@ __global__ void residual_maxsim_fwd_kernel(const float* __restrict__ q, const bo
   }
 }
 
+// Dynamic shared memory of the kernel: query tile [Lq][D] + token tile [TILE_T][D + 1] + row maxima [Lq], fp32.
+size_t residual_smem(int64_t Lq, int64_t D) {
+  return sizeof(float) * (static_cast<size_t>(Lq) * D + static_cast<size_t>(TILE_T) * (D + 1) + Lq);
+}
+
+// The current device's opt-in per-block shared-memory limit (227 KB on an H100, 163 KB on an A100, 99 KB on sm_86/89).
+int smem_optin_limit() {
+  int dev = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear it: the next launch must not report this query's error
+    throw std::runtime_error(std::string("reatt: residual_maxsim: cannot query the shared-memory limit: ") +
+                             cudaGetErrorString(err));
+  }
+  return limit;
+}
+
 template <int NBITS>
 void launch(const float* q, const bool* qm, const float* cent, const float* w, const int32_t* codes, const uint8_t* pk,
             const int64_t* off, const int64_t* cand, float* out, int64_t Bq, int Lq, int D, int64_t Nd, int64_t Nc,
             cudaStream_t stream) {
-  const size_t smem = sizeof(float) * (static_cast<size_t>(Lq) * D + static_cast<size_t>(TILE_T) * (D + 1) + Lq);
+  const size_t smem = residual_smem(Lq, D);
+  const int limit = smem_optin_limit();
+  REATT_CHECK(smem <= static_cast<size_t>(limit),
+              "residual_maxsim: a query of " + std::to_string(Lq) + " x " + std::to_string(D) + " needs " +
+                  std::to_string(smem) + " bytes of shared memory; this device allows " + std::to_string(limit));
   auto kernel = residual_maxsim_fwd_kernel<NBITS>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    REATT_CHECK(err == cudaSuccess, std::string("residual_maxsim: query too large for shared memory (") +
-                                        std::to_string(smem) + " bytes): " + cudaGetErrorString(err));
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // clear the pending error, or the next valid launch would report it
+      REATT_CHECK(false, std::string("residual_maxsim: cannot opt in to ") + std::to_string(smem) +
+                             " bytes of shared memory: " + cudaGetErrorString(err));
+    }
   }
   REATT_CHECK(Bq <= 65535, "residual_maxsim: at most 65535 queries per call (grid y)");
   dim3 grid(static_cast<unsigned>(Nc), static_cast<unsigned>(Bq));
-  kernel<<<grid, THREADS, smem, stream>>>(q, qm, cent, w, codes, pk, off, cand, out, Lq, D, Nd, Nc);
+  REATT_LAUNCH(kernel, grid, THREADS, smem, stream)(q, qm, cent, w, codes, pk, off, cand, out, Lq, D, Nd, Nc);
   cudaError_t err = cudaGetLastError();
   REATT_CHECK(err == cudaSuccess, std::string("residual_maxsim: kernel launch failed: ") + cudaGetErrorString(err));
 }
@@ -127,7 +151,15 @@ void residual_maxsim_fwd_cuda(uintptr_t q, uintptr_t q_mask, uintptr_t centroids
   }
 }
 
+// (bytes the kernel needs for a query of Lq x D, the current device's opt-in limit): the backend's support check.
+pybind11::tuple residual_maxsim_smem_cuda(int64_t Lq, int64_t D) {
+  REATT_CHECK(Lq >= 0 && D > 0, "residual_maxsim_smem_cuda: bad sizes");
+  return pybind11::make_tuple(residual_smem(Lq, D), smem_optin_limit());
+}
+
 RegisterBindings reg_residual_cuda([](pybind11::module_& m) {
+  m.def("residual_maxsim_smem_cuda", &residual_maxsim_smem_cuda,
+        "(shared-memory bytes needed for a Lq x D query, the current device's opt-in per-block limit)");
   m.def("residual_maxsim_fwd_cuda", &residual_maxsim_fwd_cuda,
         "Fused decompress + MaxSim over candidates on CUDA (contiguous fp32 q, bool mask, fp32 centroids/weights, "
         "int32 codes, uint8 packed, int64 offsets/cand, fp32 out, stream)");

@@ -37,9 +37,6 @@
 //                                                                     reproducible)
 //   dbias[r]    += w[a,c]         r = clamp(n_a + j - i, 0, R-1)       per-warp histograms, then a fixed-order sum
 // with w[a,c] = grad[a,c] (/ n_a for mean). Bytes: dq reads Bq*C*Lq*dim*esize of d (the winners), dd reads as much of q.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -51,17 +48,22 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
 
 namespace py = pybind11;
 
 namespace reatt {
 namespace {
 
+// A failed runtime call (e.g. cudaFuncSetAttribute asking for more shared memory than the device allows) also leaves
+// its error pending in cudaGetLastError(): clear it before throwing, or the next valid launch would report it.
 #define REATT_CUDA_CHECK(expr)                                                                                  \
   do {                                                                                                          \
     cudaError_t err_ = (expr);                                                                                  \
-    if (err_ != cudaSuccess)                                                                                    \
+    if (err_ != cudaSuccess) {                                                                                  \
+      cudaGetLastError();                                                                                       \
       throw std::runtime_error(std::string("reatt: CUDA error in ") + #expr + ": " + cudaGetErrorString(err_)); \
+    }                                                                                                           \
   } while (0)
 
 // After every launch: a bad configuration shows up here; a fault inside the kernel shows up at the next sync.
@@ -99,6 +101,24 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+#ifdef REATT_CUDA_EMU
+// Emulated twins of the PTX helpers below (csrc/cuda_emu/emu_runtime.cpp): same signatures, plus the caller's
+// file:line so that a warp whose lanes reach a collective from different call sites is reported.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) { reatt_emu::cp_async16(dst, src); }
+__device__ __forceinline__ void cp_async_commit() { reatt_emu::cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_1() { reatt_emu::cp_async_wait(1); }
+__device__ __forceinline__ void cp_async_wait_0() { reatt_emu::cp_async_wait(0); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p, REATT_EMU_SITE) {
+  reatt_emu::warp_ldmatrix_x4(r, p, false, REATT_EMU_SITE_ARGS);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                          REATT_EMU_SITE) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "mma on f16/bf16 only");
+  reatt_emu::warp_mma_16816(std::is_same<T, __half>::value ? reatt_emu::kMmaF16 : reatt_emu::kMmaBF16, c, a, b0, b1,
+                            REATT_EMU_SITE_ARGS);
+}
+#else
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -135,6 +155,8 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // REATT_CUDA_EMU
 
 // (value, index) max with ties to the lowest index; -1 marks "no valid token" and never beats a real index.
 __device__ __forceinline__ void merge_max(float& best, int& arg, float ob, int oa) {
@@ -293,7 +315,7 @@ __device__ __forceinline__ void score_tile(const FwdParams& p, const T* sQw, con
 // (padded to Dpad in smem), A read from smem at every k step (and the FFMA path for fp32).
 template <typename T, int KT>
 __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  REATT_DYNAMIC_SMEM(unsigned char, smem, 16);
   const int WR = p.WR, DS = p.DS, RB = WARP_M * WR, lds = p.lds;
   T* sQ = reinterpret_cast<T*>(smem);                 // [RB][lds]
   T* sD = sQ + RB * lds;                              // [2][DS*BN][lds]
@@ -617,7 +639,7 @@ size_t dd_det_smem(int64_t jt, int64_t D) {
 
 template <typename T>
 __global__ void __launch_bounds__(128) maxsim_bwd_dd_det_kernel(const BwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  REATT_DYNAMIC_SMEM(unsigned char, smem, 16);
   long long* e_q = reinterpret_cast<long long*>(smem);          // [DET_BATCH] entry: q row offset
   int* e_j = reinterpret_cast<int*>(e_q + DET_BATCH);           // [DET_BATCH] entry: winning token (-1: not here)
   float* e_w = reinterpret_cast<float*>(e_j + DET_BATCH);       // [DET_BATCH] entry: weight
@@ -727,6 +749,15 @@ int sm_count() {
   return n;
 }
 
+// Dynamic shared memory one block may opt into on the current device (227 KB on an H100, 163 KB on an A100, 99 KB
+// on sm_86/sm_89): every tiling below is planned within it, so no launch asks for more than the device has.
+int64_t smem_optin() {
+  int dev = 0, n = 0;
+  REATT_CUDA_CHECK(cudaGetDevice(&dev));
+  REATT_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return n;
+}
+
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Shared memory of the forward kernel for a tiling.
@@ -744,7 +775,7 @@ template <typename T, int KT>
 void launch_fwd(const FwdParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   auto kernel = maxsim_fwd_kernel<T, KT>;
   REATT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<grid, 32 * p.WR * p.DS, smem, stream>>>(p);
+  REATT_LAUNCH(kernel, grid, 32 * p.WR * p.DS, smem, stream)(p);
   REATT_LAUNCH_CHECK("maxsim_fwd_kernel");
 }
 
@@ -816,19 +847,28 @@ void maxsim_fwd_cuda(uintptr_t q, uintptr_t d, uintptr_t q_mask, uintptr_t d_mas
   const int KT = (esize == 2 && p.vec && (p.D == 64 || p.D == 128)) ? static_cast<int>(p.D / 16) : 0;
 
   // Tiling per shape (see the header): rows that can share a document tile decide WR; the rest of the 4 warps stream
-  // more documents at once (DS). Shared memory is capped at ~112 KB so that two CTAs fit on an SM.
+  // more documents at once (DS). Shared memory is capped at ~112 KB so that two CTAs fit on an H100 SM, and at the
+  // device's opt-in limit: first fewer document slots, then fewer row warps, then the pos_bias cache goes (the table
+  // is then read through L1), and a tiling that still does not fit is an error, never a failed launch.
   const int64_t rows_needed = group_size ? p.Lq : p.Bq * p.Lq;
   int WR = rows_needed <= 32 ? 1 : rows_needed <= 64 ? 2 : 4;
   int DS = 4 / WR;
   p.bias_smem = (pos_bias != 0 && n_bias <= MAX_BIAS_SMEM) ? static_cast<int>(n_bias) : 0;
-  while (fwd_smem(esize, p.lds, WR, DS, p.bias_smem) > 112 * 1024) {
+  const size_t cap = static_cast<size_t>(std::min<int64_t>(112 * 1024, smem_optin()));
+  while (fwd_smem(esize, p.lds, WR, DS, p.bias_smem) > cap) {
     if (DS > 1)
       DS /= 2;
     else if (WR > 1)
       WR /= 2;
+    else if (p.bias_smem > 0)
+      p.bias_smem = 0;
     else
       break;
   }
+  REATT_CHECK(fwd_smem(esize, p.lds, WR, DS, p.bias_smem) <= cap,
+              "maxsim_fwd_cuda: dim " + std::to_string(p.D) + " needs " +
+                  std::to_string(fwd_smem(esize, p.lds, WR, DS, p.bias_smem)) +
+                  " bytes of shared memory per block, more than this device allows (" + std::to_string(cap) + ")");
   p.WR = WR;
   p.DS = DS;
   const int RB = WARP_M * WR;
@@ -867,11 +907,11 @@ void launch_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
   const int64_t rows = p.Bq * p.Lq;
   {
     const dim3 grid(static_cast<unsigned>(cdiv(rows, 4)), static_cast<unsigned>(p.n_split));
-    maxsim_bwd_dq_kernel<T><<<grid, 128, 0, stream>>>(p);
+    REATT_LAUNCH(maxsim_bwd_dq_kernel<T>, grid, 128, 0, stream)(p);
     REATT_LAUNCH_CHECK("maxsim_bwd_dq_kernel");
     if (p.n_split > 1) {
       const int64_t blocks = std::min<int64_t>(cdiv(rows * p.D, 256), 65535);
-      maxsim_bwd_dq_reduce_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+      REATT_LAUNCH(maxsim_bwd_dq_reduce_kernel<T>, static_cast<unsigned>(blocks), 256, 0, stream)(p);
       REATT_LAUNCH_CHECK("maxsim_bwd_dq_reduce_kernel");
     }
   }
@@ -881,19 +921,19 @@ void launch_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
     auto kernel = maxsim_bwd_dd_det_kernel<T>;
     REATT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     if (n_docs > 0) {
-      kernel<<<static_cast<unsigned>(n_docs), 128, smem, stream>>>(p);
+      REATT_LAUNCH(kernel, static_cast<unsigned>(n_docs), 128, smem, stream)(p);
       REATT_LAUNCH_CHECK("maxsim_bwd_dd_det_kernel");
     }
   } else {
     const int64_t blocks = std::min<int64_t>(cdiv(p.Bq * p.C, 4), 65535LL * 16);
-    maxsim_bwd_dd_atomic_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
+    REATT_LAUNCH(maxsim_bwd_dd_atomic_kernel<T>, static_cast<unsigned>(blocks), 128, 0, stream)(p);
     REATT_LAUNCH_CHECK("maxsim_bwd_dd_atomic_kernel");
   }
   if (p.R > 0) {
-    maxsim_bwd_dbias_kernel<<<static_cast<unsigned>(cdiv(p.n_part, 4)), 128, 0, stream>>>(p);
+    REATT_LAUNCH(maxsim_bwd_dbias_kernel, static_cast<unsigned>(cdiv(p.n_part, 4)), 128, 0, stream)(p);
     REATT_LAUNCH_CHECK("maxsim_bwd_dbias_kernel");
-    maxsim_bwd_dbias_reduce_kernel<<<static_cast<unsigned>(std::min<int64_t>(cdiv(p.R, 256), 4096)), 256, 0,
-                                     stream>>>(p);
+    REATT_LAUNCH(maxsim_bwd_dbias_reduce_kernel, static_cast<unsigned>(std::min<int64_t>(cdiv(p.R, 256), 4096)), 256,
+                 0, stream)(p);
     REATT_LAUNCH_CHECK("maxsim_bwd_dbias_reduce_kernel");
   }
 }
@@ -964,8 +1004,11 @@ void maxsim_bwd_cuda(uintptr_t grad, std::vector<int64_t> grad_strides, uintptr_
   REATT_CHECK(dq != 0, "maxsim_bwd_cuda: null dq");
   REATT_CHECK(n_bias == 0 || (dbias != 0 && dbias_ws != 0), "maxsim_bwd_cuda: pos_bias gradient needs dbias, dbias_ws");
   // Token tile of the deterministic dd kernel: 64 KB of fp32 accumulators (a whole 200-token document at dim 64,
-  // a 128-token one at dim 128), since every tile rescans all of the document's entries.
-  p.jt = std::max<int64_t>(1, (64 * 1024) / (4 * p.D));
+  // a 128-token one at dim 128), since every tile rescans all of the document's entries; less where the device's
+  // opt-in shared memory cannot hold 64 KB next to the entry batch (99 KB parts at dim > 128).
+  const int64_t acc_budget = std::min<int64_t>(64 * 1024, smem_optin() - static_cast<int64_t>(dd_det_smem(0, p.D)));
+  REATT_CHECK(acc_budget >= 4 * p.D, "maxsim_bwd_cuda: the device's shared memory cannot hold one token row");
+  p.jt = std::max<int64_t>(1, acc_budget / (4 * p.D));
   if (p.Bq == 0 || p.Lq == 0 || p.C == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (dtype == kFloat32)

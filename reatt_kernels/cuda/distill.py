@@ -24,22 +24,34 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _reader_teacher_not_supported_reasons(tensors, n_docs=0, **facts) -> list[str]:
-    reasons = []
-    if not _ext.has("reader_teacher_fwd_cuda"):
-        reasons.append("reatt_kernels._C has no reader_teacher_fwd_cuda (built without csrc/distill/*.cu)")
+def _num_sms(t: torch.Tensor, ext) -> int:
+    """SMs of the device that runs the kernels: the GPU holding ``t``, or the emulated device (cuda_emu, CPU tensors)."""
+    if t.is_cuda:
+        return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return int(ext().set_device_limits()["sm_count"])  # no arguments: reads the emulated limits
+
+
+# Every launcher takes ``ext``: the loader of the compiled module that holds the kernels (_ext.ext: reatt_kernels._C;
+# reatt_kernels/cuda_emu/distill.py passes _ext.emu: the same kernels under CPU emulation), as in cuda/maxsim.py.
+def _missing(name: str, ext) -> list[str]:
+    if _ext.has(name, ext):
+        return []
+    return [f"reatt_kernels._C has no {name} (built without csrc/distill/*.cu)" if ext is _ext.ext
+            else f"reatt_kernels._C_emu has no {name}"]
+
+
+def _reader_teacher_not_supported_reasons(tensors, n_docs=0, ext=_ext.ext, **facts) -> list[str]:
+    reasons = _missing("reader_teacher_fwd_cuda", ext)
     if n_docs > MAX_DOCS:
         reasons.append(f"n_docs = {n_docs} > {MAX_DOCS} (shared-memory bins per warp)")
     return reasons
 
 
-def _distill_kl_not_supported_reasons(tensors, **facts) -> list[str]:
-    if not _ext.has("distill_kl_fwd_cuda"):
-        return ["reatt_kernels._C has no distill_kl_fwd_cuda (built without csrc/distill/*.cu)"]
-    return []
+def _distill_kl_not_supported_reasons(tensors, ext=_ext.ext, **facts) -> list[str]:
+    return _missing("distill_kl_fwd_cuda", ext)
 
 
-def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
+def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits, ext=_ext.ext):
     """attn [B, L, H, T, S] (any strides), doc_index int [B, S], attn_mask bool [B, S] or None -> fp32 [B, n_docs]."""
     B, L, H, T, S = attn.shape
     R = L * H * T
@@ -47,21 +59,22 @@ def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
     doc = doc_index.to(torch.int16).contiguous()
     mask = attn_mask.contiguous().view(torch.uint8) if attn_mask is not None else None
     # Enough blocks to fill the GPU about 4 times over, each with at least one row per warp.
-    target = 4 * _sm_count(attn.device.index if attn.device.index is not None else torch.cuda.current_device())
+    target = 4 * _num_sms(attn, ext)
     n_chunks = max(1, min((R + _WARPS - 1) // _WARPS, (target + B - 1) // B, 65535))
     rows_per_block = (R + n_chunks - 1) // n_chunks
     n_chunks = (R + rows_per_block - 1) // rows_per_block
     partial = empty((B, n_chunks, n_docs), torch.float32, attn.device)
     out = empty((B, n_docs), torch.float32, attn.device)
-    _ext.ext().reader_teacher_fwd_cuda(
+    ext().reader_teacher_fwd_cuda(
         _ext.ptr(attn), _ext.dtype_code(attn), B, L, H, T, S, *attn.stride(), _ext.ptr(doc), _ext.ptr(mask),
         n_docs, bool(is_logits), _ext.ptr(partial), n_chunks, rows_per_block, _ext.ptr(out), _ext.stream(attn))
     return out
 
 
-def _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad):
+def _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad, ext=_ext.ext):
     """Per-row loss fp32 [B] and grad [B, M] (student dtype, times grad_scale; [0, M] when not compute_grad)."""
     B, M = student.shape
+    # An empty teacher (M = 0, or n = 0 sparse) passes null pointers; the kernel reads nothing and writes loss 0.
     loss = empty((B,), torch.float32, student.device)
     grad = empty((B, M) if compute_grad else (0, M), student.dtype, student.device)
     if teacher is not None:
@@ -71,8 +84,8 @@ def _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, gr
         tp = teacher_probs.to(torch.float32).contiguous()
         tc = teacher_cols.to(torch.int64).contiguous()
         n = tp.shape[1]
-    _ext.ext().distill_kl_fwd_cuda(
-        _ext.ptr(student), _ext.dtype_code(student), B, M, student.stride(0), student.stride(1), _ext.ptr(t),
-        _ext.ptr(tp), _ext.ptr(tc), n, _ext.ptr(loss), _ext.ptr(grad) if compute_grad else 0, float(grad_scale),
-        bool(normalize), _ext.stream(student))
+    ext().distill_kl_fwd_cuda(
+        _ext.ptr(student), _ext.dtype_code(student), B, M, student.stride(0), student.stride(1), teacher is None,
+        _ext.ptr(t), _ext.ptr(tp), _ext.ptr(tc), n, _ext.ptr(loss), _ext.ptr(grad) if compute_grad else 0,
+        float(grad_scale), bool(normalize), _ext.stream(student))
     return loss, grad

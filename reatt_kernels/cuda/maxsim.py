@@ -18,6 +18,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._utils import device_guard
 
 MAX_DIM = 256
 # dd without ``deterministic``: fp32 atomics need a zeroed fp32 copy of d (4 bytes per element: +328 MB on the
@@ -28,10 +29,14 @@ MAX_DIM = 256
 ATOMIC_MIN_ENTRIES = 4096
 
 
-def _maxsim_not_supported_reasons(tensors, dim=None, **facts) -> list[str]:
+# Every launcher takes ``ext``: the loader of the compiled module that holds the kernels. _ext.ext (reatt_kernels._C,
+# GPU pointers and the current stream) by default; reatt_kernels/cuda_emu/ passes _ext.emu (the same kernels under CPU
+# emulation: CPU pointers, stream 0), so both backends share this launcher code.
+def _maxsim_not_supported_reasons(tensors, dim=None, ext=_ext.ext, **facts) -> list[str]:
     reasons = []
-    if not _ext.has("maxsim_fwd_cuda"):
-        reasons.append("reatt_kernels._C has no maxsim_fwd_cuda (built without CUDA: REATT_CUDA=0 or no nvcc)")
+    if not _ext.has("maxsim_fwd_cuda", ext):
+        reasons.append("reatt_kernels._C has no maxsim_fwd_cuda (built without CUDA: REATT_CUDA=0 or no nvcc)"
+                       if ext is _ext.ext else "reatt_kernels._C_emu has no maxsim_fwd_cuda")
     if dim is not None and dim > MAX_DIM:
         reasons.append(f"dim {dim} > {MAX_DIM} (the cuda kernels keep a padded dim of at most {MAX_DIM} in smem)")
     return reasons
@@ -49,8 +54,8 @@ def _strides(t: torch.Tensor) -> list[int]:
     return s
 
 
-def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
-    ext = _ext.ext()
+def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, ext=_ext.ext):
+    ext = ext()
     q, d = _last_contig(q), _last_contig(d)
     Bq, Lq, D = q.shape
     n_docs = d_offsets.shape[0] - 1 if d_offsets is not None else d.shape[0]
@@ -59,7 +64,7 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
     argmax = empty((Bq, C, Lq), torch.int32, q.device)
     d_offsets = d_offsets.contiguous() if d_offsets is not None else None
     pb = pos_bias.to(torch.float32).contiguous() if pos_bias is not None else None
-    with torch.cuda.device(q.device):
+    with device_guard(q):
         ext.maxsim_fwd_cuda(
             _ext.ptr(q), _ext.ptr(d), _ext.ptr(q_mask), _ext.ptr(d_mask), _ext.ptr(d_offsets), _ext.ptr(pb),
             _ext.ptr(scores), _ext.ptr(argmax), _ext.dtype_code(q), list(q.shape), _strides(q), list(d.shape),
@@ -76,8 +81,8 @@ def _split_plan(rows: int, C: int) -> int:
     return max(1, min(-(-C // 128), 8192 // max(1, rows), 65535))
 
 
-def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
-    ext = _ext.ext()
+def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic, ext=_ext.ext):
+    ext = ext()
     q, d = _last_contig(q), _last_contig(d)
     Bq, Lq, D = q.shape
     C = argmax.shape[1]
@@ -101,7 +106,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     E = Bq * C * Lq
     n_part = max(1, min(-(-E // 2048), 2048)) if n_bias else 0
     dbias_ws = torch.zeros((n_part, n_bias), dtype=torch.float32, device=dev) if n_bias else None
-    with torch.cuda.device(dev):
+    with device_guard(q):
         ext.maxsim_bwd_cuda(
             _ext.ptr(grad), list(grad.stride()), _ext.ptr(q), _ext.ptr(d), _ext.ptr(d_offsets), _ext.ptr(argmax),
             _ext.ptr(nq), _ext.ptr(dq), _ext.ptr(dq_ws), _ext.ptr(dd), _ext.ptr(dd32), _ext.ptr(dbias),

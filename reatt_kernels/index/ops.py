@@ -26,6 +26,7 @@ register_impl(OP, "torch", "reatt_kernels.index.reference")
 register_impl(OP, "cpu", "reatt_kernels.index.cpu")
 register_impl(OP, "triton", "reatt_kernels.triton.residual")
 register_impl(OP, "cuda", "reatt_kernels.index.cuda")
+register_impl(OP, "cuda_emu", "reatt_kernels.cuda_emu.residual")  # the CUDA kernel under CPU emulation (tests)
 # On a GPU, "auto" prefers Triton: its kernel is the one verified against the reference (under the interpreter, and
 # by the gpu-marked tests); the CUDA kernel is selectable by name and runs in the same tests when a GPU is present.
 register_auto_order(OP, lambda dev, **kw: ["triton", "cuda", "torch"] if dev == "cuda" else ["cpu", "torch"])
@@ -57,7 +58,8 @@ def residual_maxsim(q: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor
         centroids: float [C, D]. weights: float [D, 2^nbits] (bucket values per dimension).
         codes: int32 [T] centroid id per token. packed: uint8 [T, D * nbits // 8] bit-packed residual buckets.
         d_offsets: int64 [Nd + 1]. cand: int64 [Bq, Nc] document ids per query, -1 for padding.
-        nbits: 1, 2, 4 or 8. backend: "auto", "torch", "cpu", "triton" or "cuda".
+        nbits: 1, 2, 4 or 8. backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernel
+            on CPU tensors under emulation: a test tool, never chosen by "auto").
     Returns:
         fp32 scores [Bq, Nc]; -inf for padding and for empty documents, 0 for a query with no valid token.
     """

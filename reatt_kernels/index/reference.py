@@ -9,6 +9,10 @@ For query ``a`` and candidate column ``c`` with document ``b = cand[a, c]``::
 - ``cand[a, c] < 0`` marks padding: the score is ``-inf``.
 - An empty document scores ``-inf`` (when the query has a valid token); a query with no valid token scores 0.
 - Vectors are not renormalised after decompression (the index stores unit vectors; the residual keeps them close).
+- NaN and infinities: masked query tokens never reach the score, whatever they hold (NaN and inf included). Infinities
+  in valid query tokens, centroids or weights follow IEEE arithmetic of the dot products. A NaN that reaches a valid
+  pair score makes that (query, candidate) score *unspecified*: this reference returns NaN, the kernels skip NaN pair
+  scores in the max (NaN, -inf or finite). Every other score is unaffected and exact.
 - Scores are fp32 (fp64 in the reference when asked).
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ for _op in ("reader_teacher", "distill_kl"):
     register_impl(_op, "cpu", "reatt_kernels.cpu.distill")
     register_impl(_op, "triton", "reatt_kernels.triton.distill")
     register_impl(_op, "cuda", "reatt_kernels.cuda.distill")
+    register_impl(_op, "cuda_emu", "reatt_kernels.cuda_emu.distill")  # the CUDA kernels under CPU emulation (tests)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTS = (torch.int32, torch.int64)
@@ -111,7 +112,8 @@ def reader_teacher(attn: Tensor, doc_index: Tensor, *, is_logits: bool = True, a
             ReAtt uses ``layers=-1``.
         steps: decoder steps to average (same forms; 4-D/5-D attn only). None = all. ReAtt uses ``steps=0``.
         n_docs: n. Default ``doc_index.max() + 1`` (a device sync; pass it explicitly in training loops).
-        backend: "auto", "torch", "cpu", "triton" or "cuda".
+        backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernel on CPU tensors under
+            emulation: a test tool, never chosen by "auto").
     Returns:
         p_T float32 [B, n]: softmax per (layer, head, step), mean over those, summed per document; each row sums to 1
         (all zeros for a query with no valid token; 0 for a document whose tokens are all padding). **Detached**: a
@@ -215,12 +217,13 @@ def _kl_backward(ctx, g_loss, g_grad):
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad:
         raise RuntimeError("distill_kl: the forward ran without computing the gradient (grad mode was off)")
+    # Scale in fp32 and round once: multiplying in a half dtype would round g_loss and the product as well.
     if ctx.reduction == "none":
-        dstudent = grad * g_loss.to(grad.dtype)[:, None]
+        dstudent = (grad.float() * g_loss.float()[:, None]).to(grad.dtype)
     elif _is_concrete(g_loss) and bool(g_loss == 1):
         dstudent = grad  # the gradient was computed in the forward: nothing left to do
     else:
-        dstudent = grad * g_loss.to(grad.dtype)
+        dstudent = (grad.float() * g_loss.float()).to(grad.dtype)
     return dstudent, None, None, None, None, None, None, None
 
 
@@ -279,7 +282,7 @@ def distill_kl(student: Tensor, teacher: Optional[Tensor] = None, *, teacher_pro
             [0, M)); every other column has teacher mass 0 (e.g. the in-batch documents of other queries).
         reduction: "batchmean" (sum / B), "sum", "mean" (sum / (B * M), as torch's kl_div) or "none" ([B]).
         normalize_teacher: divide each teacher row by its sum; otherwise a row not summing to 1 within 1e-3 raises.
-        backend: "auto", "torch", "cpu", "triton" or "cuda".
+        backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernel under CPU emulation).
     Returns:
         fp32 loss (0-d; [B] for "none"). Differentiable w.r.t. student only (the teacher is a constant).
     Raises:

@@ -24,6 +24,7 @@ register_impl("maxsim", "torch", "reatt_kernels.reference.maxsim")
 register_impl("maxsim", "cpu", "reatt_kernels.cpu.maxsim")
 register_impl("maxsim", "triton", "reatt_kernels.triton.maxsim")
 register_impl("maxsim", "cuda", "reatt_kernels.cuda.maxsim")
+register_impl("maxsim", "cuda_emu", "reatt_kernels.cuda_emu.maxsim")
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -210,7 +211,8 @@ def maxsim(q, d, q_mask=None, d_mask=None, *, pos_bias=None, reduce="sum", backe
         q_mask: bool [Bq, Lq] or None (True = real token). d_mask: bool [Nd, Ld] or None.
         pos_bias: float [R] or None: ReAtt's relative-position bias per distance r = n_a + j - i (clamped to [0, R-1]).
         reduce: "sum" (search) or "mean" (over valid query tokens; ReAtt training).
-        backend: "auto", "torch", "cpu", "triton" or "cuda" (``REATT_BACKEND`` overrides "auto").
+        backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernels on CPU tensors under
+            emulation: a test tool) (``REATT_BACKEND`` overrides "auto").
         return_argmax: also return the winning document token per (query, doc, query token), int32 [Bq, Nd, Lq]
             (-1 for a masked query token or an empty document).
         deterministic: make the backward's dd accumulation bitwise reproducible.

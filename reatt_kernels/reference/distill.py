@@ -14,7 +14,14 @@ padding. A token is *valid* when ``doc_index[b, s] >= 0`` and ``attn_mask[b, s]`
 
 so every row of ``p_T`` [B, n] (fp32) sums to 1. Edge cases: a document whose tokens are all padding gets 0; an
 (l, h, t) row with no valid token (or, for probabilities, zero mass on the valid tokens) contributes 0, so a query
-with no valid token at all gets an all-zero row. Invalid tokens never contribute, whatever their logit.
+with no valid token at all gets an all-zero row. Invalid tokens never contribute, whatever their value (NaN and inf
+included).
+
+NaN and infinities in ``attn`` (valid tokens): a logit of -inf carries no mass; a row whose valid logits are all -inf
+has no mass and contributes 0. A row holding NaN or +inf at a valid token (logits), or NaN/+inf probabilities at a
+valid token, is *dropped*: it contributes 0, like a row without mass, and never turns ``p_T`` into NaN (the mean still
+divides by every row, so that query's ``p_T`` row then sums to less than 1). ``p_T`` is therefore always finite and
+>= 0. (Negative probabilities are not checked: garbage in, garbage out.)
 
 **distill_kl**: ``KL(teacher || softmax(student))`` row-wise over ``student`` [B, M]::
 
@@ -27,11 +34,19 @@ torch's kl_div) or "none" ([B]). The teacher is dense [B, M], or sparse: ``teach
 its sum first. A student logit of -inf is allowed where the teacher mass is 0 (it contributes 0 and gets gradient 0);
 teacher mass on a -inf logit makes the row's loss +inf (the public API turns that into a ValueError). Computation is in
 fp32 (fp64 for fp64 students) with a max-subtracted log-sum-exp, so |logits| up to 1e4 are exact to fp32 rounding.
-The teacher gets no gradient.
+The teacher gets no gradient. The gradient is computed in fp32 and rounded to the student's dtype once.
+
+NaN and infinities: a student row of only -inf with no teacher mass has loss 0 and gradient 0. A row with no teacher
+mass at all (an empty teacher: M = 0, or n = 0 in the sparse form; with ``normalize_teacher`` also an all-zero row,
+reachable only when the eager checks are skipped) has ``T_b = 0``: loss 0 and gradient 0. A NaN or +inf student logit
+makes that row's loss NaN (the public API raises a ValueError); NaN, inf or negative teacher entries are rejected by
+the public API (under torch.compile, where those checks are skipped, they give NaN/inf, never a crash).
 
 **retrieval_distill_loss**: ``student = scale * maxsim(q, d, ...)`` for every query against every in-batch document
 (an empty document scores -inf and so takes no part), then ``distill_kl`` against the sparse teacher [B, n] whose
-columns default to query a's own documents a*n .. a*n+n-1.
+columns default to query a's own documents a*n .. a*n+n-1. The -inf score of an empty document is kept as is (never
+multiplied by the scale, whose gradient would be 0 * -inf = NaN); the document gets gradient 0, and teacher mass on
+it raises. NaN in q/d follows maxsim's semantics (see :mod:`reatt_kernels.reference.maxsim`).
 """
 from __future__ import annotations
 
@@ -82,7 +97,10 @@ def reader_teacher_fwd_ref(attn: Tensor, doc_index: Tensor, attn_mask: Optional[
             else:
                 x.masked_fill_(~vm, 0.0)
                 z = x.sum(-1, keepdim=True)
-                inv = torch.where(z > 0, 1.0 / z, torch.zeros_like(z))  # a row with no mass contributes 0
+                # A row with no mass, or with NaN/+inf mass, contributes 0: zero it (NaN * 0 would still be NaN).
+                keep = (z > 0) & torch.isfinite(z)
+                x.masked_fill_(~keep, 0.0)
+                inv = torch.where(keep, 1.0 / z, torch.zeros_like(z))
                 rows = x.shape[1] * T
                 # sum over rows of p = x / z, as one batched mat-vec: [B, 1, rows] @ [B, rows, S]
                 w += torch.bmm(inv.reshape(B, 1, rows), x.reshape(B, rows, S)).squeeze(1)

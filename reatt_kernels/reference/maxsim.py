@@ -13,7 +13,21 @@ For a query ``a`` with tokens ``q[a, i]`` and a document ``b`` with tokens ``d[b
 - A document with no valid token scores ``-inf`` (never NaN) and receives no gradient.
 - A query with no valid token scores 0 (even against an empty document: a sum over no terms).
 - Inputs are fp32, fp16 or bf16 (fp64 too, for the reference only); accumulation and scores are fp32 (fp64 for fp64).
-- ``argmax[a, c, i]`` is the winning ``j`` (int32), or -1 where query token ``i`` is masked or the document is empty.
+- ``argmax[a, c, i]`` is the winning ``j`` (int32), or -1 where query token ``i`` is masked, the document is empty, or
+  no pair of token ``i`` scores above -inf.
+
+NaN and infinities:
+- Masked query tokens, masked or padding document tokens, and pos_bias entries that no valid pair uses never reach any
+  output, whatever they hold (NaN and inf included).
+- ``pos_bias`` may hold -inf (a forbidden distance): such a pair never wins. When every valid pair of a valid query
+  token is forbidden, that token's max is -inf, its argmax is -1 (no gradient), and the score is -inf.
+- Infinities in valid tokens follow IEEE arithmetic of the dot products (e.g. a -inf in ``q`` against a positive
+  ``d`` entry gives +inf).
+- A NaN that reaches a valid pair score (from ``q``, ``d`` or ``pos_bias``) makes that (query, document) score, and
+  the gradients that flow through the query token holding it, *unspecified*: this reference returns NaN, while the
+  cpu, triton and cuda kernels skip NaN pair scores in the max (so the score may be NaN, -inf or finite). Every other
+  score is unaffected and exact, and argmax stays in [-1, Ld). Check inputs with ``torch.isfinite`` where NaN can
+  occur: a check inside the kernels would cost a full extra pass over ``d``.
 
 Gradients go through the argmax only: ``dq[a,i] = g * d[b, j*]``, ``dd[b, j*] += g * q[a,i]``,
 ``dpos_bias[r*] += g`` with ``g = grad[a, b]`` (divided by ``n_a`` for ``mean``). The token-pair scores are materialised
@@ -73,7 +87,9 @@ def _reduce_chunk(s: Tensor, q_mask: Tensor, nq: Tensor, dm: Tensor, pb: Optiona
         val = s.gather(-1, am[..., None]).squeeze(-1)
     empty = ~dm.any(-1)  # [A or 1, C]
     qm = q_mask[:, None, :]
-    am = am.masked_fill(empty[..., None] | ~qm, -1)
+    # No winner when every valid pair of token i scores -inf (e.g. each distance's pos_bias is -inf): argmax -1, as
+    # for an empty document, so no gradient flows (the kernels' strict > never moves off -1 either).
+    am = am.masked_fill(empty[..., None] | ~qm | torch.isneginf(val), -1)
     val = val.masked_fill(~qm, 0.0)
     score = val.sum(-1)
     if mean:
