@@ -217,13 +217,15 @@ def _kl_backward(ctx, g_loss, g_grad):
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad:
         raise RuntimeError("distill_kl: the forward ran without computing the gradient (grad mode was off)")
-    # Scale in fp32 and round once: multiplying in a half dtype would round g_loss and the product as well.
+    # Scale in fp32 (fp64 for fp64 inputs) and round once: multiplying in a half dtype would round g_loss and the
+    # product as well, and fp32 would cost an fp64 caller its precision.
+    acc = torch.promote_types(grad.dtype, torch.float32)
     if ctx.reduction == "none":
-        dstudent = (grad.float() * g_loss.float()[:, None]).to(grad.dtype)
+        dstudent = (grad.to(acc) * g_loss.to(acc)[:, None]).to(grad.dtype)
     elif _is_concrete(g_loss) and bool(g_loss == 1):
         dstudent = grad  # the gradient was computed in the forward: nothing left to do
     else:
-        dstudent = (grad.float() * g_loss.float()).to(grad.dtype)
+        dstudent = (grad.to(acc) * g_loss.to(acc)).to(grad.dtype)
     return dstudent, None, None, None, None, None, None, None
 
 
