@@ -33,41 +33,48 @@ def doc_id(ctx: dict) -> str:
     return str(ctx["id"]) if "id" in ctx else f"{ctx.get('title', '')}\x00{ctx['text']}"
 
 
-def load_jsonl(path: str, require_ctxs: bool = True) -> list[Example]:
-    """Read and validate a FiD/ReAtt JSONL file; errors name the line (1-based) and the problem."""
-    out = []
+def iter_jsonl(path: str):
+    """Yield ``(line, obj)`` for each non-blank line of a JSONL file (1-based line numbers, for error messages). A line
+    that is not valid JSON raises :class:`DataError` naming it."""
     with open(path) as f:
         for ln, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            where = f"{path}:{ln}"
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for key in ("question", "answers", "ctxs"):
-                if key not in obj:
-                    raise DataError(f"{where}: missing field {key!r}")
-            q, answers, ctxs = obj["question"], obj["answers"], obj["ctxs"]
-            if not isinstance(q, str) or not q.strip():
-                raise DataError(f"{where}: 'question' must be a non-empty string")
-            if isinstance(answers, str):
-                answers = [answers]
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise DataError(f"{where}: 'answers' must be a non-empty list of strings")
-            if not isinstance(ctxs, list):
-                raise DataError(f"{where}: 'ctxs' must be a list of {{'title', 'text'}} objects")
-            if require_ctxs and not ctxs:
-                raise DataError(f"{where}: 'ctxs' is empty (every question needs at least one document)")
-            for k, c in enumerate(ctxs):
-                if not isinstance(c, dict) or not isinstance(c.get("text"), str):
-                    raise DataError(f"{where}: ctxs[{k}] must be an object with a string 'text'")
-                if "title" in c and not isinstance(c["title"], str):
-                    raise DataError(f"{where}: ctxs[{k}].title must be a string")
-            gold = [doc_id(c) for c in ctxs if c.get("gold")]
-            out.append(Example(q, answers, ctxs, ln, gold))
+                raise DataError(f"{path}:{ln}: not valid JSON ({e.msg})") from None
+            yield ln, obj
+
+
+def load_jsonl(path: str, require_ctxs: bool = True) -> list[Example]:
+    """Read and validate a FiD/ReAtt JSONL file; errors name the line (1-based) and the problem."""
+    out = []
+    for ln, obj in iter_jsonl(path):
+        where = f"{path}:{ln}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for key in ("question", "answers", "ctxs"):
+            if key not in obj:
+                raise DataError(f"{where}: missing field {key!r}")
+        q, answers, ctxs = obj["question"], obj["answers"], obj["ctxs"]
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{where}: 'question' must be a non-empty string")
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{where}: 'answers' must be a non-empty list of strings")
+        if not isinstance(ctxs, list):
+            raise DataError(f"{where}: 'ctxs' must be a list of {{'title', 'text'}} objects")
+        if require_ctxs and not ctxs:
+            raise DataError(f"{where}: 'ctxs' is empty (every question needs at least one document)")
+        for k, c in enumerate(ctxs):
+            if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+                raise DataError(f"{where}: ctxs[{k}] must be an object with a string 'text'")
+            if "title" in c and not isinstance(c["title"], str):
+                raise DataError(f"{where}: ctxs[{k}].title must be a string")
+        gold = [doc_id(c) for c in ctxs if c.get("gold")]
+        out.append(Example(q, answers, ctxs, ln, gold))
     if not out:
         raise DataError(f"{path}: no examples")
     return out

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .data import DataError, doc_id, tokenize_docs, tokenize_queries
+from .data import DataError, doc_id, iter_jsonl, tokenize_docs, tokenize_queries
 
 META_NAME = "reatt_index.json"
 META_FORMAT = "reatt-index"
@@ -44,19 +44,12 @@ _AFTER_PART_HOOK: Optional[Callable[[int], None]] = None
 def read_corpus(path: str) -> list[dict]:
     """A JSONL of passages ``{"id"?, "title"?, "text"}`` -> list of dicts; errors name the line."""
     out = []
-    with open(path) as f:
-        for ln, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                c = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{ln}: not valid JSON ({e.msg})") from None
-            if not isinstance(c, dict) or not isinstance(c.get("text"), str):
-                raise DataError(f"{path}:{ln}: expected an object with a string 'text' (and optional 'title', 'id')")
-            if "title" in c and not isinstance(c["title"], str):
-                raise DataError(f"{path}:{ln}: 'title' must be a string")
-            out.append(c)
+    for ln, c in iter_jsonl(path):
+        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+            raise DataError(f"{path}:{ln}: expected an object with a string 'text' (and optional 'title', 'id')")
+        if "title" in c and not isinstance(c["title"], str):
+            raise DataError(f"{path}:{ln}: 'title' must be a string")
+        out.append(c)
     if not out:
         raise DataError(f"{path}: no passages")
     return out
@@ -66,26 +59,19 @@ def read_questions(path: str) -> list[dict]:
     """A JSONL of ``{"question", "answers"?, "ctxs"?, "gold_ids"?}`` -> rows with ``question``, ``answers`` (list,
     possibly empty) and ``gold_ids`` (from ``gold_ids`` or the ids of ctxs marked ``"gold": true``)."""
     out = []
-    with open(path) as f:
-        for ln, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{ln}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
-                raise DataError(f"{where}: expected an object with a non-empty string 'question'")
-            answers = obj.get("answers", [])
-            if isinstance(answers, str):
-                answers = [answers]
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise DataError(f"{where}: 'answers' must be a list of strings")
-            gold = obj.get("gold_ids")
-            if gold is None:
-                gold = [doc_id(c) for c in obj.get("ctxs", []) if isinstance(c, dict) and c.get("gold")]
-            out.append({"question": obj["question"], "answers": answers, "gold_ids": [str(g) for g in gold]})
+    for ln, obj in iter_jsonl(path):
+        where = f"{path}:{ln}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+            raise DataError(f"{where}: expected an object with a non-empty string 'question'")
+        answers = obj.get("answers", [])
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{where}: 'answers' must be a list of strings")
+        gold = obj.get("gold_ids")
+        if gold is None:
+            gold = [doc_id(c) for c in obj.get("ctxs", []) if isinstance(c, dict) and c.get("gold")]
+        out.append({"question": obj["question"], "answers": answers, "gold_ids": [str(g) for g in gold]})
     if not out:
         raise DataError(f"{path}: no questions")
     return out
