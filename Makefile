@@ -31,7 +31,7 @@ pytest: $(STAMP)
 
 checks: $(STAMP)
 	@for s in scripts/ci/*.sh; do [ -e "$$s" ] || continue; echo "== $$s"; \
-	  start=$$(date +%s); PY=$(PY) bash "$$s" || { echo "FAILED: $$s"; exit 1; }; \
+	  start=$$(date +%s); PY=$(abspath $(PY)) bash "$$s" || { echo "FAILED: $$s"; exit 1; }; \
 	  echo "== $$s done in $$(( $$(date +%s) - start )) s"; done
 
 test: pytest

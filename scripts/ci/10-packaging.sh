@@ -16,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PY:-python3}
+case $PY in /*) ;; */*) PY=$ROOT/$PY ;; esac   # a relative venv path must survive the cd into $tmp
 TORCH=${TORCH:-torch==2.13.0}
 tmp=$(mktemp -d /tmp/reatt-packaging.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
