@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The mutation gate: every mutant in scripts/mutants.py (and scripts/mutants_*.py) is applied to a temporary copy of
-# the repository, which is rebuilt (CPU kernels only) when C++ changed, and its targeted tests must fail. Fails if any
-# mutant survives or if the unmutated copy's targeted tests fail. About 5-6 minutes on the 2-core CI machine.
+# The mutation gate: mutants from scripts/mutants.py (and scripts/mutants_*.py) are applied to a temporary copy of
+# the repository, which is rebuilt (CPU kernels / the CUDA emulation module) when C++ changed, and their targeted tests
+# must fail. Fails if any mutant survives or if the unmutated copy's targeted tests fail. CI runs `--ci`: the seven of
+# issue 13 plus the first mutant of every other kernel file (19 of 36); the whole list (`scripts/mutants.py`, about 25
+# minutes on 2 cores) does not fit CI's budget and is run before a kernel change lands.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec "${PY:-python}" scripts/mutants.py
+exec "${PY:-python}" scripts/mutants.py --ci
