@@ -4,6 +4,8 @@ Public API (shapes in each docstring):
 - :func:`maxsim`, :func:`maxsim_packed`, :func:`maxsim_grouped`: late-interaction scoring, fwd + bwd.
 - :func:`distill_kl`, :func:`reader_teacher`, :func:`retrieval_distill_loss`: retrieval distillation.
 - :func:`residual_maxsim`: fused decompress + MaxSim over residual-compressed documents (the index's scorer).
+- :func:`centroid_interaction`, :func:`centroid_score_table`: PLAID's approximate MaxSim from centroid ids (the index's
+  candidate pruning) and the per-query centroid score table it reads.
 - :func:`available_backends`: each backend's status ("ok" or the reasons it cannot run here); :func:`build_info`:
   how the compiled extension was built (empty without one).
 
@@ -14,6 +16,7 @@ from ._dispatch import BackendUnavailableError, available_backends
 from ._ext import build_info
 from .ops.maxsim import maxsim, maxsim_grouped, maxsim_packed
 from .ops.distill import distill_kl, reader_teacher, retrieval_distill_loss
+from .ops.centroid_interaction import centroid_interaction, centroid_score_table
 from .ops.residual_maxsim import residual_maxsim
 
 __version__ = "0.1.0"
@@ -38,6 +41,8 @@ __all__ = [
     "distill_kl",
     "retrieval_distill_loss",
     "residual_maxsim",
+    "centroid_interaction",
+    "centroid_score_table",
     "available_backends",
     "build_info",
     "BackendUnavailableError",

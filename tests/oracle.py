@@ -330,3 +330,40 @@ def residual_maxsim_oracle(q, q_mask, centroids, weights, codes, packed, d_offse
             out[a, c] = best[qm[a]].sum()
             mag[a, c] = s_abs.amax(-1)[qm[a]].sum()
     return out, mag
+
+
+# ---- centroid interaction (reatt_kernels/reference/centroid_interaction.py's docstring) --------------------------------
+def centroid_interaction_oracle(table, q_mask, codes, d_offsets, cand) -> tuple[Tensor, Tensor]:
+    """ci(a, c) = sum_{i valid} max_{t in doc cand[a, c]} table[a, codes[t], i]; cand None = every document in order;
+    -inf for padding (cand < 0) and for an empty document, 0 when the query has no valid token. Returns the scores
+    [Bq, Nc] and their magnitudes (sums of |max|)."""
+    tab = f64(table)
+    Bq, C, L = tab.shape
+    qm = _cpu(q_mask)
+    Lq = qm.shape[1]
+    off = [int(x) for x in _cpu(d_offsets)]
+    codes = [int(x) for x in _cpu(codes)]
+    Nd = len(off) - 1
+    cand = torch.arange(Nd)[None].expand(Bq, Nd) if cand is None else _cpu(cand)
+    Nc = cand.shape[1]
+    out = torch.full((Bq, Nc), float("-inf"), dtype=F64)
+    mag = torch.zeros(Bq, Nc, dtype=F64)
+    for a in range(Bq):
+        valid = [i for i in range(Lq) if bool(qm[a, i])]
+        for c in range(Nc):
+            b = int(cand[a, c])
+            if b < 0:
+                continue
+            if not valid:
+                out[a, c] = 0.0
+                continue
+            if off[b + 1] == off[b]:
+                continue
+            total, m = 0.0, 0.0
+            for i in valid:
+                best = max(float(tab[a, codes[t], i]) for t in range(off[b], off[b + 1]))
+                total += best
+                m += abs(best)
+            out[a, c] = total
+            mag[a, c] = m
+    return out, mag

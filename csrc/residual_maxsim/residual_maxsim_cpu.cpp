@@ -1,11 +1,20 @@
-// residual_maxsim on the CPU: fused decompress + MaxSim over each query's candidate documents.
+// residual_maxsim and centroid_interaction on the CPU: the two scoring kernels of the residual index's search.
 //
-// score(a, c) = sum_{i valid} max_{t in doc cand[a, c]} q[a, i] . (centroids[codes[t]] + weights[d, bucket(t, d)])
+// Both read a per-query centroid score table instead of the centroids themselves:
+//     table[a, c, i] = q[a, i] . centroids[c]      fp32 [Bq, C, LP], LP = Lq rounded up to 16 (zero columns past Lq)
+// computed by the launcher with one matmul (2 Bq Lq C D FLOPs). A token t with centroid code c_t then costs one
+// LP-float row read (64 B per 16 query tokens) for its centroid part, where decompressing reads the D-float centroid
+// row (1.5 KiB at D = 384) and spends Lq D multiply-adds on it.
 //
-// One OpenMP task per (query, candidate) pair. A document is decoded TILE tokens at a time into a transposed
-// [D][TILE] fp32 buffer (D * TILE * 4 = 8 KiB at D = 128: L1-resident) and never as a whole candidate set, so memory
-// traffic is the compressed bytes only: 4 + D * nbits / 8 bytes per token (36 B at 2 bits, D = 128) plus a centroid
-// row (shared across tokens, cache-resident for hot centroids). FLOPs: 2 * Lq * D per (query, token) pair.
+// centroid_interaction (PLAID's approximate score, candidate pruning):
+//     ci(a, c) = sum_i max_{t in doc cand[a, c]} table[a, code_t, i]
+//   Masked query tokens have zero columns (the launcher zeroes them), so they add max(0) = 0. Per token: one table row
+//   (LP floats, L2-resident: C LP 4 B = 1 MiB at C = 16384, LP = 16) and one 4-byte code. No residual is read.
+//
+// residual_maxsim (fused decompress + MaxSim, the rerank):
+//     score(a, c) = sum_{i valid} max_t ( table[a, code_t, i] + q[a, i] . r_t ),   r_t[d] = weights[d, bucket(t, d)]
+//   which equals q . (centroid + residual) up to fp32 rounding. Per token: D * nbits / 8 bytes of buckets, D weight
+//   lookups (shared by every query token and every query of the batch that holds the document), Lq D multiply-adds.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -13,18 +22,62 @@
 #include <limits>
 #include <vector>
 
+#ifdef REATT_WITH_OPENMP
+#include <omp.h>
+#endif
+
 #include "common.h"
 
 namespace reatt {
 namespace {
 
 constexpr int TILE = 16;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// best[i] = max(best[i], max_j q_i . buf[:, j]) for 4 query tokens at once: each 16-float row of the transposed tile is
-// loaded once for 4 FMAs, and the j loop maps onto one 512-bit (or two 256-bit) register with no horizontal reduction.
+// ---- centroid interaction -------------------------------------------------------------------------------------------
+// One (query, candidate) pair per iteration; the running max over the document's tokens is LP floats in registers.
+template <int LP>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void ci_impl(const float* __restrict table, const bool* __restrict q_mask, const int32_t* __restrict codes,
+             const int64_t* __restrict offsets, const int64_t* __restrict cand, float* __restrict out, int64_t Bq,
+             int64_t Lq, int64_t C, int64_t Nd, int64_t Nc, int nthreads, std::atomic<int>* bad) {
+  const int64_t total = Bq * Nc;
+#pragma omp parallel for schedule(dynamic, 64) num_threads(nthreads)
+  for (int64_t p = 0; p < total; ++p) {
+    const int64_t a = p / Nc;
+    const int64_t b = cand ? cand[p] : p % Nc;  // no cand: every document, in order
+    if (b < 0) { out[p] = NEG_INF; continue; }
+    if (b >= Nd) { bad->store(1); out[p] = std::numeric_limits<float>::quiet_NaN(); continue; }
+    const bool* qm = q_mask + a * Lq;
+    bool any = false;
+    for (int64_t i = 0; i < Lq; ++i) any |= qm[i];
+    if (!any) { out[p] = 0.f; continue; }  // a query with no valid token sums nothing
+    const int64_t t0 = offsets[b], t1 = offsets[b + 1];
+    if (t1 <= t0) { out[p] = NEG_INF; continue; }  // an empty document
+    const float* tab = table + a * C * LP;
+    float acc[LP];
+    for (int i = 0; i < LP; ++i) acc[i] = NEG_INF;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int32_t code = codes[t];
+      if (code < 0 || code >= C) { bad->store(2); continue; }
+      const float* r = tab + static_cast<int64_t>(code) * LP;
+      for (int i = 0; i < LP; ++i) acc[i] = std::max(acc[i], r[i]);
+    }
+    // only valid query tokens are summed: masked columns (and the padding past Lq) may hold anything
+    float s = 0.f;
+    for (int64_t i = 0; i < Lq; ++i)
+      if (qm[i]) s += acc[i];
+    out[p] = s;
+  }
+}
+
+// ---- residual_maxsim ------------------------------------------------------------------------------------------------
+// best[i] = max(best[i], max_j table[code_j, i] + q_i . buf[:, j]) for 4 query tokens at once: each 16-float row of the
+// transposed residual tile is loaded once for 4 FMAs, and the j loop maps onto one 512-bit (or two 256-bit) register.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void tile_maxdots(const float* __restrict q, const bool* __restrict qm, int64_t Lq, const float* __restrict buf,
-                  int64_t D, int nt, float* __restrict best) {
+                  int64_t D, int nt, const float* __restrict tab, int64_t LP, const int32_t* __restrict tcodes,
+                  float* __restrict best) {
   for (int64_t i0 = 0; i0 < Lq; i0 += 4) {
     const int ni = static_cast<int>(std::min<int64_t>(4, Lq - i0));
     float acc[4][TILE] = {};
@@ -45,45 +98,48 @@ void tile_maxdots(const float* __restrict q, const bool* __restrict qm, int64_t 
     for (int k = 0; k < ni; ++k) {
       if (!qm[i0 + k]) continue;
       float m = best[i0 + k];
-      for (int j = 0; j < nt; ++j) m = std::max(m, acc[k][j]);
+      // std::max(m, NaN) keeps m: a NaN pair score is skipped (the documented semantics)
+      for (int j = 0; j < nt; ++j) m = std::max(m, acc[k][j] + tab[static_cast<int64_t>(tcodes[j]) * LP + i0 + k]);
       best[i0 + k] = m;
     }
   }
 }
 
-// Decode one token into row[D] (contiguous, so the weight lookup vectorises as a gather): unpack the buckets first,
-// then v[d] = centroid[d] + weights[d * 2^NBITS + bucket[d]].
+// Residuals of up to TILE tokens into the transposed tile buf[d * TILE + j] (zeros past nt).
 template <int NBITS>
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void decode_row(const float* __restrict cent, const float* __restrict w, const uint8_t* __restrict pk, int64_t D,
-                int32_t* __restrict idx, float* __restrict row) {
-  constexpr int K = 1 << NBITS;
-  constexpr int PER = 8 / NBITS;
-  constexpr int MASK = K - 1;
-  const int64_t P = D / PER;
-  for (int64_t p = 0; p < P; ++p) {
-    const int byte = pk[p];
-    for (int s = 0; s < PER; ++s) idx[p * PER + s] = static_cast<int32_t>((p * PER + s) * K + ((byte >> (s * NBITS)) & MASK));
+void decode_tile(const float* __restrict w, const uint8_t* __restrict pk, int64_t P, int64_t D, int nt,
+                 float* __restrict buf) {
+  constexpr int K = 1 << NBITS, PER = 8 / NBITS, MASK = K - 1;
+  for (int j = 0; j < TILE; ++j) {
+    if (j >= nt) {
+      for (int64_t d = 0; d < D; ++d) buf[d * TILE + j] = 0.f;
+      continue;
+    }
+    const uint8_t* row = pk + j * P;
+    for (int64_t p = 0; p < P; ++p) {
+      const int byte = row[p];
+      for (int s = 0; s < PER; ++s) {
+        const int64_t d = p * PER + s;
+        buf[d * TILE + j] = w[d * K + ((byte >> (s * NBITS)) & MASK)];
+      }
+    }
   }
-  for (int64_t d = 0; d < D; ++d) row[d] = cent[d] + w[idx[d]];
 }
 
 // Pairs (query, candidate) are grouped by document (the launcher sorts them), so each document is decoded once per
 // call however many queries share it; its tiles are then scored against every query of the group.
 template <int NBITS>
-void residual_maxsim_impl(const float* q, const bool* q_mask, const float* centroids, const float* weights,
+void residual_maxsim_impl(const float* q, const bool* q_mask, const float* table, const float* weights,
                           const int32_t* codes, const uint8_t* packed, const int64_t* offsets, const int64_t* cand,
                           const int64_t* order, const int64_t* group_off, int64_t n_groups, float* out, int64_t Lq,
-                          int64_t D, int64_t C, int64_t Nd, int64_t Nc) {
+                          int64_t D, int64_t C, int64_t LP, int64_t Nd, int64_t Nc, int nthreads) {
   const int64_t P = D * NBITS / 8;
-  const float NEG_INF = -std::numeric_limits<float>::infinity();
   std::atomic<int> bad{0};
-#pragma omp parallel
+#pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> buf(static_cast<size_t>(D) * TILE);
-    std::vector<float> row(static_cast<size_t>(D));
-    std::vector<int32_t> idx(static_cast<size_t>(D));
     std::vector<float> best;
+    int32_t tcodes[TILE];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < n_groups; ++g) {
       const int64_t p0 = group_off[g], p1 = group_off[g + 1];
@@ -102,19 +158,15 @@ void residual_maxsim_impl(const float* q, const bool* q_mask, const float* centr
       for (int64_t t0 = offsets[b]; t0 < t_end; t0 += TILE) {
         const int nt = static_cast<int>(std::min<int64_t>(TILE, t_end - t0));
         for (int j = 0; j < TILE; ++j) {
-          if (j < nt) {
-            const int32_t code = codes[t0 + j];
-            if (code < 0 || code >= C) { bad.store(2); std::fill(row.begin(), row.end(), 0.f); }
-            else decode_row<NBITS>(centroids + static_cast<int64_t>(code) * D, weights, packed + (t0 + j) * P, D,
-                                   idx.data(), row.data());
-          } else {
-            std::fill(row.begin(), row.end(), 0.f);
-          }
-          for (int64_t d = 0; d < D; ++d) buf[d * TILE + j] = row[d];
+          const int32_t code = j < nt ? codes[t0 + j] : 0;
+          if (code < 0 || code >= C) bad.store(2);
+          tcodes[j] = (code < 0 || code >= C) ? 0 : code;
         }
+        decode_tile<NBITS>(weights, packed + t0 * P, P, D, nt, buf.data());
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t a = order[p] / Nc;
-          tile_maxdots(q + a * Lq * D, q_mask + a * Lq, Lq, buf.data(), D, nt, best.data() + (p - p0) * Lq);
+          tile_maxdots(q + a * Lq * D, q_mask + a * Lq, Lq, buf.data(), D, nt, table + a * C * LP, LP, tcodes,
+                       best.data() + (p - p0) * Lq);
         }
       }
       for (int64_t p = p0; p < p1; ++p) {
@@ -132,16 +184,17 @@ void residual_maxsim_impl(const float* q, const bool* q_mask, const float* centr
 }
 
 // order: int64 [Bq * Nc] flat pair indices sorted by document; group_off: int64 [n_groups + 1] bounds of each
-// document's run in order.
-void residual_maxsim_fwd_cpu(uintptr_t q, uintptr_t q_mask, uintptr_t centroids, uintptr_t weights, uintptr_t codes,
+// document's run in order. table: fp32 [Bq, C, LP].
+void residual_maxsim_fwd_cpu(uintptr_t q, uintptr_t q_mask, uintptr_t table, uintptr_t weights, uintptr_t codes,
                              uintptr_t packed, uintptr_t offsets, uintptr_t cand, uintptr_t order, uintptr_t group_off,
-                             int64_t n_groups, uintptr_t out, int64_t Bq, int64_t Lq, int64_t D, int64_t C, int64_t Nd,
-                             int64_t Nc, int nbits) {
-  REATT_CHECK(Bq >= 0 && Lq >= 0 && D > 0 && Nd >= 0 && Nc >= 0, "residual_maxsim: bad sizes");
+                             int64_t n_groups, uintptr_t out, int64_t Bq, int64_t Lq, int64_t D, int64_t C, int64_t LP,
+                             int64_t Nd, int64_t Nc, int nbits, int nthreads) {
+  REATT_CHECK(Bq >= 0 && Lq >= 0 && D > 0 && Nd >= 0 && Nc >= 0 && C > 0, "residual_maxsim: bad sizes");
+  REATT_CHECK(LP >= Lq, "residual_maxsim: the centroid score table must have at least Lq columns");
   REATT_CHECK((D * nbits) % 8 == 0, "residual_maxsim: D * nbits must be a multiple of 8");
   auto* qp = reinterpret_cast<const float*>(q);
   auto* mp = reinterpret_cast<const bool*>(q_mask);
-  auto* cp = reinterpret_cast<const float*>(centroids);
+  auto* tp = reinterpret_cast<const float*>(table);
   auto* wp = reinterpret_cast<const float*>(weights);
   auto* cd = reinterpret_cast<const int32_t*>(codes);
   auto* pk = reinterpret_cast<const uint8_t*>(packed);
@@ -150,19 +203,50 @@ void residual_maxsim_fwd_cpu(uintptr_t q, uintptr_t q_mask, uintptr_t centroids,
   auto* op = reinterpret_cast<float*>(out);
   auto* od = reinterpret_cast<const int64_t*>(order);
   auto* go = reinterpret_cast<const int64_t*>(group_off);
+  const int nt = std::max(1, nthreads);
   switch (nbits) {
-    case 1: residual_maxsim_impl<1>(qp, mp, cp, wp, cd, pk, of, ca, od, go, n_groups, op, Lq, D, C, Nd, Nc); break;
-    case 2: residual_maxsim_impl<2>(qp, mp, cp, wp, cd, pk, of, ca, od, go, n_groups, op, Lq, D, C, Nd, Nc); break;
-    case 4: residual_maxsim_impl<4>(qp, mp, cp, wp, cd, pk, of, ca, od, go, n_groups, op, Lq, D, C, Nd, Nc); break;
-    case 8: residual_maxsim_impl<8>(qp, mp, cp, wp, cd, pk, of, ca, od, go, n_groups, op, Lq, D, C, Nd, Nc); break;
+    case 1: residual_maxsim_impl<1>(qp, mp, tp, wp, cd, pk, of, ca, od, go, n_groups, op, Lq, D, C, LP, Nd, Nc, nt); break;
+    case 2: residual_maxsim_impl<2>(qp, mp, tp, wp, cd, pk, of, ca, od, go, n_groups, op, Lq, D, C, LP, Nd, Nc, nt); break;
+    case 4: residual_maxsim_impl<4>(qp, mp, tp, wp, cd, pk, of, ca, od, go, n_groups, op, Lq, D, C, LP, Nd, Nc, nt); break;
+    case 8: residual_maxsim_impl<8>(qp, mp, tp, wp, cd, pk, of, ca, od, go, n_groups, op, Lq, D, C, LP, Nd, Nc, nt); break;
     default: REATT_CHECK(false, "residual_maxsim: nbits must be 1, 2, 4 or 8");
   }
 }
 
+// cand: int64 [Bq, Nc] (-1 = padding), or 0 for "every document" (Nc = Nd). table: fp32 [Bq, C, LP], LP in
+// {16, 32, 48, 64} and >= Lq; q_mask: bool [Bq, Lq].
+void centroid_interaction_fwd_cpu(uintptr_t table, uintptr_t q_mask, uintptr_t codes, uintptr_t offsets, uintptr_t cand,
+                                  uintptr_t out, int64_t Bq, int64_t Lq, int64_t C, int64_t LP, int64_t Nd, int64_t Nc,
+                                  int nthreads) {
+  REATT_CHECK(Bq >= 0 && C > 0 && Nd >= 0 && Nc >= 0 && Lq >= 0, "centroid_interaction: bad sizes");
+  REATT_CHECK(LP >= Lq, "centroid_interaction: the table must have at least Lq columns");
+  auto* mp = reinterpret_cast<const bool*>(q_mask);
+  REATT_CHECK(cand != 0 || Nc == Nd, "centroid_interaction: without cand, Nc must equal the number of documents");
+  auto* tp = reinterpret_cast<const float*>(table);
+  auto* cp = reinterpret_cast<const int32_t*>(codes);
+  auto* of = reinterpret_cast<const int64_t*>(offsets);
+  auto* ca = reinterpret_cast<const int64_t*>(cand);
+  auto* op = reinterpret_cast<float*>(out);
+  const int nt = std::max(1, nthreads);
+  std::atomic<int> bad{0};
+  switch (LP) {
+    case 16: ci_impl<16>(tp, mp, cp, of, ca, op, Bq, Lq, C, Nd, Nc, nt, &bad); break;
+    case 32: ci_impl<32>(tp, mp, cp, of, ca, op, Bq, Lq, C, Nd, Nc, nt, &bad); break;
+    case 48: ci_impl<48>(tp, mp, cp, of, ca, op, Bq, Lq, C, Nd, Nc, nt, &bad); break;
+    case 64: ci_impl<64>(tp, mp, cp, of, ca, op, Bq, Lq, C, Nd, Nc, nt, &bad); break;
+    default: REATT_CHECK(false, "centroid_interaction: LP (table columns) must be 16, 32, 48 or 64");
+  }
+  REATT_CHECK(bad.load() != 1, "centroid_interaction: a candidate document id is >= the number of documents");
+  REATT_CHECK(bad.load() != 2, "centroid_interaction: a token's centroid code is out of range");
+}
+
 RegisterBindings reg_residual([](pybind11::module_& m) {
   m.def("residual_maxsim_fwd_cpu", &residual_maxsim_fwd_cpu,
-        "Fused decompress + MaxSim over candidates (contiguous fp32 q, bool mask, fp32 centroids/weights, int32 "
-        "codes, uint8 packed, int64 offsets/cand, fp32 out)",
+        "Fused decompress + MaxSim over candidates from a centroid score table (contiguous fp32 q, bool mask, fp32 "
+        "table [Bq, C, LP], fp32 weights, int32 codes, uint8 packed, int64 offsets/cand, fp32 out)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("centroid_interaction_fwd_cpu", &centroid_interaction_fwd_cpu,
+        "PLAID centroid interaction: sum over query tokens of the max over a document's tokens of table[code, i]",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 });
 

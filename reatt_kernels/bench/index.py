@@ -6,14 +6,22 @@ Metrics (per configuration, over the queries; k = 10):
 - ``eps-recall@10`` (ann-benchmarks' epsilon recall): a returned document counts when its *exact* MaxSim score is
   within a relative eps = 0.01 of the exact 10th score, ``s >= s10 - 0.01 |s10|``. Near-ties with the 10th document
   are as good an answer as the 10th itself, which plain recall does not credit.
-- ``gold@10``: the query's source document (it was made from that document's tokens) is in the top 10. Exact search's
-  own figure is the ceiling, printed beside it.
-- ``ms/query``: p50 wall time of one ``search`` call per query (batch 1), each query once after a warm-up.
+- ``gold@10``: a gold document of the query is in the top 10 (real text: the chunk holding the answer; synthetic: the
+  document the query was made from). Exact search's own figure is the ceiling, printed beside it.
+- ``ms/query``: p50 wall time of one ``search`` call per query (batch 1), each query once after a warm-up;
+  ``ms/query b16``: wall time of a 16-query ``search`` call divided by 16 (median over the batches).
 - ``B/token``: every byte of the index (payload, offsets, ids, inverted lists, codec; fast-plaid: its folder on disk)
   per token.
 - build: wall seconds; peak RSS of the build above the process's RSS before it (the corpus already resident).
 
-Sections (CPU defaults; ``--quick`` shrinks all of them):
+Corpora (``--corpus``):
+- ``squad-dev`` / ``real-all``: real text (issue 17; :mod:`reatt_kernels.bench.corpora`): MiniLM token vectors (384-d
+  fp16) of Wikipedia passage chunks and real questions with gold chunks. One section: exact, our default (calibrated),
+  our other methods (plaid at fixed rerank sizes, scan, the old defaults' parameter values) and fast-plaid (defaults
+  and n_ivf_probe 16 / n_full_scores 8192).
+- ``synthetic`` (default): the stress sections below, on the ANCHORS clustered generator.
+
+Synthetic sections (CPU defaults; ``--quick`` shrinks all of them):
 1. headline: ``--docs`` (100,000) documents of the ANCHORS clustered corpus (per-dimension noise 0.124, token-centroid
    cosine about 0.58): exact (fp16, ``cpu`` backend), the residual index over an nprobe / ncandidates sweep, and the
    per-stage profile of the default configuration.
@@ -53,9 +61,10 @@ PEER_VENV_DEFAULT = Path.home() / ".cache" / "reatt" / "fast-plaid-venv"
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------------
-def quality(ids: torch.Tensor, exact_scores: torch.Tensor, gold: torch.Tensor, k: int = K, eps: float = EPS) -> dict:
+def quality(ids: torch.Tensor, exact_scores: torch.Tensor, gold, k: int = K, eps: float = EPS) -> dict:
     """recall@k, eps-recall@k and gold@k of returned ids [Q, >= k] (-1 = no result) against the exact MaxSim scores
-    of every document, exact_scores [Q, N] (fp32), and each query's source document gold [Q]."""
+    of every document, exact_scores [Q, N] (fp32), and each query's gold: int64 [Q] (one document each) or a list of
+    lists of document indices (a query with several gold chunks succeeds on any of them)."""
     ids = ids[:, :k].cpu().long()
     S = exact_scores.cpu()
     top_s, top_i = torch.topk(S, k, dim=1)
@@ -64,16 +73,20 @@ def quality(ids: torch.Tensor, exact_scores: torch.Tensor, gold: torch.Tensor, k
     got = torch.gather(S, 1, ids.clamp(min=0))
     hit = (ids[:, :, None] == top_i[:, None, :]).any(-1) & valid
     eps_ok = (got >= s_k - eps * s_k.abs()) & valid
-    gold_ok = (ids == gold.cpu()[:, None]).any(1)
+    if isinstance(gold, torch.Tensor):
+        gold_ok = (ids == gold.cpu()[:, None]).any(1)
+    else:
+        gold_ok = torch.tensor([bool(set(ids[a].tolist()) & set(g)) for a, g in enumerate(gold)])
     return {f"recall@{k}": float(hit.double().mean()), f"eps_recall@{k}": float(eps_ok.double().mean()),
             f"gold@{k}": float(gold_ok.double().mean())}
 
 
-def exact_all_scores(index: TokenIndex, q: torch.Tensor) -> torch.Tensor:
+def exact_all_scores(index: TokenIndex, q: torch.Tensor, q_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MaxSim of every query against every document of an exact index: fp32 [Q, N] (the metrics' ground truth)."""
     from reatt_kernels import maxsim_packed
 
-    out = [maxsim_packed(q[a:a + 8].to(index.tokens.dtype), index.tokens, index.offsets, backend="auto").float()
+    out = [maxsim_packed(q[a:a + 8].to(index.tokens.dtype), index.tokens, index.offsets,
+                         None if q_mask is None else q_mask[a:a + 8], backend="auto").float()
            for a in range(0, q.shape[0], 8)]
     return torch.cat(out)
 
@@ -84,53 +97,67 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_queries(search, q: torch.Tensor) -> dict:
-    """One ``search(q[a:a+1])`` per query after one warm-up call: p50 / p90 ms per query, and the results."""
-    search(q[:1])
+def time_queries(search, q: torch.Tensor, q_mask: Optional[torch.Tensor] = None, batch: int = 16) -> dict:
+    """One ``search(q[a:a+1], q_mask[a:a+1])`` per query after one warm-up call: p50 / p90 ms per query, and the
+    results; then ``batch``-query calls: ``ms_b16`` = median batch time / batch (0 batches when fewer queries)."""
+    if q_mask is None:
+        q_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+    search(q[:1], q_mask[:1])
     ms, ids = [], []
     for a in range(q.shape[0]):
         _sync(q.device)
         t0 = time.perf_counter()
-        _, i = search(q[a:a + 1])
+        _, i = search(q[a:a + 1], q_mask[a:a + 1])
         _sync(q.device)
         ms.append((time.perf_counter() - t0) * 1e3)
         ids.append(i)
     ms_sorted = sorted(ms)
-    return {"ms_p50": ms_sorted[len(ms) // 2], "ms_p90": ms_sorted[min(len(ms) - 1, int(0.9 * len(ms)))],
-            "ids": torch.cat(ids)}
+    out = {"ms_p50": ms_sorted[len(ms) // 2], "ms_p90": ms_sorted[min(len(ms) - 1, int(0.9 * len(ms)))],
+           "ids": torch.cat(ids)}
+    bt = []
+    for a in range(0, q.shape[0] - batch + 1, batch):
+        _sync(q.device)
+        t0 = time.perf_counter()
+        search(q[a:a + batch], q_mask[a:a + batch])
+        _sync(q.device)
+        bt.append((time.perf_counter() - t0) * 1e3 / batch)
+    if bt:
+        out["ms_b16"] = sorted(bt)[len(bt) // 2]
+    return out
 
 
-def stage_profile(index: TokenIndex, q: torch.Tensor, params: dict) -> dict:
+def stage_profile(index: TokenIndex, q: torch.Tensor, q_mask: torch.Tensor, params: dict) -> dict:
     """Mean ms per query of each residual stage (batch 1), with the work each stage does and the rate it achieves.
 
-    Work per query: centroid_scores 2 Lq C D FLOPs; candidates: inverted-list hits Lq nprobe x (mean list length);
-    decompress_rerank: the candidates' tokens x (4 + D nbits / 8) bytes read and 2 Lq D FLOPs each."""
+    Work per query: centroid_scores 2 Lq C D FLOPs; approx (centroid interaction): one 4-byte code and one table row
+    per candidate token; decompress_rerank: the kept documents' tokens x (4 + D nbits / 8) bytes and 2 Lq D FLOPs
+    each."""
     stages: dict[str, float] = {}
     n_q = q.shape[0]
     Lq = q.shape[1]
-    rerank_tokens = 0
-    lens = index.offsets[1:] - index.offsets[:-1]
     for a in range(n_q):
-        index.search(q[a:a + 1], k=K, timings=True, **params)
+        index.search(q[a:a + 1], q_mask[a:a + 1], k=K, timings=True, **params)
         for s, v in index.last_timings.items():
             stages[s] = stages.get(s, 0.0) + v * 1e3 / n_q
-    # the candidate count at these parameters (one extra untimed pass)
-    cand_docs = 0
-    for a in range(min(n_q, 8)):
-        cand = index.candidates(q[a:a + 1], nprobe=params.get("nprobe", DEFAULTS["nprobe"]),
-                                ncandidates=params.get("ncandidates", DEFAULTS["ncandidates"]))
-        c = cand[cand >= 0]
-        cand_docs += c.numel()
-        rerank_tokens += int(lens[c].sum())
+    lens = index.offsets[1:] - index.offsets[:-1]
     n_s = min(n_q, 8)
+    cand_docs = rerank_tokens = 0
+    if params.get("method", "auto") != "scan" and index.calibration.get("method", "plaid") != "scan":
+        for a in range(n_s):
+            c = index.candidates(q[a:a + 1], q_mask[a:a + 1], k=K, nprobe=params.get("nprobe", DEFAULTS["nprobe"]),
+                                 ncandidates=params.get("ncandidates", DEFAULTS["ncandidates"]))
+            c = c[c >= 0]
+            cand_docs += c.numel()
+            rerank_tokens += int(lens[c].sum())
     C, D = index.codec.centroids.shape
-    mean_list = index.ivf_docs.numel() / max(1, C)
     tok = rerank_tokens / n_s
     work = {
         "centroid_scores": {"GFLOP": 2 * Lq * C * D / 1e9},
-        "candidates": {"hits": Lq * params.get("nprobe", DEFAULTS["nprobe"]) * mean_list},
+        "approx": {"tokens": index.n_tokens, "MB": index.n_tokens * 4 / 1e6},
         "decompress_rerank": {"docs": cand_docs / n_s, "tokens": tok, "MB": tok * index.bytes_per_token / 1e6,
                               "GFLOP": 2 * Lq * D * tok / 1e9},
+        "scan": {"tokens": index.n_tokens, "MB": index.n_tokens * index.bytes_per_token / 1e6,
+                 "GFLOP": 2 * Lq * D * index.n_tokens / 1e9},
     }
     out = {}
     for s, ms in stages.items():
@@ -192,9 +219,13 @@ def build_residual(tokens, offsets, nbits: int, cache: Optional[Path], fp: str,
     mem = peak_memory(build, device)
     index = box["index"]
     # "One chunk": the largest block of corpus rows the build holds in fp32 at once. That is the k-means training
-    # sample (sample_tokens = 2^18 rows, or the whole corpus when smaller), not the 2^16-row encoding chunk.
-    chunk_bytes = min(1 << 18, index.n_tokens) * index.dim * 4
+    # sample (default_sample_tokens rows: 64 per centroid, at least 2^18, at most the corpus), not the 2^16-row
+    # encoding chunk.
+    from reatt_kernels.index.codec import default_sample_tokens
+
+    chunk_bytes = default_sample_tokens(index.n_tokens, index.codec.centroids.shape[0]) * index.dim * 4
     stats = {"build_s": box["s"], "peak_rss_bytes": mem["bytes"], "index_bytes": index.nbytes(),
+             "n_centroids": int(index.codec.centroids.shape[0]), "calibration": index.calibration,
              "chunk_bytes": chunk_bytes, "n_tokens": index.n_tokens,
              "s_per_Mtok": box["s"] / (index.n_tokens / 1e6), "load_avg_after": os.getloadavg()[0]}
     if mem["bytes"] is not None:
@@ -247,29 +278,60 @@ def run_peer(py: str, tokens, offsets, q, fp: str, work: Path, nbits: int, confi
 
 # ---- one corpus ---------------------------------------------------------------------------------------------------
 def bench_corpus(label: str, n_docs: int, noise: float, args, sweep, peer: bool) -> list[dict]:
-    """Rows for one corpus: exact, the residual sweep (the default configuration first), fast-plaid when asked."""
+    """Synthetic rows: the ANCHORS clustered corpus at this noise (see :func:`bench_vectors`)."""
     print(f"[{label}] corpus: {n_docs} docs, noise {noise}", flush=True)
     tokens, offsets, q, gold = make_corpus(n_docs, noise, args.queries)
+    info = {"corpus": "synthetic", "docs": n_docs, "noise": noise}
+    return bench_vectors(label, tokens, offsets, q, None, gold, args, sweep, peer, info)
+
+
+def bench_real(name: str, args) -> list[dict]:
+    """Real-text rows (issue 17's corpora): exact, our default and other methods, fast-plaid."""
+    from .corpora import load_corpus
+
+    ec = load_corpus(name)
+    n_q = min(args.queries, ec.query_tokens.shape[0])
+    # a fixed random subset of the questions that have a gold chunk (a few straddle a chunk boundary and have none)
+    has_gold = [i for i, g in enumerate(ec.gold) if g]
+    pick = sorted(torch.randperm(len(has_gold), generator=torch.Generator().manual_seed(0))[:n_q].tolist())
+    sel = torch.tensor([has_gold[i] for i in pick])
+    q = torch.as_tensor(np.asarray(ec.query_tokens[sel.numpy()]))
+    q_mask = torch.as_tensor(np.asarray(ec.query_mask[sel.numpy()]))
+    golds = [list(ec.gold[int(i)]) for i in sel]
+    tokens = torch.as_tensor(np.asarray(ec.doc_tokens))
+    offsets = torch.as_tensor(np.asarray(ec.doc_offsets))
+    print(f"[{name}] {offsets.numel() - 1} passages, {tokens.shape[0]} tokens, {n_q} questions", flush=True)
+    configs = [dict(DEFAULTS), {"method": "plaid", "ncandidates": 32}, {"method": "plaid", "ncandidates": 128},
+               {"method": "plaid", "nprobe": 8, "ncandidates": 4096}, {"method": "scan"}]
+    info = {"corpus": name, "docs": offsets.numel() - 1, "noise": None}
+    return bench_vectors(name, tokens, offsets, q, q_mask, golds, args, configs, peer=not args.no_peer, info=info)
+
+
+def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, peer: bool, info: dict) -> list[dict]:
+    """Rows for one corpus: exact, the residual configurations (the default first), fast-plaid when asked."""
     T = int(offsets[-1])
-    fp = fingerprint(tokens.numpy(), offsets.numpy(), q.numpy())
+    if q_mask is None:
+        q_mask = torch.ones(q.shape[:2], dtype=torch.bool)
+    qz = q.masked_fill(~q_mask[..., None], 0)  # zero rows past the mask: fast-plaid has no mask (0 adds 0)
+    fp = fingerprint(tokens.numpy(), offsets.numpy(), qz.numpy())
     dev = args.device_obj
     backend = "cpu" if dev.type == "cpu" else "auto"
-    if peer:
-        peer_tokens = tokens  # the runner reads the corpus from files written from this copy
-    common = {"section": label, "docs": n_docs, "tokens": T, "noise": noise, "queries": q.shape[0]}
+    common = {"section": label, **info, "tokens": T, "queries": q.shape[0]}
     rows = []
 
     t0 = time.perf_counter()
     exact = TokenIndex.build(tokens, d_offsets=offsets, kind="exact", progress=False, device=dev)
     _sync(dev)
     build_exact = time.perf_counter() - t0
-    del tokens  # on CPU the exact index holds the only copy from here on
-    q = q.to(dev)
-    S = exact_all_scores(exact, q)
-    t = time_queries(lambda x: exact.search(x, k=K, backend=backend), q)
+    peer_tokens = tokens if peer else None  # the runner reads the corpus from files written from this copy
+    del tokens  # on CPU the exact index holds the only other copy from here on
+    q, q_mask = q.to(dev), q_mask.to(dev)
+    S = exact_all_scores(exact, q, q_mask)
+    t = time_queries(lambda x, m: exact.search(x, m, k=K, backend=backend), q, q_mask)
     ref = quality(t["ids"], S, gold)
-    rows.append({**common, "system": "exact (fp16, cpu backend)", "config": "full MaxSim", "build_s": build_exact,
-                 "bytes_per_token": exact.nbytes() / T, **ref, "ms_p50": t["ms_p50"], "ms_p90": t["ms_p90"]})
+    rows.append({**common, "system": f"exact (fp16, {backend} backend)", "config": "full MaxSim",
+                 "build_s": build_exact, "bytes_per_token": exact.nbytes() / T, **ref, "ms_p50": t["ms_p50"],
+                 "ms_p90": t["ms_p90"], "ms_b16": t.get("ms_b16")})
     exact_ms, exact_gold = t["ms_p50"], ref[f"gold@{K}"]
     print(f"  exact: {t['ms_p50']:.1f} ms/query, gold@10 {exact_gold:.3f}", flush=True)
 
@@ -277,22 +339,21 @@ def bench_corpus(label: str, n_docs: int, noise: float, args, sweep, peer: bool)
     print(f"  residual {args.nbits}-bit build: {stats['build_s']:.1f} s ({stats['s_per_Mtok']:.1f} s/Mtok"
           f"{', reused from cache' if stats['reused'] else ''}), peak RSS "
           f"{(stats['peak_rss_bytes'] or 0) / 2**20:.0f} MiB vs budget "
-          f"{stats.get('rss_budget_bytes', 0) / 2**20:.0f} MiB (1.5 x index + one chunk)", flush=True)
-    for i, params in enumerate(sweep):
-        t = time_queries(lambda x: residual.search(x, k=K, backend=backend, **params), q)
+          f"{stats.get('rss_budget_bytes', 0) / 2**20:.0f} MiB (1.5 x index + one chunk); calibration "
+          f"{residual.calibration}", flush=True)
+    for params in sweep:
+        t = time_queries(lambda x, m: residual.search(x, m, k=K, backend=backend, **params), q, q_mask)
         m = quality(t["ids"], S, gold)
-        row = {**common, "system": f"residual {args.nbits}-bit", "config": _cfg(params),
-               "default": params == DEFAULTS, **params, "build_s": stats["build_s"], "build": stats,
+        is_default = params == DEFAULTS
+        row = {**common, "system": f"residual {args.nbits}-bit" + (", default" if is_default else ""),
+               "config": _cfg(params, residual, is_default), "default": is_default, **params,
+               "build_s": stats["build_s"], "build": stats, "peak_rss_mib": (stats.get("peak_rss_bytes") or 0) / 2**20,
                "bytes_per_token": residual.nbytes() / T, **m, "ms_p50": t["ms_p50"], "ms_p90": t["ms_p90"],
-               f"exact_gold@{K}": exact_gold, "speedup_vs_exact": exact_ms / t["ms_p50"]}
-        if params == DEFAULTS:
-            row["profile"] = stage_profile(residual, q, params)
+               "ms_b16": t.get("ms_b16"), f"exact_gold@{K}": exact_gold, "speedup_vs_exact": exact_ms / t["ms_p50"]}
+        if is_default:
+            row["profile"] = stage_profile(residual, q, q_mask, params)
         rows.append(row)
-        if params.get("exhaustive"):
-            row["system"] += ", exhaustive"
-            row["config"] = "every document reranked from the codes (the codec's ceiling)"
-            row.pop("default")
-        print(f"  residual {_cfg(params)}: {t['ms_p50']:.1f} ms/query ({exact_ms / t['ms_p50']:.1f}x exact), "
+        print(f"  residual {row['config']}: {t['ms_p50']:.1f} ms/query ({exact_ms / t['ms_p50']:.1f}x exact), "
               f"recall {m['recall@10']:.3f} eps-recall {m['eps_recall@10']:.3f} gold {m['gold@10']:.3f}", flush=True)
     del residual
 
@@ -305,7 +366,7 @@ def bench_corpus(label: str, n_docs: int, noise: float, args, sweep, peer: bool)
             print(f"  fast-plaid: n/a ({where})", flush=True)
         else:
             configs = [[8, 4096], [16, 8192]]  # its defaults (n_ivf_probe, n_full_scores), and the larger setting
-            res = run_peer(py, peer_tokens, offsets, q, fp, args.cache or Path(args.out) / "work", args.nbits,
+            res = run_peer(py, peer_tokens, offsets, qz, fp, args.cache or Path(args.out) / "work", args.nbits,
                            configs, torch.get_num_threads(), dev)
             if "error" in res:
                 rows.append({**common, "system": "fast-plaid", "status": "n/a", "reason": res["error"]})
@@ -328,10 +389,15 @@ def bench_corpus(label: str, n_docs: int, noise: float, args, sweep, peer: bool)
     return rows
 
 
-def _cfg(params: dict) -> str:
-    if params.get("exhaustive"):
-        return "exhaustive"
-    return f"nprobe {params['nprobe']}, ncandidates {params['ncandidates']}"
+def _cfg(params: dict, index: Optional[TokenIndex] = None, is_default: bool = False) -> str:
+    if params.get("exhaustive") or params.get("method") == "scan":
+        return "scan (every document from the codes)"
+    if is_default and index is not None:
+        cal = index.calibration
+        ncand = index._ncandidates(K, "auto")
+        return (f"defaults: method {cal.get('method', 'plaid')}, ncandidates {ncand} (calibrated rerank factor "
+                f"{cal.get('rerank_factor', '-')})")
+    return ", ".join(f"{k} {v}" for k, v in params.items())
 
 
 def run(args) -> list[dict]:
@@ -342,27 +408,28 @@ def run(args) -> list[dict]:
         args = argparse.Namespace(**vars(args))
         args.sections, args.docs = "headline", getattr(args, "index_docs", None) or 2000
         args.queries, args.nbits, args.cache, args.peer_venv = 20, 4, None, None
+        args.corpus, args.no_peer = "synthetic", True
         args.device_obj = getattr(args, "device_obj", None) or resolve_device("auto")
+    if getattr(args, "corpus", "synthetic") != "synthetic":
+        return bench_real(args.corpus, args)
+    scan = {"method": "scan"}
     if quick:
-        sweep = [dict(DEFAULTS), {"nprobe": 4, "ncandidates": 256}, {"nprobe": 16, "ncandidates": 1024}]
+        sweep = [dict(DEFAULTS), {"method": "plaid", "ncandidates": 64}, scan]
     else:
-        sweep = [dict(DEFAULTS), {"nprobe": 2, "ncandidates": 512}, {"nprobe": 4, "ncandidates": 1024},
-                 {"nprobe": 16, "ncandidates": 8192}, {"nprobe": 32, "ncandidates": 16384}]
-    # rerank every document from the codes: what the codec allows, whatever the probe (not at the headline size,
-    # where it costs more than exact search per query)
-    ceiling = {"exhaustive": True}
-    larger = {"nprobe": 16, "ncandidates": 8192 if not quick else 1024}  # beside fast-plaid's 16 / 8192
+        sweep = [dict(DEFAULTS), {"method": "plaid", "ncandidates": 128}, {"method": "plaid", "ncandidates": 1024},
+                 {"method": "plaid", "nprobe": 8, "ncandidates": 4096}, scan]
     rows = []
     for section in args.sections.split(","):
         if section == "headline":
-            rows += bench_corpus("headline", args.docs, HEADLINE_NOISE, args, sweep + ([ceiling] if quick else []),
-                                 peer=False)
+            rows += bench_corpus("headline", args.docs, HEADLINE_NOISE, args, sweep, peer=False)
         elif section == "peer":
-            rows += bench_corpus("peer", args.peer_docs, HEADLINE_NOISE, args, [dict(DEFAULTS), larger, ceiling],
-                                 peer=True)
+            rows += bench_corpus("peer", args.peer_docs, HEADLINE_NOISE, args,
+                                 [dict(DEFAULTS), {"method": "plaid", "nprobe": 8, "ncandidates": 4096}, scan],
+                                 peer=not args.no_peer)
         elif section == "sweep":
             for noise in SWEEP_NOISES:
-                rows += bench_corpus(f"noise {noise}", args.sweep_docs, noise, args, sweep[:1] + [ceiling], peer=False)
+                rows += bench_corpus(f"noise {noise}", args.sweep_docs, noise, args, [dict(DEFAULTS), scan],
+                                     peer=False)
         else:
             raise ValueError(f"unknown section {section!r} (headline, peer, sweep)")
     return rows
@@ -370,7 +437,8 @@ def run(args) -> list[dict]:
 
 # ---- report -------------------------------------------------------------------------------------------------------
 COLUMNS = [("section", "section", ""), ("system", "system", ""), ("config", "config", ""), ("build_s", "build s", ".1f"),
-           ("ms_p50", "ms/query", ".1f"), ("speedup_vs_exact", "x exact", ".2f"),
+           ("peak_rss_mib", "build peak RSS MiB", ".0f"), ("ms_p50", "ms/query", ".1f"), ("ms_b16", "ms/query b16", ".1f"),
+           ("speedup_vs_exact", "x exact", ".2f"),
            ("bytes_per_token", "B/token", ".1f"), ("recall@10", "recall@10", ".3f"),
            ("eps_recall@10", "eps-recall@10", ".3f"), ("gold@10", "gold@10", ".3f"),
            ("exact_gold@10", "exact gold@10", ".3f")]
@@ -431,14 +499,15 @@ def plot(rows: list[dict], path) -> Optional[str]:
             ys = [r["ms_p50"] for r in pts]
             ax.plot(xs, ys, "o-" if len(pts) > 1 else "s", label=system)
             for r in pts:
-                lab = (f"{r['nprobe']}/{r['ncandidates']}" if "nprobe" in r else
-                       f"{r['n_ivf_probe']}/{r['n_full_scores']}" if "n_ivf_probe" in r else "")
+                lab = (f"{r['n_ivf_probe']}/{r['n_full_scores']}" if "n_ivf_probe" in r else
+                       str(r.get("ncandidates", r.get("method", ""))))
                 if lab:
                     ax.annotate(lab, (r["eps_recall@10"], r["ms_p50"]), fontsize=6)
         ax.set_xlabel("eps-recall@10 (eps = 0.01)")
         ax.set_ylabel("p50 ms per query (batch 1)")
         ax.set_yscale("log")
-        ax.set_title(f"{sec}: {sub[0]['docs']} docs, noise {sub[0]['noise']}", fontsize=9)
+        what = f"noise {sub[0]['noise']}" if sub[0].get("noise") is not None else "real text"
+        ax.set_title(f"{sec}: {sub[0]['docs']} docs, {what}", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -450,12 +519,14 @@ def plot(rows: list[dict], path) -> Optional[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Index benchmark: exact vs residual vs fast-plaid (recall, eps-recall, "
                                 "gold success, latency, bytes, build)")
+    p.add_argument("--corpus", default="synthetic", choices=["synthetic", "squad-dev", "real-all"],
+                   help="real text (squad-dev, real-all: reatt_kernels.bench.corpora) or the synthetic sections")
     p.add_argument("--quick", action="store_true", help="small corpora (2000 docs), 20 queries")
     p.add_argument("--sections", default="headline,peer,sweep", help="comma list of headline, peer, sweep")
     p.add_argument("--docs", type=int, default=None, help="headline documents (default 100000; quick 2000)")
     p.add_argument("--peer-docs", type=int, default=None, help="peer section documents (default 20000; quick 2000)")
     p.add_argument("--sweep-docs", type=int, default=None, help="noise sweep documents (default 20000; quick 2000)")
-    p.add_argument("--queries", type=int, default=None, help="queries (default 60; quick 20)")
+    p.add_argument("--queries", type=int, default=None, help="queries (default 60, real text 150; quick 20)")
     p.add_argument("--nbits", type=int, default=4)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU configuration: scripts/device_check.sh)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fast-plaid gets the same)")
@@ -472,7 +543,7 @@ def main(argv=None) -> int:
     args.docs = args.docs or (2000 if q else 100_000)
     args.peer_docs = args.peer_docs or (2000 if q else 20_000)
     args.sweep_docs = args.sweep_docs or (2000 if q else 20_000)
-    args.queries = args.queries or (20 if q else 60)
+    args.queries = args.queries or (20 if q else 60 if args.corpus == "synthetic" else 150)
     args.cache = Path(args.cache) if args.cache else None
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -483,7 +554,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = run(args)
     load1 = os.getloadavg()
-    name = "bench_index_quick" if q else "bench_index"
+    name = "bench_index_quick" if q else "bench_index" if args.corpus == "synthetic" else f"bench_index_{args.corpus}"
     payload = {"env": env_info(device), "device": str(device), "threads": args.threads, "wall_s": time.perf_counter() - t0,
                "load_avg_start": load0, "load_avg_end": load1, "args": {k: str(v) for k, v in vars(args).items()},
                "rows": rows, "notes": __doc__}

@@ -1,10 +1,17 @@
-"""The `cpu` backend of residual_maxsim: launcher for csrc/residual_maxsim/residual_maxsim_cpu.cpp (OpenMP, fp32)."""
+"""The `cpu` backend of residual_maxsim: launcher for csrc/residual_maxsim/residual_maxsim_cpu.cpp (OpenMP, fp32).
+
+The kernel reads each token's centroid part from the centroid score table ``q . centroids^T`` (fp32 [Bq, C, LP],
+:func:`reatt_kernels.ops.centroid_interaction.centroid_score_table`) and decodes only the residual: per token it reads
+D * nbits / 8 bytes and no centroid row. The index passes the table it already built for candidate generation;
+without it the launcher computes it here (2 Bq Lq C D FLOPs, one matmul).
+"""
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
 from .._alloc import empty
+from ..ops.centroid_interaction import centroid_score_table
 
 
 def _residual_maxsim_not_supported_reasons(tensors, **facts):
@@ -13,8 +20,9 @@ def _residual_maxsim_not_supported_reasons(tensors, **facts):
     return []
 
 
-def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits):
+def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None):
     Bq, Lq, D = q.shape
+    table = centroid_scores if centroid_scores is not None else centroid_score_table(q, centroids, q_mask)
     out = empty(cand.shape, torch.float32, q.device)
     # Group the (query, candidate) pairs by document so the kernel decodes each document once per call.
     flat = cand.reshape(-1)
@@ -23,7 +31,8 @@ def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets
     group_off = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     group_off[1:] = torch.cumsum(counts, 0)
     P = _ext.ptr
-    _ext.ext().residual_maxsim_fwd_cpu(P(q), P(q_mask), P(centroids), P(weights), P(codes), P(packed), P(d_offsets),
-                                       P(cand), P(order), P(group_off), counts.numel(), P(out), Bq, Lq, D, centroids.shape[0], d_offsets.shape[0] - 1,
-                                       cand.shape[1], nbits)
+    _ext.ext().residual_maxsim_fwd_cpu(P(q), P(q_mask), P(table), P(weights), P(codes), P(packed), P(d_offsets),
+                                       P(cand), P(order), P(group_off), counts.numel(), P(out), Bq, Lq, D,
+                                       table.shape[1], table.shape[2], d_offsets.shape[0] - 1, cand.shape[1], nbits,
+                                       torch.get_num_threads())
     return out

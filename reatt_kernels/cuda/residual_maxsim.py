@@ -35,7 +35,9 @@ def _residual_maxsim_not_supported_reasons(tensors, ext=_ext.ext, **facts):
     return reasons
 
 
-def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, ext=_ext.ext):
+def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None,
+                         ext=_ext.ext):
+    # centroid_scores (the CPU kernel's table) is not used: this kernel decodes centroid + residual in shared memory
     Bq, Lq, D = q.shape
     out = empty(cand.shape, torch.float32, q.device)
     P = _ext.ptr

@@ -26,11 +26,29 @@ from ..reference.residual_maxsim import NBITS, check_nbits, pack_buckets, unpack
 
 
 
+# Points per centroid the k-means sample must hold: faiss warns below 39, and a centroid fitted on a handful of
+# points places its cell at random. The sample (the build's largest fp32 block) is at most MAX_SAMPLE_TOKENS rows
+# (768 MiB at dim 384), which caps the centroids at MAX_SAMPLE_TOKENS / 64 = 8192: k-means then costs
+# 64 C^2 dim 2 iters FLOPs (13 TFLOP at dim 384), and encoding T C dim 2 -- within 100 s per million tokens on two
+# cores, where PLAID's 16 sqrt(T) would give 16384 centroids at 3M tokens and four times that k-means.
+MIN_POINTS_PER_CENTROID = 64
+MAX_SAMPLE_TOKENS = 1 << 19
+
+
 def default_n_centroids(n_tokens: int) -> int:
-    """2^floor(log2(16 * sqrt(T))), at least 1 (PLAID's rule)."""
+    """min(PLAID's 2^floor(log2(16 sqrt(T))), the largest power of two with MIN_POINTS_PER_CENTROID sample points
+    per centroid), at least 1."""
     if n_tokens <= 0:
         return 1
-    return 1 << max(0, int(math.floor(math.log2(16.0 * math.sqrt(n_tokens)))))
+    plaid = 1 << max(0, int(math.floor(math.log2(16.0 * math.sqrt(n_tokens)))))
+    sample = min(n_tokens, MAX_SAMPLE_TOKENS)
+    fit = 1 << max(0, int(math.floor(math.log2(max(1, sample // MIN_POINTS_PER_CENTROID)))))
+    return max(1, min(plaid, fit))
+
+
+def default_sample_tokens(n_tokens: int, n_centroids: int) -> int:
+    """k-means sample rows: MIN_POINTS_PER_CENTROID per centroid (at least 2^18), at most the corpus."""
+    return int(min(max(n_tokens, 1), max(1 << 18, MIN_POINTS_PER_CENTROID * n_centroids)))
 
 
 def kmeans(sample: Tensor, k: int, *, niter: int = 20, seed: int = 0, gpu: Optional[bool] = None) -> Tensor:

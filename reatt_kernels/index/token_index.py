@@ -6,15 +6,16 @@ exact, ``method="full"`` (default): ``maxsim_packed`` of every query against eve
 exact, ``method="flat"`` (ReAtt's inference path): each query token's ``k_token`` nearest tokens by inner product
     (faiss flat inner-product index on CPU, chunked matmul + top-k on CUDA), their documents as candidates, then an
     exact ``maxsim_packed`` rerank of the candidates.
-residual:
-    (1) ``centroid_scores``: query tokens x centroids ([Bq, Lq, C], one matmul); ``probe``: the ``nprobe`` best
-        cells per valid query token; ``candidates``: the inverted lists of those cells give (query, document, token,
-        score) hits, deduplicated into candidate documents (O(hits): never a [queries x documents x tokens] array);
-    (2) ``approx``: PLAID's centroid interaction ``sum_i max_{t in doc} <q_i, centroid[code_t]>``, restricted to the
-        probed cells (an unprobed cell counts as the token's nprobe-th best centroid score, an upper bound), prunes
-        them to ``ncandidates``;
-    (3) ``decompress_rerank``: the fused decompress + MaxSim op ``residual_maxsim`` (Triton / CUDA / C++ / torch) on the codes;
-    (4) ``topk``.
+residual, ``method="plaid"`` (PLAID's candidate generation; the default unless calibration chose scan):
+    (1) ``centroid_scores``: the table ``q . centroids^T`` (fp32 [Bq, C, LP], one matmul: ``centroid_score_table``);
+    (2) ``candidates``: every live document when the probe would reach most of them anyway (the usual case up to
+        about a million documents), else the inverted lists of the ``nprobe`` best cells of each valid query token;
+    (3) ``approx``: PLAID's centroid interaction ``sum_i max_{t in doc} table[code_t, i]`` over *all* codes of each
+        candidate (the ``centroid_interaction`` op: 4 bytes and one table row per token), keeping ``ncandidates``;
+    (4) ``decompress_rerank``: the fused decompress + MaxSim op ``residual_maxsim`` on those few documents only (the cpu
+        kernel reads the centroid part from the same table), then ``topk``.
+residual, ``method="scan"``: ``residual_maxsim`` over every live document (decompressed MaxSim from the codes), for
+    corpora whose clusters do not predict MaxSim (build-time calibration picks it; see :meth:`TokenIndex.calibrate`).
     Everything stays on the index's device (GPU-resident on CUDA). ``index.last_timings`` holds per-stage seconds
     of the last search when it was called with ``timings=True``.
 
@@ -31,13 +32,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..ops.centroid_interaction import centroid_interaction, centroid_score_table
 from ..ops.residual_maxsim import residual_maxsim  # the public op (reatt_kernels.residual_maxsim)
-from .codec import ResidualCodec, check_nbits, default_n_centroids
+from .codec import ResidualCodec, check_nbits, default_n_centroids, default_sample_tokens
 from .io import IndexCorruptedError, load_arrays, save_arrays
 
 KINDS = ("exact", "residual")
-# fast-plaid's defaults (n_ivf_probe=8, n_full_scores=4096), so default-vs-default comparisons are like for like.
-DEFAULTS = {"nprobe": 8, "ncandidates": 4096}
+# Residual search defaults; each was measured on the real-text corpora (docs/index.md has the tables):
+# - method "auto": the index's calibrated choice (``index.calibration["method"]``): "plaid", or "scan" when the
+#   centroid interaction does not predict MaxSim on this corpus (build-time pseudo-queries, TokenIndex.calibrate).
+# - nprobe "auto": score every live document by centroid interaction unless the probe's inverted-list hits
+#   (valid query tokens x PROBE_CELLS x mean list length) would be under half the documents. On real text with
+#   PLAID's centroid count the 8-cell probe of a 32-token query reaches most documents of a 25k-passage corpus, and
+#   the probe's union costs more than the 4 bytes per token the interaction reads.
+# - ncandidates "auto": documents decompressed and reranked = ceil(rerank_factor x k), rerank_factor from the
+#   build-time calibration (the rank under centroid interaction that keeps CALIBRATION_TARGET of the scan's top-k).
+#   Earlier defaults copied fast-plaid's *parameter values* (n_ivf_probe 8, n_full_scores 4096) but not its pipeline:
+#   fast-plaid decompresses only n_full_scores / 4 documents, we decompressed all 4096 (71 % of a 5.7k-passage corpus).
+DEFAULTS = {"method": "auto", "nprobe": "auto", "ncandidates": "auto"}
+PROBE_CELLS = 8  # cells per query token when the probe runs (PLAID / fast-plaid's n_ivf_probe)
+CALIBRATION_TARGET = 0.97  # recall@k of the scan's top-k kept by the rerank (margin over the 0.95 target)
+DEFAULT_RERANK_FACTOR = 16.0  # uncalibrated index: rerank 16 k documents
+SCAN_FRACTION = 0.25  # calibration picks scan when the rerank would need more than this fraction of the documents
 
 
 # ---- input normalisation: everything becomes a stream of (tokens [t, D], lengths [n]) chunks ---------------------------
@@ -159,6 +175,8 @@ class TokenIndex:
             # an index holds fewer than 2^31 documents
             self.ivf_docs = torch.zeros(0, dtype=torch.int32, device=dev)
         self.last_timings: dict[str, float] = {}
+        # search defaults chosen for this corpus by calibrate() (empty: DEFAULTS' fallbacks)
+        self.calibration: dict = {}
         self._flat = None  # lazily built token-level flat index (exact, method="flat")
 
     # ---- sizes ------------------------------------------------------------------------------------------------------
@@ -197,9 +215,9 @@ class TokenIndex:
     @classmethod
     def build(cls, vectors, *, d_offsets: Optional[Tensor] = None, kind: str = "residual", nbits: int = 4,
               n_centroids="auto", doc_ids: Optional[Sequence[int]] = None, dim: Optional[int] = None,
-              device=None, codec: Optional[ResidualCodec] = None, sample_tokens: int = 1 << 18,
+              device=None, codec: Optional[ResidualCodec] = None, sample_tokens="auto",
               n_tokens_hint: Optional[int] = None, kmeans_iters: int = 4, seed: int = 0,
-              chunk_tokens: int = 1 << 16, progress: bool = True) -> "TokenIndex":
+              chunk_tokens: int = 1 << 16, progress: bool = True, calibrate: bool = True) -> "TokenIndex":
         """Build an index in bounded memory, streaming over chunks with a tqdm progress bar.
 
         Args:
@@ -207,15 +225,19 @@ class TokenIndex:
                 iterator of chunks (each a [L, dim] tensor = one document, a list of them, or a (tokens, offsets)
                 tuple).
             kind: "exact" (fp16 tokens) or "residual" (centroid id + nbits per dimension).
-            nbits: 1, 2, 4 or 8 (residual). n_centroids: "auto" = 2^floor(log2(16 sqrt(T))) or an int.
+            nbits: 1, 2, 4 or 8 (residual). n_centroids: "auto" (:func:`~.codec.default_n_centroids`: PLAID's
+                2^floor(log2(16 sqrt(T))), capped so each centroid trains on >= 64 sample points) or an int.
             doc_ids: int64 ids per document (default 0..Nd-1). dim: needed only when ``vectors`` is empty.
             device: where the index lives and searches (default: the input's device, else CPU).
             codec: reuse trained centroids/cutoffs/weights (no k-means); shards of one corpus share one codec.
-            sample_tokens: tokens sampled for k-means and the quantiles (bounded memory).
+            sample_tokens: tokens sampled for k-means and the quantiles; "auto" = 64 per centroid, at least 2^18, at
+                most the corpus (:func:`~.codec.default_sample_tokens`).
             n_tokens_hint: expected token count when ``vectors`` is an iterator (for n_centroids="auto"; also sizes the
                 payload up front).
             kmeans_iters: k-means iterations (4, as PLAID: the codes' quality barely moves after a few, and each
                 iteration costs sample x centroids x dim multiply-adds).
+            calibrate: residual: choose the search defaults for this corpus from pseudo-queries
+                (:meth:`calibrate`; costs 32 short scans of the corpus).
 
         Memory: the payload is written in place into arrays sized up front (when the token count is known: packed or
         list input, or ``n_tokens_hint``; otherwise grown by 1.25x), and the inverted lists are collected per chunk
@@ -243,7 +265,17 @@ class TokenIndex:
         if kind == "residual":
             check_nbits(nbits, dim)
             if codec is None:
-                sample, buffered, known_T = cls._training_sample(stream, d_offsets, it, buffered, sample_tokens, seed)
+                if isinstance(stream, Tensor):
+                    T0 = stream.shape[0]
+                elif isinstance(stream, list):
+                    T0 = sum(x.shape[0] for x in stream)
+                else:
+                    T0 = n_tokens_hint or (1 << 18)
+                k0 = default_n_centroids(T0) if n_centroids == "auto" else int(n_centroids)
+                if sample_tokens == "auto":
+                    sample_tokens = default_sample_tokens(T0, k0)
+                sample, buffered, known_T = cls._training_sample(stream, d_offsets, it, buffered, int(sample_tokens),
+                                                                 seed)
                 T = n_tokens_hint or known_T
                 if sample.shape[0] == 0:
                     raise ValueError("a residual index needs tokens to train its centroids (or pass codec=)")
@@ -261,6 +293,8 @@ class TokenIndex:
         else:
             total = n_tokens_hint
         index._append_stream(buffered, it, doc_ids, progress, desc=f"building {kind} index", total_tokens=total)
+        if kind == "residual" and calibrate:
+            index.calibrate(seed=seed)
         return index
 
     @staticmethod
@@ -482,9 +516,11 @@ class TokenIndex:
             q: [Bq, Lq, dim] (or [Lq, dim]) float. q_mask: bool [Bq, Lq] or None. k: results per query (>= 1).
             timings: record per-stage seconds in ``self.last_timings`` (synchronises the GPU between stages).
             backend: kernel backend for the scoring op.
-            params: exact: ``method`` ("full" | "flat"), ``k_token`` (flat; <= 2048). residual: ``nprobe``
-                (cells per query token, default 8), ``ncandidates`` (documents reranked exactly, default 4096),
-                ``exhaustive=True`` (rerank every live document: exact search over the decompressed corpus).
+            params: exact: ``method`` ("full" | "flat"), ``k_token`` (flat; <= 2048). residual (defaults:
+                ``DEFAULTS``, and the reason for each beside it): ``method`` ("auto" | "plaid" | "scan"), ``nprobe``
+                ("auto" or cells per query token; 0 = score every document by centroid interaction),
+                ``ncandidates`` ("auto" or documents decompressed and reranked), ``exhaustive=True`` (same as
+                ``method="scan"``: decompressed MaxSim against every live document).
         Returns:
             scores fp32 [Bq, k] (descending) and doc ids int64 [Bq, k]; missing results are (-inf, -1).
         """
@@ -504,11 +540,20 @@ class TokenIndex:
             else:
                 raise ValueError(f"method must be 'full' or 'flat', got {method!r}")
         else:
+            method = params.pop("method", DEFAULTS["method"])
             nprobe = params.pop("nprobe", DEFAULTS["nprobe"])
             ncand = params.pop("ncandidates", DEFAULTS["ncandidates"])
-            exhaustive = params.pop("exhaustive", False)
+            if params.pop("exhaustive", False):
+                method = "scan"
             self._no_extra(params)
-            scores, ids = self._search_residual(q, q_mask, k, nprobe, ncand, exhaustive, backend, timer)
+            if method == "auto":
+                method = self.calibration.get("method", "plaid")
+            if method not in ("plaid", "scan"):
+                raise ValueError(f"method must be 'auto', 'plaid' or 'scan', got {method!r}")
+            if method == "scan":
+                scores, ids = self._search_scan(q, q_mask, k, backend, timer)
+            else:
+                scores, ids = self._search_residual(q, q_mask, k, nprobe, ncand, backend, timer)
         self.last_timings = dict(timer.times)
         return scores, ids
 
@@ -650,50 +695,162 @@ class TokenIndex:
         timer.stop("approx")
         return cand
 
-    def _search_residual(self, q, q_mask, k, nprobe, ncand, exhaustive, backend, timer):
+    def _ncandidates(self, k: int, ncand) -> int:
+        """Documents the plaid path decompresses: ``ncand``, or for "auto" ceil(rerank_factor x k) (calibrated)."""
+        if ncand == "auto":
+            factor = float(self.calibration.get("rerank_factor", DEFAULT_RERANK_FACTOR))
+            return max(k, int(math.ceil(factor * k)))
+        if not isinstance(ncand, int) or ncand < 1:
+            raise ValueError(f"ncandidates must be 'auto' or an int >= 1, got {ncand!r}")
+        return ncand
+
+    def _use_probe(self, q_mask: Tensor, nprobe) -> int:
+        """Cells per query token to probe, or 0 to score every live document by centroid interaction."""
+        if nprobe == "auto":
+            # Probe only when its inverted-list hits would stay under half of the documents: otherwise the union
+            # is most of the corpus, and building it costs more than the interaction's 4 bytes per token.
+            C = self.codec.centroids.shape[0]
+            mean_list = self.ivf_docs.numel() / max(1, C)
+            tokens = int(q_mask.sum(1).max()) if q_mask.numel() else 0
+            return PROBE_CELLS if tokens * PROBE_CELLS * mean_list < 0.5 * self.n_docs else 0
+        if not isinstance(nprobe, int) or nprobe < 0:
+            raise ValueError(f"nprobe must be 'auto' or an int >= 0, got {nprobe!r}")
+        return nprobe
+
+    def _plaid_candidates(self, q, q_mask, table, nprobe, ncand, backend, timer) -> Tensor:
+        """Stages 2-3: candidate documents, then the ``ncand`` best by centroid interaction. int64 [Bq, M], -1 pad."""
+        Bq = q.shape[0]
+        npr = self._use_probe(q_mask, nprobe)
+        if npr > 0:
+            S = table[:, :, :q.shape[1]].transpose(1, 2)  # [Bq, Lq, C] view
+            cand = self._probe(S, q_mask, npr, 1 << 62, timer)  # the whole union (no pruning here)
+            approx = centroid_interaction(table, self.codes, self.offsets, cand, q_mask, backend=backend)
+        else:
+            cand = None
+            approx = centroid_interaction(table, self.codes, self.offsets, None, q_mask, backend=backend)
+            timer.stop("candidates")
+        approx = approx.masked_fill(self.deleted[cand.clamp(min=0)] if cand is not None else self.deleted[None],
+                                    float("-inf"))
+        m = min(ncand, approx.shape[1])
+        top_s, pos = torch.topk(approx, m, dim=1)
+        kept = pos if cand is None else torch.gather(cand, 1, pos)
+        kept = torch.where(torch.isinf(top_s) & (top_s < 0), torch.full_like(kept, -1), kept)
+        timer.stop("approx")
+        return kept if Bq else kept.reshape(0, m)
+
+    def _search_residual(self, q, q_mask, k, nprobe, ncand, backend, timer):
         Bq = q.shape[0]
         N = self.offsets.numel() - 1
         dev = self.device
         if N == 0 or self.codec is None:
             empty = torch.zeros((Bq, 0), device=dev)
             return _topk_padded(empty, empty.long(), k)
+        ncand = self._ncandidates(k, ncand)
         qf = q.float()
-        if exhaustive:
-            live = torch.nonzero(~self.deleted).flatten()
-            cand = live[None].expand(Bq, -1).contiguous()
-            timer.stop("candidates")
-        else:
-            S = qf @ self.codec.centroids.T  # [Bq, Lq, C]
-            timer.stop("centroid_scores")
-            cand = self._probe(S, q_mask, nprobe, ncand, timer)
+        table = centroid_score_table(qf, self.codec.centroids, q_mask)
+        timer.stop("centroid_scores")
+        cand = self._plaid_candidates(qf, q_mask, table, nprobe, ncand, backend, timer)
         scores = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self.codes, self.packed, self.offsets,
-                                 cand, self.nbits, q_mask, backend=backend)
+                                 cand, self.nbits, q_mask, backend=backend, centroid_scores=table)
         timer.stop("decompress_rerank")
         ids = torch.where(cand >= 0, self.doc_ids[cand.clamp(min=0)], torch.full_like(cand, -1))
         out = _topk_padded(scores, ids, k)
         timer.stop("topk")
         return out
 
-    def candidates(self, q: Tensor, q_mask: Optional[Tensor] = None, *, nprobe: int = DEFAULTS["nprobe"],
-                   ncandidates: int = DEFAULTS["ncandidates"]) -> Tensor:
-        """Residual index: the candidate documents a search would rerank (stages 1-2, untimed), for profiling.
+    def _scan_scores(self, qf: Tensor, q_mask: Tensor, backend: str = "auto", table: Optional[Tensor] = None) -> Tensor:
+        """Decompressed MaxSim of every query against every document (deleted ones -inf): fp32 [Bq, N]."""
+        N = self.offsets.numel() - 1
+        if table is None:
+            table = centroid_score_table(qf, self.codec.centroids, q_mask)
+        cand = torch.arange(N, device=self.device)[None].expand(qf.shape[0], N).contiguous()
+        s = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self.codes, self.packed, self.offsets, cand,
+                            self.nbits, q_mask, backend=backend, centroid_scores=table)
+        return s.masked_fill(self.deleted[None], float("-inf"))
+
+    def _search_scan(self, q, q_mask, k, backend, timer):
+        Bq = q.shape[0]
+        N = self.offsets.numel() - 1
+        if N == 0 or self.codec is None:
+            empty = torch.zeros((Bq, 0), device=self.device)
+            return _topk_padded(empty, empty.long(), k)
+        s = self._scan_scores(q.float(), q_mask, backend)
+        timer.stop("scan")
+        out = _topk_padded(s, self.doc_ids[None, :].expand_as(s), k)
+        timer.stop("topk")
+        return out
+
+    def candidates(self, q: Tensor, q_mask: Optional[Tensor] = None, *, k: int = 10,
+                   nprobe=DEFAULTS["nprobe"], ncandidates=DEFAULTS["ncandidates"]) -> Tensor:
+        """Residual index: the documents the plaid path would decompress for top-``k`` (stages 1-3, untimed).
 
         q [Bq, Lq, D] (or [Lq, D]), q_mask bool [Bq, Lq] or None -> int64 [Bq, M] local document indices (rows of
         ``offsets``, not user ids), -1 padded; M <= ``ncandidates``."""
         if self.kind != "residual" or self.codec is None:
             raise ValueError(f"candidates() needs a trained residual index, this one is {self.kind!r}")
         q, q_mask = self._check_query(q, q_mask)
-        S = q.float() @ self.codec.centroids.T
-        return self._probe(S, q_mask, nprobe, ncandidates, _Timer(S.device, False))
+        qf = q.float()
+        table = centroid_score_table(qf, self.codec.centroids, q_mask)
+        return self._plaid_candidates(qf, q_mask, table, nprobe, self._ncandidates(k, ncandidates), "auto",
+                                      _Timer(self.device, False))
 
     def exact_scores_decompressed(self, q: Tensor, q_mask: Optional[Tensor] = None) -> Tensor:
         """Residual index: MaxSim of every query against every document (deleted ones -inf), from the codes."""
         q, q_mask = self._check_query(q, q_mask)
+        return self._scan_scores(q.float(), q_mask)
+
+    # ---- calibration ------------------------------------------------------------------------------------------------
+    def calibrate(self, n_queries: int = 32, q_len: int = 16, k: int = 10, target: float = CALIBRATION_TARGET,
+                  seed: int = 0) -> dict:
+        """Choose the residual search defaults for this corpus from pseudo-queries, and keep them in
+        ``self.calibration`` (saved with the index).
+
+        Pseudo-queries: ``n_queries`` random non-empty documents, ``q_len`` of their tokens each (decompressed from
+        the codes, unit-normalised). Their truth is the scan (decompressed MaxSim against every document). For each
+        pseudo-query the scan's top-``k`` documents are ranked by centroid interaction; ``rerank_factor`` is the
+        ``target`` quantile of those ranks (+1) divided by k, so reranking ceil(rerank_factor k) documents keeps
+        about ``target`` of the scan's top-k. When that is more than SCAN_FRACTION of the documents, the clusters
+        do not predict MaxSim on this corpus: ``method`` becomes "scan", and a warning says so.
+        Cost: ``n_queries`` scans of the corpus (at q_len tokens).
+        """
+        import warnings
+
         N = self.offsets.numel() - 1
-        cand = torch.arange(N, device=self.device)[None].expand(q.shape[0], N).contiguous()
-        s = residual_maxsim(q.float(), self.codec.centroids, self.codec.weights, self.codes, self.packed,
-                            self.offsets, cand, self.nbits, q_mask)
-        return s.masked_fill(self.deleted[None], float("-inf"))
+        live = torch.nonzero(~self.deleted & (self.offsets[1:] > self.offsets[:-1])).flatten()
+        if self.kind != "residual" or self.codec is None or live.numel() == 0:
+            self.calibration = {}
+            return self.calibration
+        g = torch.Generator().manual_seed(seed)
+        picks = live[torch.randint(0, live.numel(), (n_queries,), generator=g).to(live.device)]
+        Q = torch.zeros((n_queries, q_len, self.dim), device=self.device)
+        qm = torch.zeros((n_queries, q_len), dtype=torch.bool, device=self.device)
+        for a, b in enumerate(picks.tolist()):
+            t0, t1 = int(self.offsets[b]), int(self.offsets[b + 1])
+            rows = t0 + torch.randperm(t1 - t0, generator=g)[:q_len].to(self.device)
+            v = self.codec.decode(self.codes[rows], self.packed[rows])
+            Q[a, :rows.numel()] = v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            qm[a, :rows.numel()] = True
+        table = centroid_score_table(Q, self.codec.centroids, qm)
+        truth = self._scan_scores(Q, qm, table=table)
+        approx = centroid_interaction(table, self.codes, self.offsets, None, qm).masked_fill(self.deleted[None],
+                                                                                            float("-inf"))
+        kk = min(k, live.numel())
+        top = torch.topk(truth, kk, dim=1).indices
+        # rank of each document under centroid interaction (0 = best); ties broken by position, like topk
+        rank = torch.argsort(torch.argsort(approx, dim=1, descending=True, stable=True), dim=1)
+        r = torch.gather(rank, 1, top).flatten().double()
+        need = float(torch.quantile(r, target)) + 1.0
+        factor = max(1.0, need / kk)
+        n_live = int(live.numel())
+        method = "scan" if factor * k > SCAN_FRACTION * n_live and n_live > 4 * k else "plaid"
+        self.calibration = {"method": method, "rerank_factor": round(factor, 3), "target": target, "k": k,
+                            "n_queries": n_queries, "q_len": q_len, "rank_p50": float(torch.quantile(r, 0.5)),
+                            "rank_max": float(r.max()), "n_docs": n_live}
+        if method == "scan":
+            warnings.warn(f"TokenIndex.calibrate: centroid interaction keeps {target:.0%} of the top-{k} only when "
+                          f"{int(need)} of {n_live} documents are reranked (clusters do not predict MaxSim on this "
+                          f"corpus); searches default to method='scan'", stacklevel=2)
+        return self.calibration
 
     # ---- persistence ------------------------------------------------------------------------------------------------
     def _arrays(self) -> dict[str, Tensor]:
@@ -711,7 +868,8 @@ class TokenIndex:
         arrays = {n: t.detach().cpu().numpy() for n, t in self._arrays().items()}
         meta = {"kind": self.kind, "dim": self.dim, "nbits": self.nbits, "n_docs": int(self.doc_ids.numel()),
                 "n_live_docs": self.n_docs, "n_tokens": self.n_tokens, "next_id": self.next_id,
-                "n_centroids": int(self.codec.centroids.shape[0]) if self.codec is not None else 0}
+                "n_centroids": int(self.codec.centroids.shape[0]) if self.codec is not None else 0,
+                "calibration": self.calibration}
         save_arrays(directory, arrays, meta)
 
     @classmethod
@@ -732,6 +890,7 @@ class TokenIndex:
         index = cls(m["kind"], m["dim"], device=dev, nbits=m["nbits"], codec=codec)
         index.offsets, index.doc_ids, index.deleted = t["offsets"], t["doc_ids"], t["deleted"]
         index.next_id = int(m["next_id"])
+        index.calibration = dict(m.get("calibration") or {})
         if m["kind"] == "exact":
             index.tokens = t["tokens"]
         else:

@@ -2,12 +2,15 @@
 
 Every backend module registered below provides::
 
-    _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits) -> scores fp32 [Bq, Nc]
+    _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None)
+        -> scores fp32 [Bq, Nc]
     _residual_maxsim_not_supported_reasons(tensors, **facts) -> list[str]       (optional)
 
 with q fp32 contiguous [Bq, Lq, D], q_mask bool [Bq, Lq], centroids fp32 [C, D], weights fp32 [D, 2^nbits], codes
 int32 [T], packed uint8 [T, D * nbits // 8], d_offsets int64 [Nd + 1], cand int64 [Bq, Nc] (-1 = padding), all
-contiguous and on one device. Semantics: :mod:`reatt_kernels.reference.residual_maxsim`.
+contiguous and on one device; centroid_scores is None or the table of
+:func:`reatt_kernels.ops.centroid_interaction.centroid_score_table` (fp32 [Bq, C, LP]), which a backend may use in place
+of the centroids (the cpu kernel does). Semantics: :mod:`reatt_kernels.reference.residual_maxsim`.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import Tensor
 from .._dispatch import get_impl, register_auto_order, register_impl, select
 from .._utils import device_guard
 from ..reference.residual_maxsim import check_nbits
+from .centroid_interaction import check_score_table
 from .maxsim import check_offsets
 
 OP = "residual_maxsim"
@@ -34,23 +38,26 @@ register_auto_order(OP, lambda dev, **kw: ["triton", "cuda", "torch"] if dev == 
 
 @torch.library.custom_op("reatt::residual_maxsim", mutates_args=())
 def residual_maxsim_op(q: Tensor, q_mask: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor, packed: Tensor,
-                       d_offsets: Tensor, cand: Tensor, nbits: int, backend: str) -> Tensor:
+                       d_offsets: Tensor, cand: Tensor, nbits: int, backend: str,
+                       centroid_scores: Optional[Tensor] = None) -> Tensor:
     """Scores fp32 [Bq, Nc]."""
     Bq, Nc = cand.shape
     if Bq == 0 or Nc == 0:
         return torch.empty((Bq, Nc), dtype=torch.float32, device=q.device)
     with device_guard(q):
         return get_impl(OP, backend)._residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets,
-                                                          cand, nbits)
+                                                          cand, nbits, centroid_scores=centroid_scores)
 
 
 @residual_maxsim_op.register_fake
-def _residual_maxsim_fake(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, backend):
+def _residual_maxsim_fake(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, backend,
+                          centroid_scores=None):
     return q.new_empty(cand.shape, dtype=torch.float32)
 
 
 def residual_maxsim(q: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor, packed: Tensor, d_offsets: Tensor,
-                    cand: Tensor, nbits: int, q_mask: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
+                    cand: Tensor, nbits: int, q_mask: Optional[Tensor] = None, *, backend: str = "auto",
+                    centroid_scores: Optional[Tensor] = None) -> Tensor:
     """Fused decompress + MaxSim: score each query against its own candidate documents, straight from the codes.
 
     Args:
@@ -58,7 +65,12 @@ def residual_maxsim(q: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor
         centroids: float [C, D]. weights: float [D, 2^nbits] (bucket values per dimension).
         codes: int32 [T] centroid id per token. packed: uint8 [T, D * nbits // 8] bit-packed residual buckets.
         d_offsets: int64 [Nd + 1]. cand: int64 [Bq, Nc] document ids per query, -1 for padding.
-        nbits: 1, 2, 4 or 8. backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernel
+        nbits: 1, 2, 4 or 8.
+        centroid_scores: optional fp32 [Bq, C, LP] table ``q . centroids^T`` from
+            :func:`~reatt_kernels.ops.centroid_interaction.centroid_score_table` for these q, q_mask and centroids.
+            The cpu kernel then reads each token's centroid part from it instead of decompressing the centroid (the
+            index passes the table it built for candidate generation); other backends ignore it.
+        backend: "auto", "torch", "cpu", "triton", "cuda", or "cuda_emu" (the CUDA kernel
             on CPU tensors under emulation: a test tool, never chosen by "auto").
     Returns:
         fp32 scores [Bq, Nc]; -inf for padding and for empty documents, 0 for a query with no valid token.
@@ -105,5 +117,7 @@ def residual_maxsim(q: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor
         raise ValueError(f"q_mask must be bool {tuple(q.shape[:2])}, got {q_mask.dtype} {tuple(q_mask.shape)}")
     args = (q.float().contiguous(), q_mask.contiguous(), centroids.float().contiguous(), weights.float().contiguous(),
             codes.contiguous(), packed.contiguous(), d_offsets.contiguous(), cand.contiguous())
+    if centroid_scores is not None:
+        check_score_table(centroid_scores, q, centroids.shape[0])
     name = select(OP, list(args), backend, dim=D, nbits=nbits)
-    return torch.ops.reatt.residual_maxsim(*args, nbits, name)
+    return torch.ops.reatt.residual_maxsim(*args, nbits, name, centroid_scores)

@@ -100,5 +100,6 @@ def residual_maxsim_ref(q, q_mask, centroids, weights, codes, packed, d_offsets,
 
 
 # ---- the `torch` backend: the reference in fp32, behind the launcher contract of the kernels ---------------------------
-def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits):
+def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None):
+    # the spec decompresses: centroid_scores (an optimisation of the cpu kernel) is not used
     return residual_maxsim_ref(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, torch.float32)

@@ -70,7 +70,8 @@ def _residual_maxsim_not_supported_reasons(tensors, dim=0, **facts):
     return []
 
 
-def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits):
+def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None):
+    # centroid_scores (the CPU kernel's table) is not used: this kernel decodes centroid + residual per tile
     Bq, Lq, D = q.shape
     Nc = cand.shape[1]
     out = empty((Bq, Nc), torch.float32, q.device)

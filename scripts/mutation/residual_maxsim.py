@@ -10,14 +10,33 @@ of each file.
 """
 
 RESIDUAL = "tests/kernels/test_residual_maxsim.py"
-INDEX = "tests/index/test_index.py"  # the codec's use of the spec's bit layout
+INDEX = "tests/index/test_index.py"
+CI_TESTS = "tests/kernels/test_centroid_interaction.py"  # the codec's use of the spec's bit layout
 
 MUTANTS = [
     # ---- Python, Triton and C++ CPU ----
     dict(name="cpp-residual-tile-tail-dropped", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp",
-         old="for (int j = 0; j < nt; ++j) m = std::max(m, acc[k][j]);",
-         new="for (int j = 0; j < nt - 1; ++j) m = std::max(m, acc[k][j]);", build="cpu",
+         old="for (int j = 0; j < nt; ++j) m = std::max(m, acc[k][j] + tab[",
+         new="for (int j = 0; j < nt - 1; ++j) m = std::max(m, acc[k][j] + tab[", build="cpu",
          tests=[RESIDUAL, "-k", "residual_maxsim_matches and cpu"]),
+    dict(name="cpp-residual-table-column-of-tile-head", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp", ci=True,
+         old="tab[static_cast<int64_t>(tcodes[j]) * LP + i0 + k]",
+         new="tab[static_cast<int64_t>(tcodes[j]) * LP + i0]", build="cpu",
+         tests=[CI_TESTS, "-k", "table_path"]),
+    # ---- centroid_interaction (same C++ file; reference/centroid_interaction.py) ----
+    dict(name="cpp-ci-last-token-dropped", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp",
+         old="for (int64_t t = t0; t < t1; ++t) {", new="for (int64_t t = t0; t < t1 - 1; ++t) {", build="cpu",
+         tests=[CI_TESTS, "-k", "matches_oracle and cpu"]),
+    dict(name="cpp-ci-masked-columns-summed", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp", ci=True,
+         old="      if (qm[i]) s += acc[i];", new="      s += acc[i];", build="cpu",
+         tests=[CI_TESTS, "-k", "table_semantics and cpu"]),
+    dict(name="ref-ci-token-rows-shifted", path="reatt_kernels/reference/centroid_interaction.py", ci=True,
+         old="rows = torch.arange(n_tok, device=dev) + start",
+         new="rows = (torch.arange(n_tok, device=dev) + start + 1).clamp(max=codes.shape[0] - 1)",
+         tests=[CI_TESTS, "-k", "matches_oracle and torch"]),
+    dict(name="table-masked-rows-not-zeroed", path="reatt_kernels/ops/centroid_interaction.py",
+         old="qf = qf.masked_fill(~q_mask[..., None], 0.0)", new="qf = qf",
+         tests=[CI_TESTS, "-k", "table_semantics"]),
     dict(name="triton-residual-buckets-msb-first", path="reatt_kernels/triton/residual_maxsim.py",
          old="shift_d = (offs_d * NBITS) % 8", new="shift_d = 8 - NBITS - (offs_d * NBITS) % 8",
          tests=[RESIDUAL, "-k", "residual_maxsim_matches and triton"]),
