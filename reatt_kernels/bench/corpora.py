@@ -496,7 +496,7 @@ def encode_texts(model, tok, texts: Sequence[str], max_tokens: int, shard_dir: P
     n_tok = torch.zeros(len(texts), dtype=torch.long)
     parts = []
     for k in range(len(shards)):
-        sh = torch.load(shard_dir / f"shard_{k:05d}.pt")
+        sh = torch.load(shard_dir / f"shard_{k:05d}.pt", mmap=True)  # file-backed: no second copy in RAM
         n_tok[sh["idx"]] = sh["n"]
         parts.append(sh)
     offsets = torch.zeros(len(texts) + 1, dtype=torch.long)
