@@ -19,7 +19,7 @@ Corpora (``--corpus``):
   fp16) of Wikipedia passage chunks and real questions with gold chunks. One section: exact, our default (calibrated),
   our other methods (plaid at fixed rerank sizes, scan, the old defaults' parameter values) and fast-plaid (defaults
   and n_ivf_probe 16 / n_full_scores 8192).
-- ``synthetic`` (default): the stress sections below, on the ANCHORS clustered generator.
+- ``synthetic`` (default): the stress sections below, on the docs/baselines.md clustered generator.
 
 Synthetic sections (CPU defaults; ``--quick`` shrinks all of them):
 1. headline: ``--docs`` (100,000) documents of the docs/baselines.md clustered corpus (per-dimension noise 0.124, token-centroid
@@ -278,7 +278,7 @@ def run_peer(py: str, tokens, offsets, q, fp: str, work: Path, nbits: int, confi
 
 # ---- one corpus ---------------------------------------------------------------------------------------------------
 def bench_corpus(label: str, n_docs: int, noise: float, args, sweep, peer: bool) -> list[dict]:
-    """Synthetic rows: the ANCHORS clustered corpus at this noise (see :func:`bench_vectors`)."""
+    """Synthetic rows: the docs/baselines.md clustered corpus at this noise (see :func:`bench_vectors`)."""
     print(f"[{label}] corpus: {n_docs} docs, noise {noise}", flush=True)
     tokens, offsets, q, gold = make_corpus(n_docs, noise, args.queries)
     info = {"corpus": "synthetic", "docs": n_docs, "noise": noise}
@@ -555,7 +555,10 @@ def main(argv=None) -> int:
     rows = run(args)
     load1 = os.getloadavg()
     name = "bench_index_quick" if q else "bench_index" if args.corpus == "synthetic" else f"bench_index_{args.corpus}"
-    payload = {"env": env_info(device), "device": str(device), "threads": args.threads, "wall_s": time.perf_counter() - t0,
+    data = {"kind": "real" if args.corpus != "synthetic" else "synthetic", "corpus": args.corpus,
+            "queries": args.queries}
+    payload = {"env": env_info(device), "device": str(device), "threads": args.threads, "data": data,
+               "wall_s": time.perf_counter() - t0,
                "load_avg_start": load0, "load_avg_end": load1, "args": {k: str(v) for k, v in vars(args).items()},
                "rows": rows, "notes": __doc__}
     path = write_json(out / f"{name}.json", payload)
