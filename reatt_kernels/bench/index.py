@@ -365,7 +365,8 @@ def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, pee
             rows.append({**common, "system": "fast-plaid", "status": "n/a", "reason": where})
             print(f"  fast-plaid: n/a ({where})", flush=True)
         else:
-            configs = [[8, 4096], [16, 8192]]  # its defaults (n_ivf_probe, n_full_scores), and the larger setting
+            # its defaults (n_ivf_probe, n_full_scores), and the larger setting unless --peer-defaults-only
+            configs = [[8, 4096]] if getattr(args, "peer_defaults_only", False) else [[8, 4096], [16, 8192]]
             res = run_peer(py, peer_tokens, offsets, qz, fp, args.cache or Path(args.out) / "work", args.nbits,
                            configs, torch.get_num_threads(), dev)
             if "error" in res:
@@ -532,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fast-plaid gets the same)")
     p.add_argument("--peer-venv", default=None, help=f"fast-plaid venv (default ${PEER_VENV_ENV} or {PEER_VENV_DEFAULT})")
     p.add_argument("--no-peer", action="store_true", help="skip fast-plaid (its row says so)")
+    p.add_argument("--peer-defaults-only", action="store_true",
+                   help="fast-plaid at its defaults only (not also n_ivf_probe 16 / n_full_scores 8192)")
     p.add_argument("--cache", default=None, help="folder for built indexes (reused when corpus and settings match)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/cpu/)")
     return p

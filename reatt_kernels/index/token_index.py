@@ -522,7 +522,8 @@ class TokenIndex:
             timings: record per-stage seconds in ``self.last_timings`` (synchronises the GPU between stages).
             backend: kernel backend for the scoring op.
             params: exact: ``method`` ("full" | "flat"), ``k_token`` (flat; <= 2048). residual (defaults:
-                ``DEFAULTS``, and the reason for each beside it): ``method`` ("auto" | "plaid" | "scan"), ``nprobe``
+                ``DEFAULTS``, and the reason for each beside it): ``method`` ("auto" | "plaid" | "scan"; "auto" is
+                the calibrated choice, or plaid when ``nprobe`` or ``ncandidates`` is given), ``nprobe``
                 ("auto" or cells per query token; 0 = score every document by centroid interaction),
                 ``ncandidates`` ("auto" or documents decompressed and reranked), ``exhaustive=True`` (same as
                 ``method="scan"``: decompressed MaxSim against every live document).
@@ -552,7 +553,9 @@ class TokenIndex:
                 method = "scan"
             self._no_extra(params)
             if method == "auto":
-                method = self.calibration.get("method", "plaid")
+                # explicit plaid parameters ask for the plaid path; otherwise the calibrated choice
+                explicit = nprobe != "auto" or ncand != "auto"
+                method = "plaid" if explicit else self.calibration.get("method", "plaid")
             if method not in ("plaid", "scan"):
                 raise ValueError(f"method must be 'auto', 'plaid' or 'scan', got {method!r}")
             if method == "scan":

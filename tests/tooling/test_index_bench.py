@@ -64,7 +64,10 @@ def test_quick_bench_end_to_end(tmp_path, monkeypatch):
         assert 0.0 <= r["eps_recall@10"] <= 1.0 and r["recall@10"] <= r["eps_recall@10"] + 1e-9
         assert r["exact_gold@10"] == [e for e in exact if e["section"] == r["section"]][0]["gold@10"]
     default = [r for r in resid if r.get("default") and r["section"] == "headline"][0]
-    assert {"centroid_scores", "probe", "candidates", "approx", "decompress_rerank", "topk"} <= set(default["profile"])
+    # the default's stages: the plaid path (probe or every document) or the calibrated scan
+    assert ({"centroid_scores", "approx", "decompress_rerank", "topk"} <= set(default["profile"])
+            or {"scan", "topk"} <= set(default["profile"]))
+    assert any(r.get("method") == "scan" for r in resid) and all(r["ms_b16"] is None or r["ms_b16"] > 0 for r in resid)
     b = default["build"]
     assert b["peak_rss_bytes"] is not None and b["index_bytes"] > 0
     peer = [r for r in rows if r["system"] == "fast-plaid"]
@@ -77,3 +80,21 @@ def test_quick_bench_end_to_end(tmp_path, monkeypatch):
                 "--cache", str(tmp_path / "cache")])
     rows2 = json.loads((out / "bench_index_quick.json").read_text())["rows"]
     assert all(r["build"]["reused"] for r in rows2 if r["system"].startswith("residual"))
+
+
+def test_quality_with_several_gold_documents():
+    S = torch.arange(40, dtype=torch.float32).flip(0)[None].repeat(2, 1)
+    ids = torch.arange(10)[None].repeat(2, 1)
+    assert bench.quality(ids, S, [[39, 3], [20, 30]])["gold@10"] == 0.5
+
+
+def test_parser_real_corpora_and_gpu_arguments():
+    """The real-text corpora and the GPU configuration parse (the GPU path itself runs on a GPU machine only)."""
+    p = bench.build_parser()
+    a = p.parse_args(["--corpus", "real-all", "--device", "cuda", "--queries", "150"])
+    assert a.corpus == "real-all" and a.device == "cuda"
+    assert p.parse_args([]).corpus == "synthetic"
+    import pytest
+
+    with pytest.raises(SystemExit):
+        p.parse_args(["--corpus", "msmarco"])
