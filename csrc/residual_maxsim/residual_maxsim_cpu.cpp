@@ -55,14 +55,25 @@ void ci_impl(const float* __restrict table, const bool* __restrict q_mask, const
     const int64_t t0 = offsets[b], t1 = offsets[b + 1];
     if (t1 <= t0) { out[p] = NEG_INF; continue; }  // an empty document
     const float* tab = table + a * C * LP;
+    // The launcher validated every code (ops/centroid_interaction.py); an out-of-range one is clamped to row 0 and
+    // reported, never read past the table. The hot loop is branch-free: one row load and LP maxes per token.
+    int32_t bad_code = 0;
     float acc[LP];
-    for (int i = 0; i < LP; ++i) acc[i] = NEG_INF;
-    for (int64_t t = t0; t < t1; ++t) {
+    {
+      const int32_t code = codes[t0];
+      const bool ok = code >= 0 && code < C;
+      bad_code |= !ok;
+      const float* r = tab + static_cast<int64_t>(ok ? code : 0) * LP;
+      for (int i = 0; i < LP; ++i) acc[i] = r[i];
+    }
+    for (int64_t t = t0 + 1; t < t1; ++t) {
       const int32_t code = codes[t];
-      if (code < 0 || code >= C) { bad->store(2); continue; }
-      const float* r = tab + static_cast<int64_t>(code) * LP;
+      const bool ok = code >= 0 && code < C;
+      bad_code |= !ok;
+      const float* r = tab + static_cast<int64_t>(ok ? code : 0) * LP;
       for (int i = 0; i < LP; ++i) acc[i] = std::max(acc[i], r[i]);
     }
+    if (bad_code) bad->store(2);
     // only valid query tokens are summed: masked columns (and the padding past Lq) may hold anything
     float s = 0.f;
     for (int64_t i = 0; i < Lq; ++i)

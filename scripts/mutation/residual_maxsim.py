@@ -25,7 +25,7 @@ MUTANTS = [
          tests=[CI_TESTS, "-k", "table_path"]),
     # ---- centroid_interaction (same C++ file; reference/centroid_interaction.py) ----
     dict(name="cpp-ci-last-token-dropped", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp",
-         old="for (int64_t t = t0; t < t1; ++t) {", new="for (int64_t t = t0; t < t1 - 1; ++t) {", build="cpu",
+         old="for (int64_t t = t0 + 1; t < t1; ++t) {", new="for (int64_t t = t0 + 1; t < t1 - 1; ++t) {", build="cpu",
          tests=[CI_TESTS, "-k", "matches_oracle and cpu"]),
     dict(name="cpp-ci-masked-columns-summed", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp", ci=True,
          old="      if (qm[i]) s += acc[i];", new="      s += acc[i];", build="cpu",
