@@ -74,7 +74,7 @@ MUTANTS = [
          old="r = r < 0 ? 0 : (r > A.R - 1 ? A.R - 1 : r);", new="r = r < 0 ? 0 : (r > A.R - 2 ? A.R - 2 : r);",
          build="cpu", tests=[MAXSIM, "-k", "test_maxsim_fwd and cpu"]),
     # ---- at least one per kernel file ----------------------------------------------------------------------------
-    dict(name="cpp-bf16-store-truncates", path="csrc/maxsim/maxsim_cpu.cpp",
+    dict(name="cpp-bf16-store-truncates", path="csrc/cpu_dtype.h",
          old="  x += 0x7fffu + ((x >> 16) & 1u);\n", new="  x += 0u;\n", build="cpu",
          tests=[MAXSIM, "-k", "test_maxsim_bwd and cpu and dtype2"]),
     dict(name="cpp-avx2-tie-break->=", path="csrc/maxsim/maxsim_cpu.cpp",

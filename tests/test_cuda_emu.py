@@ -295,6 +295,7 @@ def test_maxsim_plan_fits_the_device_and_covers_the_output(smem_kb, sms, limits)
         assert f["threads"] == 32 * f["WR"] * f["DS"] and f["WR"] * f["DS"] <= 4, f
         assert f["grid"][0] * f["QPB"] >= Bq and f["grid"][1] * f["docs_per_cta"] >= C, f
         assert f["n_rc"] * 32 * f["WR"] >= (Lq if f["QPB"] == 1 else 1), f
+        assert f["QPB"] == 1 or f["QPB"] * Lq <= 32 * f["WR"], f  # a row block holds whole queries
         b = emu().maxsim_plan_cuda(a, backward=True)
         rows = Bq * Lq
         assert b["n_split"] == max(1, min(-(-C // 128), 8192 // rows, 65535)), b

@@ -2,7 +2,7 @@
 deterministic dd mode (bitwise), poisoned outputs, packed search past 2^31 elements, and bad inputs.
 
 The shared matrix (tests/test_maxsim.py) already runs every layout x dtype x odd shape for backends "cuda" and
-"cuda_emu"; the shapes here are picked to reach each branch of the tiling choice in csrc/maxsim/maxsim_cuda.cu (WR =
+"cuda_emu"; the shapes here are picked to reach each branch of the tiling plan in csrc/maxsim/maxsim_launch.cu (WR =
 1/2/4 rows per warp group, row chunks for Lq > 128, dim 64/128 register fast paths, generic dims, unaligned rows).
 Each test runs for "cuda" on a GPU (gpu mark) and for "cuda_emu": the same kernels on CPU tensors under the CPU
 emulation of the CUDA execution model (reatt_kernels._C_emu), on every commit. Under emulation every CUDA thread is an

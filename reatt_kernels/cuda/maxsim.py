@@ -1,5 +1,6 @@
-"""MaxSim on CUDA: launchers for the kernels in csrc/maxsim/maxsim_cuda.cu (mma.sync tensor cores for fp16/bf16,
-FFMA for fp32; the design, tiling and byte/FLOP counts are in that file's header and benchmarks/NOTES-cuda-maxsim.md).
+"""MaxSim on CUDA: launchers for the kernels in csrc/maxsim/maxsim_{fwd,bwd}.cu (mma.sync tensor cores for fp16/bf16,
+FFMA for fp32; the design, tiling and byte/FLOP counts are in csrc/maxsim/maxsim_cuda.cuh and
+benchmarks/NOTES-cuda-maxsim.md).
 
 Launcher contract: reatt_kernels/ops/maxsim.py. Semantics: reatt_kernels/reference/maxsim.py.
 
