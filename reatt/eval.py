@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[list] = None) -> dict:
+def run(argv: Optional[list] = None) -> dict:
+    """reatt-eval's work: parse ``argv``, print and return the metrics dict (for Python callers and tests)."""
     args = build_parser().parse_args(argv)
     try:
         ks = [int(k) for k in args.top_k.split(",") if k.strip()]
@@ -224,5 +225,11 @@ def main(argv: Optional[list] = None) -> dict:
     return res
 
 
+def main(argv: Optional[list] = None) -> int:
+    """The console script: the exit status (0), never the metrics (a returned dict makes ``sys.exit`` exit 1)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

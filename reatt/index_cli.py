@@ -104,7 +104,8 @@ def write_run(path: str, questions: list, corpus: list, scores, ids) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: Optional[list] = None) -> int:
+    """The console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     import torch
 
@@ -143,7 +144,8 @@ def main(argv: Optional[list] = None) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -622,7 +622,8 @@ def train(args) -> list:
     return history
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: Optional[list] = None) -> int:
+    """The console script; returns the exit status."""
     ap = build_parser()
     args = ap.parse_args(argv)
     args._argv = list(argv if argv is not None else sys.argv[1:])
@@ -657,7 +658,8 @@ def main(argv: Optional[list] = None) -> None:
         # still releasing finished work can deadlock on the GIL (seen with gloo in the DDP test).
         dist.barrier()
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
