@@ -57,6 +57,11 @@ class ReAttConfig:
             tokens count, each head renormalised over them (this project's earlier default; ``--teacher-docs-only``).
         teacher: "reader" (ReAtt), or "uniform" over each query's present documents: an ablation that shows how much
             retrieval the document sets alone teach, without the reader's attention.
+        qa_reduction: how ``--ibn-accum K`` combines the micro-batches' QA losses. "token" (default): the token mean
+            over the whole big batch (the gradient of one batch K x world larger). "micro": the mean of the K x world
+            micro-batches' token means, as the original (its ``fid_run`` divides each micro-batch's QA loss by the
+            number of accumulations, and DDP averages the ranks). The two agree when every micro-batch holds as many
+            answer tokens.
     """
 
     retrieval_layer: int = 6
@@ -70,6 +75,7 @@ class ReAttConfig:
     init_log_scale: float = 0.0
     teacher_includes_query: bool = True
     teacher: str = "reader"
+    qa_reduction: str = "token"
 
     @classmethod
     def for_t5(cls, name: str, **overrides) -> "ReAttConfig":

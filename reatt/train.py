@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GradCache in-batch negatives: K micro-batches per step share ONE student softmax (all their "
                         "documents, on every rank), with the gradient of one batch K times larger and the activation "
                         "memory of one micro-batch (the original's accumulation_for_ibn)")
+    g.add_argument("--qa-reduction", choices=["token", "micro"], default="token",
+                   help="with --ibn-accum: the QA loss as the token mean over the big batch (token), or the mean of "
+                        "the micro-batches' token means as the original's fid_run (micro)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases)")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps (then linear decay to 0)")
@@ -348,7 +351,7 @@ def reatt_config_for(args, t5_config=None) -> ReAttConfig:
     train_kw = dict(kl_weight=args.kl_weight, in_batch_negatives=not args.no_in_batch_negatives,
                     train_pos_bias=not args.no_train_pos_bias, backend=args.backend,
                     use_fused_kernels=not args.reference_ops, teacher=args.teacher,
-                    teacher_includes_query=not args.teacher_docs_only)
+                    teacher_includes_query=not args.teacher_docs_only, qa_reduction=args.qa_reduction)
     flags = {"retrieval_layer": args.retrieval_layer, "retrieval_head": args.retrieval_head,
              "head_temperature": args.head_temperature}
     if args.model and os.path.exists(os.path.join(args.model, CONFIG_NAME)):
