@@ -324,9 +324,12 @@ class ReAttModel(nn.Module):
             H, dk = module.n_heads, module.key_value_proj_dim
             qh = module.q(hidden[:, :1]).view(hidden.shape[0], H, dk)  # decoder step 0
             kh = module.k(kv).view(kv.shape[0], kv.shape[1], H, dk)
-            # T5 does not scale q.k, and cross-attention has no position bias: these are the layer's logits.
+            # T5 does not scale q.k, and cross-attention has no position bias: these are the layer's logits. The
+            # projections are the reader's own (bf16 under autocast); the product is fp32 (fp64 for an fp64 model):
+            # autocast would recast the einsum's inputs to bf16 even after .to(float32), so it is switched off here.
             ct = torch.promote_types(qh.dtype, torch.float32)
-            self._teacher_logits = torch.einsum("bhd,bshd->bhs", qh.to(ct), kh.to(ct))
+            with torch.autocast(qh.device.type, enabled=False):
+                self._teacher_logits = torch.einsum("bhd,bshd->bhs", qh.to(ct), kh.to(ct))
 
     def decode(self, enc: Tensor, enc_mask: Tensor, labels: Optional[Tensor] = None,
                decoder_input_ids: Optional[Tensor] = None, capture_teacher: bool = False):
