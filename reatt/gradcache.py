@@ -121,15 +121,17 @@ def ibn_accum_step(model, micro_batches: Sequence[dict], autocast=None) -> dict:
         raise ValueError(f"qa_reduction must be 'token' or 'micro', got {qa_red!r}")
 
     # ---- 1. pre-pass without gradient: cache q/k, masks, offsets, teachers; keep each micro-batch's RNG state ----
+    # Without a KL (the QA-only warm-up) there is nothing to cache: each micro-batch runs once, in step 3.
     states, cache = [], []
-    with torch.no_grad():
-        for b in micro_batches:
-            states.append(_torch_rng_state(dev))
-            with ac():
-                p = model.forward_parts(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"], b["labels"], teacher=use_kl)
-            cache.append(p)
-    end_state = _torch_rng_state(dev)
-    n_tok_local = sum(p["n_tokens"] for p in cache)
+    if use_kl:
+        with torch.no_grad():
+            for b in micro_batches:
+                states.append(_torch_rng_state(dev))
+                with ac():
+                    p = model.forward_parts(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"], b["labels"])
+                cache.append(p)
+        end_state = _torch_rng_state(dev)
+    n_tok_local = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
     n_tok = n_tok_local
     if world > 1:
         t = torch.tensor([n_tok_local], dtype=torch.float64, device=dev)
@@ -179,7 +181,8 @@ def ibn_accum_step(model, micro_batches: Sequence[dict], autocast=None) -> dict:
         q_row = rank * (grads_q.shape[0] // world)
         d_row = rank * (grads_d.shape[0] // world)
     for k, b in enumerate(micro_batches):
-        _set_torch_rng_state(states[k], dev)
+        if use_kl:
+            _set_torch_rng_state(states[k], dev)
         with ac():
             p = model.forward_parts(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"], b["labels"], teacher=False)
         # "token": the big batch's QA loss is the mean over all its answer tokens, so this micro-batch's share is its
@@ -201,7 +204,8 @@ def ibn_accum_step(model, micro_batches: Sequence[dict], autocast=None) -> dict:
             q_row += nq
             d_row += nd
         loss.backward()
-    _set_torch_rng_state(end_state, dev)
+    if use_kl:
+        _set_torch_rng_state(end_state, dev)
 
     if world > 1:
         # Each rank holds its own micro-batches' share: the big batch's gradient is the sum over ranks.
