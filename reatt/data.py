@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import string
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+
+from .config import MAX_DOC_LEN, MAX_QUERY_LEN
 
 
 class DataError(ValueError):
@@ -96,12 +96,12 @@ def _tokenize(tok, texts, max_length, add_eos):
     return enc["input_ids"], enc["attention_mask"].bool()
 
 
-def tokenize_queries(tok, questions: Sequence[str], max_length: int = 64):
+def tokenize_queries(tok, questions: Sequence[str], max_length: int = MAX_QUERY_LEN):
     """-> ids [N, Lq], bool mask [N, Lq] ("question: ..." without EOS)."""
     return _tokenize(tok, [query_text(q) for q in questions], max_length, False)
 
 
-def tokenize_docs(tok, docs: Sequence, max_length: int = 192):
+def tokenize_docs(tok, docs: Sequence, max_length: int = MAX_DOC_LEN):
     """-> ids [N, Ld], bool mask [N, Ld] ("title: ... context: ..." + EOS)."""
     return _tokenize(tok, [doc_text(c) for c in docs], max_length, True)
 
@@ -120,7 +120,7 @@ class Collator:
     the target is ``answers[0]``.
     """
 
-    def __init__(self, tok, n_docs: int, max_query_len: int = 64, max_doc_len: int = 192, max_answer_len: int = 32):
+    def __init__(self, tok, n_docs: int, max_query_len: int = MAX_QUERY_LEN, max_doc_len: int = MAX_DOC_LEN, max_answer_len: int = 32):
         self.tok, self.n_docs = tok, n_docs
         self.max_query_len, self.max_doc_len, self.max_answer_len = max_query_len, max_doc_len, max_answer_len
 
@@ -139,19 +139,6 @@ class Collator:
         gold = torch.tensor([[bool(c.get("gold")) for c in e.ctxs[:n]] + [False] * (n - len(e.ctxs[:n])) for e in exs])
         return {"q_ids": q_ids, "q_mask": q_mask, "d_ids": d_ids.view(B, n, -1), "d_mask": d_mask.view(B, n, -1),
                 "labels": labels, "gold": gold}
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD/FiD exact-match normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def exact_match(pred: str, answers: Sequence[str]) -> bool:
-    p = normalize_answer(pred)
-    return any(p == normalize_answer(a) for a in answers)
 
 
 def build_corpus(examples: Sequence[Example]) -> tuple[list, dict]:

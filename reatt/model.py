@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 import reatt_kernels as rk
 
-from .config import ReAttConfig
+from .config import MAX_DOC_LEN, MAX_QUERY_LEN, ReAttConfig
 from .distributed import all_gather_nograd, all_gather_with_grad, all_reduce_max_int, is_distributed, rank_and_world
 
 EXTRA_NAME = "reatt_extra.pt"
@@ -256,7 +256,7 @@ class ReAttModel(nn.Module):
         """ids [N, Ld], bool mask -> (k vectors [N, Ld, d], mask). Runs only blocks <= B."""
         return self._retrieval_proj(self.bi_encode(ids, mask), "k"), mask
 
-    def encode_queries(self, texts: Sequence[str], max_length: int = 64) -> tuple[Tensor, Tensor]:
+    def encode_queries(self, texts: Sequence[str], max_length: int = MAX_QUERY_LEN) -> tuple[Tensor, Tensor]:
         """Questions (plain text; the "question:" prefix is added) -> (q vectors [N, Lq, d], bool mask [N, Lq])."""
         from .data import tokenize_queries
 
@@ -264,7 +264,7 @@ class ReAttModel(nn.Module):
         dev = self.head_logits.device
         return self.encode_query_ids(ids.to(dev), mask.to(dev))
 
-    def encode_documents(self, docs: Sequence, max_length: int = 192) -> tuple[Tensor, Tensor]:
+    def encode_documents(self, docs: Sequence, max_length: int = MAX_DOC_LEN) -> tuple[Tensor, Tensor]:
         """Documents ({"title", "text"} dicts, or strings used as text) -> (k vectors [N, Ld, d], bool mask)."""
         from .data import tokenize_docs
 

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ReAttConfig
-from .data import Collator, EpochSampler, build_corpus, doc_id, exact_match, load_jsonl
-from .distributed import rank_and_world
+from .config import MAX_DOC_LEN, MAX_QUERY_LEN, ReAttConfig
+from .data import Collator, EpochSampler, build_corpus, doc_id, load_jsonl
+from .distributed import rank_and_world, setup_distributed
+from .eval import em_score
 from .gradcache import ibn_accum_step
 from .model import ReAttModel, tiny_t5_config
 
@@ -44,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: every ctx of --train and --eval)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     g.add_argument("--n-docs", type=int, default=10, help="documents per question (first n ctxs)")
-    g.add_argument("--max-query-len", type=int, default=64, help="query tokens (\"question: ...\")")
-    g.add_argument("--max-doc-len", type=int, default=192, help="document tokens (\"title: ... context: ...\")")
+    g.add_argument("--max-query-len", type=int, default=MAX_QUERY_LEN, help="query tokens (\"question: ...\")")
+    g.add_argument("--max-doc-len", type=int, default=MAX_DOC_LEN, help="document tokens (\"title: ... context: ...\")")
     g.add_argument("--max-answer-len", type=int, default=32, help="answer tokens")
     g = ap.add_argument_group("model")
     g.add_argument("--model", help="local T5 checkpoint directory (offline); omit for a random tiny T5")
@@ -301,7 +302,7 @@ def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, devic
             gen = model.generate_answers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"],
                                          max_new_tokens=args.max_answer_len)
             preds = tok.batch_decode(gen, skip_special_tokens=True)
-            hits += sum(exact_match(p, e.answers) for p, e in zip(preds, part))
+            hits += sum(em_score(p, e.answers) for p, e in zip(preds, part))
         return hits / max(1, len(batch_exs))
 
     res["em"] = em_of(exs)
@@ -338,17 +339,6 @@ def reretrieve(model: ReAttModel, tok, examples, corpus, args, device) -> None:
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------------
-def setup_distributed():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = rank_and_world()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
 def reatt_config_for(args, t5_config=None) -> ReAttConfig:
     """The ReAttConfig of this run: architecture fields (layer, head, tau) from the saved model of the previous round
     when ``--model`` holds one, else from the flags, else from the original's preset for the T5's shape (an error
