@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/reatt", help="output directory (checkpoints, metrics.jsonl)")
     g.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--eval-max", type=int, default=1000, help="evaluate on at most N questions")
+    g.add_argument("--eval-batch-size", type=int, default=16,
+                   help="questions per evaluation batch (reading and own-ctx scoring; sharded over ranks)")
     g.add_argument("--top-k", default="1,5,20", help="retrieval top-k accuracies to report")
     g.add_argument("--eval-retrieved", action="store_true", help="also report EM when reading the retrieved top n")
     g.add_argument("--reretrieve-every", type=int, default=0,
@@ -265,14 +267,31 @@ def _corpus_search(model: ReAttModel, questions, corpus, k: int, args, device, d
     return ids
 
 
+def _shard(items: list, rank: int, world: int) -> list:
+    """This rank's share of an evaluation list: items rank, rank + world, ... (every rank gets a near-equal share)."""
+    return items[rank::world]
+
+
+def _sum_over_ranks(values: list, device) -> list:
+    """Element-wise sum of a list of numbers over ranks (float64; the values themselves when not distributed)."""
+    from .distributed import is_distributed
+
+    if not is_distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 @torch.no_grad()
-def own_docs_top1(model: ReAttModel, tok, examples, args, device) -> float:
-    """Gold top-1 among each question's own ctxs (first n_docs), by the inference score (MaxSim sum, no bias), over
-    the questions that have a gold ctx there."""
+def own_docs_hits(model: ReAttModel, tok, examples, args, device) -> tuple[int, int]:
+    """(hits, questions): gold top-1 among each question's own ctxs (first n_docs), by the inference score (MaxSim
+    sum, no bias), over the questions that have a gold ctx there."""
     col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
     hits = total = 0
-    for i in range(0, len(examples), 64):
-        b = to_device(col(examples[i : i + 64]), device)
+    bs = args.eval_batch_size
+    for i in range(0, len(examples), bs):
+        b = to_device(col(examples[i : i + bs]), device)
         B, n, Ld = b["d_ids"].shape
         q, qm = model.encode_query_ids(b["q_ids"], b["q_mask"])
         d, dm = model.encode_document_ids(b["d_ids"].view(B * n, Ld), b["d_mask"].view(B * n, Ld))
@@ -281,48 +300,67 @@ def own_docs_top1(model: ReAttModel, tok, examples, args, device) -> float:
         best = s.argmax(1)
         hits += int((b["gold"][torch.arange(B), best] & has).sum())
         total += int(has.sum())
-    return hits / max(1, total)
+    return hits, total
 
 
 @torch.no_grad()
 def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, device) -> dict:
-    """EM reading the given ctxs; gold top-1 among the given ctxs and gold top-k over the corpus (questions with a
-    gold ctx); and (optionally) EM reading the retrieved top n_docs."""
+    """Collective under torch.distributed (call it on every rank; every rank gets the same dict).
+
+    - ``em``: EM reading the given ctxs (each rank reads its share of the questions; the counts are summed);
+    - ``retrieval_own_top1``: gold top-1 among the given ctxs (questions with a gold ctx; sharded the same way);
+    - ``retrieval_top{k}``: gold top-k over the corpus (questions with gold ids), ``answer_top{k}``: DPR answer
+      containment top-k over the corpus (every question: data without gold ids too). The corpus is a ShardedIndex
+      across ranks (each rank encodes 1/world of it), searched by every rank for all questions;
+    - ``em_retrieved`` (``--eval-retrieved``): EM reading the retrieved top n_docs, sharded.
+    Reading runs ``--eval-batch-size`` questions at a time with greedy decoding on a KV cache."""
+    from .eval import has_answer, passage_text
+
     model.eval()
+    rank, world = rank_and_world()
     exs = examples[: args.eval_max]
     ks = [int(k) for k in str(args.top_k).split(",") if k]
     res = {}
     col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
+    bs = args.eval_batch_size
 
-    def em_of(batch_exs):
-        hits = 0
-        for i in range(0, len(batch_exs), 64):
-            part = batch_exs[i : i + 64]
+    def em_hits(batch_exs):
+        hits = 0.0
+        for i in range(0, len(batch_exs), bs):
+            part = batch_exs[i : i + bs]
             b = to_device(col(part), device)
             gen = model.generate_answers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"],
                                          max_new_tokens=args.max_answer_len)
             preds = tok.batch_decode(gen, skip_special_tokens=True)
             hits += sum(em_score(p, e.answers) for p, e in zip(preds, part))
-        return hits / max(1, len(batch_exs))
+        return hits
 
-    res["em"] = em_of(exs)
+    mine = _shard(exs, rank, world)
     with_gold = [e for e in exs if e.gold_ids]
+    own_hits, own_total = own_docs_hits(model, tok, [e for e in mine if e.gold_ids], args, device) if with_gold \
+        else (0, 0)
+    em_sum, own_hits, own_total = _sum_over_ranks([em_hits(mine), own_hits, own_total], device)
+    res["em"] = em_sum / max(1, len(exs))
     if with_gold:
-        res["retrieval_own_top1"] = own_docs_top1(model, tok, with_gold, args, device)
-    if with_gold or args.eval_retrieved:
-        top = _corpus_search(model, [e.question for e in exs], corpus, max(ks + [args.n_docs]), args, device)
-        ids = [[doc_id(corpus[j]) for j in row.tolist() if j >= 0] for row in top]
-        if with_gold:
-            for k in ks:
-                res[f"retrieval_top{k}"] = float(np.mean([bool(set(e.gold_ids) & set(r[:k]))
-                                                          for e, r in zip(exs, ids) if e.gold_ids]))
-            res["retrieval_chance_top1"] = 1.0 / max(1, len(corpus))
-        if args.eval_retrieved:
-            from .data import Example
+        res["retrieval_own_top1"] = own_hits / max(1, own_total)
+    top = _corpus_search(model, [e.question for e in exs], corpus, max(ks + [args.n_docs]), args, device,
+                         distributed=world > 1)
+    ids = [[doc_id(corpus[j]) for j in row.tolist() if j >= 0] for row in top]
+    if with_gold:
+        for k in ks:
+            res[f"retrieval_top{k}"] = float(np.mean([bool(set(e.gold_ids) & set(r[:k]))
+                                                      for e, r in zip(exs, ids) if e.gold_ids]))
+        res["retrieval_chance_top1"] = 1.0 / max(1, len(corpus))
+    first = [next((j for j, c in enumerate(row.tolist()) if c >= 0 and has_answer(e.answers, passage_text(corpus[c]))),
+                  None) for e, row in zip(exs, top)]
+    for k in ks:
+        res[f"answer_top{k}"] = float(np.mean([p is not None and p < k for p in first])) if exs else 0.0
+    if args.eval_retrieved:
+        from .data import Example
 
-            rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist() if j >= 0],
-                            e.line, e.gold_ids) for e, row in zip(exs, top)]
-            res["em_retrieved"] = em_of(rexs)
+        rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist() if j >= 0],
+                        e.line, e.gold_ids) for e, row in zip(exs, top)]
+        res["em_retrieved"] = _sum_over_ranks([em_hits(_shard(rexs, rank, world))], device)[0] / max(1, len(rexs))
     model.train()
     return res
 
@@ -527,17 +565,16 @@ def train(args) -> list:
     def run_eval(step_now, t_train):
         if not eval_exs:
             return
+        # Every rank evaluates its share (collective): no rank idles at a barrier while rank 0 evaluates alone.
+        te = time.time()
+        res = evaluate(model, tok, eval_exs, corpus, corpus_index, args, device)
+        rec = {"step": step_now, "train_seconds": round(t_train, 1), "eval_seconds": round(time.time() - te, 1),
+               **res}
+        history.append(rec)
         if main_proc:
-            te = time.time()
-            res = evaluate(model, tok, eval_exs, corpus, corpus_index, args, device)
-            rec = {"step": step_now, "train_seconds": round(t_train, 1), "eval_seconds": round(time.time() - te, 1),
-                   **res}
-            history.append(rec)
             log({"type": "eval", **rec})
             parts = [f"{k} {v:.3f}" for k, v in res.items() if k != "retrieval_chance_top1"]
             print(f"[eval] step {step_now:5d}  {t_train:6.1f}s  " + "  ".join(parts), flush=True)
-        if world > 1:
-            dist.barrier()
 
     pbar = None
     if main_proc and not args.no_progress:
