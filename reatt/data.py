@@ -116,12 +116,16 @@ class Collator:
     gold [B, n] (bool, from the ctxs' "gold" field: for logging how much teacher mass lands on the gold document; the
     model never sees it).
 
-    Each example contributes its first ``n_docs`` ctxs (fewer: the missing ones are empty, all-masked documents);
-    the target is ``answers[0]``.
+    Each example contributes its first ``n_docs`` ctxs (fewer: the missing ones are empty, all-masked documents).
+    The target: one of the answers drawn with Python's ``random`` (``target="random"``, the original's
+    ``random.choice``; seeded and checkpointed by reatt-train), or ``answers[0]`` (``target="first"``).
     """
 
-    def __init__(self, tok, n_docs: int, max_query_len: int = MAX_QUERY_LEN, max_doc_len: int = MAX_DOC_LEN, max_answer_len: int = 32):
-        self.tok, self.n_docs = tok, n_docs
+    def __init__(self, tok, n_docs: int, max_query_len: int = MAX_QUERY_LEN, max_doc_len: int = MAX_DOC_LEN,
+                 max_answer_len: int = 32, target: str = "random"):
+        if target not in ("random", "first"):
+            raise ValueError(f"target must be 'random' or 'first', got {target!r}")
+        self.tok, self.n_docs, self.target = tok, n_docs, target
         self.max_query_len, self.max_doc_len, self.max_answer_len = max_query_len, max_doc_len, max_answer_len
 
     def __call__(self, exs: Sequence[Example]) -> dict:
@@ -134,11 +138,25 @@ class Collator:
             present.extend([True] * len(cs) + [False] * (n - len(cs)))
         d_ids, d_mask = tokenize_docs(self.tok, docs, self.max_doc_len)
         d_mask &= torch.tensor(present)[:, None]
-        labels = tokenize_answers(self.tok, [e.answers[0] for e in exs], self.max_answer_len)
+        targets = [random.choice(e.answers) if self.target == "random" and len(e.answers) > 1 else e.answers[0]
+                   for e in exs]
+        labels = tokenize_answers(self.tok, targets, self.max_answer_len)
         # Evaluation-only diagnostic (never given to the model): which slots hold a gold document.
         gold = torch.tensor([[bool(c.get("gold")) for c in e.ctxs[:n]] + [False] * (n - len(e.ctxs[:n])) for e in exs])
         return {"q_ids": q_ids, "q_mask": q_mask, "d_ids": d_ids.view(B, n, -1), "d_mask": d_mask.view(B, n, -1),
                 "labels": labels, "gold": gold}
+
+
+def sort_ctxs_by_score(examples: Sequence[Example]) -> None:
+    """Sort each example's ctxs by descending ``score`` in place, as the original's ``sort_data`` (stable; an
+    example where some ctx has no numeric score keeps its file order)."""
+    for e in examples:
+        try:
+            keys = [float(c["score"]) for c in e.ctxs]
+        except (KeyError, TypeError, ValueError):
+            continue
+        order = sorted(range(len(keys)), key=lambda i: -keys[i])
+        e.ctxs = [e.ctxs[i] for i in order]
 
 
 def build_corpus(examples: Sequence[Example]) -> tuple[list, dict]:

@@ -82,7 +82,10 @@ def write_run(path: str, questions: list, corpus: list, scores, ids) -> None:
             for s, i in zip(srow, irow):
                 if i < 0:
                     break
-                c = {k: v for k, v in corpus[i].items() if k != "gold"}
+                # FiD's reader reads c['title'], c['text'], c['score'] and str(c['id']) of every ctx: always write them
+                # (a passage without an id is named by its corpus line, 0-based, the index's doc id; its gold flag
+                # still comes from the question's gold ids, matched against the passage as the corpus holds it).
+                c = {"id": str(i), "title": "", **{k: v for k, v in corpus[i].items() if k != "gold"}}
                 c["score"] = round(float(s), 6)
                 if gold:
                     c["gold"] = doc_id(corpus[i]) in gold

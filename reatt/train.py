@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .config import MAX_DOC_LEN, MAX_QUERY_LEN, ReAttConfig
-from .data import Collator, EpochSampler, build_corpus, doc_id, load_jsonl
+from .data import Collator, EpochSampler, build_corpus, doc_id, load_jsonl, sort_ctxs_by_score
 from .distributed import rank_and_world, setup_distributed
 from .eval import em_score
 from .gradcache import ibn_accum_step
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: every ctx of --train and --eval)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     g.add_argument("--n-docs", type=int, default=10, help="documents per question (first n ctxs)")
+    g.add_argument("--target", choices=["random", "first"], default="random",
+                   help="training target: one answer drawn at random per use (the original's random.choice), or "
+                        "always answers[0]")
+    g.add_argument("--ctx-order", choices=["score", "file"], default="score",
+                   help="score: sort each question's ctxs by descending \"score\" before taking the first n (the "
+                        "original's sort_data; questions whose ctxs lack scores keep the file order); file: as given")
     g.add_argument("--max-query-len", type=int, default=MAX_QUERY_LEN, help="query tokens (\"question: ...\")")
     g.add_argument("--max-doc-len", type=int, default=MAX_DOC_LEN, help="document tokens (\"title: ... context: ...\")")
     g.add_argument("--max-answer-len", type=int, default=32, help="answer tokens")
@@ -487,6 +493,9 @@ def train(args) -> list:
         raise SystemExit("reatt-train: --train is required (or --demo)")
     train_exs = load_jsonl(args.train)
     eval_exs = load_jsonl(args.eval) if args.eval else []
+    if args.ctx_order == "score":
+        sort_ctxs_by_score(train_exs)
+        sort_ctxs_by_score(eval_exs)
     if args.corpus:
         corpus = []
         with open(args.corpus) as f:
@@ -511,7 +520,7 @@ def train(args) -> list:
     if args.warmup_ratio > 0:
         args.warmup = int(round(args.warmup_ratio * args.steps))
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
-    col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
+    col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len, target=args.target)
     G = args.batch_size * world
     sampler = EpochSampler(len(train_exs), G, args.seed)
     use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda")

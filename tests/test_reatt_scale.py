@@ -304,3 +304,61 @@ def test_evaluate_sharded_over_two_gloo_ranks_equals_one_process(tok, tmp_path):
         assert got.keys() == ref.keys()
         for k in ref:
             assert got[k] == pytest.approx(ref[k], abs=1e-12), (r, k, got[k], ref[k])
+
+
+# ---- the original's target sampling and ctx order --------------------------------------------------------------------
+def test_training_target_samples_an_answer_as_the_original(tok):
+    """--target random (default, the original's random.choice over the answers) vs first (answers[0])."""
+    import random
+
+    from reatt.data import tokenize_answers
+
+    ex = Example("what ?", ["red", "blue", "green"], [{"title": "t", "text": "red blue green"}])
+    want = {a: tuple(tokenize_answers(tok, [a], 8)[0].tolist()) for a in ex.answers}
+    random.seed(0)
+    seen = {tuple(Collator(tok, 1, 16, 16, 8)([ex])["labels"][0].tolist()) for _ in range(40)}
+    assert seen == set(want.values())
+    first = {tuple(Collator(tok, 1, 16, 16, 8, target="first")([ex])["labels"][0].tolist()) for _ in range(10)}
+    assert first == {want["red"]}
+    from reatt.train import build_parser
+
+    assert build_parser().parse_args([]).target == "random"
+
+
+def test_ctxs_sorted_by_score_as_the_original(tmp_path):
+    """Training ctxs are sorted by descending "score" when every ctx has one (the original's sort_data);
+    --ctx-order file keeps the file's order."""
+    from reatt.data import load_jsonl, sort_ctxs_by_score
+
+    p = tmp_path / "t.jsonl"
+    rows = [{"question": "q", "answers": ["a"], "ctxs": [{"text": "x", "score": 0.1}, {"text": "y", "score": "2.5"},
+                                                          {"text": "z", "score": 1}]},
+            {"question": "q2", "answers": ["a"], "ctxs": [{"text": "u"}, {"text": "v", "score": 3}]}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exs = load_jsonl(str(p))
+    sort_ctxs_by_score(exs)
+    assert [c["text"] for c in exs[0].ctxs] == ["y", "z", "x"]
+    assert [c["text"] for c in exs[1].ctxs] == ["u", "v"]  # not every ctx has a score: file order
+    from reatt.train import build_parser
+
+    assert build_parser().parse_args([]).ctx_order == "score"
+
+
+# ---- FiD readers accept our search output ----------------------------------------------------------------------------
+def test_search_output_has_fid_fields_for_a_corpus_without_title_or_id(tmp_path):
+    """FiD's reader (src/data.py) reads c['title'], c['text'], c['score'] and str(c['id']) of every ctx: a run written
+    for a corpus without titles or ids carries them ("" and the corpus line number), and the gold flags still hold."""
+    from reatt.data import doc_id
+    from reatt.index_cli import write_run
+    from reatt.retrieve import read_corpus
+
+    cp = tmp_path / "corpus.jsonl"
+    cp.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["alpha beta", "gamma", "delta"]))
+    corpus = read_corpus(str(cp))
+    out = tmp_path / "run.jsonl"
+    write_run(str(out), [{"question": "q", "answers": ["gamma"], "gold_ids": [doc_id({"text": "gamma"})]}], corpus,
+              torch.tensor([[2.0, 1.0]]), torch.tensor([[1, 0]]))
+    row = json.loads(out.read_text())
+    for c in row["ctxs"]:  # what FiD's Dataset.__getitem__ does with each ctx
+        "title: {} context: {}".format(c["title"], c["text"]), float(c["score"]), str(c["id"])
+    assert [c["id"] for c in row["ctxs"]] == ["1", "0"] and [c["gold"] for c in row["ctxs"]] == [True, False]
