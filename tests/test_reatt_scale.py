@@ -362,3 +362,89 @@ def test_search_output_has_fid_fields_for_a_corpus_without_title_or_id(tmp_path)
     for c in row["ctxs"]:  # what FiD's Dataset.__getitem__ does with each ctx
         "title: {} context: {}".format(c["title"], c["text"]), float(c["score"]), str(c["id"])
     assert [c["id"] for c in row["ctxs"]] == ["1", "0"] and [c["gold"] for c in row["ctxs"]] == [True, False]
+
+
+# ---- the author's checkpoints ----------------------------------------------------------------------------------------
+def _fork_layout(model, path, kl_method="separate"):
+    """Write ``model`` as the FiD fork's FiDT5.save_pretrained would: wrapper names, fork config fields."""
+    import os
+
+    os.makedirs(path, exist_ok=True)
+    sd = {}
+    for k, v in model.t5.state_dict().items():
+        if k.startswith("encoder.embed_tokens") or k.startswith("decoder.embed_tokens"):
+            continue
+        if k.startswith("encoder.block."):
+            parts = k.split(".")
+            k = ".".join(["encoder", "encoder", "block", parts[2], "module", *parts[3:]])
+        elif k.startswith("encoder."):
+            k = "encoder." + k
+        elif k.startswith("decoder."):
+            k = "decoder." + k
+        sd[k] = v.clone()
+    H = model.t5.config.num_heads
+    w = torch.randn(H) * 0.01
+    sd["decoder.head_weights"] = w[None] if kl_method != "merge" else w
+    sd["decoder.combine_weight"] = torch.tensor(0.7)
+    torch.save(sd, os.path.join(path, "pytorch_model.bin"))
+    cfg = model.t5.config.to_dict()
+    cfg.update(n_layer_two_tower=model.config.retrieval_layer, layer_for_retrieval="first", attention_mask="separate",
+               retrieval_aggregation_method="all-avg-max", keep_ctx_in_decoder_head_tau=0.001,
+               head_weights_norm_func="softmax", encoder_decoder_kl_method=kl_method, combine_weight=0.0,
+               keep_ctx_in_decoder_with_head=None, encoder_decoder_kl_ratio=8.0, architectures=["FiDT5"])
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return w
+
+
+@pytest.mark.parametrize("kl_method", ["separate", "merge"])
+def test_load_a_fid_fork_checkpoint(tok, rows, tmp_path, kl_method):
+    """A synthetic checkpoint in the fork's layout (12 heads at layer 6: the fork's head 3) loads into ReAttModel:
+    every T5 weight, w from decoder.head_weights, c from decoder.combine_weight, tau 0.001, and the same forward."""
+    from reatt.checkpoints import load_original
+    from reatt.model import ReAttModel, tiny_t5_config
+
+    cfg = tiny_t5_config(vocab_size=len(tok), d_model=48, num_layers=7, num_decoder_layers=2, num_heads=12, d_kv=8,
+                         d_ff=64)
+    ref = ReAttModel.from_config(cfg, ReAttConfig(retrieval_layer=6, retrieval_head=3), tokenizer=tok, seed=5).eval()
+    w = _fork_layout(ref, str(tmp_path / "ck"), kl_method)
+    got = load_original(str(tmp_path / "ck"))
+    assert (got.config.retrieval_layer, got.config.retrieval_head, got.config.head_temperature) == (6, 3, 0.001)
+    assert torch.equal(got.head_logits, w) and float(got.log_scale.detach()) == pytest.approx(0.7)
+    for (n, p), (_, q) in zip(got.t5.state_dict().items(), ref.t5.state_dict().items()):
+        assert torch.equal(p, q), n
+    with torch.no_grad():
+        ref.head_logits.copy_(w)
+        ref.log_scale.fill_(0.7)
+    got.tokenizer = tok
+    b = _batch(tok, rows)
+    with torch.no_grad():
+        a, r = got(**{k: v for k, v in b.items() if k != "gold"}), ref(**{k: v for k, v in b.items() if k != "gold"})
+    assert torch.allclose(a["loss"], r["loss"], rtol=1e-5)
+
+
+def test_load_a_released_reatt_model_and_convert(tok, tmp_path):
+    """The released layout (plain T5 names, retrieval_layer/retrieval_head in config.json) loads with w = 0, c = 0;
+    python -m reatt.checkpoints converts it into a directory ReAttModel.from_pretrained reads back."""
+    import os
+
+    from reatt.checkpoints import load_original, main
+    from reatt.model import ReAttModel, tiny_t5_config
+
+    cfg = tiny_t5_config(vocab_size=len(tok), d_model=32, num_layers=4, num_decoder_layers=2, num_heads=4, d_kv=8,
+                         d_ff=48)
+    ref = ReAttModel.from_config(cfg, ReAttConfig(retrieval_layer=2, retrieval_head=1), seed=6)
+    d = tmp_path / "rel"
+    os.makedirs(d)
+    torch.save(ref.t5.state_dict(), d / "pytorch_model.bin")
+    c = ref.t5.config.to_dict()
+    c.update(retrieval_layer=2, retrieval_head=1, distillation_tau=1.0, retrieval_corpus="x")
+    (d / "config.json").write_text(json.dumps(c))
+    got = load_original(str(d))
+    assert (got.config.retrieval_layer, got.config.retrieval_head) == (2, 1)
+    assert float(got.head_logits.detach().abs().sum()) == 0.0 and float(got.log_scale.detach()) == 0.0
+    assert main([str(d), str(tmp_path / "conv")]) == 0
+    back = ReAttModel.from_pretrained(str(tmp_path / "conv"))
+    assert (back.config.retrieval_layer, back.config.retrieval_head) == (2, 1)
+    for (n, p), (_, q) in zip(back.t5.state_dict().items(), ref.t5.state_dict().items()):
+        assert torch.equal(p, q), n
