@@ -33,12 +33,17 @@ def doc_id(ctx: dict) -> str:
     return str(ctx["id"]) if "id" in ctx else f"{ctx.get('title', '')}\x00{ctx['text']}"
 
 
-def iter_jsonl(path: str):
-    """Yield ``(line, obj)`` for each non-blank line of a JSONL file (1-based line numbers, for error messages). A line
-    that is not valid JSON raises :class:`DataError` naming it."""
+def iter_jsonl(path: str, rank: int = 0, world: int = 1):
+    """Yield ``(line, obj)`` for the non-blank lines k = rank, rank + world, ... of a JSONL file (1-based line numbers,
+    for error messages), streaming: the other lines are read but never parsed or kept. A line that is not valid
+    JSON raises :class:`DataError` naming it."""
+    k = -1
     with open(path) as f:
         for ln, raw in enumerate(f, 1):
             if not raw.strip():
+                continue
+            k += 1
+            if k % world != rank:
                 continue
             try:
                 obj = json.loads(raw)
@@ -47,10 +52,19 @@ def iter_jsonl(path: str):
             yield ln, obj
 
 
-def load_jsonl(path: str, require_ctxs: bool = True) -> list[Example]:
-    """Read and validate a FiD/ReAtt JSONL file; errors name the line (1-based) and the problem."""
+def count_jsonl(path: str) -> int:
+    """Number of non-blank lines (examples) of a JSONL file, without parsing them."""
+    with open(path) as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+def load_jsonl(path: str, require_ctxs: bool = True, rank: int = 0, world: int = 1) -> list[Example]:
+    """Read and validate a FiD/ReAtt JSONL file; errors name the line (1-based) and the problem.
+
+    ``rank``/``world``: only this rank's share, the examples rank, rank + world, ... (reatt-train under
+    torch.distributed: no rank holds the whole file, about 20 GB for NQ with 100 ctxs per question)."""
     out = []
-    for ln, obj in iter_jsonl(path):
+    for ln, obj in iter_jsonl(path, rank, world):
         where = f"{path}:{ln}"
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -76,7 +90,7 @@ def load_jsonl(path: str, require_ctxs: bool = True) -> list[Example]:
         gold = [doc_id(c) for c in ctxs if c.get("gold")]
         out.append(Example(q, answers, ctxs, ln, gold))
     if not out:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples" + (f" for rank {rank} of {world}" if world > 1 else ""))
     return out
 
 
@@ -188,3 +202,26 @@ class EpochSampler:
         g = order[k * self.G : (k + 1) * self.G]
         per = self.G // world
         return g[rank * per : (rank + 1) * per]
+
+
+class ShardSampler:
+    """Data order when every rank holds only its share of the examples (``load_jsonl(..., rank, world)``): epoch e
+    of rank r is a permutation of its share seeded by (seed, e, r), so a step number alone says where a resumed run
+    continues; a step's global batch is the ranks' disjoint batches. Every rank runs the same number of steps per
+    epoch (the smallest share's). With world = 1 the order is :class:`EpochSampler`'s."""
+
+    def __init__(self, n_local: int, batch: int, seed: int, rank: int = 0, world: int = 1,
+                 n_total: Optional[int] = None):
+        n_total = n_local if n_total is None else n_total
+        self.per_epoch = (n_total // world) // batch
+        if self.per_epoch == 0:
+            raise ValueError(f"global batch {batch * world} is larger than the dataset ({n_total} examples)")
+        self.n, self.B, self.seed, self.rank = n_local, batch, seed, rank
+
+    def batch(self, step: int) -> list[int]:
+        """Local indices (into this rank's share) of this rank's batch at ``step``."""
+        epoch, k = divmod(step, self.per_epoch)
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + epoch + self.rank * 7_919_993).shuffle(order)
+        return order[k * self.B : (k + 1) * self.B]
+

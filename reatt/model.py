@@ -26,6 +26,7 @@ those of the pair it was encoded in); :meth:`ReAttModel.student_scores` does thi
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional, Sequence
 
@@ -553,10 +554,12 @@ class ReAttModel(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=q_ids.device)
         am = enc_mask.long()
         past = None
+        # transformers >= 5.2x names the cache argument "cache" (the old "past_key_values" warns).
+        cache_kw = "cache" if "cache" in inspect.signature(self.t5.forward).parameters else "past_key_values"
         for _ in range(max_new_tokens):
             if use_cache:
                 out = self.t5(encoder_outputs=(enc,), attention_mask=am, decoder_input_ids=cur[:, -1:],
-                              past_key_values=past, use_cache=True, return_dict=True)
+                              use_cache=True, return_dict=True, **{cache_kw: past})
                 past = out.past_key_values
             else:
                 out = self.decode(enc, enc_mask, decoder_input_ids=cur)

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from .config import MAX_DOC_LEN, MAX_QUERY_LEN, ReAttConfig
-from .data import Collator, EpochSampler, build_corpus, doc_id, load_jsonl, sort_ctxs_by_score
+from .data import (Collator, Example, ShardSampler, build_corpus, count_jsonl, doc_id, load_jsonl,
+                   sort_ctxs_by_score)
 from .distributed import rank_and_world, setup_distributed
 from .eval import em_score
 from .gradcache import ibn_accum_step
@@ -376,7 +377,18 @@ def reretrieve(model: ReAttModel, tok, examples, corpus, args, device) -> None:
     """Refresh every training question's ctxs with its top n_docs corpus documents (exact index; under DDP every
     rank encodes its slice of the corpus into a shard of a ShardedIndex)."""
     model.eval()
-    top = _corpus_search(model, [e.question for e in examples], corpus, args.n_docs, args, device, distributed=True)
+    questions = [e.question for e in examples]
+    rank, world = rank_and_world()
+    first = 0
+    if world > 1:
+        # Each rank holds its share of the questions; the ShardedIndex search is collective over the same queries,
+        # so every rank searches all of them (against its shard of the corpus) and keeps its own rows.
+        parts = [None] * world
+        dist.all_gather_object(parts, questions)
+        first = sum(len(p) for p in parts[:rank])
+        questions = [q for p in parts for q in p]
+    top = _corpus_search(model, questions, corpus, args.n_docs, args, device, distributed=True)
+    top = top[first : first + len(examples)]
     for e, row in zip(examples, top):
         e.ctxs = [corpus[j] for j in row.tolist() if j >= 0]
     model.train()
@@ -491,7 +503,9 @@ def train(args) -> list:
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     if args.train is None:
         raise SystemExit("reatt-train: --train is required (or --demo)")
-    train_exs = load_jsonl(args.train)
+    # Each rank streams and keeps only its share of the training file (examples rank, rank + world, ...).
+    train_exs = load_jsonl(args.train, rank=rank, world=world)
+    n_train = count_jsonl(args.train) if world > 1 else len(train_exs)
     eval_exs = load_jsonl(args.eval) if args.eval else []
     if args.ctx_order == "score":
         sort_ctxs_by_score(train_exs)
@@ -507,6 +521,10 @@ def train(args) -> list:
                     corpus.append(c)
     else:
         corpus, _ = build_corpus(train_exs + eval_exs)
+        if world > 1:  # every rank needs the same corpus (its shard of the index, re-retrieval): the union of shares
+            parts = [None] * world
+            dist.all_gather_object(parts, corpus)
+            corpus, _ = build_corpus([Example("", [""], p) for p in parts])
     corpus_index = {doc_id(c): i for i, c in enumerate(corpus)}
 
     model = build_model(args, tok, device)
@@ -521,8 +539,7 @@ def train(args) -> list:
         args.warmup = int(round(args.warmup_ratio * args.steps))
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
     col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len, target=args.target)
-    G = args.batch_size * world
-    sampler = EpochSampler(len(train_exs), G, args.seed)
+    sampler = ShardSampler(len(train_exs), args.batch_size, args.seed, rank, world, n_train)
     use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
@@ -535,8 +552,8 @@ def train(args) -> list:
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, history = ck["step"], ck.get("history", [])
-        if ck.get("ctx_ids") is not None:
-            for e, ids in zip(train_exs, ck["ctx_ids"]):
+        if ck.get("ctx_ids") is not None:  # saved in global order: this rank's share is rank, rank + world, ...
+            for e, ids in zip(train_exs, ck["ctx_ids"][rank::world]):
                 e.ctxs = [corpus[corpus_index[i]] for i in ids]
             reretrieved = True
         set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
@@ -554,14 +571,21 @@ def train(args) -> list:
 
     def save(step_now):
         rngs = [None] * world
+        ctx_ids = [[doc_id(c) for c in e.ctxs] for e in train_exs] if reretrieved else None
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
+            if reretrieved:  # back to the file's order: example r + world * j is rank r's j-th
+                parts = [None] * world
+                dist.all_gather_object(parts, ctx_ids)
+                ctx_ids = [None] * n_train
+                for r, p in enumerate(parts):
+                    ctx_ids[r::world] = p
         else:
             rngs = [rng_state()]
         if main_proc:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "step": step_now, "rng": rngs, "history": history, "args": vars(args),
-                         "ctx_ids": [[doc_id(c) for c in e.ctxs] for e in train_exs] if reretrieved else None},
+                         "ctx_ids": ctx_ids},
                         ckpt_path)
         if world > 1:
             dist.barrier()
@@ -605,11 +629,11 @@ def train(args) -> list:
             model.config.kl_weight = args.kl_weight * min(1.0, step / args.kl_warmup)
         logs = {"loss": 0.0, "qa_loss": 0.0, "kl_loss": 0.0}
         if args.ibn_accum > 1:
-            micro = [to_device(col([train_exs[i] for i in sampler.batch(step * args.ibn_accum + k, rank, world)]),
+            micro = [to_device(col([train_exs[i] for i in sampler.batch(step * args.ibn_accum + k)]),
                                device) for k in range(args.ibn_accum)]
             logs.update(ibn_accum_step(model, micro, autocast=autocast))
         for micro in range(args.accum if args.ibn_accum <= 1 else 0):
-            idx = sampler.batch(step * args.accum + micro, rank, world)
+            idx = sampler.batch(step * args.accum + micro)
             batch = to_device(col([train_exs[i] for i in idx]), device)
             sync = micro == args.accum - 1 or world == 1
             ctx = ddp.no_sync() if (world > 1 and not sync) else nullcontext()
