@@ -26,7 +26,7 @@
 // * cp.async (16 B, commit_group, wait_group N) is deferred: the source is read and the destination poisoned (0xFF)
 //   when the copy is issued; the data lands when the issuing thread waits for its group, so a missing wait or barrier
 //   reads NaN. ldmatrix.x4 and mma.m16n8k16 (f16/bf16 -> f32) gather the warp's lanes and use the PTX ISA fragment
-//   layouts (asserted lane by lane in tests/test_cuda_emu.py against tables typed out from the ISA).
+//   layouts (asserted lane by lane in tests/kernels/test_cuda_emu.py against tables typed out from the ISA).
 // * Host API: cudaFuncSetAttribute is checked against the emulated per-block opt-in smem limit, a launch above the
 //   default 48 KB without it (or above the limit) fails like the real one; errors are thread-local and cleared by
 //   cudaGetLastError. The SM count and the opt-in limit are set by reatt_kernels._C_emu.set_device_limits().
