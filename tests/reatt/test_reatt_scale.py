@@ -288,7 +288,7 @@ def test_evaluate_sharded_over_two_gloo_ranks_equals_one_process(tok, tmp_path):
 
     from reatt.train import evaluate
 
-    from .utils import spawn_with_timeout
+    from ..utils import spawn_with_timeout
 
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
@@ -532,7 +532,7 @@ def test_two_rank_training_streams_shares_and_checkpoints_the_file_order(tmp_pat
 
     from reatt.demo import write_demo
 
-    from .utils import spawn_with_timeout
+    from ..utils import spawn_with_timeout
 
     data = write_demo(str(tmp_path / "data"), n_entities=8, pool=3, n_ctx=3, n_train=9, n_dev=4)
     with socket.socket() as sk:
