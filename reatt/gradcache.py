@@ -20,7 +20,7 @@ in float64, dropout included, on one process and on 2 gloo ranks): QA is the tok
 big batch, the KL the batch mean over all its queries. Peak activation memory is one micro-batch's; the cache adds
 (Lq + n * Ld) * d floats per query.
 
-Differences from the original (see the README's method table). The original (``fid_run`` and
+Differences from the original (see the method table in docs/reatt.md). The original (``fid_run`` and
 ``qa_loss_factor /= accumulated['total']`` in its ``src/model.py``) back-propagates from every micro-batch the full
 KL plus its own QA loss divided by K, and DDP averages the ranks: the encoder's q/k get the big batch's KL gradient at
 the same lambda as here, QA is the mean of the micro-batches' token means (``qa_reduction="micro"`` reproduces it;
