@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # ThreadSanitizer run of the CUDA kernels under CPU emulation: every CUDA thread is an OS thread, so a shared-memory
 # race between barriers (a missing __syncthreads, a read of a cp.async destination before its wait and barrier) is a
-# data race TSan reports. Not in CI (TSan slows the emulator ~5-15x; see README "Testing the CUDA kernels on CPU").
-# Usage: scripts/tsan_emu.sh [pytest args]   (default: the emulated maxsim tests)
+# data race TSan reports. In CI: scripts/ci/25-cuda-emu-races.sh (small shapes: tests/test_cuda_emu_races.py).
+# Usage: scripts/tsan_emu.sh [pytest args]   (default: every CUDA kernel on small shapes + the emulator self-tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -14,6 +14,6 @@ export REATT_EMU_LIB="$LIB" OMP_NUM_THREADS=1
 "$PY" -c "import reatt_kernels._ext as e; m = e.emu(); assert m is not None, e.emu_import_error(); \
 assert m.build_info()['tsan'], 'REATT_EMU_LIB is not the TSan build'"
 if [ $# -eq 0 ]; then
-  set -- tests/test_cuda_emu.py tests/test_maxsim.py tests/test_maxsim_cuda.py -k "cuda_emu and not misuse"
+  set -- tests/test_cuda_emu_races.py tests/test_cuda_emu.py -k "not misuse"
 fi
 exec "$PY" -m pytest -q -p no:cacheprovider --capture=sys "$@"
