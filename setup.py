@@ -9,8 +9,8 @@ Follows pybind11's cmake_example. Environment variables:
 - ``REATT_BUILD_DIR``: CMake build folder (default ``build/cmake-<python tag>``); lets parallel builds not collide.
 - ``REATT_BUILD_JOBS``: parallel compile jobs (default: number of CPUs).
 - ``REATT_REQUIRE_EXT=1``: a C++ extension that cannot be built fails the install instead of falling back to the
-  pure-Python package (CI and ``scripts/build_wheels.sh`` set it).
-- ``REATT_CMAKE_ARGS``: extra CMake arguments, shell-quoted (``scripts/build_wheels.sh``: ``-DREATT_PORTABLE=ON``).
+  pure-Python package (CI and ``scripts/release/build_wheels.sh`` set it).
+- ``REATT_CMAKE_ARGS``: extra CMake arguments, shell-quoted (``scripts/release/build_wheels.sh``: ``-DREATT_PORTABLE=ON``).
 
 A missing compiler does not break installation by default: in ``auto`` mode a failed CUDA build is retried without CUDA,
 and a failed C++ build installs the pure-Python package. Either prints one ``reatt_kernels: WARNING:`` line naming the

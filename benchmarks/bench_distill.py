@@ -24,7 +24,7 @@ cpu_train_64x6400_ours     the full training shape, ours only, one call (time an
 
 Counts: teacher bytes = |attn| + |doc_index| + |mask| (+ 4 * B * n written); FLOPs ~ 0 (memory-bound; the one-hot
 tl.dot is not counted). Training: FLOPs = 2 * B * Nd * Lq * Ld * dim, bytes = 3 * (|q| + |d|) + 2 * 4 * B * Nd * Lq.
-Peak memory: GPU ``max_memory_allocated`` delta; CPU resident-set delta sampled every 0.5 ms (benchmarks/common.py).
+Peak memory: GPU ``max_memory_allocated`` delta; CPU resident-set delta sampled every 0.5 ms (reatt_kernels/bench/harness.py).
 
 Usage:
     python benchmarks/bench_distill.py [--quick] [--out DIR] [--cases a,b] [--providers x,y]
@@ -37,14 +37,11 @@ import functools
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from reatt_kernels.bench.harness import (  # noqa: E402
     case_main,
     pytest_device,
     pytest_quick,

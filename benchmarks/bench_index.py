@@ -8,10 +8,10 @@ recall-vs-latency plot. Writes benchmarks/results/<device>/bench_index[_quick].{
     python benchmarks/bench_index.py --sections peer --cache ~/.cache/reatt/bench-index   # reuse built indexes
     python benchmarks/bench_index.py --device cuda --docs 200000                          # the GPU configuration
 
-The implementation lives in reatt_kernels/index/bench.py (``reatt-bench --index`` calls the same ``run``)."""
+The implementation lives in reatt_kernels/bench/index.py (``reatt-bench --index`` calls the same ``run``)."""
 import sys
 
-from reatt_kernels.index.bench import main
+from reatt_kernels.bench.index import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ Counts (explicit, per call):
 - training FLOPs = 2 * Bq * Nd * Lq * Ld * dim (the forward dot products; the backward through the argmax is
   O(Bq * Nd * Lq * dim)); bytes = 3 * (|q| + |d|) + 2 * 4 * Bq * Nd * Lq (read q, d twice and write dq, dd; the int32
   argmax written by the forward and read by the backward).
-- floor = max(bytes / bandwidth, FLOPs / matmul rate) with both measured in the same run (benchmarks/common.py
+- floor = max(bytes / bandwidth, FLOPs / matmul rate) with both measured in the same run (reatt_kernels/bench/harness.py
   ``roofline``); % of roofline = floor / p50.
 
 Usage:
@@ -44,14 +44,11 @@ import gc
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from reatt_kernels.bench.harness import (  # noqa: E402
     case_main,
     pytest_device,
     pytest_quick,
@@ -76,7 +73,7 @@ from common import (  # noqa: E402
 )
 
 import reatt_kernels as rk  # noqa: E402
-from reatt_kernels.datasets import clustered_corpus, clustered_queries, pad_packed  # noqa: E402
+from reatt_kernels.bench.datasets import clustered_corpus, clustered_queries, pad_packed  # noqa: E402
 
 PROVIDERS = ["naive", "torch", "cpu", "triton", "cuda", "late-interaction-kernels", "maxsim-cpu", "fast-plaid"]
 OUR_BACKENDS = ("torch", "cpu", "triton", "cuda")

@@ -14,12 +14,9 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reatt_kernels as rk  # noqa: E402
 from reatt.config import ReAttConfig  # noqa: E402

@@ -3,7 +3,7 @@
 The common "keep the gradient for the local slice" trick (gather without grad, put the local tensor back in its slot)
 drops the gradient that *other* ranks' losses send to this rank's documents. Summing the gathered gradient over ranks
 before slicing (all_reduce in the backward) restores it, so that DDP's gradient average equals, exactly, the gradient
-of the same loss computed in one process on the global batch (tests/test_reatt_train.py checks this).
+of the same loss computed in one process on the global batch (tests/reatt/test_reatt_train.py checks this).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ micro-batch would see only its own documents. Here, as in the original (the auth
    the cached ones), and ``lambda * (<q, dKL/dq> + <k, dKL/dk>) + its share of the QA loss`` is back-propagated: the
    KL's gradient reaches only this micro-batch's own q/k, and through them the encoder.
 
-The result is the gradient of ONE batch ``world * K`` times larger (tests/test_reatt_gradcache.py checks it to 1e-10
+The result is the gradient of ONE batch ``world * K`` times larger (tests/reatt/test_reatt_gradcache.py checks it to 1e-10
 in float64, dropout included, on one process and on 2 gloo ranks): QA is the token mean over all answer tokens of the
 big batch, the KL the batch mean over all its queries. Peak activation memory is one micro-batch's; the cache adds
 (Lq + n * Ld) * d floats per query.

@@ -2,14 +2,19 @@
 
 Public API (shapes in each docstring):
 - :func:`maxsim`, :func:`maxsim_packed`, :func:`maxsim_grouped`: late-interaction scoring, fwd + bwd.
-- :func:`available_backends`: each backend's status ("ok" or the reasons it cannot run here).
+- :func:`distill_kl`, :func:`reader_teacher`, :func:`retrieval_distill_loss`: retrieval distillation.
+- :func:`residual_maxsim`: fused decompress + MaxSim over residual-compressed documents (the index's scorer).
+- :func:`available_backends`: each backend's status ("ok" or the reasons it cannot run here); :func:`build_info`:
+  how the compiled extension was built (empty without one).
 
 Importing this package touches no CUDA and does not import triton.
 """
 from . import _ext
 from ._dispatch import BackendUnavailableError, available_backends
+from ._ext import build_info
 from .ops.maxsim import maxsim, maxsim_grouped, maxsim_packed
 from .ops.distill import distill_kl, reader_teacher, retrieval_distill_loss
+from .ops.residual_maxsim import residual_maxsim
 
 __version__ = "0.1.0"
 
@@ -18,7 +23,7 @@ _ext.check_loaded()
 
 
 def __getattr__(name):
-    # `reatt_kernels.index` (TokenIndex, ShardedIndex, residual_maxsim) loads on first use; faiss only when needed.
+    # `reatt_kernels.index` (TokenIndex, ShardedIndex) loads on first use; faiss only when needed.
     if name == "index":
         import importlib
 
@@ -32,6 +37,8 @@ __all__ = [
     "reader_teacher",
     "distill_kl",
     "retrieval_distill_loss",
+    "residual_maxsim",
     "available_backends",
+    "build_info",
     "BackendUnavailableError",
 ]

@@ -132,7 +132,7 @@ IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 needs_triton = pytest.mark.skipif(not IN_CI and not _has_triton(),
                                   reason="triton not importable / no GPU and no TRITON_INTERPRET")
 needs_cpu_ext = pytest.mark.skipif(not IN_CI and not _has_cpu_ext(), reason="reatt_kernels._C not built")
-# _C_emu comes from the same CMake run as _C, so tests/test_cuda_emu.py fails (not skips) when _C exists without it.
+# _C_emu comes from the same CMake run as _C, so tests/kernels/test_cuda_emu.py fails (not skips) when _C exists without it.
 needs_cuda_emu = pytest.mark.skipif(not IN_CI and not _has_cuda_emu(), reason="reatt_kernels._C_emu not built")
 needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -1,7 +1,7 @@
 """Run fast-plaid (the peer) on the corpus and queries that benchmarks/bench_index.py wrote, inside fast-plaid's own
 venv (see fast_plaid_venv.sh), and print one JSON object on stdout's last line.
 
-Input folder (written by ``reatt_kernels.index.bench.write_peer_inputs``):
+Input folder (written by ``reatt_kernels.bench.index.write_peer_inputs``):
     tokens.npy   fp16 [T, D]   unit-norm document tokens, packed
     offsets.npy  int64 [N + 1] document boundaries (document i is tokens[offsets[i]:offsets[i + 1]], id i)
     queries.npy  fp16 [Q, Lq, D]

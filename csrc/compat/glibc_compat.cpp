@@ -1,4 +1,4 @@
-// Binary wheels only (CMake REATT_PORTABLE=ON, scripts/build_wheels.sh): the module is compiled with this host's
+// Binary wheels only (CMake REATT_PORTABLE=ON, scripts/release/build_wheels.sh): the module is compiled with this host's
 // glibc headers and a static libstdc++, but linked against glibc 2.28 stubs, so that it loads on any manylinux_2_28
 // system. Two glibc symbols newer than 2.28 are still referenced from libstdc++ and are defined here, hidden, so the
 // references bind inside the module and never reach the system's glibc.

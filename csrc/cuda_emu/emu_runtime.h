@@ -34,13 +34,13 @@
 // * cp.async (16 B, commit_group, wait_group N) is deferred: the source is read and the destination poisoned (0x7B)
 //   when the copy is issued; the data lands when the issuing thread waits for its group, so a missing wait or barrier
 //   reads the poison on every run, whichever element is lost. ldmatrix.x4 and mma.m16n8k16 (f16/bf16 -> f32) gather
-//   the warp's lanes and use the PTX ISA fragment layouts (asserted lane by lane in tests/test_cuda_emu.py against
+//   the warp's lanes and use the PTX ISA fragment layouts (asserted lane by lane in tests/kernels/test_cuda_emu.py against
 //   tables typed out from the ISA). The mma sums its 16 products in k order, pairwise or in reverse k order
 //   (REATT_EMU_MMA_ORDER=seq|pairwise|reverse): the tensor cores' order is unspecified, so tests must pass in each.
 // * Launch checks, like the driver's: block and grid dimensions within the device limits (1024 threads, 1024 x 1024 x
 //   64, grid 2^31-1 x 65535 x 65535), dynamic shared memory within the default 48 KB or the cudaFuncSetAttribute
 //   opt-in (itself within the device's), and threads per block within the kernel's __launch_bounds__ (a kernel with
-//   bounds starts with REATT_EMU_LAUNCH_BOUNDS(n); tests/test_cuda_emu.py checks that n matches the attribute). A
+//   bounds starts with REATT_EMU_LAUNCH_BOUNDS(n); tests/kernels/test_cuda_emu.py checks that n matches the attribute). A
 //   violation fails the launch (cudaErrorLaunchOutOfResources / InvalidConfiguration / InvalidValue). Registers per
 //   thread cannot be checked: the host compiler allocates none.
 // * Host API: errors are thread-local and cleared by cudaGetLastError. The SM count and the opt-in limit are set by

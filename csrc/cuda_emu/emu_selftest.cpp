@@ -1,4 +1,4 @@
-// Self-test kernels of the emulator, written in CUDA syntax, exposed through _C_emu for tests/test_cuda_emu.py: warp
+// Self-test kernels of the emulator, written in CUDA syntax, exposed through _C_emu for tests/kernels/test_cuda_emu.py: warp
 // collectives and block barriers, one mma.m16n8k16 / ldmatrix.x4 per call with caller-supplied fragments (the test
 // checks every lane against the PTX ISA tables), the deferred cp.async, the shared-memory limit, and misuse that must
 // abort (run in a subprocess by the tests).

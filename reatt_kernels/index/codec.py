@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-NBITS = (1, 2, 4, 8)
+# The bit layout is part of the op's spec (reatt_kernels/reference/residual_maxsim.py); the codec uses it.
+from ..reference.residual_maxsim import NBITS, check_nbits, pack_buckets, unpack_buckets  # noqa: F401
+
 
 
 def default_n_centroids(n_tokens: int) -> int:
@@ -29,13 +31,6 @@ def default_n_centroids(n_tokens: int) -> int:
     if n_tokens <= 0:
         return 1
     return 1 << max(0, int(math.floor(math.log2(16.0 * math.sqrt(n_tokens)))))
-
-
-def check_nbits(nbits: int, dim: int) -> None:
-    if nbits not in NBITS:
-        raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
-    if (dim * nbits) % 8 != 0:
-        raise ValueError(f"dim * nbits must be a multiple of 8 (whole bytes per token), got dim={dim}, nbits={nbits}")
 
 
 def kmeans(sample: Tensor, k: int, *, niter: int = 20, seed: int = 0, gpu: Optional[bool] = None) -> Tensor:
@@ -55,23 +50,6 @@ def kmeans(sample: Tensor, k: int, *, niter: int = 20, seed: int = 0, gpu: Optio
     return torch.from_numpy(np.array(km.centroids, dtype=np.float32)).reshape(k, x.shape[1])
 
 
-def pack_buckets(buckets: Tensor, nbits: int) -> Tensor:
-    """buckets uint8/int [T, D] in [0, 2^nbits) -> packed uint8 [T, D * nbits // 8]."""
-    T, D = buckets.shape
-    per = 8 // nbits
-    b = buckets.to(torch.int32).reshape(T, D // per, per)
-    shifts = (torch.arange(per, device=b.device, dtype=torch.int32) * nbits)
-    return (b << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_buckets(packed: Tensor, nbits: int, dim: int) -> Tensor:
-    """packed uint8 [T, dim * nbits // 8] -> buckets int64 [T, dim]."""
-    per = 8 // nbits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * nbits
-    b = (packed.to(torch.int32)[:, :, None] >> shifts) & ((1 << nbits) - 1)
-    return b.reshape(packed.shape[0], dim).long()
-
-
 # Below this many centroids the fp32 matmul is cheap and assignment stays exact.
 BF16_MIN_CENTROIDS = 1024
 
@@ -89,7 +67,7 @@ def assign(x: Tensor, centroids: Tensor, *, bf16: Optional[bool] = None) -> Tens
     matmul of ``[x, 1]`` against ``[c, -|c|^2 / 2]`` (fp32 accumulation, the bias folded in as a column). This is the
     build's dominant cost (T x C x D multiply-adds), and bf16 runs it 2-3x faster on CPUs with bf16 dot products. The
     price: when two centroids' scores differ by less than bf16's rounding (about 2^-8 of the score), the second
-    nearest may be picked, whose residual is then longer by that same tiny margin (tests/test_index.py bounds the
+    nearest may be picked, whose residual is then longer by that same tiny margin (tests/index/test_index.py bounds the
     mean residual error against exact fp32 assignment)."""
     C = centroids.shape[0]
     c = centroids.to(device=x.device, dtype=torch.float32)

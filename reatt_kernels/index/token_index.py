@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..ops.residual_maxsim import residual_maxsim  # the public op (reatt_kernels.residual_maxsim)
 from .codec import ResidualCodec, check_nbits, default_n_centroids
 from .io import IndexCorruptedError, load_arrays, save_arrays
-from .ops import residual_maxsim
 
 KINDS = ("exact", "residual")
 # fast-plaid's defaults (n_ivf_probe=8, n_full_scores=4096), so default-vs-default comparisons are like for like.
@@ -673,6 +673,18 @@ class TokenIndex:
         out = _topk_padded(scores, ids, k)
         timer.stop("topk")
         return out
+
+    def candidates(self, q: Tensor, q_mask: Optional[Tensor] = None, *, nprobe: int = DEFAULTS["nprobe"],
+                   ncandidates: int = DEFAULTS["ncandidates"]) -> Tensor:
+        """Residual index: the candidate documents a search would rerank (stages 1-2, untimed), for profiling.
+
+        q [Bq, Lq, D] (or [Lq, D]), q_mask bool [Bq, Lq] or None -> int64 [Bq, M] local document indices (rows of
+        ``offsets``, not user ids), -1 padded; M <= ``ncandidates``."""
+        if self.kind != "residual" or self.codec is None:
+            raise ValueError(f"candidates() needs a trained residual index, this one is {self.kind!r}")
+        q, q_mask = self._check_query(q, q_mask)
+        S = q.float() @ self.codec.centroids.T
+        return self._probe(S, q_mask, nprobe, ncandidates, _Timer(S.device, False))
 
     def exact_scores_decompressed(self, q: Tensor, q_mask: Optional[Tensor] = None) -> Tensor:
         """Residual index: MaxSim of every query against every document (deleted ones -inf), from the codes."""

@@ -59,7 +59,7 @@ Backward (argmax only; no token-pair scores are recomputed), w[a, c] = grad[a, c
   modes. Reads only the argmax (4 B per (query, column, token)).
 
 GPU configurations were checked without a GPU by compiling every kernel for sm_90 at the target shapes (registers,
-spills, wgmma vs mma.sync, cp.async pipelining; tests/test_maxsim_triton.py::test_maxsim_triton_compiles_for_sm90
+spills, wgmma vs mma.sync, cp.async pipelining; tests/kernels/test_maxsim_triton.py::test_maxsim_triton_compiles_for_sm90
 keeps them compiling), not by timing them: the numbers above are design estimates.
 
 64-bit offsets everywhere: every index that multiplies a stride is cast to int64 first (1 query x 200k docs x 128 x

@@ -7,7 +7,7 @@
 #      available_backends()["cpu"] == "ok", OpenMP built in, one C++ op matching torch, and, when nvcc is present,
 #      that the CUDA objects are inside: _C.build_info() names the compiled architecture and cuobjdump lists the sm_80
 #      cubins and sm_80 PTX.
-# CUDA is compiled for sm_80 only here (the release wheels, scripts/build_wheels.sh, build sm_80 + sm_90 + PTX): one
+# CUDA is compiled for sm_80 only here (the release wheels, scripts/release/build_wheels.sh, build sm_80 + sm_90 + PTX): one
 # architecture proves the objects land in the wheel at half the compile time.
 # Time with nvcc, on the shared 2-core dev machine: 7.7 min wall at load average 13-14 (19.5 min at 15-27), 2.6
 # CPU-minutes (user+sys) either way, so roughly 3-5 minutes on an idle 2-core CI machine; the wheel build (it compiles)

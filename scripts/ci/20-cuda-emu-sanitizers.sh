@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python}
-LIB=$(PY="$PY" scripts/emu_sanitized_build.sh address,undefined build/emu-asan)
+LIB=$(PY="$PY" scripts/sanitize/emu_sanitized_build.sh address,undefined build/emu-asan)
 # Python is not built with ASan: its runtime must be loaded first. Leaks are Python's and torch's, not the kernels'.
 # libstdc++ too: ASan intercepts __cxa_throw and must find the real one at start-up (python itself is C).
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
@@ -16,8 +16,8 @@ export REATT_EMU_LIB="$LIB" OMP_NUM_THREADS=1
 "$PY" -c "import reatt_kernels._ext as e; m = e.emu(); assert m is not None, e.emu_import_error(); \
 assert m.build_info()['asan'], 'REATT_EMU_LIB is not the ASan build'"
 # --capture=sys: a sanitizer report goes to fd 2 directly and must not vanish with pytest's captured output on abort.
-# Every emulated test runs, except that the shared maxsim matrix (tests/test_maxsim.py fwd/bwd) runs its fp32 cases
-# only: its fp16/bf16 cases take the same tilings as tests/test_maxsim_cuda.py's emulated matrix, which runs every
+# Every emulated test runs, except that the shared maxsim matrix (tests/kernels/test_maxsim.py fwd/bwd) runs its fp32 cases
+# only: its fp16/bf16 cases take the same tilings as tests/kernels/test_maxsim_cuda.py's emulated matrix, which runs every
 # (tiling, dtype) pair here, so each dtype's tile geometry is still under ASan. This keeps the check near 5 minutes.
 exec "$PY" -m pytest -q -p no:cacheprovider --capture=sys tests \
     -k "cuda_emu and not ((test_maxsim_fwd or test_maxsim_bwd) and (dtype1 or dtype2))"

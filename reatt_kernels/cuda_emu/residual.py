@@ -1,8 +1,0 @@
-"""residual_maxsim under CUDA emulation: the launchers of reatt_kernels/index/cuda.py on reatt_kernels._C_emu."""
-from __future__ import annotations
-
-from ..index import cuda as _cuda
-from . import emulated
-
-_residual_maxsim_not_supported_reasons = emulated(_cuda._residual_maxsim_not_supported_reasons)
-_residual_maxsim_fwd = emulated(_cuda._residual_maxsim_fwd)
