@@ -112,11 +112,23 @@ def build(tree: Path, log: Path) -> float:
     return time.time() - t0
 
 
-def run_tests(tree: Path, args: list[str], log: Path, stop_first: bool = True, tsan: bool = False) -> tuple[str, float]:
+def build_tsan(tree: Path, log: Path) -> str:
+    """(Re)build the copy's ThreadSanitizer _C_emu in build/emu-tsan (outside the test timeout); its path."""
+    with open(log, "a") as fh:
+        res = subprocess.run(["bash", "scripts/sanitize/emu_sanitized_build.sh", "thread", str(tree / "build" / "emu-tsan")],
+                             cwd=tree, env=dict(os.environ, PY=sys.executable), stdout=subprocess.PIPE, stderr=fh,
+                             text=True)
+    if res.returncode != 0 or not res.stdout.strip():
+        raise RuntimeError(f"ThreadSanitizer build failed (see {log})")
+    return res.stdout.strip().splitlines()[-1]
+
+
+def run_tests(tree: Path, args: list[str], log: Path, stop_first: bool = True, tsan: str = "") -> tuple[str, float]:
     """'pass', 'fail', 'tsan', 'crash:<signal>', 'timeout' or 'error:<code>' for pytest on the copy (under
-    ThreadSanitizer, through the copy's scripts/sanitize/tsan_emu.sh, with ``tsan``)."""
+    ThreadSanitizer, through the copy's scripts/sanitize/tsan_emu.sh, when ``tsan`` names the TSan _C_emu)."""
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", PY=sys.executable)
     if tsan:
+        env["REATT_EMU_TSAN_LIB"] = tsan
         cmd = ["bash", "scripts/sanitize/tsan_emu.sh", *(["-x"] if stop_first else []), *args]
     else:
         cmd = [sys.executable, "-m", "pytest", "-q", *(["-x"] if stop_first else []), "-p", "no:cacheprovider", *args]
@@ -206,8 +218,8 @@ def main() -> int:
                   f"test sets)", flush=True)
             if status != "pass":
                 problems.append(f"baseline {status} for: {' '.join(args)}")
-        for args in tsan_sets:  # builds the copy's ThreadSanitizer _C_emu (build/emu-tsan) on the first call
-            status, dt = run_tests(tree, list(args), log, stop_first=False, tsan=True)
+        for args in tsan_sets:
+            status, dt = run_tests(tree, list(args), log, stop_first=False, tsan=build_tsan(tree, log))
             print(f"  baseline {status:8s} {dt:5.0f} s  (ThreadSanitizer: {' '.join(args)})", flush=True)
             if status != "pass":
                 problems.append(f"baseline (ThreadSanitizer) {status} for: {' '.join(args)}")
@@ -233,7 +245,8 @@ def main() -> int:
                     for p, data in clean_so.items():  # a Python mutant runs against the clean kernels
                         p.write_bytes(data)
                     so_dirty = False
-                status, _ = run_tests(tree, m["tests"], log, tsan=m.get("build") == "emu-tsan")
+                tsan = build_tsan(tree, log) if m.get("build") == "emu-tsan" else ""
+                status, _ = run_tests(tree, m["tests"], log, tsan=tsan)
             except RuntimeError as exc:
                 status = f"error:{exc}"
             finally:

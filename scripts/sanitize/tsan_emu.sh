@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python}
-LIB=$(PY="$PY" scripts/sanitize/emu_sanitized_build.sh thread build/emu-tsan)
+# REATT_EMU_TSAN_LIB: an already built TSan _C_emu (the mutation gate builds it outside its test timeout).
+LIB=${REATT_EMU_TSAN_LIB:-$(PY="$PY" scripts/sanitize/emu_sanitized_build.sh thread build/emu-tsan)}
 export LD_PRELOAD="$(gcc -print-file-name=libtsan.so) $(gcc -print-file-name=libstdc++.so)"
 # torch and libgomp are not instrumented; only the emulated kernels' accesses are checked.
 export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 report_signal_unsafe=0 ${TSAN_OPTIONS:-}"
