@@ -341,9 +341,10 @@ void run_thread(Block* Bp, int tid, const std::function<void()>* body) {
     set_block_idx(S, b);
     tl_copies.clear();
     tl_groups = 0;
-    // Seeded jitter: some threads yield before starting the block, so resident blocks (and the warps of a block)
-    // interleave differently from seed to seed.
-    if (!config().serial) {
+    // Seeded jitter: the first lane of some warps yields before starting the block, so resident blocks (and the warps
+    // of a block) interleave differently from seed to seed. (One lane per warp: a yield is costly on a loaded machine,
+    // and the warp's other lanes wait for it at its first collective anyway.)
+    if (!config().serial && tid % 32 == 0) {
       const uint64_t h = splitmix(S.seed ^ (b * 0x100000001b3ull) ^ (static_cast<uint64_t>(tid) << 40));
       for (uint64_t k = 0; k < (h & 3); ++k) std::this_thread::yield();
     }

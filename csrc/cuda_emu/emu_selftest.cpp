@@ -190,7 +190,7 @@ __global__ void static_smem_kernel(int32_t* out) {
   __syncthreads();
   if (threadIdx.x == 0) s[0] = b;
   __syncthreads();
-  for (int k = 0; k < 64; ++k) std::this_thread::yield();  // give a concurrent block time to clobber s[0]
+  for (int k = 0; k < 8; ++k) std::this_thread::yield();  // give a concurrent block time to clobber s[0]
   __syncthreads();
   if (threadIdx.x == 1) {
     out[b * 3 + 1] = s[0];
@@ -210,7 +210,7 @@ __global__ void overlap_kernel(int64_t* out, int* running, int* ticket, int* max
     out[b * 2 + 1] = r;
   }
   __syncthreads();
-  for (int k = 0; k < 200; ++k) std::this_thread::yield();
+  for (int k = 0; k < 8; ++k) std::this_thread::yield();  // hold the block open a little
   __syncthreads();
   if (threadIdx.x == 0) atomicAdd(running, -1);
 }
