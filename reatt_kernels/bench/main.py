@@ -3,13 +3,13 @@ side with naive PyTorch, re-exporting the measurement helpers of :mod:`reatt_ker
 the scripts in ``benchmarks/`` and the index benchmark, so a number printed by any of them means the same thing).
 
 The job:
-1. builds the ANCHORS clustered corpus deterministically (:func:`reatt_kernels.bench.datasets.clustered_corpus`, packed,
+1. builds the docs/baselines.md clustered corpus deterministically (:func:`reatt_kernels.bench.datasets.clustered_corpus`, packed,
    48-128 tokens per document, d = 128; about 20k documents on CPU, 200k on a GPU; tqdm shows progress) and a batch of
    queries (32 noisy tokens drawn from one document each);
 2. measures the machine's roofline in the same process (streaming bandwidth and matmul FLOP/s);
 3. times ``scores = maxsim_packed(q, d_tokens, d_offsets); scores.topk(k)`` with each backend in
    ``available_backends()`` (a backend that cannot run is reported "n/a" with its reasons), next to naive PyTorch
-   (pad to 128 + mask, ``einsum``, ``amax``, sum; chunked over documents: the ANCHORS baseline);
+   (pad to 128 + mask, ``einsum``, ``amax``, sum; chunked over documents: the docs/baselines.md baseline);
 4. prints a table, and saves JSON and a PNG plot under ``benchmarks/results/<device>/`` (or ``--out``).
 
 ``--index`` adds the compressed-index modes from ``reatt_kernels.bench.index.run(args)`` (needs faiss).
