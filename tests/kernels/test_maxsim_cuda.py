@@ -39,7 +39,7 @@ def test_maxsim_cuda_bindings_and_reasons():
 
     assert _ext.has("maxsim_fwd_cuda") == _ext.cuda_built()
     assert _ext.has("maxsim_bwd_cuda") == _ext.cuda_built()
-    assert any("dim 300" in r for r in cuda_maxsim._maxsim_not_supported_reasons([], dim=300))
+    assert any("dim 300" in r for r in cuda_maxsim.MAXSIM.not_supported_reasons([], dim=300))
     status = rk.available_backends()["cuda"]
     if torch.cuda.is_available() and _ext.cuda_built():
         assert status == "ok"
@@ -217,15 +217,13 @@ def test_maxsim_cuda_deterministic_bitwise(monkeypatch, layout, backend):
     """deterministic=True: dq, dd and dpos_bias are bitwise equal over two runs, on a shape where many (query, token)
     pairs pick the same document token (short documents), so fp32 atomics would race. The atomic mode (forced on for
     the third run) must agree with it to rounding."""
-    from reatt_kernels.cuda import maxsim as cuda_maxsim
-
     dev = device_for(backend)
     shape = (8, 32, 16, 5, 64) if backend == "cuda" else (4, 32, 5, 5, 64)  # emulation: fewer queries and documents
     case = make_case(layout, shape, torch.bfloat16, dev)
     grads = []
     for det in (True, True, False):
         if not det:
-            monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES_OVERRIDE", 0)
+            monkeypatch.setattr(get_impl("maxsim", backend), "atomic_min_entries", 0)
         c = _leaf(case)
         s = run_api(c, backend, "mean", deterministic=det)
         torch.manual_seed(1)  # the same upstream gradient every run
@@ -243,11 +241,9 @@ def test_maxsim_cuda_deterministic_bitwise(monkeypatch, layout, backend):
 def test_maxsim_cuda_poisoned_outputs(monkeypatch, deterministic, backend):
     """Launchers on NaN-poisoned buffers: every output element is written (no NaN, no INT_MIN), including empty
     documents, all-masked queries, Lq > 128 (row chunks) and tokens that never win."""
-    from reatt_kernels.cuda import maxsim as cuda_maxsim
-
-    monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES_OVERRIDE", 0)  # the atomic kernel runs whenever allowed
-    monkeypatch.setattr(_alloc, "POISON", True)
     impl = get_impl("maxsim", backend)
+    monkeypatch.setattr(impl, "atomic_min_entries", 0)  # the atomic kernel runs whenever allowed
+    monkeypatch.setattr(_alloc, "POISON", True)
     dev = device_for(backend)
     for layout, shape in (("padded", (3, 150, 7, 9, 64)), ("packed", (4, 33, 9, 40, 128)), ("grouped", (5, 7, 3, 6, 48))):
         if backend == "cuda_emu":  # emulation: fewer queries and documents, the same branches
@@ -258,12 +254,12 @@ def test_maxsim_cuda_poisoned_outputs(monkeypatch, deterministic, backend):
         if layout == "grouped":
             B, n, Ld, D = d.shape
             d, dm, gs = d.reshape(B * n, Ld, D), dm.reshape(B * n, Ld), n
-        scores, argmax = impl._maxsim_fwd(c["q"], d, c["q_mask"], dm, c["d_offsets"], c["pos_bias"], gs, True)
+        scores, argmax = impl.forward(c["q"], d, c["q_mask"], dm, c["d_offsets"], c["pos_bias"], gs, True)
         _sync(backend)
         assert not torch.isnan(scores).any(), f"{layout}: unwritten score"
         assert (argmax >= -1).all(), f"{layout}: unwritten argmax"
         g = torch.where(torch.isfinite(scores), torch.randn_like(scores), torch.zeros_like(scores))
-        dq, dd, db = impl._maxsim_bwd(g, c["q"], d, c["q_mask"], c["d_offsets"], argmax, c["pos_bias"].shape[0], gs,
+        dq, dd, db = impl.backward(g, c["q"], d, c["q_mask"], c["d_offsets"], argmax, c["pos_bias"].shape[0], gs,
                                       True, deterministic)
         for name, t in (("dq", dq), ("dd", dd), ("dbias", db)):
             assert torch.isfinite(t).all(), f"{layout}: unwritten or non-finite {name}"
