@@ -38,9 +38,9 @@ def one_sm():
 def test_maxsim_fwd_bwd_blocks_collide(monkeypatch, deterministic, one_sm):
     """8 queries x 3 documents of 3 tokens: every (query, document) pair's warps add into the same 9 dd rows, from
     different blocks (atomic dd: 4 pairs per block) or one block per document (deterministic dd)."""
-    from reatt_kernels.cuda import maxsim as cuda_maxsim
+    from reatt_kernels._dispatch import get_impl
 
-    monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES_OVERRIDE", 0)  # the atomic kernel whenever allowed
+    monkeypatch.setattr(get_impl("maxsim", "cuda_emu"), "atomic_min_entries", 0)  # the atomic kernel whenever allowed
     case = _leaf(make_case("padded", (8, 5, 3, 3, 16), torch.float16, torch.device("cpu"), gen=lambda s: discrete(s)))
     out, am = run_api(case, "cuda_emu", "sum", return_argmax=True, deterministic=deterministic)
     ref_case = _leaf(case)
