@@ -6,7 +6,8 @@
 #     (a plain `+=` where an atomic belongs, a shared read before its barrier) is a report and fails the check.
 #  2. Numerics: multiply-adds contracted into FMA like nvcc's default (-mfma -ffp-contract=fast) and the mma summing
 #     pairwise (REATT_EMU_MMA_ORDER=pairwise; the tilings matrix still rotates all three orders): the races file and the
-#     emulated tilings matrix must pass within their written bounds. Skipped (with a message) on a CPU without FMA.
+#     emulated tilings matrix in fp32 (FFMA path) and fp16 (mma path) must pass within their written bounds (bf16 takes
+#     the fp16 tile geometry). Skipped (with a message) on a CPU without FMA.
 # The default build's emulated tests (concurrent blocks, poisoned shared memory, the device-shape sweep) run in pytest.
 # Time: see the README's testing section (measured on the shared 2-core machine under load).
 set -euo pipefail
@@ -22,7 +23,8 @@ if grep -qw fma /proc/cpuinfo 2>/dev/null; then
   REATT_EMU_LIB="$LIB" "$PY" -c "import reatt_kernels._ext as e; m = e.emu(); assert m is not None, e.emu_import_error(); \
 assert m.build_info()['fma'], 'REATT_EMU_LIB is not the FMA build'"
   REATT_EMU_LIB="$LIB" REATT_EMU_MMA_ORDER=pairwise OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_cuda_emu_races.py tests/kernels/test_maxsim_cuda.py -k "cuda_emu"
+    tests/kernels/test_cuda_emu_races.py tests/kernels/test_maxsim_cuda.py \
+    -k "cuda_emu and (races or tilings and (float32 or float16))"
   echo "FMA + pairwise mma: $(( $(date +%s) - t1 )) s"
 else
   echo "SKIP numerics variant: this CPU has no FMA instructions"

@@ -13,7 +13,8 @@ PYBIND11_DIR=$("$PY" -c "import pybind11; print(pybind11.get_cmake_dir())")
 GEN=()
 if "$PY" -c "import ninja" 2>/dev/null || command -v ninja >/dev/null; then GEN=(-G Ninja); fi
 LOCK=()
-if command -v flock >/dev/null; then LOCK=(flock /tmp/reatt-build.lock); fi
+# The lock serialises builds on a shared development machine; REATT_BUILD_LOCK=0 skips it.
+if command -v flock >/dev/null && [ "${REATT_BUILD_LOCK:-1}" != 0 ]; then LOCK=(flock /tmp/reatt-build.lock); fi
 "${LOCK[@]}" cmake -S . -B "$BUILD" "${GEN[@]}" -DPython_EXECUTABLE="$("$PY" -c "import sys; print(sys.executable)")" -Dpybind11_DIR="$PYBIND11_DIR" \
   -DREATT_CUDA=0 -DREATT_EMU_SANITIZE="$SAN" -DREATT_EMU_CXX_FLAGS="${REATT_EMU_CXX_FLAGS:-}" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$BUILD/lib" >&2
