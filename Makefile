@@ -1,18 +1,24 @@
-# Two commands do all setup on a fresh machine:  `make bench` (the main job) and `make test` (the test suite).
+# Two commands do all setup on a fresh machine: `make bench` (the main job) and `make test` (the fast test tier).
 # Each creates or reuses .venv and installs what it needs (torch 2.13.0 CPU wheel and triton 3.8.0 from local disk here).
-#
-# `make test` = the whole CI: pytest, then every extra check in scripts/ci/*.sh in name order (each is one file, so
-# adding a check never edits this Makefile). `make test ARGS="-k maxsim"` passes ARGS to pytest and skips the extra
-# checks; `make pytest` runs pytest alone; `make checks` runs the extra checks alone.
+# `make help` lists the targets; docs/testing.md explains the tiers.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reatt-installed
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.8.0
 SOURCES := pyproject.toml setup.py CMakeLists.txt requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
+# pytest's exit status 5 means "no tests collected": an empty selection must fail loudly, never pass.
+PYTEST = run_pytest() { $(PY) -m pytest -q "$$@"; rc=$$?; \
+  if [ $$rc = 5 ]; then echo "FAILED: pytest collected no tests (exit 5) for: $$*"; fi; return $$rc; }; run_pytest
 
-.PHONY: bench test pytest checks install clean
-install: $(STAMP)
+.DEFAULT_GOAL := help
+.PHONY: help install bench test ci ci-takes-no-args pytest checks results clean
+
+help:  ## this list
+	@echo "make targets (ARGS=... passes arguments where noted):"
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  \1\t/' | expand -t 12
+
+install: $(STAMP)  ## create .venv, install the dependencies, build the C++ extension in place
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,19 +29,38 @@ $(STAMP): $(PY) $(SOURCES)
 	$(PY) -c "import reatt_kernels as rk; print(rk.available_backends())"
 	touch $(STAMP)
 
-bench: $(STAMP)
+bench: $(STAMP)  ## the main job, reatt-bench (ARGS: its flags, e.g. ARGS="--quick")
 	$(VENV)/bin/reatt-bench $(ARGS)
 
-pytest: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+# The fast tier: every op x every CPU-runnable backend x every dtype on small shapes against the oracle (`-m "not
+# slow"`), after checking that those backends are available (so none of them turns into skips).
+test: $(STAMP)  ## the fast tier, at most 5 minutes on 2 cores (ARGS: extra pytest arguments, announced)
+	@if [ -n "$(ARGS)" ]; then echo "== make test with ARGS='$(ARGS)': the fast tier plus these pytest arguments" \
+	  "(a narrower selection is not the full fast tier)"; fi
+	@PY=$(abspath $(PY)) bash scripts/ci/00-backends.sh
+	@start=$$(date +%s); $(PYTEST) -m "not slow" $(ARGS) && \
+	  echo "== make test: fast tier passed in $$(( $$(date +%s) - start )) s; make ci runs the rest"
 
-checks: $(STAMP)
+# Everything else, each test once: the slow tests plainly, then every scripts/ci/*.sh check (backends, packaging, the
+# slow emulated tests under ASan + UBSan, the mutation gate). `.ci/run` runs `make test` then `make ci`.
+ci: ci-takes-no-args $(STAMP)  ## the rest: the full matrix, sanitizers, packaging, the mutation gate (takes no ARGS)
+	@start=$$(date +%s); $(PYTEST) -m "slow and not sanitize" && \
+	  echo "== make ci: slow tests passed in $$(( $$(date +%s) - start )) s"
+	@$(MAKE) --no-print-directory checks
+
+ci-takes-no-args:
+	@if [ -n "$(ARGS)" ]; then echo "make ci takes no ARGS (it is the whole rest); use make pytest ARGS=..."; exit 2; fi
+
+pytest: $(STAMP)  ## pytest over every test, plainly (ARGS: pytest arguments, e.g. ARGS="-k maxsim")
+	@$(PYTEST) $(ARGS)
+
+checks: $(STAMP)  ## the scripts/ci/*.sh checks alone, in name order
 	@for s in scripts/ci/*.sh; do [ -e "$$s" ] || continue; echo "== $$s"; \
 	  start=$$(date +%s); PY=$(abspath $(PY)) bash "$$s" || { echo "FAILED: $$s"; exit 1; }; \
 	  echo "== $$s done in $$(( $$(date +%s) - start )) s"; done
 
-test: pytest
-	@if [ -z "$(ARGS)" ]; then $(MAKE) --no-print-directory checks; fi
+results:  ## regenerate benchmarks/results/README.md and the README's results table from the committed JSON
+	python3 benchmarks/make_results_readme.py
 
-clean:
+clean:  ## remove build outputs (not .venv)
 	rm -rf build reatt_kernels/_C*.so

@@ -3,15 +3,15 @@ r"""Attention-distillation benchmarks: reader_teacher + distill_kl and retrieval
 Math (see :mod:`reatt_kernels.reference.distill`): the teacher ``p_T[b, k]`` is the FiD reader's cross-attention
 softmax averaged over (layer, head, step) and summed per document; the loss is ``KL(p_T || softmax(scale * MaxSim))``.
 
-Providers: ``naive`` (ANCHORS: teacher aggregation in fp32 - ``attn.float()``, masked softmax over S, mean, scatter-add
+Providers: ``naive`` (docs/baselines.md: teacher aggregation in fp32 - ``attn.float()``, masked softmax over S, mean, scatter-add
 per document - then ``kl_div`` on ``log_softmax``, autograd; for training: ``einsum`` MaxSim with the scores
 materialised, position bias, mask, amax, mean, ``log_softmax``, ``kl_div``, autograd) and our backends ``torch``,
 ``cpu``, ``triton`` (GPU only: on CPU it is the test interpreter) and ``cuda``.
 
 Cases
 =====================  =============================================================================================
-kl_b8_12x16x32_10x200  teacher + KL fwd+bwd: B 8, 12 layers x 16 heads x 32 steps, 10 docs x 200 tokens, bf16 (ANCHORS)
-kl_b4_24x16x32_100x200 B 4, 24 layers x 16 heads x 32 steps, 100 docs x 200 tokens, bf16 (ANCHORS; 4.1 GiB naive)
+kl_b8_12x16x32_10x200  teacher + KL fwd+bwd: B 8, 12 layers x 16 heads x 32 steps, 10 docs x 200 tokens, bf16 (docs/baselines.md)
+kl_b4_24x16x32_100x200 B 4, 24 layers x 16 heads x 32 steps, 100 docs x 200 tokens, bf16 (docs/baselines.md; 4.1 GiB naive)
 reatt_teacher_b64      ReAtt's real teacher: last layer, step 0 ([B, H, S] slice), 16 heads, 100 docs x 250 tok, B 64
 train_64x6400          retrieval_distill_loss fwd+bwd: 64 q x 6400 docs (100 each), Lq 32, Ld 200, d 64, bf16, mean,
                        pos_bias, learned scale
@@ -89,7 +89,7 @@ def _our_status(backend: str, device: torch.device):
 
 # ---- naive baselines ---------------------------------------------------------------------------------------------------
 def naive_teacher(attn, doc_index, attn_mask, n_docs):
-    """ANCHORS naive: an fp32 copy of the whole [B, L, H, T, S] attention, masked softmax, mean, scatter per document."""
+    """docs/baselines.md naive: an fp32 copy of the whole [B, L, H, T, S] attention, masked softmax, mean, scatter per document."""
     valid = (doc_index >= 0) & attn_mask
     x = attn.float().masked_fill(~valid[:, None, None, None, :], float("-inf")).softmax(-1)
     w = x.mean((1, 2, 3))
@@ -226,7 +226,7 @@ def build_case(name: str, device: torch.device, quick: bool) -> Case:
         return _train_case(name, device, 64, 6400)
     if name == "cpu_kl_b2_12x16x8_10x200":
         return _kl_case(name, device, 2, 12, 16, 8, 10, 200,
-                        note="scaled down from B 8 x 32 steps (ANCHORS) for the 2-core CPU")
+                        note="scaled down from B 8 x 32 steps (docs/baselines.md) for the 2-core CPU")
     if name == "cpu_reatt_teacher_b64":
         if quick:
             return _reatt_teacher_case(name, device, B=16, note="quick: B 16 instead of 64")
@@ -302,7 +302,7 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
 
 def main(argv=None) -> int:
     return case_main(
-        "Attention-distillation benchmarks: naive PyTorch vs our backends (ANCHORS.md shapes).", PROVIDERS, run, argv
+        "Attention-distillation benchmarks: naive PyTorch vs our backends (docs/baselines.md shapes).", PROVIDERS, run, argv
     )
 
 

@@ -1,9 +1,9 @@
-r"""MaxSim benchmarks: every provider side by side in one process, on the ANCHORS.md shapes.
+r"""MaxSim benchmarks: every provider side by side in one process, on the docs/baselines.md shapes.
 
 Math: ``score(a, b) = sum_i max_j q[a, i] . d[b, j]`` (plus the ReAtt position bias and the mean for training; see
 :mod:`reatt_kernels.reference.maxsim`).
 
-Providers: ``naive`` (``einsum`` + mask + ``amax`` + sum, chunked over documents: the ANCHORS baseline), our backends
+Providers: ``naive`` (``einsum`` + mask + ``amax`` + sum, chunked over documents: the docs/baselines.md baseline), our backends
 ``torch`` / ``cpu`` / ``triton`` (GPU only: the CPU interpreter is for tests) / ``cuda``, and the peers when installed:
 ``late-interaction-kernels`` (Triton, GPU), ``maxsim-cpu`` (Rust + libxsmm, CPU, optional: not a dependency) and
 ``fast-plaid`` (listed for completeness; it is an approximate index, measured by benchmarks/bench_index.py). A provider
@@ -197,7 +197,7 @@ def _gpu_search(name: str, device: torch.device, store: dict) -> Case:
     elif d.numel() > INT32_MAX:
         case.fns["late-interaction-kernels"] = (
             f"skipped: {d.numel():.3g} document elements > 2^31, where 0.4.5 crashes with an illegal memory access "
-            "(ANCHORS.md); a crash would poison the CUDA context for every later provider")
+            "(docs/baselines.md); a crash would poison the CUDA context for every later provider")
     else:
         case.fns["late-interaction-kernels"] = lambda: lik.maxsim(q, d)
     case.fns["maxsim-cpu"] = "CPU-only peer (see the cpu_* cases)"
@@ -427,7 +427,7 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
 
 def main(argv=None) -> int:
     return case_main(
-        "MaxSim benchmarks: naive PyTorch, our backends and peers side by side (ANCHORS.md shapes).", PROVIDERS, run, argv
+        "MaxSim benchmarks: naive PyTorch, our backends and peers side by side (docs/baselines.md shapes).", PROVIDERS, run, argv
     )
 
 

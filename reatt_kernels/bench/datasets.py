@@ -1,4 +1,4 @@
-"""Deterministic synthetic token corpora (the ANCHORS.md clustered corpus), shared by benchmarks, the main job and tests.
+"""Deterministic synthetic token corpora (the docs/baselines.md clustered corpus), shared by benchmarks, the main job and tests.
 
 Documents are built from ``n_centroids`` random unit centroids plus noise: each document draws a handful of "topics"
 (centroids), and each of its tokens is one of them plus Gaussian noise, renormalised. Each query is ``q_len`` noisy

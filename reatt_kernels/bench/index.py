@@ -14,7 +14,7 @@ Metrics (per configuration, over the queries; k = 10):
 - build: wall seconds; peak RSS of the build above the process's RSS before it (the corpus already resident).
 
 Sections (CPU defaults; ``--quick`` shrinks all of them):
-1. headline: ``--docs`` (100,000) documents of the ANCHORS clustered corpus (per-dimension noise 0.124, token-centroid
+1. headline: ``--docs`` (100,000) documents of the docs/baselines.md clustered corpus (per-dimension noise 0.124, token-centroid
    cosine about 0.58): exact (fp16, ``cpu`` backend), the residual index over an nprobe / ncandidates sweep, and the
    per-stage profile of the default configuration.
 2. peer: ``--peer-docs`` (20,000) documents of the same corpus: exact, residual and fast-plaid, both at their defaults
@@ -147,7 +147,7 @@ def stage_profile(index: TokenIndex, q: torch.Tensor, params: dict) -> dict:
 
 # ---- corpora and cached builds ------------------------------------------------------------------------------------
 def make_corpus(n_docs: int, noise: float, n_queries: int):
-    """The ANCHORS clustered corpus at this noise, and its queries (fp16): (tokens, offsets, q, gold)."""
+    """The clustered corpus of docs/baselines.md at this noise, and its queries (fp16): (tokens, offsets, q, gold)."""
     from .datasets import clustered_corpus, clustered_queries
 
     d, off = clustered_corpus(n_docs=n_docs, noise=noise, seed=0)

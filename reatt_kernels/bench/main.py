@@ -9,14 +9,14 @@ The job:
      (384-d token vectors, :mod:`reatt_kernels.bench.corpora`). The first run fetches the pinned sources and encodes
      them (squad-dev: a few minutes on 2 cores), later runs load the cache. The queries are a seeded sample of
      ``--queries`` questions that have a gold passage; each is at most 32 tokens, with its mask.
-   - ``--corpus synthetic``: the ANCHORS clustered corpus, built deterministically
+   - ``--corpus synthetic``: the docs/baselines.md clustered corpus, built deterministically
      (:func:`reatt_kernels.bench.datasets.clustered_corpus`, packed, 48-128 tokens per document, d = 128; about 20k
      documents on CPU, 200k on a GPU; tqdm shows progress) and queries of 32 noisy tokens drawn from one document each
      (that document is the query's gold);
 2. measures the machine's roofline in the same process (streaming bandwidth and matmul FLOP/s);
 3. times ``scores = maxsim_packed(q, d_tokens, d_offsets); scores.topk(k)`` with each backend in
    ``available_backends()`` (a backend that cannot run is reported "n/a" with its reasons), next to naive PyTorch
-   (pad to 128 + mask, ``einsum``, ``amax``, sum; chunked over documents: the ANCHORS baseline);
+   (pad to 128 + mask, ``einsum``, ``amax``, sum; chunked over documents: the docs/baselines.md baseline);
 4. real text: builds the default index (``TokenIndex.build`` with its defaults, through the public API only) and times
    its search at the same batch sizes; then scores ``--queries`` questions with exact search and with the index:
    gold@k (a gold passage in the top k) for both, and the index's recall@k and eps-recall@k against exact

@@ -23,7 +23,7 @@ import torch
 MIB = 1 << 20
 GIB = 1 << 30
 
-# Naive chunking: bound the fp32/fp16 token-pair score tensor (Bq x docs x Lq x Ld). On CPU this is ANCHORS' "chunks
+# Naive chunking: bound the fp32/fp16 token-pair score tensor (Bq x docs x Lq x Ld). On CPU this is docs/baselines.md's "chunks
 # of 2000 docs" for one 32-token query against 128-token documents; on a GPU 2^28 elements (512 MiB in fp16).
 NAIVE_CHUNK_ELEMS = {"cpu": 2000 * 32 * 128, "cuda": 1 << 28}
 
@@ -304,7 +304,7 @@ def floor_ms(n_bytes: float, flops: float, roof: dict) -> tuple[float, str]:
 
 def naive_maxsim(q: torch.Tensor, d_pad: torch.Tensor, d_mask: Optional[torch.Tensor] = None,
                  chunk_elems: Optional[int] = None) -> torch.Tensor:
-    """The ANCHORS naive baseline: ``einsum``, mask, ``amax`` over document tokens, sum over query tokens.
+    """The docs/baselines.md naive baseline: ``einsum``, mask, ``amax`` over document tokens, sum over query tokens.
 
     Args:
         q: [Bq, Lq, D]. d_pad: [Nd, Ld, D] (same dtype). d_mask: bool [Nd, Ld] or None.

@@ -27,7 +27,7 @@ Two regimes on the GPU (H100: 3.0 TB/s HBM, ~700 TFLOP/s bf16 dense):
   (cp.async, 3 stages), so the next document streams in while the current one is reduced. At d = 128, 32 query rows,
   a whole 128-token document per tile: 32 KiB per load, 99 registers, 75 KiB shared memory, 2 CTAs of 8 warps per SM,
   i.e. up to 4 x 32 KiB in flight per SM, well above the ~20 KiB per SM that Little's law asks for at 3 TB/s. Floor:
-  6.55 GB / 2.94 TB/s = 2.2 ms; the issue's 3.1 ms (ANCHORS: 2.3 ms) needs 70-95% of HBM.
+  6.55 GB / 2.94 TB/s = 2.2 ms; the issue's 3.1 ms (docs/baselines.md: 2.3 ms) needs 70-95% of HBM.
 * many queries vs many documents is compute-bound. 64 q x 6400 docs x Lq 32 x Ld 200 x d 64 is 335 GFLOP (0.5 ms at
   700 TFLOP/s) against 164 MB of documents. A program then takes QB = 4 queries (M = 128 rows, wgmma), so every
   document tile loaded into shared memory feeds a 128 x 64 x D tensor-core dot: 2 * 128 = 256 FLOP per byte loaded,
