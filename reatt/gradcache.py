@@ -20,7 +20,7 @@ in float64, dropout included, on one process and on 2 gloo ranks): QA is the tok
 big batch, the KL the batch mean over all its queries. Peak activation memory is one micro-batch's; the cache adds
 (Lq + n * Ld) * d floats per query.
 
-Differences from the original (see the README's method table): the original back-propagates the full KL from every
+Differences from the original (see the method table in docs/reatt.md): the original back-propagates the full KL from every
 micro-batch and rank (so c, w and the bias get K * world times their gradient) and sums the K micro-batches' QA
 losses without dividing by K (QA weighs K times more against the KL). Here both are exactly the big batch's.
 """

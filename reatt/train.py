@@ -3,7 +3,7 @@
     reatt-train --demo                                   # toy QA on CPU, random init, prints the learning curve
     reatt-train --train train.jsonl --eval dev.jsonl --model /path/t5-base --out runs/x --steps 20000
     torchrun --nproc_per_node 8 -m reatt.train ...       # DDP; in-batch negatives span every rank
-    torchrun --nproc_per_node 8 -m reatt.train --preset nq-large --model DIR ...   # the paper's NQ run (README)
+    torchrun --nproc_per_node 8 -m reatt.train --preset nq-large --model DIR ...   # the paper's NQ run (docs/reatt.md)
 
 The loss is QA cross-entropy + kl_weight * KL(reader teacher || retriever). No retrieval labels are used: a ctx's
 "gold" field (if any) is read only by evaluation (retrieval top-k accuracy of the gold document).
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     g = ap.add_argument_group("presets")
     g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="named hyper-parameters of a paper run (README); flags given explicitly win. nq-large: " +
+                   help="named hyper-parameters of a paper run (docs/reatt.md); flags given explicitly win. nq-large: " +
                         ", ".join(f"{k}={v}" for k, v in PRESETS["nq-large"].items()))
     g = ap.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",

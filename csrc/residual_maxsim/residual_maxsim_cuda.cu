@@ -10,8 +10,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "common.h"
-#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
+#include "cuda_common.cuh"
 
 namespace reatt {
 namespace {
@@ -88,17 +87,7 @@ size_t residual_smem(int64_t Lq, int64_t D) {
 }
 
 // The current device's opt-in per-block shared-memory limit (227 KB on an H100, 163 KB on an A100, 99 KB on sm_86/89).
-int smem_optin_limit() {
-  int dev = 0, limit = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear it: the next launch must not report this query's error
-    throw std::runtime_error(std::string("reatt: residual_maxsim: cannot query the shared-memory limit: ") +
-                             cudaGetErrorString(err));
-  }
-  return limit;
-}
+int smem_optin_limit() { return static_cast<int>(current_device_limits().smem_optin); }
 
 template <int NBITS>
 void launch(const float* q, const bool* qm, const float* cent, const float* w, const int32_t* codes, const uint8_t* pk,
@@ -110,19 +99,11 @@ void launch(const float* q, const bool* qm, const float* cent, const float* w, c
               "residual_maxsim: a query of " + std::to_string(Lq) + " x " + std::to_string(D) + " needs " +
                   std::to_string(smem) + " bytes of shared memory; this device allows " + std::to_string(limit));
   auto kernel = residual_maxsim_fwd_kernel<NBITS>;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) {
-      cudaGetLastError();  // clear the pending error, or the next valid launch would report it
-      REATT_CHECK(false, std::string("residual_maxsim: cannot opt in to ") + std::to_string(smem) +
-                             " bytes of shared memory: " + cudaGetErrorString(err));
-    }
-  }
+  set_dynamic_smem(kernel, smem, "residual_maxsim");
   REATT_CHECK(Bq <= 65535, "residual_maxsim: at most 65535 queries per call (grid y)");
   dim3 grid(static_cast<unsigned>(Nc), static_cast<unsigned>(Bq));
   REATT_LAUNCH(kernel, grid, THREADS, smem, stream)(q, qm, cent, w, codes, pk, off, cand, out, Lq, D, Nd, Nc);
-  cudaError_t err = cudaGetLastError();
-  REATT_CHECK(err == cudaSuccess, std::string("residual_maxsim: kernel launch failed: ") + cudaGetErrorString(err));
+  REATT_LAUNCH_CHECK("residual_maxsim_fwd_kernel");
 }
 
 void residual_maxsim_fwd_cuda(uintptr_t q, uintptr_t q_mask, uintptr_t centroids, uintptr_t weights, uintptr_t codes,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ThreadSanitizer run of the CUDA kernels under CPU emulation: every CUDA thread is an OS thread, so a shared-memory
 # race between barriers (a missing __syncthreads, a read of a cp.async destination before its wait and barrier) is a
-# data race TSan reports. Not in CI (TSan slows the emulator ~5-15x; see README "Testing the CUDA kernels on CPU").
+# data race TSan reports. Not in CI (TSan slows the emulator ~5-15x; see docs/testing.md, "Testing the CUDA kernels on CPU").
 # Usage: scripts/sanitize/tsan_emu.sh [pytest args]   (default: the emulated maxsim tests)
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -267,3 +267,50 @@ def test_maxsim_within_the_device_smem_limit(smem_kb, limits):
         ref.backward(g.double())
         for name in ("q", "d", "pos_bias"):
             assert_close_to_ref(case[name].grad, ref_case[name].grad, None, dtype, name=f"{layout} d{name}")
+
+
+# ---- the maxsim launch plan (C++, csrc/maxsim/maxsim_launch.cu), asked for directly -----------------------------------
+def _plan_args(Bq, Lq, Nd, Ld, D, dtype=torch.bfloat16, group_size=0, R=0, deterministic=False):
+    # Plans read sizes, strides and pointer alignment only: no tensors are needed (0 = absent, 16-byte aligned).
+    a = emu().MaxsimArgs()
+    return _ext.fill(a, dtype=_ext.DTYPE_CODES[dtype], Bq=Bq, Lq=Lq, D=D, sq_b=Lq * D, sq_l=D, Nd=Nd, Ld=Ld,
+                     sd_b=Ld * D, sd_l=D, q_mask=16, pos_bias=16 if R else 0, R=R, group_size=group_size,
+                     deterministic=deterministic)
+
+
+@pytest.mark.parametrize("smem_kb,sms", [(227, 132), (163, 108), (99, 84)])
+def test_maxsim_plan_fits_the_device_and_covers_the_output(smem_kb, sms, limits):
+    """Forward: every tiling stays within min(112 KB, the device's opt-in limit), and the grid covers every query
+    and every column. Backward: the dq splits and dbias partitions follow their formulas, and the ordered dd tile fits."""
+    emu().set_device_limits(smem_optin=smem_kb * 1024, sm_count=sms)
+    for Bq, Lq, Nd, Ld, D, dtype, gs, R in [(1, 32, 200_000, 128, 128, torch.float16, 0, 0),
+                                            (16, 32, 1000, 77, 128, torch.bfloat16, 0, 300),
+                                            (2, 200, 5, 70, 64, torch.float32, 0, 0),
+                                            (3, 24, 9, 50, 250, torch.float32, 3, 5000),
+                                            (64, 32, 64 * 100, 200, 128, torch.bfloat16, 100, 256)]:
+        a = _plan_args(Bq, Lq, Nd, Ld, D, dtype, gs, R)
+        f = emu().maxsim_plan_cuda(a)
+        assert f["smem"] <= min(112 * 1024, smem_kb * 1024), f
+        C = gs or Nd
+        assert f["threads"] == 32 * f["WR"] * f["DS"] and f["WR"] * f["DS"] <= 4, f
+        assert f["grid"][0] * f["QPB"] >= Bq and f["grid"][1] * f["docs_per_cta"] >= C, f
+        assert f["n_rc"] * 32 * f["WR"] >= (Lq if f["QPB"] == 1 else 1), f
+        assert f["QPB"] == 1 or f["QPB"] * Lq <= 32 * f["WR"], f  # a row block holds whole queries
+        b = emu().maxsim_plan_cuda(a, backward=True)
+        rows = Bq * Lq
+        assert b["n_split"] == max(1, min(-(-C // 128), 8192 // rows, 65535)), b
+        assert b["n_part"] == (max(1, min(-(-(Bq * C * Lq) // 2048), 2048)) if R else 0), b
+        assert b["dd_smem"] <= smem_kb * 1024 and b["jt"] >= 1, b
+
+
+def test_maxsim_plan_ordered_or_atomic_dd():
+    """dd: ordered when deterministic, else up to 4096 (query, token) entries per document (all pairs: Bq * Lq;
+    grouped: Lq); the override -1 keeps that threshold and 0 allows atomics on any shape."""
+    def ordered(Bq, Lq, gs=0, det=False, override=-1):
+        a = _plan_args(Bq, Lq, Bq * gs if gs else 7, 9, 64, group_size=gs, deterministic=det)
+        a.atomic_min_entries = override
+        return emu().maxsim_plan_cuda(a, backward=True)["ordered_dd"]
+
+    assert ordered(128, 32) and not ordered(128, 33) and not ordered(4097, 1)
+    assert ordered(128, 33, det=True) and ordered(2, 4096, gs=3) and not ordered(2, 4097, gs=3)
+    assert not ordered(1, 1, override=0) and ordered(1, 1, det=True, override=0)

@@ -2,7 +2,7 @@
 deterministic dd mode (bitwise), poisoned outputs, packed search past 2^31 elements, and bad inputs.
 
 The shared matrix (tests/kernels/test_maxsim.py) already runs every layout x dtype x odd shape for backends "cuda" and
-"cuda_emu"; the shapes here are picked to reach each branch of the tiling choice in csrc/maxsim/maxsim_cuda.cu (WR =
+"cuda_emu"; the shapes here are picked to reach each branch of the tiling plan in csrc/maxsim/maxsim_launch.cu (WR =
 1/2/4 rows per warp group, row chunks for Lq > 128, dim 64/128 register fast paths, generic dims, unaligned rows).
 Each test runs for "cuda" on a GPU (gpu mark) and for "cuda_emu": the same kernels on CPU tensors under the CPU
 emulation of the CUDA execution model (reatt_kernels._C_emu), on every commit. Under emulation every CUDA thread is an
@@ -190,7 +190,7 @@ def test_maxsim_cuda_deterministic_bitwise(monkeypatch, layout, backend):
     grads = []
     for det in (True, True, False):
         if not det:
-            monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES", 0)
+            monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES_OVERRIDE", 0)
         c = _leaf(case)
         s = run_api(c, backend, "mean", deterministic=det)
         torch.manual_seed(1)  # the same upstream gradient every run
@@ -210,7 +210,7 @@ def test_maxsim_cuda_poisoned_outputs(monkeypatch, deterministic, backend):
     documents, all-masked queries, Lq > 128 (row chunks) and tokens that never win."""
     from reatt_kernels.cuda import maxsim as cuda_maxsim
 
-    monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES", 0)  # the atomic kernel runs whenever allowed
+    monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES_OVERRIDE", 0)  # the atomic kernel runs whenever allowed
     monkeypatch.setattr(_alloc, "POISON", True)
     impl = get_impl("maxsim", backend)
     dev = device_for(backend)
@@ -282,17 +282,22 @@ def test_maxsim_cuda_bad_inputs(backend):
     qm = torch.ones(2, 3, dtype=torch.bool, device=dev)
     sc = torch.empty(2, 4, device=dev)
     am = torch.empty(2, 4, 3, dtype=torch.int32, device=dev)
-    args = dict(q=q.data_ptr(), d=d.data_ptr(), q_mask=qm.data_ptr(), d_mask=0, d_offsets=0, pos_bias=0,
-                scores=sc.data_ptr(), argmax=am.data_ptr(), dtype=_ext.DTYPE_CODES[torch.float32], q_sizes=[2, 3, 8],
-                q_strides=[24, 8, 1], d_sizes=[4, 5, 8], d_strides=[40, 8, 1], q_mask_strides=[3, 1],
-                d_mask_strides=[], n_docs=4, n_bias=0, group_size=0, mean=False, stream=_ext.stream(q))
-    ext.maxsim_fwd_cuda(**args)  # the valid call runs
+    fields = dict(q=q.data_ptr(), d=d.data_ptr(), q_mask=qm.data_ptr(), scores=sc.data_ptr(), argmax=am.data_ptr(),
+                  dtype=_ext.DTYPE_CODES[torch.float32], Bq=2, Lq=3, D=8, sq_b=24, sq_l=8, sq_d=1, Nd=4, Ld=5, sd_b=40,
+                  sd_l=8, sd_d=1, sqm_b=3, sqm_l=1, stream=_ext.stream(q))
+
+    def args(**change):
+        return _ext.fill(ext.MaxsimArgs(), **dict(fields, **change))
+
+    ext.maxsim_fwd_cuda(args())  # the valid call runs
     _sync(backend)
     with pytest.raises(ValueError, match="dtype must be"):
-        ext.maxsim_fwd_cuda(**dict(args, dtype=_ext.DTYPE_CODES[torch.int32]))
+        ext.maxsim_fwd_cuda(args(dtype=_ext.DTYPE_CODES[torch.int32]))
     with pytest.raises(ValueError, match="contiguous"):
-        ext.maxsim_fwd_cuda(**dict(args, d_strides=[40, 1, 5]))
+        ext.maxsim_fwd_cuda(args(sd_l=1, sd_d=5))
     with pytest.raises(ValueError, match="dim must be"):
-        ext.maxsim_fwd_cuda(**dict(args, q_sizes=[2, 3, 300], d_sizes=[4, 5, 300]))
+        ext.maxsim_fwd_cuda(args(D=300))
     with pytest.raises(ValueError, match="grouped layout needs"):
-        ext.maxsim_fwd_cuda(**dict(args, group_size=3))
+        ext.maxsim_fwd_cuda(args(group_size=3))
+    with pytest.raises(AttributeError):
+        args(n_docs=4)  # a misspelt field is an error, never ignored
