@@ -35,33 +35,35 @@ constexpr int kVec = 8;            // tokens per lane per chunk: a warp chunk is
 constexpr int kKlThreads = 256;    // threads per distill_kl block
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+// REATT_SITE_PARAM / _FWD / _ONLY (emu_runtime.h; empty for nvcc): under emulation the collectives and barriers inside
+// these helpers record their caller's file:line, so two different callers never look alike.
+__device__ __forceinline__ float warp_max(float v REATT_SITE_PARAM) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o, 32 REATT_SITE_FWD));
   return v;
 }
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+__device__ __forceinline__ float warp_sum(float v REATT_SITE_PARAM) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o, 32 REATT_SITE_FWD);
   return v;
 }
 
 // Block-wide reductions for distill_kl (blockDim.x == kKlThreads); `red` holds one float per warp.
-__device__ __forceinline__ float block_max(float v, float* red) {
-  v = warp_max(v);
+__device__ __forceinline__ float block_max(float v, float* red REATT_SITE_PARAM) {
+  v = warp_max(v REATT_SITE_FWD);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
+  __syncthreads(REATT_SITE_ONLY);
   if (lane == 0) red[warp] = v;
-  __syncthreads();
+  __syncthreads(REATT_SITE_ONLY);
   v = lane < kKlThreads / 32 ? red[lane] : -INFINITY;
-  return warp_max(v);
+  return warp_max(v REATT_SITE_FWD);
 }
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  v = warp_sum(v);
+__device__ __forceinline__ float block_sum(float v, float* red REATT_SITE_PARAM) {
+  v = warp_sum(v REATT_SITE_FWD);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
+  __syncthreads(REATT_SITE_ONLY);
   if (lane == 0) red[warp] = v;
-  __syncthreads();
+  __syncthreads(REATT_SITE_ONLY);
   v = lane < kKlThreads / 32 ? red[lane] : 0.f;
-  return warp_sum(v);
+  return warp_sum(v REATT_SITE_FWD);
 }
 
 // ---- reader_teacher --------------------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
                                       const float* __restrict__ teacher, const float* __restrict__ tprobs,
                                       const int64_t* __restrict__ tcols, int64_t n, float* __restrict__ loss,
                                       T* __restrict__ grad, float grad_scale, bool normalize, bool sparse) {
-  __shared__ float red[32];
+  REATT_SHARED_ARRAY(float, red, 32);
   const int64_t b = blockIdx.x;
   const T* row = student + b * ssb;
   // pass 1: online log-sum-exp per thread, then across the block

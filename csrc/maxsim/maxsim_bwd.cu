@@ -30,6 +30,7 @@ __device__ __forceinline__ float bwd_weight(const BwdParams& p, int64_t a, int64
 // winning document row (dim * esize bytes, coalesced). Columns are summed in ascending order: reproducible.
 template <typename T>
 __global__ void __launch_bounds__(128) maxsim_bwd_dq_kernel(const BwdParams p) {
+  REATT_EMU_LAUNCH_BOUNDS(128);
   const int lane = threadIdx.x & 31;
   const int64_t rows = p.Bq * p.Lq;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
@@ -94,6 +95,7 @@ __global__ void maxsim_bwd_dq_reduce_kernel(const BwdParams p) {
 // dd with fp32 atomics: one warp per (query, column) pair; per valid query row, dim atomics of w * q[a,i].
 template <typename T>
 __global__ void __launch_bounds__(128) maxsim_bwd_dd_atomic_kernel(const BwdParams p) {
+  REATT_EMU_LAUNCH_BOUNDS(128);
   const int lane = threadIdx.x & 31;
   const int64_t pairs = p.Bq * p.C;
   const T* q = static_cast<const T*>(p.q);
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dd_atomic_kernel(const BwdPara
 // touches smem instead of waiting on one dependent global load per entry.
 template <typename T>
 __global__ void __launch_bounds__(128) maxsim_bwd_dd_det_kernel(const BwdParams p) {
+  REATT_EMU_LAUNCH_BOUNDS(128);
   REATT_DYNAMIC_SMEM(unsigned char, smem, 16);
   long long* e_q = reinterpret_cast<long long*>(smem);          // [DET_BATCH] entry: q row offset
   int* e_j = reinterpret_cast<int*>(e_q + DET_BATCH);           // [DET_BATCH] entry: winning token (-1: not here)
@@ -187,6 +190,7 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dd_det_kernel(const BwdParams 
 // entries, lanes with the same distance r are grouped (__match_any_sync), each group sums its weights in lane order,
 // and the group leader adds the sum to ws[w][r] (distinct r per leader: no races).
 __global__ void __launch_bounds__(128) maxsim_bwd_dbias_kernel(const BwdParams p) {
+  REATT_EMU_LAUNCH_BOUNDS(128);
   const int lane = threadIdx.x & 31;
   const int64_t wid = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (wid >= p.n_part) return;  // whole warps exit together

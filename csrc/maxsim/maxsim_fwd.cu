@@ -206,6 +206,7 @@ __device__ __forceinline__ void score_tile(const FwdParams& p, const T* sQw, con
 // (padded to Dpad in smem), A read from smem at every k step (and the FFMA path for fp32).
 template <typename T, int KT>
 __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
+  REATT_EMU_LAUNCH_BOUNDS(128);
   REATT_DYNAMIC_SMEM(unsigned char, smem, 16);
   const int WR = p.WR, DS = p.DS, RB = WARP_M * WR, lds = p.lds;
   T* sQ = reinterpret_cast<T*>(smem);                 // [RB][lds]

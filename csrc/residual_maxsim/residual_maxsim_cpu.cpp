@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common.h"
+#include "residual_maxsim/residual_maxsim_args.h"
 
 namespace reatt {
 namespace {
@@ -133,10 +134,12 @@ void residual_maxsim_impl(const float* q, const bool* q_mask, const float* centr
 
 // order: int64 [Bq * Nc] flat pair indices sorted by document; group_off: int64 [n_groups + 1] bounds of each
 // document's run in order.
-void residual_maxsim_fwd_cpu(uintptr_t q, uintptr_t q_mask, uintptr_t centroids, uintptr_t weights, uintptr_t codes,
-                             uintptr_t packed, uintptr_t offsets, uintptr_t cand, uintptr_t order, uintptr_t group_off,
-                             int64_t n_groups, uintptr_t out, int64_t Bq, int64_t Lq, int64_t D, int64_t C, int64_t Nd,
-                             int64_t Nc, int nbits) {
+void residual_maxsim_fwd_cpu(const ResidualMaxsimArgs& a) {
+  const uintptr_t q = a.q, q_mask = a.q_mask, centroids = a.centroids, weights = a.weights, codes = a.codes;
+  const uintptr_t packed = a.packed, offsets = a.offsets, cand = a.cand, order = a.order, group_off = a.group_off;
+  const uintptr_t out = a.out;
+  const int64_t n_groups = a.n_groups, Bq = a.Bq, Lq = a.Lq, D = a.D, C = a.C, Nd = a.Nd, Nc = a.Nc;
+  const int nbits = a.nbits;
   REATT_CHECK(Bq >= 0 && Lq >= 0 && D > 0 && Nd >= 0 && Nc >= 0, "residual_maxsim: bad sizes");
   REATT_CHECK((D * nbits) % 8 == 0, "residual_maxsim: D * nbits must be a multiple of 8");
   auto* qp = reinterpret_cast<const float*>(q);
@@ -160,10 +163,10 @@ void residual_maxsim_fwd_cpu(uintptr_t q, uintptr_t q_mask, uintptr_t centroids,
 }
 
 RegisterBindings reg_residual([](pybind11::module_& m) {
+  bind_residual_maxsim_args(m);
   m.def("residual_maxsim_fwd_cpu", &residual_maxsim_fwd_cpu,
-        "Fused decompress + MaxSim over candidates (contiguous fp32 q, bool mask, fp32 centroids/weights, int32 "
-        "codes, uint8 packed, int64 offsets/cand, fp32 out)",
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+        "Fused decompress + MaxSim over candidates on the CPU (a ResidualMaxsimArgs)",
+        pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("args"));
 });
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "cuda_common.cuh"
+#include "residual_maxsim/residual_maxsim_args.h"
 
 namespace reatt {
 namespace {
@@ -106,9 +107,11 @@ void launch(const float* q, const bool* qm, const float* cent, const float* w, c
   REATT_LAUNCH_CHECK("residual_maxsim_fwd_kernel");
 }
 
-void residual_maxsim_fwd_cuda(uintptr_t q, uintptr_t q_mask, uintptr_t centroids, uintptr_t weights, uintptr_t codes,
-                              uintptr_t packed, uintptr_t offsets, uintptr_t cand, uintptr_t out, int64_t Bq, int64_t Lq,
-                              int64_t D, int64_t Nd, int64_t Nc, int nbits, uintptr_t stream) {
+void residual_maxsim_fwd_cuda(const ResidualMaxsimArgs& a) {
+  const uintptr_t q = a.q, q_mask = a.q_mask, centroids = a.centroids, weights = a.weights, codes = a.codes;
+  const uintptr_t packed = a.packed, offsets = a.offsets, cand = a.cand, out = a.out, stream = a.stream;
+  const int64_t Bq = a.Bq, Lq = a.Lq, D = a.D, Nd = a.Nd, Nc = a.Nc;
+  const int nbits = a.nbits;
   REATT_CHECK(Bq >= 0 && Lq >= 0 && D > 0 && Nd >= 0 && Nc >= 0, "residual_maxsim: bad sizes");
   REATT_CHECK((D * nbits) % 8 == 0, "residual_maxsim: D * nbits must be a multiple of 8");
   if (Bq == 0 || Nc == 0) return;
@@ -121,7 +124,7 @@ void residual_maxsim_fwd_cuda(uintptr_t q, uintptr_t q_mask, uintptr_t centroids
   auto* of = reinterpret_cast<const int64_t*>(offsets);
   auto* ca = reinterpret_cast<const int64_t*>(cand);
   auto* op = reinterpret_cast<float*>(out);
-  auto st = reinterpret_cast<cudaStream_t>(stream);
+  auto st = as_stream(stream);
   const int lq = static_cast<int>(Lq), d = static_cast<int>(D);
   switch (nbits) {
     case 1: launch<1>(qp, mp, cp, wp, cd, pk, of, ca, op, Bq, lq, d, Nd, Nc, st); break;
@@ -139,11 +142,11 @@ pybind11::tuple residual_maxsim_smem_cuda(int64_t Lq, int64_t D) {
 }
 
 RegisterBindings reg_residual_cuda([](pybind11::module_& m) {
+  bind_residual_maxsim_args(m);
   m.def("residual_maxsim_smem_cuda", &residual_maxsim_smem_cuda,
         "(shared-memory bytes needed for a Lq x D query, the current device's opt-in per-block limit)");
   m.def("residual_maxsim_fwd_cuda", &residual_maxsim_fwd_cuda,
-        "Fused decompress + MaxSim over candidates on CUDA (contiguous fp32 q, bool mask, fp32 centroids/weights, "
-        "int32 codes, uint8 packed, int64 offsets/cand, fp32 out, stream)");
+        "Fused decompress + MaxSim over candidates on CUDA (a ResidualMaxsimArgs)", pybind11::arg("args"));
 });
 
 }  // namespace

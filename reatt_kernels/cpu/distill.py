@@ -9,7 +9,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
-from ..reference.distill import _distill_kl_fwd  # noqa: F401  (the cpu backend's KL is the reference)
+from .._launcher import ReaderTeacherLauncher
 
 
 def _reader_teacher_not_supported_reasons(tensors, **facts) -> list[str]:
@@ -31,3 +31,17 @@ def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
         sl=sl, sh=sh, st=st, ss=ss, doc=_ext.ptr(doc), doc_dtype=_ext.dtype_code(doc), mask=_ext.ptr(mask),
         n_docs=n_docs, is_logits=bool(is_logits), out=_ext.ptr(out)))
     return out
+
+
+class CpuReaderTeacher(ReaderTeacherLauncher):
+    """The `cpu` backend of reader_teacher: csrc/distill/distill_cpu.cpp through _C.reader_teacher_fwd_cpu. (The cpu
+    backend's distill_kl is the torch reference: ops/distill.py registers reference.distill.DISTILL_KL for it.)"""
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _reader_teacher_not_supported_reasons(tensors, **facts)
+
+    def forward(self, attn, doc_index, attn_mask, n_docs, is_logits):
+        return _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits)
+
+
+READER_TEACHER = CpuReaderTeacher()

@@ -21,6 +21,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import MaxsimLauncher
 
 
 def _isa() -> str:
@@ -85,3 +86,19 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
               dq=_ext.ptr(dq), dd=_ext.ptr(dd), dbias=_ext.ptr(dbias))
     ext.maxsim_bwd_cpu(args)
     return dq, dd, dbias
+
+
+class CpuMaxsim(MaxsimLauncher):
+    """The `cpu` backend of maxsim: csrc/maxsim/maxsim_cpu.cpp through _C.maxsim_fwd_cpu / maxsim_bwd_cpu."""
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _maxsim_not_supported_reasons(tensors, **facts)
+
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+        return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)
+
+    def backward(self, grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
+        return _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic)
+
+
+MAXSIM = CpuMaxsim()

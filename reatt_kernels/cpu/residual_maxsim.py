@@ -5,6 +5,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import ResidualMaxsimLauncher
 
 
 def _residual_maxsim_not_supported_reasons(tensors, **facts):
@@ -23,7 +24,23 @@ def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets
     group_off = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     group_off[1:] = torch.cumsum(counts, 0)
     P = _ext.ptr
-    _ext.ext().residual_maxsim_fwd_cpu(P(q), P(q_mask), P(centroids), P(weights), P(codes), P(packed), P(d_offsets),
-                                       P(cand), P(order), P(group_off), counts.numel(), P(out), Bq, Lq, D, centroids.shape[0], d_offsets.shape[0] - 1,
-                                       cand.shape[1], nbits)
+    ext = _ext.ext()
+    ext.residual_maxsim_fwd_cpu(_ext.fill(
+        ext.ResidualMaxsimArgs(), q=P(q), q_mask=P(q_mask), centroids=P(centroids), weights=P(weights), codes=P(codes),
+        packed=P(packed), offsets=P(d_offsets), cand=P(cand), out=P(out), Bq=Bq, Lq=Lq, D=D, C=centroids.shape[0],
+        Nd=d_offsets.shape[0] - 1, Nc=cand.shape[1], nbits=nbits, order=P(order), group_off=P(group_off),
+        n_groups=counts.numel()))
     return out
+
+
+class CpuResidualMaxsim(ResidualMaxsimLauncher):
+    """The `cpu` backend of residual_maxsim: csrc/residual_maxsim/residual_maxsim_cpu.cpp."""
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _residual_maxsim_not_supported_reasons(tensors, **facts)
+
+    def forward(self, q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits):
+        return _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits)
+
+
+RESIDUAL_MAXSIM = CpuResidualMaxsim()

@@ -11,6 +11,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import DistillKlLauncher, ReaderTeacherLauncher
 
 # Per-warp shared-memory bins: (8 + 1) * n_docs floats must fit in the 48 KiB default (the binding checks it too).
 MAX_DOCS = 1024
@@ -75,3 +76,34 @@ def _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, gr
         tprobs=_ext.ptr(tp), tcols=_ext.ptr(tc), n=n, loss=_ext.ptr(loss), grad=_ext.ptr(grad) if compute_grad else 0,
         grad_scale=float(grad_scale), normalize=bool(normalize), stream=_ext.stream(student)))
     return loss, grad
+
+
+class CudaReaderTeacher(ReaderTeacherLauncher):
+    """The `cuda` backend of reader_teacher: csrc/distill/distill_cuda.cu (``ext``: as in cuda/maxsim.py)."""
+
+    def __init__(self, ext=_ext.ext):
+        self.ext = ext
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _reader_teacher_not_supported_reasons(tensors, ext=self.ext, **facts)
+
+    def forward(self, attn, doc_index, attn_mask, n_docs, is_logits):
+        return _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits, ext=self.ext)
+
+
+class CudaDistillKl(DistillKlLauncher):
+    """The `cuda` backend of distill_kl: csrc/distill/distill_cuda.cu (``ext``: as in cuda/maxsim.py)."""
+
+    def __init__(self, ext=_ext.ext):
+        self.ext = ext
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _distill_kl_not_supported_reasons(tensors, ext=self.ext, **facts)
+
+    def forward(self, student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad):
+        return _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad,
+                               ext=self.ext)
+
+
+READER_TEACHER = CudaReaderTeacher(_ext.ext)
+DISTILL_KL = CudaDistillKl(_ext.ext)

@@ -20,13 +20,10 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import MaxsimLauncher
 from .._utils import device_guard
 
 MAX_DIM = 256  # csrc/maxsim/maxsim_cuda.cuh::MAX_DIM (the binding checks it too)
-# dd without ``deterministic`` uses fp32 atomics only above a number of (query, token) entries per document that the
-# C++ plan owns (csrc/maxsim/maxsim_cuda.cuh::ATOMIC_MIN_ENTRIES). -1 keeps it; the tests set 0 to run the atomic kernel
-# on small shapes.
-ATOMIC_MIN_ENTRIES_OVERRIDE = -1
 
 
 # Every launcher takes ``ext``: the loader of the compiled module that holds the kernels. _ext.ext (reatt_kernels._C,
@@ -88,7 +85,8 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, ext
     return scores, argmax
 
 
-def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic, ext=_ext.ext):
+def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic, ext=_ext.ext,
+                atomic_min_entries=-1):
     ext = ext()
     q, d = _last_contig(q), _last_contig(d)
     Bq, Lq, D = q.shape
@@ -101,7 +99,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     args = _args(ext, q, d, q_mask, d_offsets, group_size, mean)
     _ext.fill(args, grad=_ext.ptr(grad), sg_b=grad.stride(0), sg_c=grad.stride(1), argmax=_ext.ptr(argmax),
               nq=_ext.ptr(nq), R=n_bias, deterministic=bool(deterministic),
-              atomic_min_entries=ATOMIC_MIN_ENTRIES_OVERRIDE)
+              atomic_min_entries=atomic_min_entries)
     with device_guard(q):
         # The plan (C++, the one the binding follows) says which workspaces to allocate.
         plan = ext.maxsim_plan_cuda(args, backward=True)
@@ -120,3 +118,29 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     if dd is None:
         dd = dd32.to(d.dtype)
     return dq, dd.reshape(d.shape), dbias
+
+
+class CudaMaxsim(MaxsimLauncher):
+    """The `cuda` backend of maxsim: csrc/maxsim/maxsim_{fwd,bwd}.cu through ``ext().maxsim_fwd_cuda`` /
+    ``maxsim_bwd_cuda``. ``ext`` loads the compiled module: _ext.ext (reatt_kernels._C: GPU pointers, the current
+    stream), or _ext.emu for the `cuda_emu` backend (the same kernels under CPU emulation: CPU pointers, stream 0)."""
+
+    def __init__(self, ext=_ext.ext):
+        self.ext = ext
+        # dd without ``deterministic`` uses fp32 atomics only above a number of (query, token) entries per document
+        # that the C++ plan owns (csrc/maxsim/maxsim_cuda.cuh::ATOMIC_MIN_ENTRIES). -1 keeps it; the tests set 0 to
+        # run the atomic kernel on small shapes.
+        self.atomic_min_entries = -1
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _maxsim_not_supported_reasons(tensors, ext=self.ext, **facts)
+
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+        return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, ext=self.ext)
+
+    def backward(self, grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
+        return _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic,
+                           ext=self.ext, atomic_min_entries=self.atomic_min_entries)
+
+
+MAXSIM = CudaMaxsim(_ext.ext)

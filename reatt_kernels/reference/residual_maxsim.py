@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._launcher import ResidualMaxsimLauncher
+
 NBITS = (1, 2, 4, 8)
 _CHUNK_ELEMS = 1 << 24  # query tokens x candidate tokens per chunk (64 MiB of fp32 scores)
 
@@ -102,3 +104,13 @@ def residual_maxsim_ref(q, q_mask, centroids, weights, codes, packed, d_offsets,
 # ---- the `torch` backend: the reference in fp32, behind the launcher contract of the kernels ---------------------------
 def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits):
     return residual_maxsim_ref(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, torch.float32)
+
+
+class TorchResidualMaxsim(ResidualMaxsimLauncher):
+    """The `torch` backend of residual_maxsim: the spec (decode, then MaxSim, chunked)."""
+
+    def forward(self, q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits):
+        return _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits)
+
+
+RESIDUAL_MAXSIM = TorchResidualMaxsim()

@@ -1,7 +1,7 @@
 """Mutants of the maxsim slice: reference, ops, Triton, C++ CPU kernels and the CUDA kernel (under emulation).
 
 Loaded by the mutation gate (scripts/mutation/gate.py). Each entry is a small, realistic bug:
-``dict(name=, path=, old=, new=, tests=[pytest args], build=None | "cpu" | "emu")``: ``old`` occurs exactly once in
+``dict(name=, path=, old=, new=, tests=[pytest args], build=None | "cpu" | "emu" | "emu-tsan")``: ``old`` occurs exactly once in
 ``path`` and is replaced by ``new``; ``build="cpu"`` rebuilds reatt_kernels._C, ``"emu"`` the CUDA emulation module
 reatt_kernels._C_emu; the ``tests`` must FAIL with the mutant (and pass without it). ``issue13=True`` marks the seven
 bugs of issue 13 (always in the CI selection); ``ci=True`` keeps a mutant in the CI selection beside the first mutant
@@ -57,12 +57,14 @@ MUTANTS = [
          tests=[MAXSIM, "-k", "test_maxsim_bwd and torch and dtype2"]),
     # ---- csrc/maxsim/maxsim_{fwd,bwd,launch}.cu, maxsim_cuda.cuh under emulation (backend cuda_emu) ----
     # 1. A barrier of the forward pipeline removed: other threads' cp.async copies of the chunk may not have landed
-    #    (they land at each issuing thread's wait), so a warp reads poisoned (NaN) smem.
+    #    (they land at each issuing thread's wait), so a warp reads poisoned smem (0x7B: huge, it wins the max).
     dict(name="maxsim-fwd-missing-syncthreads", path=FWD_CU,
          old="      __syncthreads();    // ... and everyone else's\n",
          new="\n",
          tests=["tests/kernels/test_maxsim_cuda.py", "-k", "cuda_emu and tilings"], build="emu"),
     # 2. cp.async.wait_group skipped: the chunk is read before this thread's own copies land.
+    #    Caught on every run, not by timing: the copy lands only at the wait; until then the destination holds the
+    #    poison, which wins the row max whichever element was lost (a NaN poison was skipped by the max).
     dict(name="maxsim-fwd-skip-cp-async-wait", path=FWD_CU,
          old="      cp_async_wait_1();  // this thread's copies of chunk `buf` have landed ...\n",
          new="\n",
@@ -107,4 +109,36 @@ MUTANTS = [
          old="pl.QPB = static_cast<int>(RB / a.Lq);",
          new="pl.QPB = static_cast<int>(RB / a.Lq + 1);",
          tests=["tests/kernels/test_cuda_emu.py", "-k", "plan"], build="emu"),
+    # ---- issue 19: bugs between blocks, at launch and past 2^31 (each survived every emulated test before) --------
+    # 8. A slot's running (max, argmax) is not reset when it streams its next document: needs a CTA whose slot gets a
+    #    second document (1 emulated SM: tests/kernels/test_cuda_emu_races.py, and the tilings sweep with 1 SM).
+    dict(name="maxsim-fwd-no-per-document-reset", path=FWD_CU,
+         old="              best[mt][h] = -INFINITY;\n              arg[mt][h] = -1;\n",
+         new="",
+         tests=["tests/kernels/test_cuda_emu_races.py", "-k", "streams_documents"], build="emu"),
+    # 9. atomicAdd -> plain += in the atomic dd scatter: blocks (3 resident) and warps race on the same dd rows;
+    #    ThreadSanitizer reports it whatever the timing.
+    dict(name="maxsim-bwd-dd-atomic-plain-add", path=BWD_CU,
+         old="atomicAdd(dst + k2, w * to_f<T>(qr[k2]));",
+         new="dst[k2] += w * to_f<T>(qr[k2]);",
+         tests=["tests/kernels/test_cuda_emu_races.py", "-k", "dd_atomic"], build="emu-tsan"),
+    # 10. A divergent __syncthreads: the end-of-chunk barrier only in the slots that still have a document; the others
+    #     go on to the loop's __syncthreads_or (undefined behaviour: a GPU may pair the two barriers, or hang). The
+    #     emulator aborts with both sites (each barrier records its site and kind).
+    dict(name="maxsim-fwd-divergent-syncthreads", path=FWD_CU,
+         old="      __syncthreads();  // sRow is complete; buffer `buf` may be refilled by the next iteration\n",
+         new="      if (cp_active) __syncthreads();\n",
+         tests=["tests/kernels/test_cuda_emu_races.py", "-k", "streams_documents"], build="emu"),
+    # 11. The dq kernel launched with 256 threads, above its __launch_bounds__(128) (a GPU refuses the launch; the
+    #     kernel's row indexing would even tolerate it: rows overlap and are written twice with the same values).
+    dict(name="maxsim-bwd-block-above-launch-bounds", path=BWD_CU,
+         old="REATT_LAUNCH(maxsim_bwd_dq_kernel<T>, grid, 128, 0, stream)(p);",
+         new="REATT_LAUNCH(maxsim_bwd_dq_kernel<T>, grid, 256, 0, stream)(p);",
+         tests=["tests/kernels/test_cuda_emu_races.py", "-k", "dd_det"], build="emu"),
+    # 12. The 64-bit element offset of the winning document row narrowed to int in the backward's dq gather: documents
+    #     past 2^31 elements are read from the wrong place (a sparse 17 GB mapping under emulation).
+    dict(name="maxsim-bwd-offset-narrowed-to-int", path=BWD_CU,
+         old="    int64_t base = 0;\n    if (c < c1) {",
+         new="    int base = 0;\n    if (c < c1) {",
+         tests=["tests/kernels/test_maxsim_cuda.py", "-k", "past_2e31"], build="emu"),
 ]
