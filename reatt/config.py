@@ -35,6 +35,12 @@ ARCH_FIELDS = ("retrieval_layer", "retrieval_head", "head_temperature")
 
 CONFIG_NAME = "reatt_config.json"
 
+# Token budgets of a (query, document) pair, the same for training, indexing, search and evaluation: the paper's 250
+# tokens per pair (the original truncates the pair jointly) as 50 query + 200 document tokens. One pair of constants,
+# so that an index is never built with another document length than the model was trained with by default.
+MAX_QUERY_LEN = 50
+MAX_DOC_LEN = 200
+
 
 @dataclass
 class ReAttConfig:
@@ -43,7 +49,8 @@ class ReAttConfig:
     Attributes:
         retrieval_layer: B, the encoder block whose self-attention is the retriever (0-based; blocks < B are the
             bi-encoder). 12 for T5-large (24 blocks), 6 for T5-base.
-        retrieval_head: the head of block B used for retrieval (6 for T5-large).
+        retrieval_head: the head of block B used for retrieval (6 for T5-large, 3 for T5-base). The defaults
+            (layer 6, head 3) are the T5-base preset's; ``for_architecture`` picks the preset of a model's shape.
         kl_weight: weight of the retrieval KL next to the QA cross-entropy (8 in the paper).
         in_batch_negatives: score every query against every document of the (global) batch, not only its own.
         train_pos_bias: let the KL train the retrieval head's relative-position bias (else it is detached).
@@ -57,10 +64,15 @@ class ReAttConfig:
             tokens count, each head renormalised over them (this project's earlier default; ``--teacher-docs-only``).
         teacher: "reader" (ReAtt), or "uniform" over each query's present documents: an ablation that shows how much
             retrieval the document sets alone teach, without the reader's attention.
+        qa_reduction: how ``--ibn-accum K`` combines the micro-batches' QA losses. "token" (default): the token mean
+            over the whole big batch (the gradient of one batch K x world larger). "micro": the mean of the K x world
+            micro-batches' token means, as the original (its ``fid_run`` divides each micro-batch's QA loss by the
+            number of accumulations, and DDP averages the ranks). The two agree when every micro-batch holds as many
+            answer tokens.
     """
 
     retrieval_layer: int = 6
-    retrieval_head: int = 6
+    retrieval_head: int = 3
     kl_weight: float = 8.0
     in_batch_negatives: bool = True
     train_pos_bias: bool = True
@@ -70,6 +82,7 @@ class ReAttConfig:
     init_log_scale: float = 0.0
     teacher_includes_query: bool = True
     teacher: str = "reader"
+    qa_reduction: str = "token"
 
     @classmethod
     def for_t5(cls, name: str, **overrides) -> "ReAttConfig":

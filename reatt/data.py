@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import string
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+
+from .config import MAX_DOC_LEN, MAX_QUERY_LEN
 
 
 class DataError(ValueError):
@@ -33,12 +33,17 @@ def doc_id(ctx: dict) -> str:
     return str(ctx["id"]) if "id" in ctx else f"{ctx.get('title', '')}\x00{ctx['text']}"
 
 
-def iter_jsonl(path: str):
-    """Yield ``(line, obj)`` for each non-blank line of a JSONL file (1-based line numbers, for error messages). A line
-    that is not valid JSON raises :class:`DataError` naming it."""
+def iter_jsonl(path: str, rank: int = 0, world: int = 1):
+    """Yield ``(line, obj)`` for the non-blank lines k = rank, rank + world, ... of a JSONL file (1-based line numbers,
+    for error messages), streaming: the other lines are read but never parsed or kept. A line that is not valid
+    JSON raises :class:`DataError` naming it."""
+    k = -1
     with open(path) as f:
         for ln, raw in enumerate(f, 1):
             if not raw.strip():
+                continue
+            k += 1
+            if k % world != rank:
                 continue
             try:
                 obj = json.loads(raw)
@@ -47,10 +52,19 @@ def iter_jsonl(path: str):
             yield ln, obj
 
 
-def load_jsonl(path: str, require_ctxs: bool = True) -> list[Example]:
-    """Read and validate a FiD/ReAtt JSONL file; errors name the line (1-based) and the problem."""
+def count_jsonl(path: str) -> int:
+    """Number of non-blank lines (examples) of a JSONL file, without parsing them."""
+    with open(path) as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+def load_jsonl(path: str, require_ctxs: bool = True, rank: int = 0, world: int = 1) -> list[Example]:
+    """Read and validate a FiD/ReAtt JSONL file; errors name the line (1-based) and the problem.
+
+    ``rank``/``world``: only this rank's share, the examples rank, rank + world, ... (reatt-train under
+    torch.distributed: no rank holds the whole file, about 20 GB for NQ with 100 ctxs per question)."""
     out = []
-    for ln, obj in iter_jsonl(path):
+    for ln, obj in iter_jsonl(path, rank, world):
         where = f"{path}:{ln}"
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -76,7 +90,7 @@ def load_jsonl(path: str, require_ctxs: bool = True) -> list[Example]:
         gold = [doc_id(c) for c in ctxs if c.get("gold")]
         out.append(Example(q, answers, ctxs, ln, gold))
     if not out:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples" + (f" for rank {rank} of {world}" if world > 1 else ""))
     return out
 
 
@@ -96,12 +110,12 @@ def _tokenize(tok, texts, max_length, add_eos):
     return enc["input_ids"], enc["attention_mask"].bool()
 
 
-def tokenize_queries(tok, questions: Sequence[str], max_length: int = 64):
+def tokenize_queries(tok, questions: Sequence[str], max_length: int = MAX_QUERY_LEN):
     """-> ids [N, Lq], bool mask [N, Lq] ("question: ..." without EOS)."""
     return _tokenize(tok, [query_text(q) for q in questions], max_length, False)
 
 
-def tokenize_docs(tok, docs: Sequence, max_length: int = 192):
+def tokenize_docs(tok, docs: Sequence, max_length: int = MAX_DOC_LEN):
     """-> ids [N, Ld], bool mask [N, Ld] ("title: ... context: ..." + EOS)."""
     return _tokenize(tok, [doc_text(c) for c in docs], max_length, True)
 
@@ -116,12 +130,16 @@ class Collator:
     gold [B, n] (bool, from the ctxs' "gold" field: for logging how much teacher mass lands on the gold document; the
     model never sees it).
 
-    Each example contributes its first ``n_docs`` ctxs (fewer: the missing ones are empty, all-masked documents);
-    the target is ``answers[0]``.
+    Each example contributes its first ``n_docs`` ctxs (fewer: the missing ones are empty, all-masked documents).
+    The target: one of the answers drawn with Python's ``random`` (``target="random"``, the original's
+    ``random.choice``; seeded and checkpointed by reatt-train), or ``answers[0]`` (``target="first"``).
     """
 
-    def __init__(self, tok, n_docs: int, max_query_len: int = 64, max_doc_len: int = 192, max_answer_len: int = 32):
-        self.tok, self.n_docs = tok, n_docs
+    def __init__(self, tok, n_docs: int, max_query_len: int = MAX_QUERY_LEN, max_doc_len: int = MAX_DOC_LEN,
+                 max_answer_len: int = 32, target: str = "random"):
+        if target not in ("random", "first"):
+            raise ValueError(f"target must be 'random' or 'first', got {target!r}")
+        self.tok, self.n_docs, self.target = tok, n_docs, target
         self.max_query_len, self.max_doc_len, self.max_answer_len = max_query_len, max_doc_len, max_answer_len
 
     def __call__(self, exs: Sequence[Example]) -> dict:
@@ -134,24 +152,25 @@ class Collator:
             present.extend([True] * len(cs) + [False] * (n - len(cs)))
         d_ids, d_mask = tokenize_docs(self.tok, docs, self.max_doc_len)
         d_mask &= torch.tensor(present)[:, None]
-        labels = tokenize_answers(self.tok, [e.answers[0] for e in exs], self.max_answer_len)
+        targets = [random.choice(e.answers) if self.target == "random" and len(e.answers) > 1 else e.answers[0]
+                   for e in exs]
+        labels = tokenize_answers(self.tok, targets, self.max_answer_len)
         # Evaluation-only diagnostic (never given to the model): which slots hold a gold document.
         gold = torch.tensor([[bool(c.get("gold")) for c in e.ctxs[:n]] + [False] * (n - len(e.ctxs[:n])) for e in exs])
         return {"q_ids": q_ids, "q_mask": q_mask, "d_ids": d_ids.view(B, n, -1), "d_mask": d_mask.view(B, n, -1),
                 "labels": labels, "gold": gold}
 
 
-def normalize_answer(s: str) -> str:
-    """SQuAD/FiD exact-match normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def exact_match(pred: str, answers: Sequence[str]) -> bool:
-    p = normalize_answer(pred)
-    return any(p == normalize_answer(a) for a in answers)
+def sort_ctxs_by_score(examples: Sequence[Example]) -> None:
+    """Sort each example's ctxs by descending ``score`` in place, as the original's ``sort_data`` (stable; an
+    example where some ctx has no numeric score keeps its file order)."""
+    for e in examples:
+        try:
+            keys = [float(c["score"]) for c in e.ctxs]
+        except (KeyError, TypeError, ValueError):
+            continue
+        order = sorted(range(len(keys)), key=lambda i: -keys[i])
+        e.ctxs = [e.ctxs[i] for i in order]
 
 
 def build_corpus(examples: Sequence[Example]) -> tuple[list, dict]:
@@ -183,3 +202,26 @@ class EpochSampler:
         g = order[k * self.G : (k + 1) * self.G]
         per = self.G // world
         return g[rank * per : (rank + 1) * per]
+
+
+class ShardSampler:
+    """Data order when every rank holds only its share of the examples (``load_jsonl(..., rank, world)``): epoch e
+    of rank r is a permutation of its share seeded by (seed, e, r), so a step number alone says where a resumed run
+    continues; a step's global batch is the ranks' disjoint batches. Every rank runs the same number of steps per
+    epoch (the smallest share's). With world = 1 the order is :class:`EpochSampler`'s."""
+
+    def __init__(self, n_local: int, batch: int, seed: int, rank: int = 0, world: int = 1,
+                 n_total: Optional[int] = None):
+        n_total = n_local if n_total is None else n_total
+        self.per_epoch = (n_total // world) // batch
+        if self.per_epoch == 0:
+            raise ValueError(f"global batch {batch * world} is larger than the dataset ({n_total} examples)")
+        self.n, self.B, self.seed, self.rank = n_local, batch, seed, rank
+
+    def batch(self, step: int) -> list[int]:
+        """Local indices (into this rank's share) of this rank's batch at ``step``."""
+        epoch, k = divmod(step, self.per_epoch)
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + epoch + self.rank * 7_919_993).shuffle(order)
+        return order[k * self.B : (k + 1) * self.B]
+

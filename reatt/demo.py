@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_DIR = os.path.join(HERE, "demo_data", "tokenizer")
@@ -333,7 +334,8 @@ def run_ablation(out_dir: str, arms: list, steps: int, time_budget: float, extra
     return res
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The console script; returns the exit status."""
     ap = argparse.ArgumentParser(prog="reatt-demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory: data, one run per arm, ablation.{json,md,png}")
@@ -350,7 +352,7 @@ def main(argv=None):
         build_tokenizer(generate(seed=args.seed)[2])
     if args.data_only:
         print(write_demo(args.out, seed=args.seed))
-        return
+        return 0
     arms = [a for a in args.arms.split(",") if a]
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -359,9 +361,10 @@ def main(argv=None):
         res = summarize(args.out, arms)
         print(res["table"])
         plot_ablation(res, os.path.join(args.out, "ablation.png"))
-        return
+        return 0
     run_ablation(args.out, arms, args.steps, args.time_budget, extra, parallel=not args.sequential)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

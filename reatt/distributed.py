@@ -7,8 +7,31 @@ of the same loss computed in one process on the global batch (tests/reatt/test_r
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL with CUDA, else gloo) -> (rank, world, device).
+
+    The one place where reatt-train and reatt-index initialise torch.distributed; device: this rank's GPU
+    (LOCAL_RANK) when CUDA is available, else the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = rank_and_world()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def barrier() -> None:
+    """dist.barrier() under torch.distributed with world > 1; nothing otherwise."""
+    if is_distributed():
+        dist.barrier()
 
 
 def is_distributed() -> bool:

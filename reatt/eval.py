@@ -26,6 +26,8 @@ import unicodedata
 from collections import Counter
 from typing import Optional, Sequence
 
+from .config import MAX_DOC_LEN, MAX_QUERY_LEN
+
 try:  # DPR's tokenizer classes (\p{L}\p{N}\p{M}); `regex` comes with transformers
     import regex
 
@@ -75,7 +77,8 @@ def passage_text(c: dict) -> str:
 
 
 def normalize_answer(s: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    """SQuAD/FiD normalisation: lower case, no punctuation, no articles, single spaces (the one normalisation of
+    this package: reatt-train's and reatt-eval's EM both use it)."""
     s = s.lower()
     s = "".join(ch for ch in s if ch not in set(string.punctuation))
     s = re.sub(r"\b(a|an|the)\b", " ", s)
@@ -127,8 +130,8 @@ def retrieval_metrics(rows: Sequence[dict], ks: Sequence[int] = (1, 5, 20, 100))
     return res
 
 
-def reading_metrics(model, rows: Sequence[dict], n_docs: int, device, batch_size: int = 16, max_query_len: int = 64,
-                    max_doc_len: int = 192, max_answer_len: int = 32, bf16: str = "auto", progress: bool = False,
+def reading_metrics(model, rows: Sequence[dict], n_docs: int, device, batch_size: int = 16, max_query_len: int = MAX_QUERY_LEN,
+                    max_doc_len: int = MAX_DOC_LEN, max_answer_len: int = 32, bf16: str = "auto", progress: bool = False,
                     predictions: Optional[list] = None) -> dict:
     """FiD greedy generation over each question's first n_docs ctxs -> {"em", "f1", "n_read"}."""
     import torch
@@ -179,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     ap.add_argument("--top-k", default="1,5,20,100", help="retrieval cut-offs")
     ap.add_argument("--n-docs", type=int, default=10, help="ctxs read per question by FiD")
-    ap.add_argument("--max-query-len", type=int, default=64, help="question tokens")
-    ap.add_argument("--max-doc-len", type=int, default=192, help="passage tokens")
+    ap.add_argument("--max-query-len", type=int, default=MAX_QUERY_LEN, help="question tokens")
+    ap.add_argument("--max-doc-len", type=int, default=MAX_DOC_LEN, help="passage tokens")
     ap.add_argument("--max-answer-len", type=int, default=32, help="generated tokens at most")
     ap.add_argument("--batch-size", type=int, default=16, help="questions per generation batch")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -191,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[list] = None) -> dict:
+def run(argv: Optional[list] = None) -> dict:
+    """reatt-eval's work: parse ``argv``, print and return the metrics dict (for Python callers and tests)."""
     args = build_parser().parse_args(argv)
     try:
         ks = [int(k) for k in args.top_k.split(",") if k.strip()]
@@ -224,5 +228,11 @@ def main(argv: Optional[list] = None) -> dict:
     return res
 
 
+def main(argv: Optional[list] = None) -> int:
+    """The console script: the exit status (0), never the metrics (a returned dict makes ``sys.exit`` exit 1)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

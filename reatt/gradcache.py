@@ -20,9 +20,12 @@ in float64, dropout included, on one process and on 2 gloo ranks): QA is the tok
 big batch, the KL the batch mean over all its queries. Peak activation memory is one micro-batch's; the cache adds
 (Lq + n * Ld) * d floats per query.
 
-Differences from the original (see the README's method table): the original back-propagates the full KL from every
-micro-batch and rank (so c, w and the bias get K * world times their gradient) and sums the K micro-batches' QA
-losses without dividing by K (QA weighs K times more against the KL). Here both are exactly the big batch's.
+Differences from the original (see the method table in docs/reatt.md). The original (``fid_run`` and
+``qa_loss_factor /= accumulated['total']`` in its ``src/model.py``) back-propagates from every micro-batch the full
+KL plus its own QA loss divided by K, and DDP averages the ranks: the encoder's q/k get the big batch's KL gradient at
+the same lambda as here, QA is the mean of the micro-batches' token means (``qa_reduction="micro"`` reproduces it;
+the default "token" is the big batch's token mean, equal when the micro-batches hold as many answer tokens), and c, w
+and the position bias get K * world times their KL gradient (here exactly the big batch's).
 """
 from __future__ import annotations
 
@@ -113,17 +116,22 @@ def ibn_accum_step(model, micro_batches: Sequence[dict], autocast=None) -> dict:
     K = len(micro_batches)
     if K == 0:
         raise ValueError("ibn_accum_step needs at least one micro-batch")
+    qa_red = getattr(cfg, "qa_reduction", "token")
+    if qa_red not in ("token", "micro"):
+        raise ValueError(f"qa_reduction must be 'token' or 'micro', got {qa_red!r}")
 
     # ---- 1. pre-pass without gradient: cache q/k, masks, offsets, teachers; keep each micro-batch's RNG state ----
+    # Without a KL (the QA-only warm-up) there is nothing to cache: each micro-batch runs once, in step 3.
     states, cache = [], []
-    with torch.no_grad():
-        for b in micro_batches:
-            states.append(_torch_rng_state(dev))
-            with ac():
-                p = model.forward_parts(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"], b["labels"], teacher=use_kl)
-            cache.append(p)
-    end_state = _torch_rng_state(dev)
-    n_tok_local = sum(p["n_tokens"] for p in cache)
+    if use_kl:
+        with torch.no_grad():
+            for b in micro_batches:
+                states.append(_torch_rng_state(dev))
+                with ac():
+                    p = model.forward_parts(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"], b["labels"])
+                cache.append(p)
+        end_state = _torch_rng_state(dev)
+    n_tok_local = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
     n_tok = n_tok_local
     if world > 1:
         t = torch.tensor([n_tok_local], dtype=torch.float64, device=dev)
@@ -173,14 +181,17 @@ def ibn_accum_step(model, micro_batches: Sequence[dict], autocast=None) -> dict:
         q_row = rank * (grads_q.shape[0] // world)
         d_row = rank * (grads_d.shape[0] // world)
     for k, b in enumerate(micro_batches):
-        _set_torch_rng_state(states[k], dev)
+        if use_kl:
+            _set_torch_rng_state(states[k], dev)
         with ac():
             p = model.forward_parts(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"], b["labels"], teacher=False)
-        # The big batch's QA loss is the mean over all its answer tokens: this micro-batch's share is its token sum.
+        # "token": the big batch's QA loss is the mean over all its answer tokens, so this micro-batch's share is its
+        # token sum. "micro" (the original): each micro-batch's token mean / (K * world).
         ct = torch.promote_types(p["q"].dtype, torch.float32)  # fp32 for bf16/fp32 forwards, fp64 for fp64
         qa = p["qa_loss"].to(ct)
+        share = p["n_tokens"] / n_tok if qa_red == "token" else 1.0 / (K * world)
         # (HF's loss is NaN for a micro-batch without answer tokens: it then adds nothing, graph kept.)
-        loss = qa * (p["n_tokens"] / n_tok) if p["n_tokens"] else p["logits"].sum().to(ct) * 0.0
+        loss = qa * share if p["n_tokens"] else p["logits"].sum().to(ct) * 0.0
         qa_sum += float(loss.detach())
         if use_kl:
             nq, lq = p["q"].shape[:2]
@@ -193,7 +204,8 @@ def ibn_accum_step(model, micro_batches: Sequence[dict], autocast=None) -> dict:
             q_row += nq
             d_row += nd
         loss.backward()
-    _set_torch_rng_state(end_state, dev)
+    if use_kl:
+        _set_torch_rng_state(end_state, dev)
 
     if world > 1:
         # Each rank holds its own micro-batches' share: the big batch's gradient is the sum over ranks.

@@ -19,7 +19,9 @@ import os
 import sys
 from typing import Optional
 
+from .config import MAX_DOC_LEN, MAX_QUERY_LEN
 from .data import doc_id
+from .distributed import setup_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nbits", type=int, default=4, help="residual bits per dimension (1, 2, 4, 8)")
     b.add_argument("--n-centroids", default="auto", help="residual centroids (auto: from the token count)")
     b.add_argument("--part-size", type=int, default=100_000, help="passages per part (the unit of resumption)")
-    b.add_argument("--max-doc-len", type=int, default=192, help="passage tokens (\"title: ... context: ...\")")
+    b.add_argument("--max-doc-len", type=int, default=MAX_DOC_LEN, help="passage tokens (\"title: ... context: ...\")")
     b.add_argument("--seed", type=int, default=0, help="seed of the residual codec's sample and k-means")
 
     s = sub.add_parser("search", help="retrieve each question's top-k passages into reatt-train's JSONL")
@@ -56,23 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=100, help="passages per question")
     s.add_argument("--out", required=True, help="output JSONL (question, answers, ctxs ranked by score)")
     s.add_argument("--corpus", help="the corpus JSONL (default: the one the index was built from)")
-    s.add_argument("--max-query-len", type=int, default=64, help="question tokens (\"question: ...\")")
+    s.add_argument("--max-query-len", type=int, default=MAX_QUERY_LEN, help="question tokens (\"question: ...\")")
     s.add_argument("--index-device", default="cpu", help="where the index parts are loaded and searched (cpu, cuda)")
     s.add_argument("--nprobe", type=int, help="residual: cells probed per query token (default: the index's)")
     s.add_argument("--ncandidates", type=int, help="residual: documents reranked exactly (default: the index's)")
     return ap
-
-
-def _init_distributed():
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-            return torch.device("cuda", torch.cuda.current_device())
-    return None
 
 
 def write_run(path: str, questions: list, corpus: list, scores, ids) -> None:
@@ -92,7 +82,10 @@ def write_run(path: str, questions: list, corpus: list, scores, ids) -> None:
             for s, i in zip(srow, irow):
                 if i < 0:
                     break
-                c = {k: v for k, v in corpus[i].items() if k != "gold"}
+                # FiD's reader reads c['title'], c['text'], c['score'] and str(c['id']) of every ctx: always write them
+                # (a passage without an id is named by its corpus line, 0-based, the index's doc id; its gold flag
+                # still comes from the question's gold ids, matched against the passage as the corpus holds it).
+                c = {"id": str(i), "title": "", **{k: v for k, v in corpus[i].items() if k != "gold"}}
                 c["score"] = round(float(s), 6)
                 if gold:
                     c["gold"] = doc_id(corpus[i]) in gold
@@ -104,17 +97,17 @@ def write_run(path: str, questions: list, corpus: list, scores, ids) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: Optional[list] = None) -> int:
+    """The console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     import torch
 
     from .retrieve import (build_index, file_digest, load_index, load_model, pick_device, read_corpus, read_questions,
                            search)
 
-    ddp_dev = _init_distributed()
-    device = ddp_dev or pick_device(args.device)
+    rank, world, ddp_dev = setup_distributed()
+    device = ddp_dev if world > 1 else pick_device(args.device)
     model = load_model(args.model, args.tokenizer, device)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if args.cmd == "build":
         n_centroids = args.n_centroids if args.n_centroids == "auto" else int(args.n_centroids)
         meta = build_index(model, args.corpus, args.out, kind=args.kind, nbits=args.nbits, part_size=args.part_size,
@@ -143,7 +136,8 @@ def main(argv: Optional[list] = None) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,7 @@ those of the pair it was encoded in); :meth:`ReAttModel.student_scores` does thi
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional, Sequence
 
@@ -36,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 import reatt_kernels as rk
 
-from .config import ReAttConfig
+from .config import MAX_DOC_LEN, MAX_QUERY_LEN, ReAttConfig
 from .distributed import all_gather_nograd, all_gather_with_grad, all_reduce_max_int, is_distributed, rank_and_world
 
 EXTRA_NAME = "reatt_extra.pt"
@@ -86,6 +87,7 @@ class ReAttModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.gradient_checkpointing = False
+        self.read_max_pairs = 0  # pairs per chunk of the reader's blocks (0: one chunk per query length); see read()
         # w = 0 as in the original: softmax(w / tau) starts uniform (scale exp(c) / H) and w learns. A one-hot start
         # saturates the softmax at tau = 0.001, and its gradient is then exactly 0: w would never move.
         self.head_logits = nn.Parameter(torch.zeros(tc.num_heads))
@@ -256,7 +258,7 @@ class ReAttModel(nn.Module):
         """ids [N, Ld], bool mask -> (k vectors [N, Ld, d], mask). Runs only blocks <= B."""
         return self._retrieval_proj(self.bi_encode(ids, mask), "k"), mask
 
-    def encode_queries(self, texts: Sequence[str], max_length: int = 64) -> tuple[Tensor, Tensor]:
+    def encode_queries(self, texts: Sequence[str], max_length: int = MAX_QUERY_LEN) -> tuple[Tensor, Tensor]:
         """Questions (plain text; the "question:" prefix is added) -> (q vectors [N, Lq, d], bool mask [N, Lq])."""
         from .data import tokenize_queries
 
@@ -264,7 +266,7 @@ class ReAttModel(nn.Module):
         dev = self.head_logits.device
         return self.encode_query_ids(ids.to(dev), mask.to(dev))
 
-    def encode_documents(self, docs: Sequence, max_length: int = 192) -> tuple[Tensor, Tensor]:
+    def encode_documents(self, docs: Sequence, max_length: int = MAX_DOC_LEN) -> tuple[Tensor, Tensor]:
         """Documents ({"title", "text"} dicts, or strings used as text) -> (k vectors [N, Ld, d], bool mask)."""
         from .data import tokenize_docs
 
@@ -282,37 +284,59 @@ class ReAttModel(nn.Module):
         return rk.maxsim(q, d, q_mask, d_mask, reduce="sum", backend=self.config.kernel_backend)
 
     # ---- reader (blocks >= B) and Fusion-in-Decoder ------------------------------------------------------------------
-    def read(self, hq: Tensor, q_mask: Tensor, hd: Tensor, d_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def read(self, hq: Tensor, q_mask: Tensor, hd: Tensor, d_mask: Tensor,
+             max_pairs: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Blocks B..end over each (query, document) pair.
 
-        Args: hq [B, Lq, D] and q_mask [B, Lq]; hd [B*n, Ld, D] and d_mask [B*n, Ld] (bi-encoder outputs).
+        Args: hq [B, Lq, D] and q_mask [B, Lq]; hd [B*n, Ld, D] and d_mask [B*n, Ld] (bi-encoder outputs);
+            max_pairs: at most this many pairs per chunk (None: ``self.read_max_pairs``; 0: no limit).
         Returns: encoder states [B, n*(Lq+Ld), D], their bool mask [B, n*(Lq+Ld)], and doc_index [B, n*(Lq+Ld)]
             (document of each token for the teacher; -1 for padding, for every token of an empty document slot, and,
             with teacher_includes_query off, for the query tokens of each pair).
+
+        Memory: no per-pair bias. A pair's positions depend only on its query's length n_a (query token i at i,
+        document token j at n_a + j), so the pairs of all queries of one length share ONE bias [1, H, L, L]: the
+        pairs run in chunks of queries of equal length (at most ``max_pairs`` pairs each), and a block's attention
+        scores exist for one chunk at a time. (Was: a bias [B*n, H, L, L], 25.6 GB at 64 x 100 pairs of 250 tokens.)
         """
         B, Lq, D = hq.shape
         n = hd.shape[0] // max(B, 1)
         Ld = hd.shape[1]
         dev = hq.device
-        h = torch.cat([hq.repeat_interleave(n, 0), hd], 1)  # [B*n, Lq+Ld, D]
+        L = Lq + Ld
         # A missing document (an empty slot: the question has fewer than n) is no pair at all: its query tokens are
         # masked too, so the decoder never reads them and the teacher gives the slot mass 0 (student: -inf).
         present = d_mask.any(1, keepdim=True)
-        valid = torch.cat([q_mask.repeat_interleave(n, 0) & present, d_mask], 1)
-        nq = q_mask.sum(1).repeat_interleave(n, 0)  # [B*n]
-        pos = torch.cat([torch.arange(Lq, device=dev)[None].expand(B * n, Lq),
-                         nq[:, None] + torch.arange(Ld, device=dev)[None]], 1)
-        bias = self._rel_bias(pos, pos)  # [B*n, H, L, L]
-        m = self._key_mask(valid, bias.dtype)
-        for i in range(self.config.retrieval_layer, self.t5.config.num_layers):
-            h = self._block(i, h, m, bias)
+        valid = torch.cat([q_mask.repeat_interleave(n, 0) & present, d_mask], 1)  # [B*n, L]
+        nq = q_mask.sum(1)  # [B]
+        limit = self.read_max_pairs if max_pairs is None else max_pairs
+        per_chunk = max(1, limit // max(n, 1)) if limit else max(B, 1)
+        chunks, order = [], []
+        for m in torch.unique(nq).tolist():
+            qs = torch.nonzero(nq == m).flatten()
+            for c in range(0, qs.numel(), per_chunk):
+                a = qs[c : c + per_chunk]
+                pairs = (a[:, None] * n + torch.arange(n, device=dev)[None]).flatten()
+                h = torch.cat([hq.index_select(0, a).repeat_interleave(n, 0), hd.index_select(0, pairs)], 1)
+                pos = torch.cat([torch.arange(Lq, device=dev), m + torch.arange(Ld, device=dev)])[None]
+                bias = self._rel_bias(pos, pos)  # [1, H, L, L]: every pair of the chunk
+                mask = self._key_mask(valid.index_select(0, pairs), bias.dtype)
+                for i in range(self.config.retrieval_layer, self.t5.config.num_layers):
+                    h = self._block(i, h, mask, bias)
+                chunks.append(h)
+                order.append(pairs)
+        h = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        perm = torch.cat(order)
+        if len(chunks) > 1 or not bool((perm == torch.arange(perm.numel(), device=dev)).all()):
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.numel(), device=dev)
+            h = h.index_select(0, inv)
         h = self.t5.encoder.dropout(self.t5.encoder.final_layer_norm(h))
         docs = torch.arange(n, device=dev).repeat(B)[:, None]  # [B*n, 1]
         di = torch.cat([docs.expand(B * n, Lq) if self.config.teacher_includes_query
                         else torch.full((B * n, Lq), -1, device=dev, dtype=torch.long),
                         docs.expand(B * n, Ld)], 1)
         di = di.masked_fill(~valid, -1)
-        L = Lq + Ld
         return h.reshape(B, n * L, D), valid.reshape(B, n * L), di.reshape(B, n * L)
 
     def _teacher_hook(self, module, args, kwargs, output):
@@ -324,9 +348,12 @@ class ReAttModel(nn.Module):
             H, dk = module.n_heads, module.key_value_proj_dim
             qh = module.q(hidden[:, :1]).view(hidden.shape[0], H, dk)  # decoder step 0
             kh = module.k(kv).view(kv.shape[0], kv.shape[1], H, dk)
-            # T5 does not scale q.k, and cross-attention has no position bias: these are the layer's logits.
+            # T5 does not scale q.k, and cross-attention has no position bias: these are the layer's logits. The
+            # projections are the reader's own (bf16 under autocast); the product is fp32 (fp64 for an fp64 model):
+            # autocast would recast the einsum's inputs to bf16 even after .to(float32), so it is switched off here.
             ct = torch.promote_types(qh.dtype, torch.float32)
-            self._teacher_logits = torch.einsum("bhd,bshd->bhs", qh.to(ct), kh.to(ct))
+            with torch.autocast(qh.device.type, enabled=False):
+                self._teacher_logits = torch.einsum("bhd,bshd->bhs", qh.to(ct), kh.to(ct))
 
     def decode(self, enc: Tensor, enc_mask: Tensor, labels: Optional[Tensor] = None,
                decoder_input_ids: Optional[Tensor] = None, capture_teacher: bool = False):
@@ -510,8 +537,13 @@ class ReAttModel(nn.Module):
     # ---- inference ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_answers(self, q_ids: Tensor, q_mask: Tensor, d_ids: Tensor, d_mask: Tensor,
-                         max_new_tokens: int = 16) -> Tensor:
-        """Greedy decoding over the fused pairs -> token ids [B, <= max_new_tokens] (pad after EOS)."""
+                         max_new_tokens: int = 16, use_cache: bool = True) -> Tensor:
+        """Greedy decoding over the fused pairs -> token ids [B, <= max_new_tokens] (pad after EOS).
+
+        With ``use_cache`` (default) the decoder runs on the newest token only: T5's cross-attention K/V over the
+        n*(Lq+Ld) encoder tokens are computed once (step 0) and its self-attention K/V are cached (transformers'
+        EncoderDecoderCache), so a step costs O(n*(Lq+Ld)) instead of recomputing every K/V. ``use_cache=False``
+        recomputes the whole prefix each step (the reference the cached path is tested against)."""
         B, n, Ld = d_ids.shape
         hq = self.bi_encode(q_ids, q_mask)
         hd = self.bi_encode(d_ids.reshape(B * n, Ld), d_mask.reshape(B * n, Ld))
@@ -520,9 +552,18 @@ class ReAttModel(nn.Module):
         start = tc.decoder_start_token_id if tc.decoder_start_token_id is not None else tc.pad_token_id
         cur = torch.full((B, 1), start, dtype=torch.long, device=q_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=q_ids.device)
+        am = enc_mask.long()
+        past = None
+        # transformers >= 5.2x names the cache argument "cache" (the old "past_key_values" warns).
+        cache_kw = "cache" if "cache" in inspect.signature(self.t5.forward).parameters else "past_key_values"
         for _ in range(max_new_tokens):
-            logits = self.decode(enc, enc_mask, decoder_input_ids=cur).logits[:, -1]
-            nxt = logits.argmax(-1).masked_fill(done, tc.pad_token_id)
+            if use_cache:
+                out = self.t5(encoder_outputs=(enc,), attention_mask=am, decoder_input_ids=cur[:, -1:],
+                              use_cache=True, return_dict=True, **{cache_kw: past})
+                past = out.past_key_values
+            else:
+                out = self.decode(enc, enc_mask, decoder_input_ids=cur)
+            nxt = out.logits[:, -1].argmax(-1).masked_fill(done, tc.pad_token_id)
             cur = torch.cat([cur, nxt[:, None]], 1)
             done |= nxt == tc.eos_token_id
             if bool(done.all()):

@@ -30,7 +30,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .config import MAX_DOC_LEN
 from .data import DataError, doc_id, iter_jsonl, tokenize_docs, tokenize_queries
+from .distributed import barrier, rank_and_world
 
 META_NAME = "reatt_index.json"
 META_FORMAT = "reatt-index"
@@ -199,14 +201,6 @@ class PartIndex:
         return merge_topk(s, i, k)
 
 
-def _rank_world():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # ---- in-memory index (training-time re-retrieval and evaluation) -----------------------------------------------------
 def build_memory_index(model, docs: Sequence[dict], max_len: int, device, batch_size: int = 256,
                        distributed: bool = False, bf16: str = "auto"):
@@ -217,7 +211,7 @@ def build_memory_index(model, docs: Sequence[dict], max_len: int, device, batch_
     from reatt_kernels.index import ShardedIndex, TokenIndex
 
     dim = model.t5.config.d_kv
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     if distributed and world > 1:
         mine = list(range(rank, len(docs), world))
         chunks = encode_doc_chunks(model, [docs[i] for i in mine], max_len, device, batch_size, bf16)
@@ -255,7 +249,7 @@ def part_done(index_dir, p: int) -> bool:
 
 
 def build_index(model, corpus_path: str, index_dir: str, *, kind: str = "exact", nbits: int = 4,
-                part_size: int = 100_000, batch_size: int = 256, max_len: int = 192, device="cpu",
+                part_size: int = 100_000, batch_size: int = 256, max_len: int = MAX_DOC_LEN, device="cpu",
                 bf16: str = "auto", n_centroids="auto", codec_sample_docs: int = 20_000, model_dir: str = "",
                 progress: bool = True, seed: int = 0) -> dict:
     """Encode the corpus and write the index in parts (see the module docstring). Resumable: finished parts are
@@ -269,7 +263,7 @@ def build_index(model, corpus_path: str, index_dir: str, *, kind: str = "exact",
         raise ValueError(f"--kind must be 'exact' or 'residual', got {kind!r}")
     if part_size < 1 or batch_size < 1:
         raise ValueError(f"--part-size and --batch-size must be >= 1, got {part_size}, {batch_size}")
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     docs = read_corpus(corpus_path)
     n_parts = (len(docs) + part_size - 1) // part_size
     root = Path(index_dir)
@@ -291,7 +285,7 @@ def build_index(model, corpus_path: str, index_dir: str, *, kind: str = "exact",
                                  f"differ); use a new --out or delete it")
         else:
             write_json_atomic(meta, mpath)
-    _barrier()
+    barrier()
 
     codec = None
     if kind == "residual":
@@ -308,7 +302,7 @@ def build_index(model, corpus_path: str, index_dir: str, *, kind: str = "exact",
                                      progress=False)
             # the codec alone, saved as an empty residual index (the public save/load format)
             TokenIndex("residual", meta["dim"], nbits=nbits, codec=built.codec).save(cdir)
-        _barrier()
+        barrier()
         codec = TokenIndex.load(cdir, mmap=False).codec
 
     mine = [p for p in range(n_parts) if p % world == rank]
@@ -327,15 +321,8 @@ def build_index(model, corpus_path: str, index_dir: str, *, kind: str = "exact",
         if _AFTER_PART_HOOK is not None:
             _AFTER_PART_HOOK(p)
     bar.close()
-    _barrier()
+    barrier()
     return meta
-
-
-def _barrier():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def load_index(index_dir: str, device="cpu", verify: bool = True):
@@ -352,7 +339,7 @@ def load_index(index_dir: str, device="cpu", verify: bool = True):
     if missing:
         raise SystemExit(f"--index {index_dir!r}: parts {missing[:5]}{'...' if len(missing) > 5 else ''} are not "
                          f"built; rerun reatt-index build with the same arguments to finish it")
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     mine = [p for p in range(meta["n_parts"]) if p % world == rank]
     local = PartIndex([TokenIndex.load(part_dir(root, p), device=device, verify=verify) for p in mine])
     if world > 1:

@@ -3,7 +3,7 @@
     reatt-train --demo                                   # toy QA on CPU, random init, prints the learning curve
     reatt-train --train train.jsonl --eval dev.jsonl --model /path/t5-base --out runs/x --steps 20000
     torchrun --nproc_per_node 8 -m reatt.train ...       # DDP; in-batch negatives span every rank
-    torchrun --nproc_per_node 8 -m reatt.train --preset nq-large --model DIR ...   # the paper's NQ run (README)
+    torchrun --nproc_per_node 8 -m reatt.train --preset nq-large --model DIR ...   # the paper's NQ run (docs/reatt.md)
 
 The loss is QA cross-entropy + kl_weight * KL(reader teacher || retriever). No retrieval labels are used: a ctx's
 "gold" field (if any) is read only by evaluation (retrieval top-k accuracy of the gold document).
@@ -26,9 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ReAttConfig
-from .data import Collator, EpochSampler, build_corpus, doc_id, exact_match, load_jsonl
-from .distributed import rank_and_world
+from .config import MAX_DOC_LEN, MAX_QUERY_LEN, ReAttConfig
+from .data import (Collator, Example, ShardSampler, build_corpus, count_jsonl, doc_id, load_jsonl,
+                   sort_ctxs_by_score)
+from .distributed import rank_and_world, setup_distributed
+from .eval import em_score
 from .gradcache import ibn_accum_step
 from .model import ReAttModel, tiny_t5_config
 
@@ -44,8 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: every ctx of --train and --eval)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     g.add_argument("--n-docs", type=int, default=10, help="documents per question (first n ctxs)")
-    g.add_argument("--max-query-len", type=int, default=64, help="query tokens (\"question: ...\")")
-    g.add_argument("--max-doc-len", type=int, default=192, help="document tokens (\"title: ... context: ...\")")
+    g.add_argument("--target", choices=["random", "first"], default="random",
+                   help="training target: one answer drawn at random per use (the original's random.choice), or "
+                        "always answers[0]")
+    g.add_argument("--ctx-order", choices=["score", "file"], default="score",
+                   help="score: sort each question's ctxs by descending \"score\" before taking the first n (the "
+                        "original's sort_data; questions whose ctxs lack scores keep the file order); file: as given")
+    g.add_argument("--max-query-len", type=int, default=MAX_QUERY_LEN, help="query tokens (\"question: ...\")")
+    g.add_argument("--max-doc-len", type=int, default=MAX_DOC_LEN, help="document tokens (\"title: ... context: ...\")")
     g.add_argument("--max-answer-len", type=int, default=32, help="answer tokens")
     g = ap.add_argument_group("model")
     g.add_argument("--model", help="local T5 checkpoint directory (offline); omit for a random tiny T5")
@@ -75,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GradCache in-batch negatives: K micro-batches per step share ONE student softmax (all their "
                         "documents, on every rank), with the gradient of one batch K times larger and the activation "
                         "memory of one micro-batch (the original's accumulation_for_ibn)")
+    g.add_argument("--qa-reduction", choices=["token", "micro"], default="token",
+                   help="with --ibn-accum: the QA loss as the token mean over the big batch (token), or the mean of "
+                        "the micro-batches' token means as the original's fid_run (micro)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases)")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps (then linear decay to 0)")
@@ -91,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/reatt", help="output directory (checkpoints, metrics.jsonl)")
     g.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--eval-max", type=int, default=1000, help="evaluate on at most N questions")
+    g.add_argument("--eval-batch-size", type=int, default=16,
+                   help="questions per evaluation batch (reading and own-ctx scoring; sharded over ranks)")
     g.add_argument("--top-k", default="1,5,20", help="retrieval top-k accuracies to report")
     g.add_argument("--eval-retrieved", action="store_true", help="also report EM when reading the retrieved top n")
     g.add_argument("--reretrieve-every", type=int, default=0,
@@ -106,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     g = ap.add_argument_group("presets")
     g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="named hyper-parameters of a paper run (README); flags given explicitly win. nq-large: " +
+                   help="named hyper-parameters of a paper run (docs/reatt.md); flags given explicitly win. nq-large: " +
                         ", ".join(f"{k}={v}" for k, v in PRESETS["nq-large"].items()))
     g = ap.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
@@ -231,6 +244,13 @@ def check_step_args(args) -> None:
     if args.ibn_accum > 1 and args.accum > 1:
         raise SystemExit("reatt-train: use --ibn-accum K or --accum K, not both (--ibn-accum already accumulates K "
                          "micro-batches, and shares their documents as negatives)")
+    if args.ibn_accum > 1 and args.kl_weight == 0:
+        # The QA-only warm-up (e.g. --preset nq-large --kl-weight 0): without a KL, in-batch negatives mean nothing and
+        # GradCache's no-grad pre-pass would cost a forward per micro-batch for nothing (~25 %). The same K
+        # micro-batches per step, as plain accumulation.
+        print(f"reatt-train: --kl-weight 0: --ibn-accum {args.ibn_accum} runs as --accum {args.ibn_accum} (no KL, so no "
+              "GradCache pre-pass)", file=sys.stderr)
+        args.accum, args.ibn_accum = args.ibn_accum, 1
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
@@ -254,14 +274,31 @@ def _corpus_search(model: ReAttModel, questions, corpus, k: int, args, device, d
     return ids
 
 
+def _shard(items: list, rank: int, world: int) -> list:
+    """This rank's share of an evaluation list: items rank, rank + world, ... (every rank gets a near-equal share)."""
+    return items[rank::world]
+
+
+def _sum_over_ranks(values: list, device) -> list:
+    """Element-wise sum of a list of numbers over ranks (float64; the values themselves when not distributed)."""
+    from .distributed import is_distributed
+
+    if not is_distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 @torch.no_grad()
-def own_docs_top1(model: ReAttModel, tok, examples, args, device) -> float:
-    """Gold top-1 among each question's own ctxs (first n_docs), by the inference score (MaxSim sum, no bias), over
-    the questions that have a gold ctx there."""
+def own_docs_hits(model: ReAttModel, tok, examples, args, device) -> tuple[int, int]:
+    """(hits, questions): gold top-1 among each question's own ctxs (first n_docs), by the inference score (MaxSim
+    sum, no bias), over the questions that have a gold ctx there."""
     col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
     hits = total = 0
-    for i in range(0, len(examples), 64):
-        b = to_device(col(examples[i : i + 64]), device)
+    bs = args.eval_batch_size
+    for i in range(0, len(examples), bs):
+        b = to_device(col(examples[i : i + bs]), device)
         B, n, Ld = b["d_ids"].shape
         q, qm = model.encode_query_ids(b["q_ids"], b["q_mask"])
         d, dm = model.encode_document_ids(b["d_ids"].view(B * n, Ld), b["d_mask"].view(B * n, Ld))
@@ -270,48 +307,67 @@ def own_docs_top1(model: ReAttModel, tok, examples, args, device) -> float:
         best = s.argmax(1)
         hits += int((b["gold"][torch.arange(B), best] & has).sum())
         total += int(has.sum())
-    return hits / max(1, total)
+    return hits, total
 
 
 @torch.no_grad()
 def evaluate(model: ReAttModel, tok, examples, corpus, corpus_index, args, device) -> dict:
-    """EM reading the given ctxs; gold top-1 among the given ctxs and gold top-k over the corpus (questions with a
-    gold ctx); and (optionally) EM reading the retrieved top n_docs."""
+    """Collective under torch.distributed (call it on every rank; every rank gets the same dict).
+
+    - ``em``: EM reading the given ctxs (each rank reads its share of the questions; the counts are summed);
+    - ``retrieval_own_top1``: gold top-1 among the given ctxs (questions with a gold ctx; sharded the same way);
+    - ``retrieval_top{k}``: gold top-k over the corpus (questions with gold ids), ``answer_top{k}``: DPR answer
+      containment top-k over the corpus (every question: data without gold ids too). The corpus is a ShardedIndex
+      across ranks (each rank encodes 1/world of it), searched by every rank for all questions;
+    - ``em_retrieved`` (``--eval-retrieved``): EM reading the retrieved top n_docs, sharded.
+    Reading runs ``--eval-batch-size`` questions at a time with greedy decoding on a KV cache."""
+    from .eval import has_answer, passage_text
+
     model.eval()
+    rank, world = rank_and_world()
     exs = examples[: args.eval_max]
     ks = [int(k) for k in str(args.top_k).split(",") if k]
     res = {}
     col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
+    bs = args.eval_batch_size
 
-    def em_of(batch_exs):
-        hits = 0
-        for i in range(0, len(batch_exs), 64):
-            part = batch_exs[i : i + 64]
+    def em_hits(batch_exs):
+        hits = 0.0
+        for i in range(0, len(batch_exs), bs):
+            part = batch_exs[i : i + bs]
             b = to_device(col(part), device)
             gen = model.generate_answers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"],
                                          max_new_tokens=args.max_answer_len)
             preds = tok.batch_decode(gen, skip_special_tokens=True)
-            hits += sum(exact_match(p, e.answers) for p, e in zip(preds, part))
-        return hits / max(1, len(batch_exs))
+            hits += sum(em_score(p, e.answers) for p, e in zip(preds, part))
+        return hits
 
-    res["em"] = em_of(exs)
+    mine = _shard(exs, rank, world)
     with_gold = [e for e in exs if e.gold_ids]
+    own_hits, own_total = own_docs_hits(model, tok, [e for e in mine if e.gold_ids], args, device) if with_gold \
+        else (0, 0)
+    em_sum, own_hits, own_total = _sum_over_ranks([em_hits(mine), own_hits, own_total], device)
+    res["em"] = em_sum / max(1, len(exs))
     if with_gold:
-        res["retrieval_own_top1"] = own_docs_top1(model, tok, with_gold, args, device)
-    if with_gold or args.eval_retrieved:
-        top = _corpus_search(model, [e.question for e in exs], corpus, max(ks + [args.n_docs]), args, device)
-        ids = [[doc_id(corpus[j]) for j in row.tolist() if j >= 0] for row in top]
-        if with_gold:
-            for k in ks:
-                res[f"retrieval_top{k}"] = float(np.mean([bool(set(e.gold_ids) & set(r[:k]))
-                                                          for e, r in zip(exs, ids) if e.gold_ids]))
-            res["retrieval_chance_top1"] = 1.0 / max(1, len(corpus))
-        if args.eval_retrieved:
-            from .data import Example
+        res["retrieval_own_top1"] = own_hits / max(1, own_total)
+    top = _corpus_search(model, [e.question for e in exs], corpus, max(ks + [args.n_docs]), args, device,
+                         distributed=world > 1)
+    ids = [[doc_id(corpus[j]) for j in row.tolist() if j >= 0] for row in top]
+    if with_gold:
+        for k in ks:
+            res[f"retrieval_top{k}"] = float(np.mean([bool(set(e.gold_ids) & set(r[:k]))
+                                                      for e, r in zip(exs, ids) if e.gold_ids]))
+        res["retrieval_chance_top1"] = 1.0 / max(1, len(corpus))
+    first = [next((j for j, c in enumerate(row.tolist()) if c >= 0 and has_answer(e.answers, passage_text(corpus[c]))),
+                  None) for e, row in zip(exs, top)]
+    for k in ks:
+        res[f"answer_top{k}"] = float(np.mean([p is not None and p < k for p in first])) if exs else 0.0
+    if args.eval_retrieved:
+        from .data import Example
 
-            rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist() if j >= 0],
-                            e.line, e.gold_ids) for e, row in zip(exs, top)]
-            res["em_retrieved"] = em_of(rexs)
+        rexs = [Example(e.question, e.answers, [corpus[j] for j in row[: args.n_docs].tolist() if j >= 0],
+                        e.line, e.gold_ids) for e, row in zip(exs, top)]
+        res["em_retrieved"] = _sum_over_ranks([em_hits(_shard(rexs, rank, world))], device)[0] / max(1, len(rexs))
     model.train()
     return res
 
@@ -321,24 +377,24 @@ def reretrieve(model: ReAttModel, tok, examples, corpus, args, device) -> None:
     """Refresh every training question's ctxs with its top n_docs corpus documents (exact index; under DDP every
     rank encodes its slice of the corpus into a shard of a ShardedIndex)."""
     model.eval()
-    top = _corpus_search(model, [e.question for e in examples], corpus, args.n_docs, args, device, distributed=True)
+    questions = [e.question for e in examples]
+    rank, world = rank_and_world()
+    first = 0
+    if world > 1:
+        # Each rank holds its share of the questions; the ShardedIndex search is collective over the same queries,
+        # so every rank searches all of them (against its shard of the corpus) and keeps its own rows.
+        parts = [None] * world
+        dist.all_gather_object(parts, questions)
+        first = sum(len(p) for p in parts[:rank])
+        questions = [q for p in parts for q in p]
+    top = _corpus_search(model, questions, corpus, args.n_docs, args, device, distributed=True)
+    top = top[first : first + len(examples)]
     for e, row in zip(examples, top):
         e.ctxs = [corpus[j] for j in row.tolist() if j >= 0]
     model.train()
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------------
-def setup_distributed():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = rank_and_world()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
 def reatt_config_for(args, t5_config=None) -> ReAttConfig:
     """The ReAttConfig of this run: architecture fields (layer, head, tau) from the saved model of the previous round
     when ``--model`` holds one, else from the flags, else from the original's preset for the T5's shape (an error
@@ -348,7 +404,7 @@ def reatt_config_for(args, t5_config=None) -> ReAttConfig:
     train_kw = dict(kl_weight=args.kl_weight, in_batch_negatives=not args.no_in_batch_negatives,
                     train_pos_bias=not args.no_train_pos_bias, backend=args.backend,
                     use_fused_kernels=not args.reference_ops, teacher=args.teacher,
-                    teacher_includes_query=not args.teacher_docs_only)
+                    teacher_includes_query=not args.teacher_docs_only, qa_reduction=args.qa_reduction)
     flags = {"retrieval_layer": args.retrieval_layer, "retrieval_head": args.retrieval_head,
              "head_temperature": args.head_temperature}
     if args.model and os.path.exists(os.path.join(args.model, CONFIG_NAME)):
@@ -447,8 +503,13 @@ def train(args) -> list:
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     if args.train is None:
         raise SystemExit("reatt-train: --train is required (or --demo)")
-    train_exs = load_jsonl(args.train)
+    # Each rank streams and keeps only its share of the training file (examples rank, rank + world, ...).
+    train_exs = load_jsonl(args.train, rank=rank, world=world)
+    n_train = count_jsonl(args.train) if world > 1 else len(train_exs)
     eval_exs = load_jsonl(args.eval) if args.eval else []
+    if args.ctx_order == "score":
+        sort_ctxs_by_score(train_exs)
+        sort_ctxs_by_score(eval_exs)
     if args.corpus:
         corpus = []
         with open(args.corpus) as f:
@@ -460,6 +521,10 @@ def train(args) -> list:
                     corpus.append(c)
     else:
         corpus, _ = build_corpus(train_exs + eval_exs)
+        if world > 1:  # every rank needs the same corpus (its shard of the index, re-retrieval): the union of shares
+            parts = [None] * world
+            dist.all_gather_object(parts, corpus)
+            corpus, _ = build_corpus([Example("", [""], p) for p in parts])
     corpus_index = {doc_id(c): i for i, c in enumerate(corpus)}
 
     model = build_model(args, tok, device)
@@ -473,9 +538,8 @@ def train(args) -> list:
     if args.warmup_ratio > 0:
         args.warmup = int(round(args.warmup_ratio * args.steps))
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
-    col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len)
-    G = args.batch_size * world
-    sampler = EpochSampler(len(train_exs), G, args.seed)
+    col = Collator(tok, args.n_docs, args.max_query_len, args.max_doc_len, args.max_answer_len, target=args.target)
+    sampler = ShardSampler(len(train_exs), args.batch_size, args.seed, rank, world, n_train)
     use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
@@ -488,8 +552,8 @@ def train(args) -> list:
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, history = ck["step"], ck.get("history", [])
-        if ck.get("ctx_ids") is not None:
-            for e, ids in zip(train_exs, ck["ctx_ids"]):
+        if ck.get("ctx_ids") is not None:  # saved in global order: this rank's share is rank, rank + world, ...
+            for e, ids in zip(train_exs, ck["ctx_ids"][rank::world]):
                 e.ctxs = [corpus[corpus_index[i]] for i in ids]
             reretrieved = True
         set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
@@ -507,14 +571,21 @@ def train(args) -> list:
 
     def save(step_now):
         rngs = [None] * world
+        ctx_ids = [[doc_id(c) for c in e.ctxs] for e in train_exs] if reretrieved else None
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
+            if reretrieved:  # back to the file's order: example r + world * j is rank r's j-th
+                parts = [None] * world
+                dist.all_gather_object(parts, ctx_ids)
+                ctx_ids = [None] * n_train
+                for r, p in enumerate(parts):
+                    ctx_ids[r::world] = p
         else:
             rngs = [rng_state()]
         if main_proc:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "step": step_now, "rng": rngs, "history": history, "args": vars(args),
-                         "ctx_ids": [[doc_id(c) for c in e.ctxs] for e in train_exs] if reretrieved else None},
+                         "ctx_ids": ctx_ids},
                         ckpt_path)
         if world > 1:
             dist.barrier()
@@ -527,17 +598,16 @@ def train(args) -> list:
     def run_eval(step_now, t_train):
         if not eval_exs:
             return
+        # Every rank evaluates its share (collective): no rank idles at a barrier while rank 0 evaluates alone.
+        te = time.time()
+        res = evaluate(model, tok, eval_exs, corpus, corpus_index, args, device)
+        rec = {"step": step_now, "train_seconds": round(t_train, 1), "eval_seconds": round(time.time() - te, 1),
+               **res}
+        history.append(rec)
         if main_proc:
-            te = time.time()
-            res = evaluate(model, tok, eval_exs, corpus, corpus_index, args, device)
-            rec = {"step": step_now, "train_seconds": round(t_train, 1), "eval_seconds": round(time.time() - te, 1),
-                   **res}
-            history.append(rec)
             log({"type": "eval", **rec})
             parts = [f"{k} {v:.3f}" for k, v in res.items() if k != "retrieval_chance_top1"]
             print(f"[eval] step {step_now:5d}  {t_train:6.1f}s  " + "  ".join(parts), flush=True)
-        if world > 1:
-            dist.barrier()
 
     pbar = None
     if main_proc and not args.no_progress:
@@ -559,11 +629,11 @@ def train(args) -> list:
             model.config.kl_weight = args.kl_weight * min(1.0, step / args.kl_warmup)
         logs = {"loss": 0.0, "qa_loss": 0.0, "kl_loss": 0.0}
         if args.ibn_accum > 1:
-            micro = [to_device(col([train_exs[i] for i in sampler.batch(step * args.ibn_accum + k, rank, world)]),
+            micro = [to_device(col([train_exs[i] for i in sampler.batch(step * args.ibn_accum + k)]),
                                device) for k in range(args.ibn_accum)]
             logs.update(ibn_accum_step(model, micro, autocast=autocast))
         for micro in range(args.accum if args.ibn_accum <= 1 else 0):
-            idx = sampler.batch(step * args.accum + micro, rank, world)
+            idx = sampler.batch(step * args.accum + micro)
             batch = to_device(col([train_exs[i] for i in idx]), device)
             sync = micro == args.accum - 1 or world == 1
             ctx = ddp.no_sync() if (world > 1 and not sync) else nullcontext()
@@ -622,7 +692,8 @@ def train(args) -> list:
     return history
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: Optional[list] = None) -> int:
+    """The console script; returns the exit status."""
     ap = build_parser()
     args = ap.parse_args(argv)
     args._argv = list(argv if argv is not None else sys.argv[1:])
@@ -657,7 +728,8 @@ def main(argv: Optional[list] = None) -> None:
         # still releasing finished work can deadlock on the GIL (seen with gloo in the DDP test).
         dist.barrier()
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

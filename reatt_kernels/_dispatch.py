@@ -4,18 +4,20 @@
 ``backend=`` argument, or the ``REATT_BACKEND`` environment variable when the argument is ``"auto"``) forces it, and a
 forced backend that cannot run raises :class:`BackendUnavailableError` listing its reasons.
 
-Implementations are registered per (op, backend) as a module path, imported on first use, so that importing
-``reatt_kernels`` never imports triton or touches CUDA.
+Implementations are launcher objects (:mod:`reatt_kernels._launcher`), registered per (op, backend) by
+``reatt_kernels/ops/<op>.py``, which imports each of them: a reader (or an IDE) follows the imports from an op to every
+backend's kernel. Importing them never imports triton (the Triton launchers import their kernels on first call) or
+touches CUDA.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
 from . import _ext
+from ._launcher import Launcher
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,17 +70,14 @@ class Backend:
         for t in float_ts[:1]:
             if t.dtype not in cls.DTYPES:
                 reasons.append(f"dtype {t.dtype} not in {[str(x).replace('torch.', '') for x in cls.DTYPES]}")
-        if (op, cls.NAME) not in _IMPLS:
+        impl = _IMPLS.get((op, cls.NAME))
+        if impl is None:
             reasons.append(f"no {op!r} implementation for backend {cls.NAME!r}")
-        else:
+        elif not reasons:
             try:
-                impl = get_impl(op, cls.NAME)
-            except Exception as exc:  # a missing optional module is a reason, not a crash
+                reasons.extend(impl.not_supported_reasons(tensors, **kw))
+            except ImportError as exc:  # a Triton launcher imports its kernels here: a broken install is a reason
                 reasons.append(f"implementation failed to import: {type(exc).__name__}: {exc}")
-            else:
-                check = getattr(impl, f"_{op}_not_supported_reasons", None)
-                if check is not None and not reasons:
-                    reasons.extend(check(tensors, **kw))
         return reasons
 
 
@@ -170,24 +169,26 @@ BACKENDS: dict[str, type[Backend]] = {
 # them explicitly. Once scripts/device_check.sh results land, replace this with a per-shape-family choice that cites them.
 AUTO_ORDER: dict[str, list[str]] = {"cuda": ["triton", "cuda", "torch"], "cpu": ["cpu", "torch"]}
 
-# (op, backend) -> module path holding that backend's launchers for the op.
-_IMPLS: dict[tuple[str, str], str] = {}
+# (op, backend) -> that backend's launcher object for the op.
+_IMPLS: dict[tuple[str, str], Launcher] = {}
 # op -> function(device_type, **kw) -> preference list, for ops whose best backend depends on the shape.
 _AUTO_HOOKS: dict[str, Callable[..., list[str]]] = {}
 
 
-def register_impl(op: str, backend: str, module: str) -> None:
+def register_impl(op: str, backend: str, launcher: Launcher) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
-    _IMPLS[(op, backend)] = module
+    if not isinstance(launcher, Launcher):
+        raise TypeError(f"{op}/{backend}: a launcher object (reatt_kernels._launcher), got {type(launcher).__name__}")
+    _IMPLS[(op, backend)] = launcher
 
 
 def register_auto_order(op: str, fn: Callable[..., list[str]]) -> None:
     _AUTO_HOOKS[op] = fn
 
 
-def get_impl(op: str, backend: str):
-    return importlib.import_module(_IMPLS[(op, backend)])
+def get_impl(op: str, backend: str) -> Launcher:
+    return _IMPLS[(op, backend)]
 
 
 def _device_type(tensors: Iterable[Optional[TensorSpec]]) -> str:
@@ -200,8 +201,8 @@ def _device_type(tensors: Iterable[Optional[TensorSpec]]) -> str:
 def select(op: str, tensors: Sequence[Optional[torch.Tensor]], backend: str = "auto", **kw) -> str:
     """Name of the backend that runs ``op`` on these inputs.
 
-    ``kw`` carries op-specific facts (dim, layout, ...) that a backend's ``_<op>_not_supported_reasons(specs, **kw)``
-    may check. Selection sees only :class:`TensorSpec` values, and under ``torch.compile`` it runs once at trace time
+    ``kw`` carries op-specific facts (dim, layout, ...) that a backend's launcher's ``not_supported_reasons(specs,
+    **kw)`` may check. Selection sees only :class:`TensorSpec` values, and under ``torch.compile`` it runs once at trace time
     (its result is a constant of the graph), so dispatch never breaks ``fullgraph=True``.
     """
     if not isinstance(backend, str):

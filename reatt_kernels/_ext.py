@@ -126,6 +126,14 @@ def has(name: str, loader=ext) -> bool:
     return mod is not None and hasattr(mod, name)
 
 
+def fill(args, **fields):
+    """Set the named fields of a compiled parameter struct (``MaxsimArgs`` and the like) and return it. A misspelt field
+    raises AttributeError: the bound structs have no ``__dict__``, so a typo can never pass unnoticed."""
+    for name, value in fields.items():
+        setattr(args, name, value)
+    return args
+
+
 def dtype_code(t: torch.Tensor) -> int:
     try:
         return DTYPE_CODES[t.dtype]

@@ -15,10 +15,51 @@ if not torch.cuda.is_available():
 os.environ.setdefault("REATT_POISON", "1")
 
 
+def _emu():
+    """reatt_kernels._C_emu (the CUDA kernels under CPU emulation), or None."""
+    try:
+        from reatt_kernels import _ext
+
+        return _ext.emu()
+    except Exception:  # pragma: no cover - a broken build is reported by the tests themselves
+        return None
+
+
+# The emulator's seed (block order and jitter) for this session: REATT_EMU_SEED, else a random one. Every test that
+# involves cuda_emu restarts from it, so `REATT_EMU_SEED=<seed> pytest <that test>` replays the failing block orders.
+_EMU_SEED = None
+
+
+def pytest_report_header(config):
+    m = _emu()
+    if m is not None:
+        c = m.emu_config()
+        return (f"cuda_emu: REATT_EMU_SEED={c['seed']} resident={c['resident']} serial={c['serial']} "
+                f"mma_order={c['mma_order']}")
+    return None
+
+
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed(request):
+    global _EMU_SEED
     torch.manual_seed(0)
+    if "emu" in request.node.nodeid:
+        m = _emu()
+        if m is not None:
+            if _EMU_SEED is None:
+                _EMU_SEED = m.emu_config()["seed"]
+            m.set_emu_config(seed=_EMU_SEED)
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and "emu" in item.nodeid and _EMU_SEED is not None:
+        c = _emu().emu_config()
+        rep.sections.append(("cuda_emu replay", f"REATT_EMU_SEED={_EMU_SEED} (resident={c['resident']}, "
+                                                f"serial={c['serial']}, mma_order={c['mma_order']})"))
 
 
 @pytest.hookimpl(tryfirst=True)  # the tier markers must exist before `-m` deselects by them
@@ -77,6 +118,10 @@ SLOW = {
     "tests/reatt/test_reatt_gradcache.py": {"*"},
     "tests/reatt/test_reatt_model.py": {"*"},
     "tests/reatt/test_reatt_train.py": {"test_resume_is_exact", "test_ddp_step_matches_single_process"},
+    "tests/reatt/test_reatt_cli.py": {"*"},
+    "tests/reatt/test_reatt_scale.py": {"test_evaluate_sharded_over_two_gloo_ranks_equals_one_process",
+                                        "test_two_rank_training_streams_shares_and_checkpoints_the_file_order",
+                                        "test_load_a_fid_fork_checkpoint"},
     "tests/reatt/test_reatt_workflow.py": {"test_build_search_eval_round_trip", "test_search_output_is_reatt_train_input",
                                            "test_exact_index_topk_equals_exact_maxsim",
                                            "test_killed_build_resumes_to_the_same_index",

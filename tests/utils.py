@@ -18,7 +18,7 @@ UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16
 # Half the smallest subnormal step of the output dtype: a value below it rounds to 0 or to that step.
 TINY = {torch.float64: 0.0, torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
 # "A few ulps": fp32 sums of up to a few hundred terms (blocked or sequential) stay far below the worst case n * u;
-# the largest ratio measured on the CPU kernels, the Triton interpreter and the torch backend is ~1 (see README).
+# the largest ratio measured on the CPU kernels, the Triton interpreter and the torch backend is ~1 (see docs/testing.md).
 FP32_ULPS = 8.0
 # Backends that legitimately sum in another order on real hardware get their looser factor here, with the reason.
 LOOSER_ULPS = {

@@ -7,29 +7,44 @@
 //   used by the reatt_kernels._C_emu module so the unchanged kernels run (and are tested) on every commit.
 //
 // Emulation model (a test tool, not a fast path):
-// * Every CUDA thread is a real OS thread (std::thread), so ThreadSanitizer sees real concurrency. A launch creates
-//   blockDim threads once; they walk the grid's blocks one after another (one block at a time). Launches are
-//   serialised by a global mutex.
+// * Every CUDA thread is a real OS thread (std::thread), so ThreadSanitizer sees real concurrency. Several blocks are
+//   resident at once (REATT_EMU_RESIDENT, default 3), each on its own group of blockDim threads with its own barriers,
+//   warps and shared memory; the resident groups take the grid's blocks in a random order (a seeded permutation) and
+//   start with seeded jitter, so blocks really overlap and race. REATT_EMU_SEED=<n> fixes the seed (it is printed on
+//   every abort and, by tests/conftest.py, on every failed test); REATT_EMU_SERIAL=1 runs one block at a time, in
+//   order, for debugging. Launches are serialised by a global mutex.
 // * threadIdx/blockIdx/blockDim/gridDim are thread-local. __syncthreads and its _or/_and/_count forms are real barriers
-//   (a mutex-guarded count + a futex on a generation counter); exited threads stop counting, as on hardware.
+//   (a mutex-guarded count + a futex on a generation counter); exited threads stop counting, as on hardware. Every
+//   barrier records its call site and kind: threads of one block that meet at different sites or kinds (a divergent
+//   __syncthreads, or __syncthreads mixed with __syncthreads_or) abort with the kernel and both sites.
 // * Warp collectives (__shfl*_sync, __all/__any/__ballot/__match_any_sync, __syncwarp, ldmatrix, mma) rendezvous
 //   through a double-buffered per-warp slot array: every lane named in the mask must arrive at the same call site
-//   (file:line, taken with __builtin_FILE/__builtin_LINE at the caller); anything else aborts with the kernel, file and
-//   line. A lane that exited while named in a mask aborts too. When no thread of a block can run (all wait at
+//   (file:line, taken with __builtin_FILE/__builtin_LINE at the caller; a helper such as warp_sum takes
+//   REATT_SITE_PARAM and passes REATT_SITE_FWD on, so the site is its caller's); anything else aborts with the kernel,
+//   file and line. A lane that exited while named in a mask aborts too. When no thread of a block can run (all wait at
 //   barriers or collectives that cannot complete), the emulator aborts with where each thread waits, instead of
 //   hanging.
-// * Shared memory: the dynamic `extern __shared__` buffer (REATT_DYNAMIC_SMEM) is heap-allocated per block at exactly
-//   the launch's size and filled with 0xFF (NaN) bytes, so a read of never-written smem yields NaN. Under ASan the
-//   allocation is exact (an overrun is a heap-buffer-overflow report); otherwise 64 guard bytes follow it and a write
-//   into them fails the launch with cudaErrorIllegalAddress. Static `__shared__` arrays are `static` storage (ASan
-//   instruments globals): correct because blocks run one at a time and launches are serialised.
-// * cp.async (16 B, commit_group, wait_group N) is deferred: the source is read and the destination poisoned (0xFF)
+// * Shared memory is per resident block and poisoned at EVERY block start with the byte 0x7B: as fp32 or bf16 that is
+//   ~1.3e36 and as fp16 61280 (huge, finite: it wins any max and swamps any sum, where a NaN would be skipped by fmaxf),
+//   and as int32/int16/int8 it is 2071690107/31611/123 (far out of range for an index; never the -1 "skip" sentinel).
+//   The dynamic `extern __shared__` buffer (REATT_DYNAMIC_SMEM) is heap-allocated at exactly the launch's size: under
+//   ASan an overrun is a heap-buffer-overflow report; otherwise 64 guard bytes follow it and a write into them fails
+//   the launch with cudaErrorIllegalAddress. Static shared arrays are declared with REATT_SHARED_ARRAY(T, name, n)
+//   (a plain `__shared__` is a compile error under emulation: a `static` would be one array for every block).
+// * cp.async (16 B, commit_group, wait_group N) is deferred: the source is read and the destination poisoned (0x7B)
 //   when the copy is issued; the data lands when the issuing thread waits for its group, so a missing wait or barrier
-//   reads NaN. ldmatrix.x4 and mma.m16n8k16 (f16/bf16 -> f32) gather the warp's lanes and use the PTX ISA fragment
-//   layouts (asserted lane by lane in tests/kernels/test_cuda_emu.py against tables typed out from the ISA).
-// * Host API: cudaFuncSetAttribute is checked against the emulated per-block opt-in smem limit, a launch above the
-//   default 48 KB without it (or above the limit) fails like the real one; errors are thread-local and cleared by
-//   cudaGetLastError. The SM count and the opt-in limit are set by reatt_kernels._C_emu.set_device_limits().
+//   reads the poison on every run, whichever element is lost. ldmatrix.x4 and mma.m16n8k16 (f16/bf16 -> f32) gather
+//   the warp's lanes and use the PTX ISA fragment layouts (asserted lane by lane in tests/kernels/test_cuda_emu.py against
+//   tables typed out from the ISA). The mma sums its 16 products in k order, pairwise or in reverse k order
+//   (REATT_EMU_MMA_ORDER=seq|pairwise|reverse): the tensor cores' order is unspecified, so tests must pass in each.
+// * Launch checks, like the driver's: block and grid dimensions within the device limits (1024 threads, 1024 x 1024 x
+//   64, grid 2^31-1 x 65535 x 65535), dynamic shared memory within the default 48 KB or the cudaFuncSetAttribute
+//   opt-in (itself within the device's), and threads per block within the kernel's __launch_bounds__ (a kernel with
+//   bounds starts with REATT_EMU_LAUNCH_BOUNDS(n); tests/kernels/test_cuda_emu.py checks that n matches the attribute). A
+//   violation fails the launch (cudaErrorLaunchOutOfResources / InvalidConfiguration / InvalidValue). Registers per
+//   thread cannot be checked: the host compiler allocates none.
+// * Host API: errors are thread-local and cleared by cudaGetLastError. The SM count and the opt-in limit are set by
+//   reatt_kernels._C_emu.set_device_limits().
 #pragma once
 
 #ifndef REATT_CUDA_EMU
@@ -38,6 +53,15 @@
 #include <cuda_runtime.h>
 #define REATT_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
 #define REATT_DYNAMIC_SMEM(T, name, align) extern __shared__ __align__(align) T name[]
+#define REATT_SHARED_ARRAY(T, name, n) __shared__ T name[n]
+#define REATT_EMU_LAUNCH_BOUNDS(n) \
+  do {                             \
+  } while (0)
+// A device helper that wraps a collective or a barrier takes the caller's site under emulation (nothing on a GPU):
+//   __device__ float warp_sum(float v REATT_SITE_PARAM) { ... __shfl_xor_sync(m, v, o, 32 REATT_SITE_FWD) ... }
+#define REATT_SITE_PARAM
+#define REATT_SITE_FWD
+#define REATT_SITE_ONLY
 #else  // ---- emulation ------------------------------------------------------------------------------------------------
 
 #include <cmath>
@@ -54,9 +78,15 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ static
+// A `static` array would be ONE array for every block of every launch (and keep the previous block's values): under
+// emulation a plain __shared__ declaration is an error (-Werror=deprecated-declarations in CMakeLists.txt).
+#define __shared__ \
+  __attribute__((deprecated("declare static shared memory with REATT_SHARED_ARRAY(T, name, n) (per block, poisoned)"))) static
 #define REATT_EMU_SITE const char *emu_file_ = __builtin_FILE(), int emu_line_ = __builtin_LINE()
 #define REATT_EMU_SITE_ARGS emu_file_, emu_line_
+#define REATT_SITE_PARAM , REATT_EMU_SITE
+#define REATT_SITE_FWD , emu_file_, emu_line_
+#define REATT_SITE_ONLY emu_file_, emu_line_
 
 // ---- vector and index types ---------------------------------------------------------------------------------------------
 struct uint3 {
@@ -179,6 +209,7 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorIllegalAddress = 700,
+  cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchFailure = 719,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -199,6 +230,17 @@ struct DeviceLimits {
   int smem_default = 48 * 1024;
 };
 DeviceLimits& device_limits();
+// Emulator settings (initial values from REATT_EMU_SEED / _RESIDENT / _SERIAL / _MMA_ORDER). Setting the seed restarts
+// the launch count, so a test that sets it at its start replays the same block orders.
+uint64_t emu_seed();
+uint64_t emu_launches();
+void set_emu_seed(uint64_t seed);
+int emu_resident();
+void set_emu_resident(int n);
+bool emu_serial();
+void set_emu_serial(bool on);
+int emu_mma_order();  // 0 k order, 1 pairwise, 2 reverse k
+void set_emu_mma_order(int order);
 cudaError_t& last_error();  // thread-local, like the CUDA runtime's
 cudaError_t set_error(cudaError_t e);
 cudaError_t func_set_attribute(const void* fn, cudaFuncAttribute attr, int value);
@@ -235,6 +277,8 @@ unsigned warp_match_any(unsigned mask, uint64_t v, const char* file, int line);
 void warp_ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans, const char* file, int line);
 void warp_mma_16816(int dtype, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, const char* file,
                     int line);
+void* static_smem(const void* key, size_t bytes, size_t align);
+bool launch_bounds_exceeded(int max_threads, const char* file, int line);
 void cp_async16(void* dst, const void* src);
 void cp_async_commit();
 void cp_async_wait(int n);
@@ -293,6 +337,15 @@ inline Launch<P...> make_launch(const char* name, const char* func, const char* 
   ::reatt_emu::make_launch(#kernel, __PRETTY_FUNCTION__, __FILE__, __LINE__, kernel, dim3(grid), dim3(block), (smem), \
                            (stream))
 #define REATT_DYNAMIC_SMEM(T, name, align) T* name = static_cast<T*>(::reatt_emu::dynamic_smem())
+// Per resident block, poisoned at every block start; the key (one static byte per declaration) names the array.
+#define REATT_SHARED_ARRAY(T, name, n)                                                                 \
+  static const char reatt_emu_key_##name = 0;                                                          \
+  T(&name)[n] = *static_cast<T(*)[n]>(::reatt_emu::static_smem(&reatt_emu_key_##name, sizeof(T[n]), \
+                                                                alignof(T)))
+// First statement of a kernel declared with __launch_bounds__(n): a launch with more threads per block fails (as
+// cudaErrorLaunchOutOfResources on a GPU) and no thread runs the body.
+#define REATT_EMU_LAUNCH_BOUNDS(n) \
+  if (::reatt_emu::launch_bounds_exceeded((n), __FILE__, __LINE__)) return
 
 // ---- device intrinsics --------------------------------------------------------------------------------------------------
 inline void __syncthreads(REATT_EMU_SITE) { reatt_emu::block_barrier(0, 0, REATT_EMU_SITE_ARGS); }

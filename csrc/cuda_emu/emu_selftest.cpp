@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "../common.h"
 #include "emu_runtime.h"
@@ -131,17 +133,20 @@ __global__ void smem_kernel(int n_write) {
     for (int i = 0; i < n_write; ++i) sm[i] = 1;
 }
 
+// A helper around a collective, as the kernels write them: the site recorded is its caller's.
+__device__ int helper_sum(int v REATT_SITE_PARAM) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o, 32 REATT_SITE_FWD);
+  return v;
+}
+
 // Misuse that is undefined behaviour on a GPU; the emulator must abort with the site.
 __global__ void misuse_kernel(int kind) {
   const int tid = threadIdx.x, lane = tid % 32;
-  if (kind == 0) {  // deadlock: lane 0 waits at __syncthreads, its warp at __syncwarp, the other warp at __syncthreads
-    if (tid == 0) {
-      __syncthreads();
-    } else if (tid < 32) {
+  if (kind == 0) {  // deadlock: lane 0 and warp 1 wait at __syncthreads, lanes 1-31 at a __syncwarp naming lane 0
+    if (tid > 0 && tid < 32)
       __syncwarp();
-    } else {
+    else
       __syncthreads();
-    }
   } else if (kind == 1) {  // the lanes of a warp call the same collective from two call sites
     int v = 0;
     if (lane < 16)
@@ -152,7 +157,62 @@ __global__ void misuse_kernel(int kind) {
   } else if (kind == 2) {  // a lane named in the mask returns first
     if (lane == 5) return;
     (void)__shfl_xor_sync(0xffffffffu, lane, 1);
+  } else if (kind == 3) {  // a divergent __syncthreads: the two warps reach different barriers
+    if (tid < 32)
+      __syncthreads();
+    else
+      __syncthreads();
+  } else if (kind == 4) {  // __syncthreads mixed with __syncthreads_or at one site
+    if (tid < 32) __syncthreads(); else (void)__syncthreads_or(1);
+  } else if (kind == 5) {  // one helper, two callers: the helper's collectives carry the callers' sites
+    int v = 0;
+    if (lane < 16)
+      v = helper_sum(lane);
+    else
+      v = helper_sum(lane);
+    (void)v;
   }
+}
+
+// __launch_bounds__(64): the first statement refuses a bigger block (the GPU driver would refuse the launch).
+__global__ void __launch_bounds__(64) bounded_kernel(int* out) {
+  REATT_EMU_LAUNCH_BOUNDS(64);
+  atomicAdd(out, 1);
+}
+
+// Static shared memory: out int32 [n_blocks, 3] = (the never-written slot's bits, the block's own value read back
+// after a barrier, blockIdx.x). A static array shared by every block (the old emulation) fails the second column
+// when blocks overlap and keeps the previous block's value in the first.
+__global__ void static_smem_kernel(int32_t* out) {
+  REATT_SHARED_ARRAY(int32_t, s, 8);
+  const int b = blockIdx.x;
+  if (threadIdx.x == 0) out[b * 3] = s[7];  // never written by this block
+  __syncthreads();
+  if (threadIdx.x == 0) s[0] = b;
+  __syncthreads();
+  for (int k = 0; k < 8; ++k) std::this_thread::yield();  // give a concurrent block time to clobber s[0]
+  __syncthreads();
+  if (threadIdx.x == 1) {
+    out[b * 3 + 1] = s[0];
+    out[b * 3 + 2] = b;
+  }
+  if (threadIdx.x == 0) s[7] = 12345;  // what the next block on this slot would read without the poison
+}
+
+// Concurrency: out int64 [n_blocks, 2] = (start ticket, blocks running when this one started); max_running[0] the
+// most blocks seen running at once.
+__global__ void overlap_kernel(int64_t* out, int* running, int* ticket, int* max_running) {
+  const int b = blockIdx.x;
+  if (threadIdx.x == 0) {
+    const int r = atomicAdd(running, 1) + 1;
+    atomicMax(max_running, r);
+    out[b * 2] = atomicAdd(ticket, 1);
+    out[b * 2 + 1] = r;
+  }
+  __syncthreads();
+  for (int k = 0; k < 8; ++k) std::this_thread::yield();  // hold the block open a little
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(running, -1);
 }
 
 py::list selftest_warp_ops() {
@@ -214,6 +274,30 @@ void selftest_convert(uintptr_t x, uintptr_t bits, uintptr_t back, int64_t n, bo
   check_launch("convert_kernel");
 }
 
+int selftest_bounded(int threads) {
+  std::vector<int> count(1, 0);
+  REATT_LAUNCH(bounded_kernel, 3, threads, 0, nullptr)(count.data());
+  check_launch("bounded_kernel");
+  return count[0];
+}
+
+void selftest_static_smem(uintptr_t out, int n_blocks) {
+  REATT_LAUNCH(static_smem_kernel, n_blocks, 32, 0, nullptr)(reinterpret_cast<int32_t*>(out));
+  check_launch("static_smem_kernel");
+}
+
+int selftest_overlap(uintptr_t out, int n_blocks) {
+  std::vector<int> st(3, 0);
+  REATT_LAUNCH(overlap_kernel, n_blocks, 64, 0, nullptr)(reinterpret_cast<int64_t*>(out), &st[0], &st[1], &st[2]);
+  check_launch("overlap_kernel");
+  return st[2];
+}
+
+void selftest_launch_dims(int bx, int by, int bz, int64_t gx, int gy) {
+  REATT_LAUNCH(smem_kernel, dim3(static_cast<unsigned>(gx), gy), dim3(bx, by, bz), 0, nullptr)(0);
+  check_launch("smem_kernel");
+}
+
 void selftest_misuse(int kind) {
   REATT_LAUNCH(misuse_kernel, 1, 64, 0, nullptr)(kind);
   check_launch("misuse_kernel");
@@ -231,6 +315,10 @@ const RegisterBindings kRegister([](py::module_& m) {
         py::arg("n_write"), py::arg("set_attribute"));
   m.def("emu_selftest_convert", &selftest_convert, py::call_guard<py::gil_scoped_release>());
   m.def("emu_selftest_misuse", &selftest_misuse, py::call_guard<py::gil_scoped_release>());
+  m.def("emu_selftest_bounded", &selftest_bounded, py::call_guard<py::gil_scoped_release>());
+  m.def("emu_selftest_static_smem", &selftest_static_smem, py::call_guard<py::gil_scoped_release>());
+  m.def("emu_selftest_overlap", &selftest_overlap, py::call_guard<py::gil_scoped_release>());
+  m.def("emu_selftest_launch_dims", &selftest_launch_dims, py::call_guard<py::gil_scoped_release>());
 });
 
 }  // namespace

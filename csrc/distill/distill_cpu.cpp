@@ -21,6 +21,8 @@
 #endif
 
 #include "common.h"
+#include "cpu_dtype.h"
+#include "distill/distill_args.h"
 
 namespace reatt {
 namespace {
@@ -235,9 +237,14 @@ void reader_teacher_rows(const T* attn, int64_t B, int64_t L, int64_t H, int64_t
 
 // attn [B, L, H, T, S] (strides in elements), doc int32 [B, S] contiguous, mask uint8 [B, S] contiguous or 0,
 // out fp32 [B, n_docs] contiguous.
-void reader_teacher_fwd_cpu(uintptr_t attn, int dtype, int64_t B, int64_t L, int64_t H, int64_t Tn, int64_t S,
-                            int64_t sb, int64_t sl, int64_t sh, int64_t st, int64_t ss, uintptr_t doc, uintptr_t mask,
-                            int64_t n_docs, bool is_logits, uintptr_t out) {
+void reader_teacher_fwd_cpu(const ReaderTeacherArgs& a) {
+  const uintptr_t attn = a.attn, doc = a.doc, mask = a.mask, out = a.out;
+  const int dtype = a.dtype;
+  const int64_t B = a.B, L = a.L, H = a.H, Tn = a.T, S = a.S, sb = a.sb, sl = a.sl, sh = a.sh, st = a.st, ss = a.ss;
+  const int64_t n_docs = a.n_docs;
+  const bool is_logits = a.is_logits;
+  REATT_CHECK(a.doc_dtype == kInt32,
+              std::string("reader_teacher_fwd_cpu: doc must be int32, got ") + dtype_name(a.doc_dtype));
   REATT_CHECK(B >= 0 && L >= 0 && H >= 0 && Tn >= 0 && S >= 0 && n_docs >= 0, "reader_teacher_fwd_cpu: negative size");
   if (B == 0 || n_docs == 0) return;
   auto* d = reinterpret_cast<const int32_t*>(doc);
@@ -264,8 +271,9 @@ void reader_teacher_fwd_cpu(uintptr_t attn, int dtype, int64_t B, int64_t L, int
 
 namespace {
 const RegisterBindings distill_cpu_bindings([](pybind11::module_& m) {
+  bind_reader_teacher_args(m);
   m.def("reader_teacher_fwd_cpu", &reader_teacher_fwd_cpu, pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "reader teacher p_T [B, n] from attn [B, L, H, T, S] on the CPU (raw pointers, strides)");
+        "reader teacher p_T [B, n] from attn [B, L, H, T, S] on the CPU (a ReaderTeacherArgs)", pybind11::arg("args"));
 });
 }  // namespace
 

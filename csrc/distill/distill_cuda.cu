@@ -19,12 +19,13 @@
 //   Bytes: 2 reads of the student row (the second from L2) + 1 write of the gradient (+ the teacher).
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 
-#include "common.h"
-#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
+#include "cuda_common.cuh"
+#include "distill/distill_args.h"
 
 namespace reatt {
 namespace {
@@ -34,43 +35,35 @@ constexpr int kVec = 8;            // tokens per lane per chunk: a warp chunk is
 constexpr int kKlThreads = 256;    // threads per distill_kl block
 constexpr unsigned kFull = 0xffffffffu;
 
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+// REATT_SITE_PARAM / _FWD / _ONLY (emu_runtime.h; empty for nvcc): under emulation the collectives and barriers inside
+// these helpers record their caller's file:line, so two different callers never look alike.
+__device__ __forceinline__ float warp_max(float v REATT_SITE_PARAM) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o, 32 REATT_SITE_FWD));
   return v;
 }
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+__device__ __forceinline__ float warp_sum(float v REATT_SITE_PARAM) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o, 32 REATT_SITE_FWD);
   return v;
 }
 
 // Block-wide reductions for distill_kl (blockDim.x == kKlThreads); `red` holds one float per warp.
-__device__ __forceinline__ float block_max(float v, float* red) {
-  v = warp_max(v);
+__device__ __forceinline__ float block_max(float v, float* red REATT_SITE_PARAM) {
+  v = warp_max(v REATT_SITE_FWD);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
+  __syncthreads(REATT_SITE_ONLY);
   if (lane == 0) red[warp] = v;
-  __syncthreads();
+  __syncthreads(REATT_SITE_ONLY);
   v = lane < kKlThreads / 32 ? red[lane] : -INFINITY;
-  return warp_max(v);
+  return warp_max(v REATT_SITE_FWD);
 }
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  v = warp_sum(v);
+__device__ __forceinline__ float block_sum(float v, float* red REATT_SITE_PARAM) {
+  v = warp_sum(v REATT_SITE_FWD);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
+  __syncthreads(REATT_SITE_ONLY);
   if (lane == 0) red[warp] = v;
-  __syncthreads();
+  __syncthreads(REATT_SITE_ONLY);
   v = lane < kKlThreads / 32 ? red[lane] : 0.f;
-  return warp_sum(v);
+  return warp_sum(v REATT_SITE_FWD);
 }
 
 // ---- reader_teacher --------------------------------------------------------------------------------------------------
@@ -174,7 +167,7 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
                                       const float* __restrict__ teacher, const float* __restrict__ tprobs,
                                       const int64_t* __restrict__ tcols, int64_t n, float* __restrict__ loss,
                                       T* __restrict__ grad, float grad_scale, bool normalize, bool sparse) {
-  __shared__ float red[32];
+  REATT_SHARED_ARRAY(float, red, 32);
   const int64_t b = blockIdx.x;
   const T* row = student + b * ssb;
   // pass 1: online log-sum-exp per thread, then across the block
@@ -230,27 +223,49 @@ __global__ void distill_kl_fwd_kernel(const T* __restrict__ student, int64_t ssb
   if (threadIdx.x == 0) loss[b] = lacc;
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("reatt: ") + what + " launch failed: " +
-                                                   cudaGetErrorString(err));
+// Grid of the reader teacher: row chunks per query so that ~4 blocks per SM run (the rows of one query are few next to
+// a GPU: 12 layers x 12 heads x 1 step = 144), each chunk at least one row per warp. One partial [n_docs] per chunk.
+struct ReaderTeacherPlan {
+  int64_t n_chunks, rows_per_block;
+};
+
+ReaderTeacherPlan reader_teacher_plan(const ReaderTeacherArgs& a, const DeviceLimits& lim) {
+  const int64_t R = a.L * a.H * a.T;
+  const int64_t target = 4LL * lim.sm_count;
+  int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>({cdiv(R, kWarps), cdiv(target, std::max<int64_t>(1, a.B)),
+                                                             65535}));
+  const int64_t rows_per_block = std::max<int64_t>(1, cdiv(R, n_chunks));
+  n_chunks = std::max<int64_t>(1, cdiv(R, rows_per_block));
+  return ReaderTeacherPlan{n_chunks, rows_per_block};
+}
+
+void check_reader_teacher(const ReaderTeacherArgs& a) {
+  REATT_CHECK(a.n_docs >= 1 && a.n_docs <= 1024, "reader_teacher_fwd_cuda: n_docs must be in [1, 1024]");
+  REATT_CHECK(a.B >= 1 && a.L >= 0 && a.H >= 0 && a.T >= 0 && a.S >= 0, "reader_teacher_fwd_cuda: bad sizes");
+  REATT_CHECK(a.doc_dtype == kInt16,
+              std::string("reader_teacher_fwd_cuda: doc must be int16, got ") + dtype_name(a.doc_dtype));
 }
 
 }  // namespace
 
 // attn [B, L, H, T, S] (strides in elements), doc int16 [B, S] contiguous (n_docs <= 1024), mask uint8 [B, S]
-// contiguous or 0, partial fp32 [B, n_chunks, n_docs], out fp32 [B, n_docs].
-void reader_teacher_fwd_cuda(uintptr_t attn, int dtype, int64_t B, int64_t L, int64_t H, int64_t Tn, int64_t S,
-                             int64_t sb, int64_t sl, int64_t sh, int64_t st, int64_t ss, uintptr_t doc, uintptr_t mask,
-                             int64_t n_docs, bool is_logits, uintptr_t partial, int64_t n_chunks,
-                             int64_t rows_per_block, uintptr_t out, uintptr_t stream) {
-  REATT_CHECK(n_docs >= 1 && n_docs <= 1024, "reader_teacher_fwd_cuda: n_docs must be in [1, 1024]");
-  REATT_CHECK(B >= 1 && n_chunks >= 1 && n_chunks <= 65535, "reader_teacher_fwd_cuda: bad grid");
-  REATT_CHECK(rows_per_block * n_chunks >= L * H * Tn, "reader_teacher_fwd_cuda: chunks do not cover the rows");
-  auto s = reinterpret_cast<cudaStream_t>(stream);
+// contiguous or 0, partial fp32 [B, n_chunks, n_docs] (n_chunks: reader_teacher_plan_cuda), out fp32 [B, n_docs].
+void reader_teacher_fwd_cuda(const ReaderTeacherArgs& a) {
+  check_reader_teacher(a);
+  const uintptr_t attn = a.attn, doc = a.doc, mask = a.mask, partial = a.partial, out = a.out;
+  const int dtype = a.dtype;
+  const int64_t B = a.B, H = a.H, Tn = a.T, S = a.S, sb = a.sb, sl = a.sl, sh = a.sh, st = a.st, ss = a.ss;
+  const int64_t n_docs = a.n_docs;
+  const bool is_logits = a.is_logits;
+  const ReaderTeacherPlan plan = reader_teacher_plan(a, current_device_limits());
+  const int64_t n_chunks = plan.n_chunks, rows_per_block = plan.rows_per_block;
+  REATT_CHECK(n_chunks <= 65535, "reader_teacher_fwd_cuda: bad grid");
+  REATT_CHECK(rows_per_block * n_chunks >= a.L * H * Tn, "reader_teacher_fwd_cuda: chunks do not cover the rows");
+  REATT_CHECK(partial != 0 && out != 0, "reader_teacher_fwd_cuda: partial and out are required");
+  auto s = as_stream(a.stream);
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(n_chunks));
   const size_t smem = static_cast<size_t>(kWarps + 1) * n_docs * sizeof(float);
-  const int64_t R = L * H * Tn;
+  const int64_t R = a.L * H * Tn;
   auto* d = reinterpret_cast<const int16_t*>(doc);
   auto* mk = reinterpret_cast<const uint8_t*>(mask);
   auto* pp = reinterpret_cast<float*>(partial);
@@ -275,26 +290,30 @@ void reader_teacher_fwd_cuda(uintptr_t attn, int dtype, int64_t B, int64_t L, in
       throw std::invalid_argument(std::string("reatt: reader_teacher_fwd_cuda: unsupported dtype ") +
                                   dtype_name(dtype));
   }
-  check_launch("reader_teacher_fwd_kernel");
+  REATT_LAUNCH_CHECK("reader_teacher_fwd_kernel");
   const int64_t total = B * n_docs;
   REATT_LAUNCH(reader_teacher_reduce_kernel, static_cast<unsigned>((total + 255) / 256), 256, 0, s)(
       pp, reinterpret_cast<float*>(out), B, n_chunks, n_docs, 1.f / static_cast<float>(R));
-  check_launch("reader_teacher_reduce_kernel");
+  REATT_LAUNCH_CHECK("reader_teacher_reduce_kernel");
 }
 
 // student [B, M] (strides in elements); teacher fp32 [B, M] contiguous (dense form); tprobs fp32 [B, n] and tcols
 // int64 [B, n] contiguous (sparse form); loss fp32 [B]; grad [B, M] contiguous in the student's dtype, or 0. An empty
 // teacher (M = 0 dense, n = 0 sparse) may come as null pointers: every row's loss is then 0 (nothing is read).
-void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int64_t ssb, int64_t ssm, bool sparse,
-                         uintptr_t teacher, uintptr_t tprobs, uintptr_t tcols, int64_t n, uintptr_t loss,
-                         uintptr_t grad, double grad_scale, bool normalize, uintptr_t stream) {
+void distill_kl_fwd_cuda(const DistillKlArgs& a) {
+  const uintptr_t student = a.student, teacher = a.teacher, tprobs = a.tprobs, tcols = a.tcols, loss = a.loss;
+  const uintptr_t grad = a.grad;
+  const int dtype = a.dtype;
+  const int64_t B = a.B, M = a.M, ssb = a.ss_b, ssm = a.ss_m, n = a.n;
+  const bool sparse = a.sparse, normalize = a.normalize;
+  const double grad_scale = a.grad_scale;
   REATT_CHECK(B >= 1 && B <= 2147483647, "distill_kl_fwd_cuda: B must be in [1, 2^31)");
   REATT_CHECK(M >= 0 && n >= 0, "distill_kl_fwd_cuda: negative size");
   REATT_CHECK(loss != 0, "distill_kl_fwd_cuda: null loss");
   REATT_CHECK(sparse ? (n == 0 || (tprobs != 0 && tcols != 0)) : (M == 0 || teacher != 0),
               "distill_kl_fwd_cuda: a non-empty teacher needs its pointers (dense: teacher; sparse: tprobs, tcols)");
   REATT_CHECK(M == 0 || student != 0, "distill_kl_fwd_cuda: null student");
-  auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto s = as_stream(a.stream);
   auto* t = reinterpret_cast<const float*>(teacher);
   auto* tp = reinterpret_cast<const float*>(tprobs);
   auto* tc = reinterpret_cast<const int64_t*>(tcols);
@@ -320,15 +339,29 @@ void distill_kl_fwd_cuda(uintptr_t student, int dtype, int64_t B, int64_t M, int
     default:
       throw std::invalid_argument(std::string("reatt: distill_kl_fwd_cuda: unsupported dtype ") + dtype_name(dtype));
   }
-  check_launch("distill_kl_fwd_kernel");
+  REATT_LAUNCH_CHECK("distill_kl_fwd_kernel");
 }
 
 namespace {
+pybind11::dict reader_teacher_plan_cuda(const ReaderTeacherArgs& a) {
+  check_reader_teacher(a);
+  const ReaderTeacherPlan plan = reader_teacher_plan(a, current_device_limits());
+  pybind11::dict out;
+  out["n_chunks"] = plan.n_chunks;
+  out["rows_per_block"] = plan.rows_per_block;
+  return out;
+}
+
 const RegisterBindings distill_cuda_bindings([](pybind11::module_& m) {
+  bind_reader_teacher_args(m);
+  bind_distill_kl_args(m);
   m.def("reader_teacher_fwd_cuda", &reader_teacher_fwd_cuda,
-        "reader teacher p_T [B, n] from attn [B, L, H, T, S] (raw pointers, strides, stream)");
+        "reader teacher p_T [B, n] from attn [B, L, H, T, S] (a ReaderTeacherArgs)", pybind11::arg("args"));
+  m.def("reader_teacher_plan_cuda", &reader_teacher_plan_cuda,
+        "The reader teacher's grid on the current device: {n_chunks, rows_per_block} (partial is [B, n_chunks, n])",
+        pybind11::arg("args"));
   m.def("distill_kl_fwd_cuda", &distill_kl_fwd_cuda,
-        "row-wise KL(teacher || softmax(student)) and its gradient (raw pointers, strides, stream)");
+        "row-wise KL(teacher || softmax(student)) and its gradient (a DistillKlArgs)", pybind11::arg("args"));
 });
 }  // namespace
 

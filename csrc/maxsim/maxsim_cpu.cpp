@@ -36,6 +36,8 @@
 #endif
 
 #include "common.h"
+#include "cpu_dtype.h"
+#include "maxsim/maxsim_args.h"
 #include "maxsim/maxsim_cpu.h"
 
 namespace py = pybind11;
@@ -48,38 +50,6 @@ namespace py = pybind11;
 
 namespace reatt {
 namespace maxsim_cpu {
-
-// fp32 -> fp16 / bf16, round to nearest even (NaN stays NaN, overflow goes to inf).
-inline uint16_t float_to_bf16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(x >> 16);
-}
-
-inline uint16_t float_to_half(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  const uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return sign | 0x7e00u;   // NaN
-  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (or inf) rounds to inf
-  const uint32_t e = ax >> 23;
-  if (ax < 0x38800000u) {  // below 2^-14: a half subnormal, in units of 2^-24
-    if (ax < 0x33000000u) return sign;  // < 2^-25 (2^-25 itself ties to even: 0)
-    const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
-    const uint32_t s = 126u - e;  // 14..24
-    uint32_t q = m >> s;
-    const uint32_t rem = m & ((1u << s) - 1u), half = 1u << (s - 1u);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return sign | static_cast<uint16_t>(q);
-  }
-  uint32_t h = ((e - 112u) << 10) | ((ax & 0x7fffffu) >> 13);
-  const uint32_t rem = ax & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is the correct rounding
-  return sign | static_cast<uint16_t>(h);
-}
 
 // Store one fp32 row as dtype (contiguous).
 inline void store_row(const float* src, int64_t D, int dtype, char* out) {
@@ -289,11 +259,21 @@ static int64_t packed_lmax(const int64_t* off, int64_t Nd) {
 }
 
 // ---- forward --------------------------------------------------------------------------------------------------------------
-void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, int64_t sq_b, int64_t sq_l,
-                    int64_t sq_d, uintptr_t q_mask, uintptr_t d, int64_t Nd, int64_t Ld, int64_t sd_b, int64_t sd_l,
-                    int64_t sd_d, uintptr_t d_mask, uintptr_t d_offsets, uintptr_t pos_bias, int64_t R,
-                    int64_t group_size, bool mean, uintptr_t scores, uintptr_t argmax, int n_threads,
-                    const std::string& isa, int64_t seg) {
+// A [n0, n1] tensor the kernels index as row-major contiguous (the masks, grad): its strides must say so.
+static bool contiguous_2d(int64_t s0, int64_t s1, int64_t n0, int64_t n1) {
+  return (n0 <= 1 || s0 == n1) && (n1 <= 1 || s1 == 1);
+}
+
+void maxsim_fwd_cpu(const MaxsimArgs& a) {
+  const uintptr_t q = a.q, q_mask = a.q_mask, d = a.d, d_mask = a.d_mask, d_offsets = a.d_offsets;
+  const uintptr_t pos_bias = a.pos_bias, scores = a.scores, argmax = a.argmax;
+  const int dtype = a.dtype;
+  const int64_t Bq = a.Bq, Lq = a.Lq, D = a.D, sq_b = a.sq_b, sq_l = a.sq_l, sq_d = a.sq_d;
+  const int64_t Nd = a.Nd, Ld = a.packed() ? 0 : a.Ld, sd_b = a.packed() ? 0 : a.sd_b, sd_l = a.sd_l, sd_d = a.sd_d;
+  const int64_t R = a.R, group_size = a.group_size, seg = a.seg;
+  const bool mean = a.mean;
+  REATT_CHECK(contiguous_2d(a.sqm_b, a.sqm_l, Bq, Lq), "q_mask must be contiguous [Bq, Lq]");
+  REATT_CHECK(d_mask == 0 || contiguous_2d(a.sdm_b, a.sdm_l, Nd, Ld), "d_mask must be contiguous [Nd, Ld]");
   check_dtype(dtype);
   REATT_CHECK(Bq >= 0 && Lq >= 0 && Nd >= 0 && Ld >= 0, "q / d sizes must be >= 0");
   REATT_CHECK(D >= 1, "q must have dim >= 1");
@@ -302,8 +282,8 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
   REATT_CHECK(group_size == 0 || d_offsets == 0, "grouped layout takes padded documents (no d_offsets)");
   REATT_CHECK(d_offsets == 0 || d_mask == 0, "d_mask is for the padded layout only (packed has d_offsets)");
   REATT_CHECK(pos_bias == 0 || R >= 1, "pos_bias must have R >= 1 entries");
-  const int nt = threads_for(n_threads);
-  const IsaOps ops = pick(isa);
+  const int nt = threads_for(a.n_threads);
+  const IsaOps ops = pick(a.isa);
 
   FwdArgs A{};
   A.q = reinterpret_cast<const void*>(q);
@@ -405,18 +385,23 @@ void maxsim_fwd_cpu(uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, i
 }
 
 // ---- backward -------------------------------------------------------------------------------------------------------------
-void maxsim_bwd_cpu(uintptr_t grad, uintptr_t q, int dtype, int64_t Bq, int64_t Lq, int64_t D, int64_t sq_b,
-                    int64_t sq_l, int64_t sq_d, uintptr_t q_mask, uintptr_t d, int64_t Nd, int64_t Ld, int64_t sd_b,
-                    int64_t sd_l, int64_t sd_d, uintptr_t d_offsets, uintptr_t argmax, int64_t R, int64_t group_size,
-                    bool mean, uintptr_t dq, uintptr_t dd, uintptr_t dbias, int n_threads, const std::string& isa,
-                    int64_t seg) {
+void maxsim_bwd_cpu(const MaxsimArgs& a) {
+  const uintptr_t grad = a.grad, q = a.q, q_mask = a.q_mask, d = a.d, d_offsets = a.d_offsets, argmax = a.argmax;
+  const uintptr_t dq = a.dq, dd = a.dd, dbias = a.dbias;
+  const int dtype = a.dtype;
+  const int64_t Bq = a.Bq, Lq = a.Lq, D = a.D, sq_b = a.sq_b, sq_l = a.sq_l, sq_d = a.sq_d;
+  const int64_t Nd = a.Nd, Ld = a.packed() ? 0 : a.Ld, sd_b = a.packed() ? 0 : a.sd_b, sd_l = a.sd_l, sd_d = a.sd_d;
+  const int64_t R = a.R, group_size = a.group_size, seg = a.seg;
+  const bool mean = a.mean;
+  REATT_CHECK(contiguous_2d(a.sqm_b, a.sqm_l, Bq, Lq), "q_mask must be contiguous [Bq, Lq]");
+  REATT_CHECK(contiguous_2d(a.sg_b, a.sg_c, Bq, a.n_cols()), "grad must be contiguous [Bq, C]");
   check_dtype(dtype);
   REATT_CHECK(Bq >= 0 && Lq >= 0 && Nd >= 0 && Ld >= 0 && R >= 0, "sizes must be >= 0");
   REATT_CHECK(D >= 1, "q must have dim >= 1");
   REATT_CHECK(group_size >= 0, "group_size must be >= 0");
   REATT_CHECK(group_size == 0 || Nd == Bq * group_size, "grouped layout needs Nd == Bq * group_size documents");
-  const int nt = threads_for(n_threads);
-  const IsaOps ops = pick(isa);
+  const int nt = threads_for(a.n_threads);
+  const IsaOps ops = pick(a.isa);
 
   BwdArgs B{};
   B.grad = reinterpret_cast<const float*>(grad);
@@ -512,22 +497,14 @@ std::string maxsim_cpu_isa() { return kIsaNames[best_isa()]; }
 
 }  // namespace maxsim_cpu
 
-// Thin bindings: raw pointers (int), sizes and strides in elements, dtype codes (reatt_kernels/_ext.py).
+// Thin bindings: one MaxsimArgs each (maxsim_args.h: raw pointers, sizes and strides in elements, dtype codes).
 static RegisterBindings maxsim_cpu_bindings([](py::module_& m) {
+  bind_maxsim_args(m);
   m.def("maxsim_fwd_cpu", &maxsim_cpu::maxsim_fwd_cpu, py::call_guard<py::gil_scoped_release>(),
-        "MaxSim forward on the CPU: writes scores fp32 [Bq, C] and argmax int32 [Bq, C, Lq]",
-        py::arg("q"), py::arg("dtype"), py::arg("Bq"), py::arg("Lq"), py::arg("D"), py::arg("sq_b"), py::arg("sq_l"),
-        py::arg("sq_d"), py::arg("q_mask"), py::arg("d"), py::arg("Nd"), py::arg("Ld"), py::arg("sd_b"),
-        py::arg("sd_l"), py::arg("sd_d"), py::arg("d_mask"), py::arg("d_offsets"), py::arg("pos_bias"), py::arg("R"),
-        py::arg("group_size"), py::arg("mean"), py::arg("scores"), py::arg("argmax"), py::arg("n_threads"),
-        py::arg("isa") = "auto", py::arg("seg") = 0);
+        "MaxSim forward on the CPU: writes scores fp32 [Bq, C] and argmax int32 [Bq, C, Lq]", py::arg("args"));
   m.def("maxsim_bwd_cpu", &maxsim_cpu::maxsim_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
         "MaxSim backward on the CPU: writes dq, dd (input dtype, contiguous) and dbias fp32 [R]; deterministic",
-        py::arg("grad"), py::arg("q"), py::arg("dtype"), py::arg("Bq"), py::arg("Lq"), py::arg("D"), py::arg("sq_b"),
-        py::arg("sq_l"), py::arg("sq_d"), py::arg("q_mask"), py::arg("d"), py::arg("Nd"), py::arg("Ld"),
-        py::arg("sd_b"), py::arg("sd_l"), py::arg("sd_d"), py::arg("d_offsets"), py::arg("argmax"), py::arg("R"),
-        py::arg("group_size"), py::arg("mean"), py::arg("dq"), py::arg("dd"), py::arg("dbias"), py::arg("n_threads"),
-        py::arg("isa") = "auto", py::arg("seg") = 0);
+        py::arg("args"));
   m.def("maxsim_cpu_isa", &maxsim_cpu::maxsim_cpu_isa, "The best MaxSim CPU kernel ISA this machine supports");
 });
 

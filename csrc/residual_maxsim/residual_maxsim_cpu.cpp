@@ -27,6 +27,7 @@
 #endif
 
 #include "common.h"
+#include "residual_maxsim/residual_maxsim_args.h"
 
 namespace reatt {
 namespace {
@@ -196,10 +197,13 @@ void residual_maxsim_impl(const float* q, const bool* q_mask, const float* table
 
 // order: int64 [Bq * Nc] flat pair indices sorted by document; group_off: int64 [n_groups + 1] bounds of each
 // document's run in order. table: fp32 [Bq, C, LP].
-void residual_maxsim_fwd_cpu(uintptr_t q, uintptr_t q_mask, uintptr_t table, uintptr_t weights, uintptr_t codes,
-                             uintptr_t packed, uintptr_t offsets, uintptr_t cand, uintptr_t order, uintptr_t group_off,
-                             int64_t n_groups, uintptr_t out, int64_t Bq, int64_t Lq, int64_t D, int64_t C, int64_t LP,
-                             int64_t Nd, int64_t Nc, int nbits, int nthreads) {
+void residual_maxsim_fwd_cpu(const ResidualMaxsimArgs& a) {
+  const uintptr_t q = a.q, q_mask = a.q_mask, table = a.table, weights = a.weights, codes = a.codes;
+  const uintptr_t packed = a.packed, offsets = a.offsets, cand = a.cand, order = a.order, group_off = a.group_off;
+  const uintptr_t out = a.out;
+  const int64_t n_groups = a.n_groups, Bq = a.Bq, Lq = a.Lq, D = a.D, C = a.C, LP = a.LP, Nd = a.Nd, Nc = a.Nc;
+  const int nbits = a.nbits, nthreads = a.nthreads;
+  REATT_CHECK(table != 0, "residual_maxsim: the cpu kernel needs the centroid score table (args.table)");
   REATT_CHECK(Bq >= 0 && Lq >= 0 && D > 0 && Nd >= 0 && Nc >= 0 && C > 0, "residual_maxsim: bad sizes");
   REATT_CHECK(LP >= Lq, "residual_maxsim: the centroid score table must have at least Lq columns");
   REATT_CHECK((D * nbits) % 8 == 0, "residual_maxsim: D * nbits must be a multiple of 8");
@@ -252,10 +256,11 @@ void centroid_interaction_fwd_cpu(uintptr_t table, uintptr_t q_mask, uintptr_t c
 }
 
 RegisterBindings reg_residual([](pybind11::module_& m) {
+  bind_residual_maxsim_args(m);
   m.def("residual_maxsim_fwd_cpu", &residual_maxsim_fwd_cpu,
-        "Fused decompress + MaxSim over candidates from a centroid score table (contiguous fp32 q, bool mask, fp32 "
-        "table [Bq, C, LP], fp32 weights, int32 codes, uint8 packed, int64 offsets/cand, fp32 out)",
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+        "Fused decompress + MaxSim over candidates on the CPU from a centroid score table (a ResidualMaxsimArgs with "
+        "table fp32 [Bq, C, LP], LP and nthreads set)",
+        pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("args"));
   m.def("centroid_interaction_fwd_cpu", &centroid_interaction_fwd_cpu,
         "PLAID centroid interaction: sum over query tokens of the max over a document's tokens of table[code, i]",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -10,8 +10,8 @@
 #include <cstdint>
 #include <limits>
 
-#include "common.h"
-#include "cuda_emu/emu_runtime.h"  // the CUDA headers (nvcc), or the CPU emulation (REATT_CUDA_EMU, for tests)
+#include "cuda_common.cuh"
+#include "residual_maxsim/residual_maxsim_args.h"
 
 namespace reatt {
 namespace {
@@ -88,17 +88,7 @@ size_t residual_smem(int64_t Lq, int64_t D) {
 }
 
 // The current device's opt-in per-block shared-memory limit (227 KB on an H100, 163 KB on an A100, 99 KB on sm_86/89).
-int smem_optin_limit() {
-  int dev = 0, limit = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear it: the next launch must not report this query's error
-    throw std::runtime_error(std::string("reatt: residual_maxsim: cannot query the shared-memory limit: ") +
-                             cudaGetErrorString(err));
-  }
-  return limit;
-}
+int smem_optin_limit() { return static_cast<int>(current_device_limits().smem_optin); }
 
 template <int NBITS>
 void launch(const float* q, const bool* qm, const float* cent, const float* w, const int32_t* codes, const uint8_t* pk,
@@ -110,24 +100,18 @@ void launch(const float* q, const bool* qm, const float* cent, const float* w, c
               "residual_maxsim: a query of " + std::to_string(Lq) + " x " + std::to_string(D) + " needs " +
                   std::to_string(smem) + " bytes of shared memory; this device allows " + std::to_string(limit));
   auto kernel = residual_maxsim_fwd_kernel<NBITS>;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) {
-      cudaGetLastError();  // clear the pending error, or the next valid launch would report it
-      REATT_CHECK(false, std::string("residual_maxsim: cannot opt in to ") + std::to_string(smem) +
-                             " bytes of shared memory: " + cudaGetErrorString(err));
-    }
-  }
+  set_dynamic_smem(kernel, smem, "residual_maxsim");
   REATT_CHECK(Bq <= 65535, "residual_maxsim: at most 65535 queries per call (grid y)");
   dim3 grid(static_cast<unsigned>(Nc), static_cast<unsigned>(Bq));
   REATT_LAUNCH(kernel, grid, THREADS, smem, stream)(q, qm, cent, w, codes, pk, off, cand, out, Lq, D, Nd, Nc);
-  cudaError_t err = cudaGetLastError();
-  REATT_CHECK(err == cudaSuccess, std::string("residual_maxsim: kernel launch failed: ") + cudaGetErrorString(err));
+  REATT_LAUNCH_CHECK("residual_maxsim_fwd_kernel");
 }
 
-void residual_maxsim_fwd_cuda(uintptr_t q, uintptr_t q_mask, uintptr_t centroids, uintptr_t weights, uintptr_t codes,
-                              uintptr_t packed, uintptr_t offsets, uintptr_t cand, uintptr_t out, int64_t Bq, int64_t Lq,
-                              int64_t D, int64_t Nd, int64_t Nc, int nbits, uintptr_t stream) {
+void residual_maxsim_fwd_cuda(const ResidualMaxsimArgs& a) {
+  const uintptr_t q = a.q, q_mask = a.q_mask, centroids = a.centroids, weights = a.weights, codes = a.codes;
+  const uintptr_t packed = a.packed, offsets = a.offsets, cand = a.cand, out = a.out, stream = a.stream;
+  const int64_t Bq = a.Bq, Lq = a.Lq, D = a.D, Nd = a.Nd, Nc = a.Nc;
+  const int nbits = a.nbits;
   REATT_CHECK(Bq >= 0 && Lq >= 0 && D > 0 && Nd >= 0 && Nc >= 0, "residual_maxsim: bad sizes");
   REATT_CHECK((D * nbits) % 8 == 0, "residual_maxsim: D * nbits must be a multiple of 8");
   if (Bq == 0 || Nc == 0) return;
@@ -140,7 +124,7 @@ void residual_maxsim_fwd_cuda(uintptr_t q, uintptr_t q_mask, uintptr_t centroids
   auto* of = reinterpret_cast<const int64_t*>(offsets);
   auto* ca = reinterpret_cast<const int64_t*>(cand);
   auto* op = reinterpret_cast<float*>(out);
-  auto st = reinterpret_cast<cudaStream_t>(stream);
+  auto st = as_stream(stream);
   const int lq = static_cast<int>(Lq), d = static_cast<int>(D);
   switch (nbits) {
     case 1: launch<1>(qp, mp, cp, wp, cd, pk, of, ca, op, Bq, lq, d, Nd, Nc, st); break;
@@ -158,11 +142,11 @@ pybind11::tuple residual_maxsim_smem_cuda(int64_t Lq, int64_t D) {
 }
 
 RegisterBindings reg_residual_cuda([](pybind11::module_& m) {
+  bind_residual_maxsim_args(m);
   m.def("residual_maxsim_smem_cuda", &residual_maxsim_smem_cuda,
         "(shared-memory bytes needed for a Lq x D query, the current device's opt-in per-block limit)");
   m.def("residual_maxsim_fwd_cuda", &residual_maxsim_fwd_cuda,
-        "Fused decompress + MaxSim over candidates on CUDA (contiguous fp32 q, bool mask, fp32 centroids/weights, "
-        "int32 codes, uint8 packed, int64 offsets/cand, fp32 out, stream)");
+        "Fused decompress + MaxSim over candidates on CUDA (a ResidualMaxsimArgs)", pybind11::arg("args"));
 });
 
 }  // namespace

@@ -5,6 +5,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import CentroidInteractionLauncher
 
 LP_SUPPORTED = (16, 32, 48, 64)
 
@@ -28,3 +29,16 @@ def _centroid_interaction_fwd(table, q_mask, codes, d_offsets, cand):
     _ext.ext().centroid_interaction_fwd_cpu(P(table), P(q_mask), P(codes), P(d_offsets), 0 if cand is None else P(cand),
                                             P(out), Bq, q_mask.shape[1], C, LP, Nd, Nc, torch.get_num_threads())
     return out
+
+
+class CpuCentroidInteraction(CentroidInteractionLauncher):
+    """The `cpu` backend of centroid_interaction: csrc/residual_maxsim/residual_maxsim_cpu.cpp."""
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _centroid_interaction_not_supported_reasons(tensors, **facts)
+
+    def forward(self, table, q_mask, codes, d_offsets, cand):
+        return _centroid_interaction_fwd(table, q_mask, codes, d_offsets, cand)
+
+
+CENTROID_INTERACTION = CpuCentroidInteraction()

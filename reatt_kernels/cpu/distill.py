@@ -9,7 +9,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
-from ..reference.distill import _distill_kl_fwd  # noqa: F401  (the cpu backend's KL is the reference)
+from .._launcher import ReaderTeacherLauncher
 
 
 def _reader_teacher_not_supported_reasons(tensors, **facts) -> list[str]:
@@ -20,10 +20,28 @@ def _reader_teacher_not_supported_reasons(tensors, **facts) -> list[str]:
 
 def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
     """attn [B, L, H, T, S] (any strides), doc_index int [B, S], attn_mask bool [B, S] or None -> fp32 [B, n_docs]."""
+    ext = _ext.ext()
     B, L, H, T, S = attn.shape
     doc = doc_index.to(torch.int32).contiguous()
     mask = attn_mask.contiguous().view(torch.uint8) if attn_mask is not None else None
     out = empty((B, n_docs), torch.float32, attn.device)
-    _ext.ext().reader_teacher_fwd_cpu(_ext.ptr(attn), _ext.dtype_code(attn), B, L, H, T, S, *attn.stride(),
-                                      _ext.ptr(doc), _ext.ptr(mask), n_docs, bool(is_logits), _ext.ptr(out))
+    sb, sl, sh, st, ss = attn.stride()
+    ext.reader_teacher_fwd_cpu(_ext.fill(
+        ext.ReaderTeacherArgs(), attn=_ext.ptr(attn), dtype=_ext.dtype_code(attn), B=B, L=L, H=H, T=T, S=S, sb=sb,
+        sl=sl, sh=sh, st=st, ss=ss, doc=_ext.ptr(doc), doc_dtype=_ext.dtype_code(doc), mask=_ext.ptr(mask),
+        n_docs=n_docs, is_logits=bool(is_logits), out=_ext.ptr(out)))
     return out
+
+
+class CpuReaderTeacher(ReaderTeacherLauncher):
+    """The `cpu` backend of reader_teacher: csrc/distill/distill_cpu.cpp through _C.reader_teacher_fwd_cpu. (The cpu
+    backend's distill_kl is the torch reference: ops/distill.py registers reference.distill.DISTILL_KL for it.)"""
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _reader_teacher_not_supported_reasons(tensors, **facts)
+
+    def forward(self, attn, doc_index, attn_mask, n_docs, is_logits):
+        return _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits)
+
+
+READER_TEACHER = CpuReaderTeacher()

@@ -21,6 +21,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import MaxsimLauncher
 
 
 def _isa() -> str:
@@ -37,37 +38,42 @@ def _maxsim_not_supported_reasons(tensors, **facts) -> list[str]:
     return []
 
 
-def _d_args(d: torch.Tensor, d_offsets):
-    """(Nd, Ld, sd_b, sd_l, sd_d) of the document tensor: padded [Nd, Ld, D] or packed [T, D]."""
-    if d_offsets is not None:
-        return d_offsets.shape[0] - 1, 0, 0, d.stride(0), d.stride(1)
-    return d.shape[0], d.shape[1], d.stride(0), d.stride(1), d.stride(2)
+def _args(ext, q, d, q_mask, d_offsets, group_size, mean):
+    """The MaxsimArgs (csrc/maxsim/maxsim_args.h) both directions share. q and d keep any strides; q_mask comes
+    contiguous (the C++ kernels index it row-major and check the strides say so)."""
+    Bq, Lq, D = q.shape
+    if d_offsets is not None:  # packed [T, D]
+        layout = dict(Nd=d_offsets.shape[0] - 1, T=d.shape[0], sd_l=d.stride(0), sd_d=d.stride(1),
+                      d_offsets=_ext.ptr(d_offsets))
+    else:  # padded [Nd, Ld, D]
+        layout = dict(Nd=d.shape[0], Ld=d.shape[1], sd_b=d.stride(0), sd_l=d.stride(1), sd_d=d.stride(2))
+    return _ext.fill(
+        ext.MaxsimArgs(), dtype=_ext.dtype_code(q), q=_ext.ptr(q), Bq=Bq, Lq=Lq, D=D, sq_b=q.stride(0),
+        sq_l=q.stride(1), sq_d=q.stride(2), q_mask=_ext.ptr(q_mask), sqm_b=Lq, sqm_l=1, d=_ext.ptr(d),
+        group_size=group_size, mean=bool(mean), n_threads=torch.get_num_threads(), isa=_isa(), seg=_seg(), **layout)
 
 
 def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
     ext = _ext.ext()
     Bq, Lq, D = q.shape
-    Nd, Ld, sd_b, sd_l, sd_d = _d_args(d, d_offsets)
-    C = group_size if group_size else Nd
+    C = group_size if group_size else (d_offsets.shape[0] - 1 if d_offsets is not None else d.shape[0])
     scores = empty((Bq, C), torch.float32, q.device)
     argmax = empty((Bq, C, Lq), torch.int32, q.device)
     q_mask = q_mask.contiguous()
     d_mask = d_mask.contiguous() if d_mask is not None else None
     d_offsets = d_offsets.contiguous() if d_offsets is not None else None
     pb = pos_bias.to(torch.float32).contiguous() if pos_bias is not None else None
-    ext.maxsim_fwd_cpu(
-        _ext.ptr(q), _ext.dtype_code(q), Bq, Lq, D, *q.stride(), _ext.ptr(q_mask),
-        _ext.ptr(d), Nd, Ld, sd_b, sd_l, sd_d, _ext.ptr(d_mask), _ext.ptr(d_offsets),
-        _ext.ptr(pb), pb.shape[0] if pb is not None else 0, group_size, bool(mean),
-        _ext.ptr(scores), _ext.ptr(argmax), torch.get_num_threads(), _isa(), _seg(),
-    )
+    args = _args(ext, q, d, q_mask, d_offsets, group_size, mean)
+    _ext.fill(args, pos_bias=_ext.ptr(pb), R=pb.shape[0] if pb is not None else 0, scores=_ext.ptr(scores),
+              argmax=_ext.ptr(argmax))
+    if d_mask is not None:
+        _ext.fill(args, d_mask=_ext.ptr(d_mask), sdm_b=d_mask.shape[1], sdm_l=1)
+    ext.maxsim_fwd_cpu(args)
     return scores, argmax
 
 
 def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
     ext = _ext.ext()
-    Bq, Lq, D = q.shape
-    Nd, Ld, sd_b, sd_l, sd_d = _d_args(d, d_offsets)
     grad = grad.to(torch.float32).contiguous()
     argmax = argmax.contiguous()
     q_mask = q_mask.contiguous()
@@ -75,9 +81,24 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     dq = empty(q.shape, q.dtype, q.device)
     dd = empty(d.shape, d.dtype, d.device)
     dbias = empty((n_bias,), torch.float32, q.device)
-    ext.maxsim_bwd_cpu(
-        _ext.ptr(grad), _ext.ptr(q), _ext.dtype_code(q), Bq, Lq, D, *q.stride(), _ext.ptr(q_mask),
-        _ext.ptr(d), Nd, Ld, sd_b, sd_l, sd_d, _ext.ptr(d_offsets), _ext.ptr(argmax), n_bias, group_size, bool(mean),
-        _ext.ptr(dq), _ext.ptr(dd), _ext.ptr(dbias), torch.get_num_threads(), _isa(), _seg(),
-    )
+    args = _args(ext, q, d, q_mask, d_offsets, group_size, mean)
+    _ext.fill(args, grad=_ext.ptr(grad), sg_b=grad.shape[1], sg_c=1, argmax=_ext.ptr(argmax), R=n_bias,
+              dq=_ext.ptr(dq), dd=_ext.ptr(dd), dbias=_ext.ptr(dbias))
+    ext.maxsim_bwd_cpu(args)
     return dq, dd, dbias
+
+
+class CpuMaxsim(MaxsimLauncher):
+    """The `cpu` backend of maxsim: csrc/maxsim/maxsim_cpu.cpp through _C.maxsim_fwd_cpu / maxsim_bwd_cpu."""
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _maxsim_not_supported_reasons(tensors, **facts)
+
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+        return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)
+
+    def backward(self, grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
+        return _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic)
+
+
+MAXSIM = CpuMaxsim()

@@ -3,14 +3,14 @@
 The kernel reads each token's centroid part from the centroid score table ``q . centroids^T`` (fp32 [Bq, C, LP],
 :func:`reatt_kernels.ops.centroid_interaction.centroid_score_table`) and decodes only the residual: per token it reads
 D * nbits / 8 bytes and no centroid row. The index passes the table it already built for candidate generation;
-without it the launcher computes it here (2 Bq Lq C D FLOPs, one matmul).
-"""
+without it the launcher computes it here (2 Bq Lq C D FLOPs, one matmul)."""
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import ResidualMaxsimLauncher
 from ..ops.centroid_interaction import centroid_score_table
 
 
@@ -31,8 +31,24 @@ def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets
     group_off = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     group_off[1:] = torch.cumsum(counts, 0)
     P = _ext.ptr
-    _ext.ext().residual_maxsim_fwd_cpu(P(q), P(q_mask), P(table), P(weights), P(codes), P(packed), P(d_offsets),
-                                       P(cand), P(order), P(group_off), counts.numel(), P(out), Bq, Lq, D,
-                                       table.shape[1], table.shape[2], d_offsets.shape[0] - 1, cand.shape[1], nbits,
-                                       torch.get_num_threads())
+    ext = _ext.ext()
+    ext.residual_maxsim_fwd_cpu(_ext.fill(
+        ext.ResidualMaxsimArgs(), q=P(q), q_mask=P(q_mask), centroids=P(centroids), weights=P(weights), codes=P(codes),
+        packed=P(packed), offsets=P(d_offsets), cand=P(cand), out=P(out), Bq=Bq, Lq=Lq, D=D, C=centroids.shape[0],
+        Nd=d_offsets.shape[0] - 1, Nc=cand.shape[1], nbits=nbits, order=P(order), group_off=P(group_off),
+        n_groups=counts.numel(), table=P(table), LP=table.shape[2], nthreads=torch.get_num_threads()))
     return out
+
+
+class CpuResidualMaxsim(ResidualMaxsimLauncher):
+    """The `cpu` backend of residual_maxsim: csrc/residual_maxsim/residual_maxsim_cpu.cpp."""
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _residual_maxsim_not_supported_reasons(tensors, **facts)
+
+    def forward(self, q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None):
+        return _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits,
+                                    centroid_scores)
+
+
+RESIDUAL_MAXSIM = CpuResidualMaxsim()

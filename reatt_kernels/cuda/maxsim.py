@@ -1,5 +1,6 @@
-"""MaxSim on CUDA: launchers for the kernels in csrc/maxsim/maxsim_cuda.cu (mma.sync tensor cores for fp16/bf16,
-FFMA for fp32; the design, tiling and byte/FLOP counts are in that file's header and benchmarks/NOTES-cuda-maxsim.md).
+"""MaxSim on CUDA: launchers for the kernels in csrc/maxsim/maxsim_{fwd,bwd}.cu (mma.sync tensor cores for fp16/bf16,
+FFMA for fp32; the design, tiling and byte/FLOP counts are in csrc/maxsim/maxsim_cuda.cuh and
+benchmarks/NOTES-cuda-maxsim.md).
 
 Launcher contract: reatt_kernels/ops/maxsim.py. Semantics: reatt_kernels/reference/maxsim.py.
 
@@ -10,7 +11,8 @@ Launcher contract: reatt_kernels/ops/maxsim.py. Semantics: reatt_kernels/referen
 - ``_maxsim_bwd``: dq [Bq, Lq, D] and dd (d.shape) in the input dtype, contiguous, and dbias fp32 [R]. dq and dbias
   are always reproducible (fixed summation order); dd uses fp32 atomics unless ``deterministic``, which switches to a
   per-document kernel that sums the contributions in a fixed order (bitwise reproducible). Without ``deterministic``
-  the ordered kernel is still used up to ATOMIC_MIN_ENTRIES (query, token) entries per document.
+  the ordered kernel is still used up to ATOMIC_MIN_ENTRIES (query, token) entries per document (the launch plan, in
+  csrc/maxsim/maxsim_launch.cu; ``maxsim_plan_cuda`` returns it).
 """
 from __future__ import annotations
 
@@ -18,15 +20,10 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import MaxsimLauncher
 from .._utils import device_guard
 
-MAX_DIM = 256
-# dd without ``deterministic``: fp32 atomics need a zeroed fp32 copy of d (4 bytes per element: +328 MB on the
-# 64 x 6400 training shape, which alone would use most of its +0.5 GiB budget) plus a cast pass; the ordered kernel
-# writes dd directly and walks every (query, token) entry of a document once per 64 KB token tile. Up to this many
-# entries per document (all-pairs training: 64 x 32 = 2048; grouped: Lq) the ordered kernel is predicted to cost about
-# what the atomics do (~1 ms each on that shape, H100, unmeasured), so atomics are used only above it.
-ATOMIC_MIN_ENTRIES = 4096
+MAX_DIM = 256  # csrc/maxsim/maxsim_cuda.cuh::MAX_DIM (the binding checks it too)
 
 
 # Every launcher takes ``ext``: the loader of the compiled module that holds the kernels. _ext.ext (reatt_kernels._C,
@@ -54,6 +51,20 @@ def _strides(t: torch.Tensor) -> list[int]:
     return s
 
 
+def _args(ext, q, d, q_mask, d_offsets, group_size, mean):
+    """The MaxsimArgs (csrc/maxsim/maxsim_args.h) both directions share: q, d, q_mask and the layout."""
+    Bq, Lq, D = q.shape
+    sq, sd = _strides(q), _strides(d)
+    if d_offsets is not None:  # packed [T, D]
+        layout = dict(Nd=d_offsets.shape[0] - 1, T=d.shape[0], sd_l=sd[0], sd_d=sd[1], d_offsets=_ext.ptr(d_offsets))
+    else:  # padded [Nd, Ld, D]
+        layout = dict(Nd=d.shape[0], Ld=d.shape[1], sd_b=sd[0], sd_l=sd[1], sd_d=sd[2])
+    return _ext.fill(
+        ext.MaxsimArgs(), dtype=_ext.dtype_code(q), q=_ext.ptr(q), Bq=Bq, Lq=Lq, D=D, sq_b=sq[0], sq_l=sq[1],
+        sq_d=sq[2], q_mask=_ext.ptr(q_mask), sqm_b=q_mask.stride(0), sqm_l=q_mask.stride(1), d=_ext.ptr(d),
+        group_size=group_size, mean=bool(mean), stream=_ext.stream(q), **layout)
+
+
 def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, ext=_ext.ext):
     ext = ext()
     q, d = _last_contig(q), _last_contig(d)
@@ -64,55 +75,72 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, ext
     argmax = empty((Bq, C, Lq), torch.int32, q.device)
     d_offsets = d_offsets.contiguous() if d_offsets is not None else None
     pb = pos_bias.to(torch.float32).contiguous() if pos_bias is not None else None
+    args = _args(ext, q, d, q_mask, d_offsets, group_size, mean)
+    _ext.fill(args, pos_bias=_ext.ptr(pb), R=pb.shape[0] if pb is not None else 0, scores=_ext.ptr(scores),
+              argmax=_ext.ptr(argmax))
+    if d_mask is not None:
+        _ext.fill(args, d_mask=_ext.ptr(d_mask), sdm_b=d_mask.stride(0), sdm_l=d_mask.stride(1))
     with device_guard(q):
-        ext.maxsim_fwd_cuda(
-            _ext.ptr(q), _ext.ptr(d), _ext.ptr(q_mask), _ext.ptr(d_mask), _ext.ptr(d_offsets), _ext.ptr(pb),
-            _ext.ptr(scores), _ext.ptr(argmax), _ext.dtype_code(q), list(q.shape), _strides(q), list(d.shape),
-            _strides(d), list(q_mask.stride()), list(d_mask.stride()) if d_mask is not None else [],
-            n_docs, pb.shape[0] if pb is not None else 0, group_size, bool(mean), _ext.stream(q),
-        )
+        ext.maxsim_fwd_cuda(args)
     return scores, argmax
 
 
-def _split_plan(rows: int, C: int) -> int:
-    """Column splits of the dq gather. The gather is latency-bound (one winning row per column), so aim for ~8k warps
-    (62 per SM on an H100) when there are few query rows; one split (no workspace, no second pass) when rows alone
-    fill the GPU."""
-    return max(1, min(-(-C // 128), 8192 // max(1, rows), 65535))
-
-
-def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic, ext=_ext.ext):
+def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic, ext=_ext.ext,
+                atomic_min_entries=-1):
     ext = ext()
     q, d = _last_contig(q), _last_contig(d)
     Bq, Lq, D = q.shape
-    C = argmax.shape[1]
     dev = q.device
     grad = grad.to(torch.float32)
     argmax = argmax.contiguous()
     d_offsets = d_offsets.contiguous() if d_offsets is not None else None
     nq = q_mask.sum(1, dtype=torch.int32).contiguous()
     ntok = d.numel() // D if D else 0
-    dq = empty((Bq, Lq, D), q.dtype, dev)
-    n_split = _split_plan(Bq * Lq, C)
-    dq_ws = torch.empty((n_split, Bq * Lq, D), dtype=torch.float32, device=dev) if n_split > 1 else None
-    entries_per_doc = Lq if group_size else Bq * Lq
-    if deterministic or entries_per_doc <= ATOMIC_MIN_ENTRIES:
-        deterministic = True
-        dd, dd32 = empty(d.shape, d.dtype, dev), None  # every token row is written by the kernel
-    else:
-        dd32 = torch.zeros((ntok, D), dtype=torch.float32, device=dev)  # atomics accumulate into zeros
-        dd = None
-    dbias = empty((n_bias,), torch.float32, dev)
-    E = Bq * C * Lq
-    n_part = max(1, min(-(-E // 2048), 2048)) if n_bias else 0
-    dbias_ws = torch.zeros((n_part, n_bias), dtype=torch.float32, device=dev) if n_bias else None
+    args = _args(ext, q, d, q_mask, d_offsets, group_size, mean)
+    _ext.fill(args, grad=_ext.ptr(grad), sg_b=grad.stride(0), sg_c=grad.stride(1), argmax=_ext.ptr(argmax),
+              nq=_ext.ptr(nq), R=n_bias, deterministic=bool(deterministic),
+              atomic_min_entries=atomic_min_entries)
     with device_guard(q):
-        ext.maxsim_bwd_cuda(
-            _ext.ptr(grad), list(grad.stride()), _ext.ptr(q), _ext.ptr(d), _ext.ptr(d_offsets), _ext.ptr(argmax),
-            _ext.ptr(nq), _ext.ptr(dq), _ext.ptr(dq_ws), _ext.ptr(dd), _ext.ptr(dd32), _ext.ptr(dbias),
-            _ext.ptr(dbias_ws), _ext.dtype_code(q), list(q.shape), _strides(q), list(d.shape), _strides(d), C,
-            n_bias, group_size, bool(mean), bool(deterministic), n_split, n_part, _ext.stream(q),
-        )
+        # The plan (C++, the one the binding follows) says which workspaces to allocate.
+        plan = ext.maxsim_plan_cuda(args, backward=True)
+        n_split, n_part = plan["n_split"], plan["n_part"]
+        dq = empty((Bq, Lq, D), q.dtype, dev)
+        dq_ws = torch.empty((n_split, Bq * Lq, D), dtype=torch.float32, device=dev) if n_split > 1 else None
+        if plan["ordered_dd"]:
+            dd, dd32 = empty(d.shape, d.dtype, dev), None  # every token row is written by the kernel
+        else:
+            dd, dd32 = None, torch.zeros((ntok, D), dtype=torch.float32, device=dev)  # atomics accumulate into zeros
+        dbias = empty((n_bias,), torch.float32, dev)
+        dbias_ws = torch.zeros((n_part, n_bias), dtype=torch.float32, device=dev) if n_bias else None
+        _ext.fill(args, dq=_ext.ptr(dq), dq_ws=_ext.ptr(dq_ws), dd=_ext.ptr(dd), dd32=_ext.ptr(dd32),
+                  dbias=_ext.ptr(dbias), dbias_ws=_ext.ptr(dbias_ws))
+        ext.maxsim_bwd_cuda(args)
     if dd is None:
         dd = dd32.to(d.dtype)
     return dq, dd.reshape(d.shape), dbias
+
+
+class CudaMaxsim(MaxsimLauncher):
+    """The `cuda` backend of maxsim: csrc/maxsim/maxsim_{fwd,bwd}.cu through ``ext().maxsim_fwd_cuda`` /
+    ``maxsim_bwd_cuda``. ``ext`` loads the compiled module: _ext.ext (reatt_kernels._C: GPU pointers, the current
+    stream), or _ext.emu for the `cuda_emu` backend (the same kernels under CPU emulation: CPU pointers, stream 0)."""
+
+    def __init__(self, ext=_ext.ext):
+        self.ext = ext
+        # dd without ``deterministic`` uses fp32 atomics only above a number of (query, token) entries per document
+        # that the C++ plan owns (csrc/maxsim/maxsim_cuda.cuh::ATOMIC_MIN_ENTRIES). -1 keeps it; the tests set 0 to
+        # run the atomic kernel on small shapes.
+        self.atomic_min_entries = -1
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _maxsim_not_supported_reasons(tensors, ext=self.ext, **facts)
+
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+        return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, ext=self.ext)
+
+    def backward(self, grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
+        return _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic,
+                           ext=self.ext, atomic_min_entries=self.atomic_min_entries)
+
+
+MAXSIM = CudaMaxsim(_ext.ext)

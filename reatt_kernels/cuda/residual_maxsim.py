@@ -5,6 +5,7 @@ import torch
 
 from .. import _ext
 from .._alloc import empty
+from .._launcher import ResidualMaxsimLauncher
 
 MAX_QUERIES = 65535  # grid y
 
@@ -41,6 +42,28 @@ def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets
     Bq, Lq, D = q.shape
     out = empty(cand.shape, torch.float32, q.device)
     P = _ext.ptr
-    ext().residual_maxsim_fwd_cuda(P(q), P(q_mask), P(centroids), P(weights), P(codes), P(packed), P(d_offsets), P(cand),
-                                   P(out), Bq, Lq, D, d_offsets.shape[0] - 1, cand.shape[1], nbits, _ext.stream(q))
+    ext = ext()
+    ext.residual_maxsim_fwd_cuda(_ext.fill(
+        ext.ResidualMaxsimArgs(), q=P(q), q_mask=P(q_mask), centroids=P(centroids), weights=P(weights), codes=P(codes),
+        packed=P(packed), offsets=P(d_offsets), cand=P(cand), out=P(out), Bq=Bq, Lq=Lq, D=D, C=centroids.shape[0],
+        Nd=d_offsets.shape[0] - 1, Nc=cand.shape[1], nbits=nbits, stream=_ext.stream(q)))
     return out
+
+
+class CudaResidualMaxsim(ResidualMaxsimLauncher):
+    """The `cuda` backend of residual_maxsim: csrc/residual_maxsim/residual_maxsim_cuda.cu (``ext``: as in
+    cuda/maxsim.py)."""
+
+    def __init__(self, ext=_ext.ext):
+        self.ext = ext
+
+    def not_supported_reasons(self, tensors, **facts):
+        return _residual_maxsim_not_supported_reasons(tensors, ext=self.ext, **facts)
+
+    def forward(self, q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None):
+        # centroid_scores (the cpu kernel's table) is not used here
+        return _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits,
+                                    ext=self.ext)
+
+
+RESIDUAL_MAXSIM = CudaResidualMaxsim(_ext.ext)

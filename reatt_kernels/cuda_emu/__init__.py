@@ -1,20 +1,14 @@
 """Backend ``cuda_emu``: the CUDA kernels of csrc/ run on CPU tensors under the CPU emulation of the CUDA execution
 model (reatt_kernels._C_emu, csrc/cuda_emu/). A test tool: correct and slow, never chosen by ``backend="auto"``.
 
-Each module here re-exports the launchers of reatt_kernels/cuda/<op>.py with ``ext=_ext.emu``, so both backends run
-the same launcher code (validation, tiling, allocation). To wire another op, copy reatt_kernels/cuda_emu/maxsim.py:
-one ``emulated(...)`` line per launcher, and a ``register_impl(op, "cuda_emu", ...)`` next to the op's other backends.
+Each module here instantiates the launcher classes of reatt_kernels/cuda/<op>.py with ``ext=_ext.emu``, so both
+backends run the same launcher code (validation, planning, allocation). To wire another op, copy
+reatt_kernels/cuda_emu/maxsim.py (one line per launcher) and register the object in reatt_kernels/ops/<op>.py next to
+the op's other backends.
 """
 from __future__ import annotations
 
-import functools
-
 from .. import _ext
-
-
-def emulated(launcher):
-    """``launcher`` (a function of reatt_kernels/cuda/*.py taking ``ext=``) bound to the emulated module."""
-    return functools.wraps(launcher)(functools.partial(launcher, ext=_ext.emu))
 
 
 def set_device_limits(smem_optin: int | None = None, sm_count: int | None = None) -> dict:

@@ -1,9 +1,7 @@
-"""MaxSim under CUDA emulation: the launchers of reatt_kernels/cuda/maxsim.py on reatt_kernels._C_emu."""
+"""MaxSim under CUDA emulation: the launcher of reatt_kernels/cuda/maxsim.py on reatt_kernels._C_emu."""
 from __future__ import annotations
 
-from ..cuda import maxsim as _cuda
-from . import emulated
+from .. import _ext
+from ..cuda.maxsim import CudaMaxsim
 
-_maxsim_not_supported_reasons = emulated(_cuda._maxsim_not_supported_reasons)
-_maxsim_fwd = emulated(_cuda._maxsim_fwd)
-_maxsim_bwd = emulated(_cuda._maxsim_bwd)
+MAXSIM = CudaMaxsim(_ext.emu)

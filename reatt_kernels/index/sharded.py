@@ -1,4 +1,7 @@
-"""ShardedIndex: one :class:`TokenIndex` shard per torch.distributed rank.
+"""Indexes made of several :class:`TokenIndex` parts, searched as one and merged by score with :func:`merge_topk`.
+
+- :class:`PartIndex`: several parts in this process (an index written in parts, e.g. by ``reatt-index build``).
+- :class:`ShardedIndex`: one shard per torch.distributed rank (a ``TokenIndex`` or a ``PartIndex``).
 
 Each rank searches its own shard; the per-rank top-k lists (scores from the same scoring function, so comparable)
 are all-gathered and merged by score. For residual shards the codec (centroids, cutoffs, weights) is trained once on
@@ -14,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .codec import ResidualCodec
-from .token_index import TokenIndex, _topk_padded
+from .token_index import TokenIndex, merge_topk
 
 
 def _comm_device(group) -> torch.device:
@@ -37,10 +40,32 @@ def _broadcast_codec(codec: Optional[ResidualCodec], dim: int, nbits: int, group
     return ResidualCodec(parts[0].cpu(), parts[1].cpu(), parts[2].cpu(), nbits)
 
 
-class ShardedIndex:
-    """A distributed index: this rank's shard plus the process group to merge results over."""
+class PartIndex:
+    """Several ``TokenIndex`` parts searched as one: each part's top-k, merged by score (the parts share one scoring
+    function, so their scores compare). Has ``TokenIndex.search``'s signature, so it can be a ``ShardedIndex``'s shard.
+    Document ids must be unique across the parts."""
 
-    def __init__(self, shard: TokenIndex, group=None):
+    def __init__(self, parts: Sequence[TokenIndex]):
+        self.parts = list(parts)
+
+    @property
+    def n_docs(self) -> int:
+        return sum(p.n_docs for p in self.parts)
+
+    def search(self, q: Tensor, q_mask: Optional[Tensor] = None, k: int = 10, **params) -> tuple[Tensor, Tensor]:
+        """q [Bq, Lq, D] (or [Lq, D]) -> (scores [Bq, k], ids [Bq, k]) over every part, (-inf, -1) padded."""
+        if not self.parts:
+            Bq = q.shape[0] if q.dim() == 3 else 1
+            return merge_topk(torch.zeros((Bq, 0)), torch.zeros((Bq, 0), dtype=torch.int64), k)
+        res = [p.search(q, q_mask, k, **dict(params)) for p in self.parts]
+        return merge_topk(torch.cat([r[0].cpu() for r in res], 1), torch.cat([r[1].cpu() for r in res], 1), k)
+
+
+class ShardedIndex:
+    """A distributed index: this rank's shard (a ``TokenIndex`` or a ``PartIndex``) plus the process group to merge
+    results over."""
+
+    def __init__(self, shard, group=None):
         if not dist.is_initialized():
             raise RuntimeError("ShardedIndex needs torch.distributed to be initialised (init_process_group)")
         self.shard, self.group = shard, group
@@ -71,7 +96,7 @@ class ShardedIndex:
         i_all = [torch.empty_like(i, device=dev) for _ in range(world)]
         dist.all_gather(s_all, s.to(dev).contiguous(), group=self.group)
         dist.all_gather(i_all, i.to(dev).contiguous(), group=self.group)
-        return _topk_padded(torch.cat(s_all, 1), torch.cat(i_all, 1), k)
+        return merge_topk(torch.cat(s_all, 1), torch.cat(i_all, 1), k)
 
     def add(self, vectors, doc_ids: Sequence[int], **kw) -> Tensor:
         """Local: add documents to this rank's shard (global ids, unique across ranks)."""

@@ -137,8 +137,9 @@ def _pack_valid_tokens(q: Tensor, q_mask: Tensor) -> tuple[Tensor, Tensor]:
     return qp.masked_fill(~mp[..., None], 0.0), mp
 
 
-def _topk_padded(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k along dim 1 of scores [Bq, M] with ids [Bq, M]; pads to k columns with (-inf, -1)."""
+def merge_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k along dim 1 of scores [Bq, M] with ids [Bq, M] (e.g. per-part or per-shard results side by side); pads to
+    k columns with (-inf, -1), and a -inf score always carries id -1."""
     Bq, M = scores.shape
     if M < k:
         scores = torch.cat([scores, scores.new_full((Bq, k - M), float("-inf"))], 1)
@@ -593,11 +594,11 @@ class TokenIndex:
         N = self.offsets.numel() - 1
         if N == 0:
             empty = torch.zeros((q.shape[0], 0), device=self.device)
-            return _topk_padded(empty, empty.long(), k)
+            return merge_topk(empty, empty.long(), k)
         s = maxsim_packed(q.to(self.tokens.dtype), self.tokens, self.offsets, q_mask, backend=backend).float()
         s = s.masked_fill(self.deleted[None, :], float("-inf"))
         timer.stop("maxsim")
-        out = _topk_padded(s, self.doc_ids[None, :].expand_as(s), k)
+        out = merge_topk(s, self.doc_ids[None, :].expand_as(s), k)
         timer.stop("topk")
         return out
 
@@ -636,7 +637,7 @@ class TokenIndex:
         Bq, Lq, _ = q.shape
         if self.tokens.shape[0] == 0:
             empty = torch.zeros((Bq, 0), device=self.device)
-            return _topk_padded(empty, empty.long(), k)
+            return merge_topk(empty, empty.long(), k)
         rows = self._flat_topk(q.reshape(Bq * Lq, self.dim), k_token).reshape(Bq, Lq, -1)
         timer.stop("token_topk")
         out_s, out_i = [], []
@@ -651,7 +652,7 @@ class TokenIndex:
             off[1:] = torch.cumsum(lens, 0)
             s = maxsim_packed(q[a:a + 1].to(self.tokens.dtype), self.tokens[trows], off, q_mask[a:a + 1],
                               backend=backend).float()
-            si, ii = _topk_padded(s, self.doc_ids[docs][None], k)
+            si, ii = merge_topk(s, self.doc_ids[docs][None], k)
             out_s.append(si)
             out_i.append(ii)
         timer.stop("rerank")
@@ -768,7 +769,7 @@ class TokenIndex:
         dev = self.device
         if N == 0 or self.codec is None:
             empty = torch.zeros((Bq, 0), device=dev)
-            return _topk_padded(empty, empty.long(), k)
+            return merge_topk(empty, empty.long(), k)
         ncand = self._ncandidates(k, ncand)
         qf, q_mask = _pack_valid_tokens(q.float(), q_mask)
         table = centroid_score_table(qf, self.codec.centroids, q_mask)
@@ -778,7 +779,7 @@ class TokenIndex:
                                  cand, self.nbits, q_mask, backend=backend, centroid_scores=table)
         timer.stop("decompress_rerank")
         ids = torch.where(cand >= 0, self.doc_ids[cand.clamp(min=0)], torch.full_like(cand, -1))
-        out = _topk_padded(scores, ids, k)
+        out = merge_topk(scores, ids, k)
         timer.stop("topk")
         return out
 
@@ -797,10 +798,10 @@ class TokenIndex:
         N = self.offsets.numel() - 1
         if N == 0 or self.codec is None:
             empty = torch.zeros((Bq, 0), device=self.device)
-            return _topk_padded(empty, empty.long(), k)
+            return merge_topk(empty, empty.long(), k)
         s = self._scan_scores(*_pack_valid_tokens(q.float(), q_mask), backend)
         timer.stop("scan")
-        out = _topk_padded(s, self.doc_ids[None, :].expand_as(s), k)
+        out = merge_topk(s, self.doc_ids[None, :].expand_as(s), k)
         timer.stop("topk")
         return out
 

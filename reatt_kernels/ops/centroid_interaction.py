@@ -1,10 +1,10 @@
 """Custom op ``reatt::centroid_interaction`` (forward only): PLAID's approximate MaxSim from centroid ids, and the
 centroid score table it (and the cpu residual_maxsim kernel) reads.
 
-Every backend module registered below provides::
+Every backend registered below is a :class:`reatt_kernels._launcher.CentroidInteractionLauncher`::
 
-    _centroid_interaction_fwd(table, q_mask, codes, d_offsets, cand) -> scores fp32 [Bq, Nc]
-    _centroid_interaction_not_supported_reasons(tensors, **facts) -> list[str]       (optional)
+    forward(table, q_mask, codes, d_offsets, cand) -> scores fp32 [Bq, Nc]
+    not_supported_reasons(tensors, **facts) -> list[str]
 
 with table fp32 contiguous [Bq, C, LP], q_mask bool [Bq, Lq] (Lq <= LP), codes int32 [T], d_offsets int64 [Nd + 1],
 cand int64 [Bq, Nc] (-1 = padding) or None (every document), all on one device. Semantics:
@@ -19,11 +19,13 @@ from torch import Tensor
 
 from .._dispatch import get_impl, register_auto_order, register_impl, select
 from .._utils import device_guard
+from ..cpu import centroid_interaction as cpu_centroid_interaction
+from ..reference import centroid_interaction as reference_centroid_interaction
 from .maxsim import check_offsets
 
 OP = "centroid_interaction"
-register_impl(OP, "torch", "reatt_kernels.reference.centroid_interaction")
-register_impl(OP, "cpu", "reatt_kernels.cpu.centroid_interaction")
+register_impl(OP, "torch", reference_centroid_interaction.CENTROID_INTERACTION)
+register_impl(OP, "cpu", cpu_centroid_interaction.CENTROID_INTERACTION)
 # On a GPU the torch reference runs (gathers and a segment max: memory-bound, a few table rows per token).
 register_auto_order(OP, lambda dev, **kw: ["torch"] if dev == "cuda" else ["cpu", "torch"])
 
@@ -65,7 +67,7 @@ def centroid_interaction_op(table: Tensor, q_mask: Tensor, codes: Tensor, d_offs
     if Bq == 0 or Nc == 0:
         return torch.empty((Bq, Nc), dtype=torch.float32, device=table.device)
     with device_guard(table):
-        return get_impl(OP, backend)._centroid_interaction_fwd(table, q_mask, codes, d_offsets, cand)
+        return get_impl(OP, backend).forward(table, q_mask, codes, d_offsets, cand)
 
 
 @centroid_interaction_op.register_fake

@@ -1,13 +1,14 @@
 """Attention-distillation custom ops ``reatt::reader_teacher`` / ``reatt::distill_kl_fwd``, autograd, functional API.
 
-Every backend module registered below provides the launcher contract of :mod:`reatt_kernels.reference.distill`::
+Every backend registered below is a :class:`reatt_kernels._launcher.ReaderTeacherLauncher` or
+:class:`~reatt_kernels._launcher.DistillKlLauncher`::
 
-    _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits) -> p_T fp32 [B, n_docs]
+    ReaderTeacherLauncher.forward(attn, doc_index, attn_mask, n_docs, is_logits) -> p_T fp32 [B, n_docs]
         attn [B, L, H, T, S] (any strides; layers/steps already selected), doc_index int32/int64 [B, S],
         attn_mask bool [B, S] or None.
-    _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad)
+    DistillKlLauncher.forward(student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad)
         -> (loss_rows fp32 [B], grad [B, M] in student's dtype, already times grad_scale; [0, M] if not compute_grad)
-    _<op>_not_supported_reasons(tensors, **facts) -> list[str]        (optional)
+    not_supported_reasons(tensors, **facts) -> list[str]
 
 The KL's gradient is computed in the forward (as Liger-Kernel's loss kernels do) and saved; the backward only scales it
 by the upstream gradient, and returns it untouched when that gradient is exactly 1 (the usual ``loss.backward()``).
@@ -20,18 +21,27 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .. import triton as triton_launchers
 from .._dispatch import get_impl, register_impl, select
 from .._utils import device_guard
+from ..cpu import distill as cpu_distill
+from ..cuda import distill as cuda_distill
+from ..cuda_emu import distill as cuda_emu_distill
+from ..reference import distill as reference_distill
 from ..reference.distill import reduce_rows
 from .maxsim import maxsim, maxsim_packed
 
-for _op in ("reader_teacher", "distill_kl"):
-    register_impl(_op, "torch", "reatt_kernels.reference.distill")
-    # cpu: C++ one-pass reader_teacher; its distill_kl is the reference (small rows, torch is memory-bound already).
-    register_impl(_op, "cpu", "reatt_kernels.cpu.distill")
-    register_impl(_op, "triton", "reatt_kernels.triton.distill")
-    register_impl(_op, "cuda", "reatt_kernels.cuda.distill")
-    register_impl(_op, "cuda_emu", "reatt_kernels.cuda_emu.distill")  # the CUDA kernels under CPU emulation (tests)
+register_impl("reader_teacher", "torch", reference_distill.READER_TEACHER)
+register_impl("reader_teacher", "cpu", cpu_distill.READER_TEACHER)  # C++, one pass over the attention
+register_impl("reader_teacher", "triton", triton_launchers.READER_TEACHER)  # imports triton/distill.py on first call
+register_impl("reader_teacher", "cuda", cuda_distill.READER_TEACHER)
+register_impl("reader_teacher", "cuda_emu", cuda_emu_distill.READER_TEACHER)  # the CUDA kernels under CPU emulation
+register_impl("distill_kl", "torch", reference_distill.DISTILL_KL)
+# cpu: the reference (its [B, M] rows are small next to the teacher's input; torch's log_softmax is memory-bound already)
+register_impl("distill_kl", "cpu", reference_distill.DISTILL_KL)
+register_impl("distill_kl", "triton", triton_launchers.DISTILL_KL)
+register_impl("distill_kl", "cuda", cuda_distill.DISTILL_KL)
+register_impl("distill_kl", "cuda_emu", cuda_emu_distill.DISTILL_KL)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTS = (torch.int32, torch.int64)
@@ -53,7 +63,7 @@ def reader_teacher_op(attn: Tensor, doc_index: Tensor, attn_mask: Optional[Tenso
     if B == 0 or n_docs == 0 or L * H * T == 0 or S == 0:
         return torch.zeros((B, n_docs), dtype=_out_dtype(attn), device=attn.device)
     with device_guard(attn):
-        return get_impl("reader_teacher", backend)._reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits)
+        return get_impl("reader_teacher", backend).forward(attn, doc_index, attn_mask, n_docs, is_logits)
 
 
 @reader_teacher_op.register_fake
@@ -184,7 +194,7 @@ def distill_kl_fwd(student: Tensor, teacher: Optional[Tensor], teacher_probs: Op
         grad = student.new_zeros((0, M))
     else:
         with device_guard(student):
-            rows, grad = get_impl("distill_kl", backend)._distill_kl_fwd(
+            rows, grad = get_impl("distill_kl", backend).forward(
                 student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad)
     loss = reduce_rows(rows, reduction, M)[0]
     return (loss.clone() if reduction == "none" else loss), grad

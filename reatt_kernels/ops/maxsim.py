@@ -1,10 +1,10 @@
 """MaxSim custom ops ``reatt::maxsim_fwd`` / ``reatt::maxsim_bwd``, their autograd, and the functional API.
 
-Every backend module registered below provides the same launcher contract::
+Every backend registered below is a :class:`reatt_kernels._launcher.MaxsimLauncher`::
 
-    _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean) -> (scores, argmax)
-    _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic) -> (dq, dd, dbias)
-    _maxsim_not_supported_reasons(tensors, **facts) -> list[str]        (optional)
+    forward(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean) -> (scores, argmax)
+    backward(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic) -> (dq, dd, dbias)
+    not_supported_reasons(tensors, **facts) -> list[str]
 
 with the canonical layout of :mod:`reatt_kernels.reference.maxsim` (``q_mask`` is always a bool tensor here; ``d`` is
 padded [Nd, Ld, D] with optional ``d_mask``, or packed [T, D] with ``d_offsets``; grouped = padded + ``group_size``).
@@ -17,14 +17,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import triton as triton_launchers
 from .._dispatch import get_impl, register_impl, select
 from .._utils import device_guard
+from ..cpu import maxsim as cpu_maxsim
+from ..cuda import maxsim as cuda_maxsim
+from ..cuda_emu import maxsim as cuda_emu_maxsim
+from ..reference import maxsim as reference_maxsim
 
-register_impl("maxsim", "torch", "reatt_kernels.reference.maxsim")
-register_impl("maxsim", "cpu", "reatt_kernels.cpu.maxsim")
-register_impl("maxsim", "triton", "reatt_kernels.triton.maxsim")
-register_impl("maxsim", "cuda", "reatt_kernels.cuda.maxsim")
-register_impl("maxsim", "cuda_emu", "reatt_kernels.cuda_emu.maxsim")
+register_impl("maxsim", "torch", reference_maxsim.MAXSIM)
+register_impl("maxsim", "cpu", cpu_maxsim.MAXSIM)
+register_impl("maxsim", "triton", triton_launchers.MAXSIM)  # imports reatt_kernels/triton/maxsim.py on first call
+register_impl("maxsim", "cuda", cuda_maxsim.MAXSIM)
+register_impl("maxsim", "cuda_emu", cuda_emu_maxsim.MAXSIM)  # the CUDA kernels under CPU emulation (tests)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -60,7 +65,7 @@ def maxsim_fwd(
         return (torch.zeros((Bq, C), dtype=_score_dtype(q), device=q.device),
                 torch.full((Bq, C, Lq), -1, dtype=torch.int32, device=q.device))
     with device_guard(q):
-        scores, argmax = get_impl("maxsim", backend)._maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size,
+        scores, argmax = get_impl("maxsim", backend).forward(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size,
                                                                  mean)
     return scores, argmax
 
@@ -91,7 +96,7 @@ def maxsim_bwd(
         return (torch.zeros(q.shape, dtype=q.dtype, device=q.device), torch.zeros(d.shape, dtype=d.dtype, device=d.device),
                 torch.zeros((n_bias,), dtype=_score_dtype(q), device=q.device))
     with device_guard(q):
-        dq, dd, db = get_impl("maxsim", backend)._maxsim_bwd(
+        dq, dd, db = get_impl("maxsim", backend).backward(
             grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic
         )
     return dq.contiguous(), dd.contiguous(), db.contiguous()

@@ -1,16 +1,15 @@
 """Custom op ``reatt::residual_maxsim`` (forward only): fused decompress + MaxSim over candidate documents.
 
-Every backend module registered below provides::
+Every backend registered below is a :class:`reatt_kernels._launcher.ResidualMaxsimLauncher`::
 
-    _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None)
-        -> scores fp32 [Bq, Nc]
-    _residual_maxsim_not_supported_reasons(tensors, **facts) -> list[str]       (optional)
+    forward(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits) -> scores fp32 [Bq, Nc]
+    not_supported_reasons(tensors, **facts) -> list[str]
 
 with q fp32 contiguous [Bq, Lq, D], q_mask bool [Bq, Lq], centroids fp32 [C, D], weights fp32 [D, 2^nbits], codes
 int32 [T], packed uint8 [T, D * nbits // 8], d_offsets int64 [Nd + 1], cand int64 [Bq, Nc] (-1 = padding), all
 contiguous and on one device; centroid_scores is None or the table of
-:func:`reatt_kernels.ops.centroid_interaction.centroid_score_table` (fp32 [Bq, C, LP]), which a backend may use in place
-of the centroids (the cpu kernel does). Semantics: :mod:`reatt_kernels.reference.residual_maxsim`.
+:func:`reatt_kernels.ops.centroid_interaction.centroid_score_table` (fp32 [Bq, C, LP]), which a backend may read in
+place of the centroids (the cpu kernel does). Semantics: :mod:`reatt_kernels.reference.residual_maxsim`.
 """
 from __future__ import annotations
 
@@ -19,18 +18,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import triton as triton_launchers
 from .._dispatch import get_impl, register_auto_order, register_impl, select
 from .._utils import device_guard
+from ..cpu import residual_maxsim as cpu_residual_maxsim
+from ..cuda import residual_maxsim as cuda_residual_maxsim
+from ..cuda_emu import residual_maxsim as cuda_emu_residual_maxsim
+from ..reference import residual_maxsim as reference_residual_maxsim
 from ..reference.residual_maxsim import check_nbits
 from .centroid_interaction import check_score_table
 from .maxsim import check_offsets
 
 OP = "residual_maxsim"
-register_impl(OP, "torch", "reatt_kernels.reference.residual_maxsim")
-register_impl(OP, "cpu", "reatt_kernels.cpu.residual_maxsim")
-register_impl(OP, "triton", "reatt_kernels.triton.residual_maxsim")
-register_impl(OP, "cuda", "reatt_kernels.cuda.residual_maxsim")
-register_impl(OP, "cuda_emu", "reatt_kernels.cuda_emu.residual_maxsim")  # the CUDA kernel under CPU emulation (tests)
+register_impl(OP, "torch", reference_residual_maxsim.RESIDUAL_MAXSIM)
+register_impl(OP, "cpu", cpu_residual_maxsim.RESIDUAL_MAXSIM)
+register_impl(OP, "triton", triton_launchers.RESIDUAL_MAXSIM)  # imports triton/residual_maxsim.py on first call
+register_impl(OP, "cuda", cuda_residual_maxsim.RESIDUAL_MAXSIM)
+register_impl(OP, "cuda_emu", cuda_emu_residual_maxsim.RESIDUAL_MAXSIM)  # the CUDA kernel under CPU emulation (tests)
 # On a GPU, "auto" prefers Triton: its kernel is the one verified against the reference (under the interpreter, and
 # by the gpu-marked tests); the CUDA kernel is selectable by name and runs in the same tests when a GPU is present.
 register_auto_order(OP, lambda dev, **kw: ["triton", "cuda", "torch"] if dev == "cuda" else ["cpu", "torch"])
@@ -45,8 +49,8 @@ def residual_maxsim_op(q: Tensor, q_mask: Tensor, centroids: Tensor, weights: Te
     if Bq == 0 or Nc == 0:
         return torch.empty((Bq, Nc), dtype=torch.float32, device=q.device)
     with device_guard(q):
-        return get_impl(OP, backend)._residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets,
-                                                          cand, nbits, centroid_scores=centroid_scores)
+        return get_impl(OP, backend).forward(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits,
+                                             centroid_scores)
 
 
 @residual_maxsim_op.register_fake

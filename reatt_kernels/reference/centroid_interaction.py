@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._launcher import CentroidInteractionLauncher
+
 _CHUNK_ROWS = 1 << 18  # document tokens gathered per step (x L table columns)
 
 
@@ -68,3 +70,13 @@ def centroid_interaction_ref(table: Tensor, q_mask: Tensor, codes: Tensor, d_off
 # ---- the `torch` backend: the reference in fp32, behind the launcher contract of the kernels ---------------------------
 def _centroid_interaction_fwd(table, q_mask, codes, d_offsets, cand):
     return centroid_interaction_ref(table, q_mask, codes, d_offsets, cand, torch.float32)
+
+
+class TorchCentroidInteraction(CentroidInteractionLauncher):
+    """The `torch` backend of centroid_interaction: the spec (gathers and a segment max, chunked); runs on any device."""
+
+    def forward(self, table, q_mask, codes, d_offsets, cand):
+        return _centroid_interaction_fwd(table, q_mask, codes, d_offsets, cand)
+
+
+CENTROID_INTERACTION = TorchCentroidInteraction()

@@ -55,6 +55,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._launcher import DistillKlLauncher, ReaderTeacherLauncher
+
 # Elements of one fp32 chunk of attention rows in the reader-teacher reference: 2^22 -> 16 MiB.
 _CHUNK_ELEMS = 1 << 22
 
@@ -208,3 +210,21 @@ def _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, gr
     if not compute_grad:
         return loss, student.new_empty((0, M))
     return loss, (grad * grad_scale).to(student.dtype)
+
+
+class TorchReaderTeacher(ReaderTeacherLauncher):
+    """The `torch` backend of reader_teacher: the spec."""
+
+    def forward(self, attn, doc_index, attn_mask, n_docs, is_logits):
+        return _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits)
+
+
+class TorchDistillKl(DistillKlLauncher):
+    """The `torch` backend of distill_kl (also the `cpu` backend's: small rows, torch is memory-bound already)."""
+
+    def forward(self, student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad):
+        return _distill_kl_fwd(student, teacher, teacher_probs, teacher_cols, normalize, grad_scale, compute_grad)
+
+
+READER_TEACHER = TorchReaderTeacher()
+DISTILL_KL = TorchDistillKl()

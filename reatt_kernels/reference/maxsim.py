@@ -47,6 +47,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._launcher import MaxsimLauncher
+
 # Elements of the fp32 token-pair score chunk (Bq x docs x Lq x Ld): 2^25 -> 128 MiB.
 _CHUNK_ELEMS = 1 << 25
 
@@ -255,3 +257,16 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
         with deterministic_algorithms():
             return maxsim_bwd_ref(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean)
     return maxsim_bwd_ref(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean)
+
+
+class TorchMaxsim(MaxsimLauncher):
+    """The `torch` backend of maxsim: the spec itself (chunked, bounded memory)."""
+
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+        return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)
+
+    def backward(self, grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
+        return _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic)
+
+
+MAXSIM = TorchMaxsim()

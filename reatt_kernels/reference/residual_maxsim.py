@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._launcher import ResidualMaxsimLauncher
+
 NBITS = (1, 2, 4, 8)
 _CHUNK_ELEMS = 1 << 24  # query tokens x candidate tokens per chunk (64 MiB of fp32 scores)
 
@@ -103,3 +105,14 @@ def residual_maxsim_ref(q, q_mask, centroids, weights, codes, packed, d_offsets,
 def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None):
     # the spec decompresses: centroid_scores (an optimisation of the cpu kernel) is not used
     return residual_maxsim_ref(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, torch.float32)
+
+
+class TorchResidualMaxsim(ResidualMaxsimLauncher):
+    """The `torch` backend of residual_maxsim: the spec (decode, then MaxSim, chunked)."""
+
+    def forward(self, q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits, centroid_scores=None):
+        # the spec decompresses: centroid_scores is not used
+        return _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets, cand, nbits)
+
+
+RESIDUAL_MAXSIM = TorchResidualMaxsim()

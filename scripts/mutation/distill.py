@@ -80,4 +80,21 @@ MUTANTS = [
         tests=["tests/kernels/test_distill.py", "-x", "-q", "-k", "empty_teacher and cuda_emu"],
         build="emu",
     ),
+    # ---- issue 19 ----------------------------------------------------------------------------------------------------
+    dict(
+        name="distill: reader_teacher per-lane bin update is a plain += (lanes of a warp race on a document's bin)",
+        path="csrc/distill/distill_cuda.cu",
+        old="          atomicAdd(&bins[d[j]], e);",
+        new="          bins[d[j]] += e;",
+        tests=["tests/kernels/test_cuda_emu_races.py", "-k", "reader_teacher"],
+        build="emu-tsan",
+    ),
+    dict(
+        name="distill: distill_kl block reduction reads the 24 shared slots no warp wrote",
+        path="csrc/distill/distill_cuda.cu",
+        old="  v = lane < kKlThreads / 32 ? red[lane] : 0.f;",
+        new="  v = red[lane];",
+        tests=["tests/kernels/test_cuda_emu_races.py", "-k", "distill_kl"],
+        build="emu",
+    ),
 ]

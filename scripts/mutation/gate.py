@@ -3,18 +3,21 @@
 
 The mutants live next to this file, one module per op or area (``maxsim.py``, ``distill.py``, ``residual_maxsim.py``,
 ``index.py``, ...), each defining ``MUTANTS``: ``dict(name=, path=, old=, new=, tests=[pytest args], build=None | "cpu"
-| "emu")``. ``old`` must occur exactly once in ``path``. ``build="cpu"`` rebuilds ``reatt_kernels._C`` (CPU kernels
+| "emu" | "emu-tsan")``. ``old`` must occur exactly once in ``path``. ``build="cpu"`` rebuilds ``reatt_kernels._C`` (CPU kernels
 only) after patching; ``"emu"`` rebuilds the CUDA-emulation module ``reatt_kernels._C_emu`` (the same CMake project)
 and is reported as "not built" only while the source tree has no ``_C_emu`` module at all (CMakeLists.txt does not
-name it); otherwise a missing ``_C_emu`` fails the gate. Adding a kernel means adding its mutants to its op's file
+name it); otherwise a missing ``_C_emu`` fails the gate. ``"emu-tsan"`` runs the tests through
+scripts/sanitize/tsan_emu.sh instead (a ThreadSanitizer build of ``_C_emu`` in its own folder: for races, which an
+emulated run catches only by timing luck). Adding a kernel means adding its mutants to its op's file
 (or a new ``<op>.py`` here: every ``*.py`` in this folder but this one is loaded).
 
 The gate works on a temporary copy of the repository (git's tracked and unignored files) with its own CMake build:
 1. build the copy once (REATT_CUDA=0) and run every distinct target test set on the UNMUTATED copy: they must pass,
    or a "caught" mutant would prove nothing;
 2. per mutant: patch -> incremental rebuild when C++ changed -> the targeted tests (pytest -x, with a timeout) ->
-   restore. Exit status 1 = caught; 0 = survived; a timeout counts as caught (the mutant hangs the kernel); any other
-   pytest status (no tests collected, usage error) is an error of the gate itself;
+   restore. Exit status 1 = caught; 0 = survived; a timeout counts as caught (the mutant hangs the kernel), and so do
+   a ThreadSanitizer report (exit status 66) and a death by signal (the CUDA emulator aborts on undefined behaviour: a
+   divergent barrier, a deadlock); any other pytest status (no tests collected, usage error) is an error of the gate;
 3. print one line per mutant and a summary; exit non-zero if any mutant survived, the baseline failed or a mutant
    could not be applied.
 
@@ -109,10 +112,26 @@ def build(tree: Path, log: Path) -> float:
     return time.time() - t0
 
 
-def run_tests(tree: Path, args: list[str], log: Path, stop_first: bool = True) -> tuple[str, float]:
-    """'pass', 'fail', 'timeout' or 'error:<code>' for pytest on the copy."""
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", *(["-x"] if stop_first else []), "-p", "no:cacheprovider", *args]
+def build_tsan(tree: Path, log: Path) -> str:
+    """(Re)build the copy's ThreadSanitizer _C_emu in build/emu-tsan (outside the test timeout); its path."""
+    with open(log, "a") as fh:
+        res = subprocess.run(["bash", "scripts/sanitize/emu_sanitized_build.sh", "thread", str(tree / "build" / "emu-tsan")],
+                             cwd=tree, env=dict(os.environ, PY=sys.executable), stdout=subprocess.PIPE, stderr=fh,
+                             text=True)
+    if res.returncode != 0 or not res.stdout.strip():
+        raise RuntimeError(f"ThreadSanitizer build failed (see {log})")
+    return res.stdout.strip().splitlines()[-1]
+
+
+def run_tests(tree: Path, args: list[str], log: Path, stop_first: bool = True, tsan: str = "") -> tuple[str, float]:
+    """'pass', 'fail', 'tsan', 'crash:<signal>', 'timeout' or 'error:<code>' for pytest on the copy (under
+    ThreadSanitizer, through the copy's scripts/sanitize/tsan_emu.sh, when ``tsan`` names the TSan _C_emu)."""
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", PY=sys.executable)
+    if tsan:
+        env["REATT_EMU_TSAN_LIB"] = tsan
+        cmd = ["bash", "scripts/sanitize/tsan_emu.sh", *(["-x"] if stop_first else []), *args]
+    else:
+        cmd = [sys.executable, "-m", "pytest", "-q", *(["-x"] if stop_first else []), "-p", "no:cacheprovider", *args]
     t0 = time.time()
     with open(log, "a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
@@ -122,7 +141,9 @@ def run_tests(tree: Path, args: list[str], log: Path, stop_first: bool = True) -
                                   timeout=TEST_TIMEOUT_S).returncode
         except subprocess.TimeoutExpired:
             return "timeout", time.time() - t0
-    return {0: "pass", 1: "fail"}.get(code, f"error:{code}"), time.time() - t0
+    if code < 0:
+        return f"crash:{-code}", time.time() - t0
+    return {0: "pass", 1: "fail", 66: "tsan"}.get(code, f"error:{code}"), time.time() - t0
 
 
 def main() -> int:
@@ -171,11 +192,11 @@ def main() -> int:
         runnable, skipped = [], []
         for m in mutants:
             f = tree / m["path"]
-            if m.get("build") == "emu" and not emu_in_tree:
+            if m.get("build") in ("emu", "emu-tsan") and not emu_in_tree:
                 print(f"  SKIP     {m['name']}: not built (no _C_emu module in this source tree)", flush=True)
                 skipped.append(m["name"])
                 continue
-            if m.get("build") not in (None, "cpu", "emu"):
+            if m.get("build") not in (None, "cpu", "emu", "emu-tsan"):
                 problems.append(f"{m['name']}: unknown build {m.get('build')!r}")
                 continue
             n = f.read_text().count(m["old"]) if f.exists() else -1
@@ -185,7 +206,8 @@ def main() -> int:
             runnable.append(m)
         # The unmutated copy must pass every target test set, or a caught mutant proves nothing. Sets of the form
         # [file, "-k", expr] run together in one pytest (one start-up); any other form runs on its own.
-        sets = list(dict.fromkeys(tuple(m["tests"]) for m in runnable))
+        sets = list(dict.fromkeys(tuple(m["tests"]) for m in runnable if m.get("build") != "emu-tsan"))
+        tsan_sets = list(dict.fromkeys(tuple(m["tests"]) for m in runnable if m.get("build") == "emu-tsan"))
         simple = [a for a in sets if len(a) == 3 and a[1] == "-k" and not a[0].startswith("-")]
         groups = [list(a) for a in sets if a not in simple]
         if simple:
@@ -196,6 +218,11 @@ def main() -> int:
                   f"test sets)", flush=True)
             if status != "pass":
                 problems.append(f"baseline {status} for: {' '.join(args)}")
+        for args in tsan_sets:
+            status, dt = run_tests(tree, list(args), log, stop_first=False, tsan=build_tsan(tree, log))
+            print(f"  baseline {status:8s} {dt:5.0f} s  (ThreadSanitizer: {' '.join(args)})", flush=True)
+            if status != "pass":
+                problems.append(f"baseline (ThreadSanitizer) {status} for: {' '.join(args)}")
         if problems:
             raise RuntimeError("baseline")
         # Python mutants first (against the clean build), then the C++ ones grouped by folder, so that consecutive
@@ -218,13 +245,15 @@ def main() -> int:
                     for p, data in clean_so.items():  # a Python mutant runs against the clean kernels
                         p.write_bytes(data)
                     so_dirty = False
-                status, _ = run_tests(tree, m["tests"], log)
+                tsan = build_tsan(tree, log) if m.get("build") == "emu-tsan" else ""
+                status, _ = run_tests(tree, m["tests"], log, tsan=tsan)
             except RuntimeError as exc:
                 status = f"error:{exc}"
             finally:
                 # Rewriting the file bumps its mtime, so the next C++ build recompiles it clean.
                 f.write_text(orig)
-            verdict = {"fail": "CAUGHT", "timeout": "CAUGHT", "pass": "SURVIVED"}.get(status, "ERROR")
+            verdict = {"fail": "CAUGHT", "timeout": "CAUGHT", "tsan": "CAUGHT", "pass": "SURVIVED"}.get(
+                status, "CAUGHT" if status.startswith("crash:") else "ERROR")
             results.append((m, verdict, status))
             print(f"  {verdict:8s} {m['name']:45s} {time.time() - t0:5.0f} s  ({status}; {' '.join(m['tests'])})",
                   flush=True)

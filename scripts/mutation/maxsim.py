@@ -1,7 +1,7 @@
 """Mutants of the maxsim slice: reference, ops, Triton, C++ CPU kernels and the CUDA kernel (under emulation).
 
 Loaded by the mutation gate (scripts/mutation/gate.py). Each entry is a small, realistic bug:
-``dict(name=, path=, old=, new=, tests=[pytest args], build=None | "cpu" | "emu")``: ``old`` occurs exactly once in
+``dict(name=, path=, old=, new=, tests=[pytest args], build=None | "cpu" | "emu" | "emu-tsan")``: ``old`` occurs exactly once in
 ``path`` and is replaced by ``new``; ``build="cpu"`` rebuilds reatt_kernels._C, ``"emu"`` the CUDA emulation module
 reatt_kernels._C_emu; the ``tests`` must FAIL with the mutant (and pass without it). ``issue13=True`` marks the seven
 bugs of issue 13 (always in the CI selection); ``ci=True`` keeps a mutant in the CI selection beside the first mutant
@@ -9,7 +9,10 @@ of each file.
 """
 
 MAXSIM = "tests/kernels/test_maxsim.py"
-MAXSIM_CU = "csrc/maxsim/maxsim_cuda.cu"
+FWD_CU = "csrc/maxsim/maxsim_fwd.cu"
+BWD_CU = "csrc/maxsim/maxsim_bwd.cu"
+LAUNCH_CU = "csrc/maxsim/maxsim_launch.cu"  # the launch plans
+HEADER_CUH = "csrc/maxsim/maxsim_cuda.cuh"
 
 MUTANTS = [
     # ---- Python, Triton and C++ CPU ----
@@ -32,7 +35,7 @@ MUTANTS = [
     dict(issue13=True, name="cpp-bias-clamp-R-2", path="csrc/maxsim/maxsim_cpu_isa.h",
          old="r = r < 0 ? 0 : (r > A.R - 1 ? A.R - 1 : r);", new="r = r < 0 ? 0 : (r > A.R - 2 ? A.R - 2 : r);",
          build="cpu", tests=[MAXSIM, "-k", "test_maxsim_fwd and cpu"]),
-    dict(name="cpp-bf16-store-truncates", path="csrc/maxsim/maxsim_cpu.cpp",
+    dict(name="cpp-bf16-store-truncates", path="csrc/cpu_dtype.h",
          old="  x += 0x7fffu + ((x >> 16) & 1u);\n", new="  x += 0u;\n", build="cpu",
          tests=[MAXSIM, "-k", "test_maxsim_bwd and cpu and dtype2"]),
     dict(name="cpp-avx2-tie-break->=", path="csrc/maxsim/maxsim_cpu.cpp",
@@ -52,41 +55,90 @@ MUTANTS = [
     dict(name="ops-maxsim-upstream-grad-in-input-dtype", path="reatt_kernels/ops/maxsim.py",
          old="g = g_scores.to(_score_dtype(q))", new="g = g_scores.to(q.dtype)",
          tests=[MAXSIM, "-k", "test_maxsim_bwd and torch and dtype2"]),
-    # ---- csrc/maxsim/maxsim_cuda.cu under emulation (backend cuda_emu) ----
+    # ---- csrc/maxsim/maxsim_{fwd,bwd,launch}.cu, maxsim_cuda.cuh under emulation (backend cuda_emu) ----
     # 1. A barrier of the forward pipeline removed: other threads' cp.async copies of the chunk may not have landed
-    #    (they land at each issuing thread's wait), so a warp reads poisoned (NaN) smem.
-    dict(name="maxsim-fwd-missing-syncthreads", path=MAXSIM_CU,
+    #    (they land at each issuing thread's wait), so a warp reads poisoned smem (0x7B: huge, it wins the max).
+    dict(name="maxsim-fwd-missing-syncthreads", path=FWD_CU,
          old="      __syncthreads();    // ... and everyone else's\n",
          new="\n",
          tests=["tests/kernels/test_maxsim_cuda.py", "-k", "cuda_emu and tilings"], build="emu"),
     # 2. cp.async.wait_group skipped: the chunk is read before this thread's own copies land.
-    dict(name="maxsim-fwd-skip-cp-async-wait", path=MAXSIM_CU,
+    #    Caught on every run, not by timing: the copy lands only at the wait; until then the destination holds the
+    #    poison, which wins the row max whichever element was lost (a NaN poison was skipped by the max).
+    dict(name="maxsim-fwd-skip-cp-async-wait", path=FWD_CU,
          old="      cp_async_wait_1();  // this thread's copies of chunk `buf` have landed ...\n",
          new="\n",
          tests=["tests/kernels/test_maxsim.py", "-k", "cuda_emu and fwd"], build="emu"),
     # 3. Two registers of the mma A fragment swapped (a1 <-> a2: rows g+8 and columns +8 exchanged).
-    dict(name="maxsim-fwd-mma-a-fragment-swap", path=MAXSIM_CU,
+    dict(name="maxsim-fwd-mma-a-fragment-swap", path=FWD_CU,
          old="for (int x = 0; x < 4; ++x) a[x] = areg[mt][kt][x];",
          new="for (int x = 0; x < 4; ++x) a[x] = areg[mt][kt][x == 1 ? 2 : x == 2 ? 1 : x];",
          tests=["tests/kernels/test_maxsim.py", "-k", "cuda_emu and fwd"], build="emu"),
     # 4. The document-tail bound off by one: one token past the document's end is scored.
-    dict(name="maxsim-fwd-doc-tail-off-by-one", path=MAXSIM_CU,
+    dict(name="maxsim-fwd-doc-tail-off-by-one", path=FWD_CU,
          old="const int nvalid = max(0, min(BN, s.len - j0));",
          new="const int nvalid = max(0, min(BN, s.len - j0 + 1));",
          tests=["tests/kernels/test_maxsim.py", "-k", "cuda_emu and fwd"], build="emu"),
     # 5. The forward's shared-memory size formula 16 bytes short (the kernel's carve-up overruns the buffer).
-    dict(name="maxsim-fwd-smem-16-bytes-short", path=MAXSIM_CU,
+    dict(name="maxsim-fwd-smem-16-bytes-short", path=HEADER_CUH,
          old="bytes += ((2 * BN * DS + 15) / 16) * 16;  // masks",
          new="bytes += ((2 * BN * DS + 15) / 16) * 16 - 16;  // masks",
          tests=["tests/kernels/test_maxsim.py", "-k", "cuda_emu and fwd"], build="emu"),
     # 6. Tiles planned against a fixed 112 KB cap instead of the device's opt-in limit (fails on 99 KB parts).
-    dict(name="maxsim-smem-plan-ignores-optin", path=MAXSIM_CU,
-         old="std::min<int64_t>(112 * 1024, smem_optin())",
+    dict(name="maxsim-smem-plan-ignores-optin", path=LAUNCH_CU,
+         old="std::min<int64_t>(112 * 1024, lim.smem_optin)",
          new="std::min<int64_t>(112 * 1024, 112 * 1024)",
          tests=["tests/kernels/test_cuda_emu.py", "-k", "smem_limit"], build="emu"),
     # 7. The deterministic dd kernel's token tile sized for 64 KB regardless of the device (129 KB at dim 250).
-    dict(name="maxsim-bwd-dd-tile-ignores-optin", path=MAXSIM_CU,
-         old="std::min<int64_t>(64 * 1024, smem_optin() - static_cast<int64_t>(dd_det_smem(0, p.D)))",
+    dict(name="maxsim-bwd-dd-tile-ignores-optin", path=LAUNCH_CU,
+         old="std::min<int64_t>(64 * 1024, lim.smem_optin - static_cast<int64_t>(dd_det_smem(0, a.D)))",
          new="std::min<int64_t>(64 * 1024, 64 * 1024)",
          tests=["tests/kernels/test_cuda_emu.py", "-k", "smem_limit"], build="emu"),
+    # 8. The mean's 1/n_a in the backward counts one query token too many (every dq, dd and dbias scaled off).
+    dict(name="maxsim-bwd-mean-weight-n+1", path=BWD_CU,
+         old="return p.mean ? w / static_cast<float>(max(1, p.nq[a])) : w;",
+         new="return p.mean ? w / static_cast<float>(max(1, p.nq[a] + 1)) : w;",
+         tests=["tests/kernels/test_maxsim.py", "-k", "cuda_emu and test_maxsim_bwd"], build="emu"),
+    # 9. The backward plan's atomic threshold off by one: exactly ATOMIC_MIN_ENTRIES entries per document take atomics.
+    dict(name="maxsim-plan-atomic-threshold-off-by-one", path=LAUNCH_CU,
+         old="pl.ordered_dd = a.deterministic || entries_per_doc <= atomic_min;",
+         new="pl.ordered_dd = a.deterministic || entries_per_doc < atomic_min;",
+         tests=["tests/kernels/test_cuda_emu.py", "-k", "plan"], build="emu"),
+    # 10. The forward plan packs one query too many into a row block (its rows fall past the block: never scored).
+    dict(name="maxsim-plan-one-query-too-many-per-block", path=LAUNCH_CU,
+         old="pl.QPB = static_cast<int>(RB / a.Lq);",
+         new="pl.QPB = static_cast<int>(RB / a.Lq + 1);",
+         tests=["tests/kernels/test_cuda_emu.py", "-k", "plan"], build="emu"),
+    # ---- issue 19: bugs between blocks, at launch and past 2^31 (each survived every emulated test before) --------
+    # 8. A slot's running (max, argmax) is not reset when it streams its next document: needs a CTA whose slot gets a
+    #    second document (1 emulated SM: tests/kernels/test_cuda_emu_races.py, and the tilings sweep with 1 SM).
+    dict(name="maxsim-fwd-no-per-document-reset", path=FWD_CU,
+         old="              best[mt][h] = -INFINITY;\n              arg[mt][h] = -1;\n",
+         new="",
+         tests=["tests/kernels/test_cuda_emu_races.py", "-k", "streams_documents"], build="emu"),
+    # 9. atomicAdd -> plain += in the atomic dd scatter: blocks (3 resident) and warps race on the same dd rows;
+    #    ThreadSanitizer reports it whatever the timing.
+    dict(name="maxsim-bwd-dd-atomic-plain-add", path=BWD_CU,
+         old="atomicAdd(dst + k2, w * to_f<T>(qr[k2]));",
+         new="dst[k2] += w * to_f<T>(qr[k2]);",
+         tests=["tests/kernels/test_cuda_emu_races.py", "-k", "dd_atomic"], build="emu-tsan"),
+    # 10. A divergent __syncthreads: the end-of-chunk barrier only in the slots that still have a document; the others
+    #     go on to the loop's __syncthreads_or (undefined behaviour: a GPU may pair the two barriers, or hang). The
+    #     emulator aborts with both sites (each barrier records its site and kind).
+    dict(name="maxsim-fwd-divergent-syncthreads", path=FWD_CU,
+         old="      __syncthreads();  // sRow is complete; buffer `buf` may be refilled by the next iteration\n",
+         new="      if (cp_active) __syncthreads();\n",
+         tests=["tests/kernels/test_cuda_emu_races.py", "-k", "streams_documents"], build="emu"),
+    # 11. The dq kernel launched with 256 threads, above its __launch_bounds__(128) (a GPU refuses the launch; the
+    #     kernel's row indexing would even tolerate it: rows overlap and are written twice with the same values).
+    dict(name="maxsim-bwd-block-above-launch-bounds", path=BWD_CU,
+         old="REATT_LAUNCH(maxsim_bwd_dq_kernel<T>, grid, 128, 0, stream)(p);",
+         new="REATT_LAUNCH(maxsim_bwd_dq_kernel<T>, grid, 256, 0, stream)(p);",
+         tests=["tests/kernels/test_cuda_emu_races.py", "-k", "dd_det"], build="emu"),
+    # 12. The 64-bit element offset of the winning document row narrowed to int in the backward's dq gather: documents
+    #     past 2^31 elements are read from the wrong place (a sparse 17 GB mapping under emulation).
+    dict(name="maxsim-bwd-offset-narrowed-to-int", path=BWD_CU,
+         old="    int64_t base = 0;\n    if (c < c1) {",
+         new="    int base = 0;\n    if (c < c1) {",
+         tests=["tests/kernels/test_maxsim_cuda.py", "-k", "past_2e31"], build="emu"),
 ]

@@ -18,4 +18,4 @@ assert rk.__file__.startswith('$tmp/site/'), rk.__file__
 print('torch', torch.__version__, '| reatt_kernels from', rk.__file__, '| cpu:', rk.available_backends()['cpu'],
       '| build_info:', _ext.build_info())"
 "$py" -m pytest -q -p no:cacheprovider tests/kernels/test_maxsim_cpu.py tests/kernels/test_maxsim.py tests/kernels/test_distill.py \
-  tests/index/test_index.py tests/tooling/test_packaging.py -k "cpu or packaging"
+  tests/kernels/test_residual_maxsim.py tests/index/test_index.py tests/tooling/test_packaging.py -k "cpu or packaging"

@@ -188,16 +188,113 @@ def test_ldmatrix_x4_fragments_match_the_isa(trans):
             assert int(out[lane, m]) & 0xFFFFFFFF == want, f"lane {lane} register {m}"
 
 
+# The shared-memory poison (every byte 0x7B): huge and finite in every float type, so it wins any max and swamps any
+# sum (a NaN would be skipped by fmaxf), and far out of range as an integer (never the kernels' -1 "skip" sentinel).
+POISON_F32 = torch.tensor([0x7B7B7B7B], dtype=torch.int32).view(torch.float32).item()
+
+
+def test_poison_is_huge_and_finite_in_every_dtype():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        v = torch.full((4,), 0x7B, dtype=torch.uint8).view(dtype)[0].float().item()
+        assert 6e4 < v < float("inf"), (dtype, v)
+    assert torch.full((4,), 0x7B, dtype=torch.uint8).view(torch.int32).item() > 2**30
+
+
 def test_cp_async_is_deferred_until_wait_group():
-    """The destination reads NaN from the issue until the thread's matching cp.async.wait_group."""
+    """The destination reads the poison from the issue until the thread's matching cp.async.wait_group."""
     src = torch.randn(256)
     out = torch.zeros(32, 16)
     emu().emu_selftest_cp_async(src.data_ptr(), out.data_ptr())
     first, second = src[:128].view(32, 4), src[128:].view(32, 4)
-    assert torch.isnan(out[:, 0:4]).all(), "data visible before the wait"
+    assert (out[:, 0:4] == POISON_F32).all(), "data visible before the wait"
     assert torch.equal(out[:, 4:8], first), "wait_group 1 must land every group but the newest"
-    assert torch.isnan(out[:, 8:12]).all(), "the newest group landed before wait_group 0"
+    assert (out[:, 8:12] == POISON_F32).all(), "the newest group landed before wait_group 0"
     assert torch.equal(out[:, 12:16], second)
+
+
+# ---- blocks: concurrent, in a seeded random order, each with its own poisoned shared memory ----------------------------
+@pytest.fixture
+def emu_config():
+    """Restore the emulator's settings (seed, resident blocks, serial, mma order) after a test changes them."""
+    before = emu().emu_config()
+    yield emu()
+    emu().set_emu_config(seed=before["seed"], resident=before["resident"], serial=before["serial"],
+                         mma_order=before["mma_order"])
+
+
+def _overlap(n_blocks):
+    out = torch.full((n_blocks, 2), -1, dtype=torch.int64)
+    most = emu().emu_selftest_overlap(out.data_ptr(), n_blocks)
+    return out, most
+
+
+def test_blocks_run_concurrently_in_a_seeded_random_order(emu_config):
+    m = emu_config
+    m.set_emu_config(seed=1234, resident=3, serial=False)
+    out1, most = _overlap(12)
+    assert most >= 2, "no two blocks were ever resident at once"
+    m.set_emu_config(seed=1234)
+    out2, _ = _overlap(12)
+    # The three resident groups start with the same three grid blocks (their relative timing is the OS's).
+    first = lambda out: sorted(out[:, 0].argsort()[:3].tolist())  # noqa: E731
+    assert sorted(out1[:, 0].tolist()) == list(range(12)), "every block runs exactly once"
+    assert first(out1) == first(out2), "the same seed starts the same blocks first"
+    starts = {tuple(first(_overlap(12)[0])) for s in range(4) if m.set_emu_config(seed=s) is None}
+    assert len(starts) > 1, "the block order does not depend on the seed"
+    m.set_emu_config(serial=True)
+    out, most = _overlap(12)
+    assert most == 1 and out[:, 0].tolist() == list(range(12)), "REATT_EMU_SERIAL: one block at a time, in order"
+
+
+def test_static_shared_memory_is_per_block_and_poisoned(emu_config):
+    """Every block sees its own static __shared__ array (REATT_SHARED_ARRAY), poisoned at its start even where the
+    previous block on the same resident slot wrote it."""
+    emu_config.set_emu_config(resident=4, serial=False)
+    n = 16
+    out = torch.full((n, 3), -1, dtype=torch.int32)
+    emu().emu_selftest_static_smem(out.data_ptr(), n)
+    assert (out[:, 0] == 0x7B7B7B7B).all(), f"static smem not poisoned at block start: {out[:, 0].tolist()}"
+    assert torch.equal(out[:, 1], out[:, 2]), "a concurrent block overwrote this block's static smem"
+
+
+def test_plain_shared_is_a_compile_error_under_emulation():
+    """`__shared__ T x[n]` would be one static array for every block: the header makes it a (deprecated) error."""
+    header = open(os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "cuda_emu", "emu_runtime.h")).read()
+    cmake = open(os.path.join(os.path.dirname(__file__), "..", "..", "CMakeLists.txt")).read()
+    assert "deprecated(" in header and "-Werror=deprecated-declarations" in cmake
+
+
+# ---- launch checks ---------------------------------------------------------------------------------------------------
+def test_launch_above_launch_bounds_fails():
+    assert emu().emu_selftest_bounded(64) == 3 * 64
+    with pytest.raises(RuntimeError, match="too many resources"):
+        emu().emu_selftest_bounded(96)
+    assert emu().get_last_error() == 0
+    assert emu().emu_selftest_bounded(32) == 3 * 32  # the next valid launch runs
+
+
+@pytest.mark.parametrize("dims", [(1025, 1, 1, 1, 1), (1, 1025, 1, 1, 1), (1, 1, 65, 1, 1), (64, 32, 1, 1, 1),
+                                  (32, 1, 1, 2**31, 1), (32, 1, 1, 1, 65536), (0, 1, 1, 1, 1)])
+def test_launch_outside_the_device_limits_fails(dims):
+    with pytest.raises(RuntimeError, match="invalid configuration"):
+        emu().emu_selftest_launch_dims(*dims)
+
+
+def test_every_launch_bounds_has_its_emulation_check():
+    """A kernel declared with __launch_bounds__(n) starts with REATT_EMU_LAUNCH_BOUNDS(n) (the emulator cannot read the
+    attribute), with the same n."""
+    import glob
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "csrc")
+    found = 0
+    for f in glob.glob(os.path.join(root, "**", "*.cu*"), recursive=True):
+        src = open(f).read()
+        for m in re.finditer(r"__launch_bounds__\(([^)]*)\)\s*(\w+)\s*\([^)]*\)\s*\{\s*(REATT_EMU_LAUNCH_BOUNDS\(([^)]*)\))?", src):
+            found += 1
+            assert m.group(3), f"{f}: kernel {m.group(2)} has __launch_bounds__({m.group(1)}) but no REATT_EMU_LAUNCH_BOUNDS"
+            assert m.group(4).strip() == m.group(1).split(",")[0].strip(), f"{f}: {m.group(2)}: bounds differ"
+    assert found >= 5
 
 
 # ---- host API: the shared-memory limit ---------------------------------------------------------------------------------
@@ -226,7 +323,8 @@ def test_shared_memory_overrun_fails_the_launch():
 
 # ---- misuse that is undefined behaviour on a GPU aborts with the site -------------------------------------------------
 @pytest.mark.parametrize("kind,message", [(0, "deadlock"), (1, "diverged at a collective"),
-                                          (2, "exited while named in the mask")])
+                                          (2, "exited while named in the mask"), (3, "divergent barrier"),
+                                          (4, "divergent barrier"), (5, "diverged at a collective")])
 def test_misuse_aborts_with_the_site(kind, message):
     code = ("import reatt_kernels._ext as e; m = e.emu(); assert m is not None, e.emu_import_error(); "
             f"m.emu_selftest_misuse({kind})")
@@ -234,6 +332,14 @@ def test_misuse_aborts_with_the_site(kind, message):
     assert r.returncode != 0, "misuse must abort"
     assert message in r.stderr, r.stderr[-2000:]
     assert "emu_selftest.cpp:" in r.stderr and "misuse_kernel" in r.stderr, r.stderr[-2000:]
+    assert "REATT_EMU_SEED=" in r.stderr, "the seed is printed on every abort"
+    if kind in (3, 4, 5):  # both sides' sites: two different lines of emu_selftest.cpp
+        import re
+
+        lines = set(re.findall(r"emu_selftest\.cpp:(\d+)", r.stderr))
+        assert len(lines) >= 2, r.stderr[-2000:]
+    if kind == 4:
+        assert "__syncthreads_or" in r.stderr
 
 
 # ---- maxsim under the opt-in shared-memory limits of three GPUs -------------------------------------------------------
@@ -267,3 +373,50 @@ def test_maxsim_within_the_device_smem_limit(smem_kb, limits):
         ref.backward(g.double())
         for name in ("q", "d", "pos_bias"):
             assert_close_to_ref(case[name].grad, ref_case[name].grad, None, dtype, name=f"{layout} d{name}")
+
+
+# ---- the maxsim launch plan (C++, csrc/maxsim/maxsim_launch.cu), asked for directly -----------------------------------
+def _plan_args(Bq, Lq, Nd, Ld, D, dtype=torch.bfloat16, group_size=0, R=0, deterministic=False):
+    # Plans read sizes, strides and pointer alignment only: no tensors are needed (0 = absent, 16-byte aligned).
+    a = emu().MaxsimArgs()
+    return _ext.fill(a, dtype=_ext.DTYPE_CODES[dtype], Bq=Bq, Lq=Lq, D=D, sq_b=Lq * D, sq_l=D, Nd=Nd, Ld=Ld,
+                     sd_b=Ld * D, sd_l=D, q_mask=16, pos_bias=16 if R else 0, R=R, group_size=group_size,
+                     deterministic=deterministic)
+
+
+@pytest.mark.parametrize("smem_kb,sms", [(227, 132), (163, 108), (99, 84)])
+def test_maxsim_plan_fits_the_device_and_covers_the_output(smem_kb, sms, limits):
+    """Forward: every tiling stays within min(112 KB, the device's opt-in limit), and the grid covers every query
+    and every column. Backward: the dq splits and dbias partitions follow their formulas, and the ordered dd tile fits."""
+    emu().set_device_limits(smem_optin=smem_kb * 1024, sm_count=sms)
+    for Bq, Lq, Nd, Ld, D, dtype, gs, R in [(1, 32, 200_000, 128, 128, torch.float16, 0, 0),
+                                            (16, 32, 1000, 77, 128, torch.bfloat16, 0, 300),
+                                            (2, 200, 5, 70, 64, torch.float32, 0, 0),
+                                            (3, 24, 9, 50, 250, torch.float32, 3, 5000),
+                                            (64, 32, 64 * 100, 200, 128, torch.bfloat16, 100, 256)]:
+        a = _plan_args(Bq, Lq, Nd, Ld, D, dtype, gs, R)
+        f = emu().maxsim_plan_cuda(a)
+        assert f["smem"] <= min(112 * 1024, smem_kb * 1024), f
+        C = gs or Nd
+        assert f["threads"] == 32 * f["WR"] * f["DS"] and f["WR"] * f["DS"] <= 4, f
+        assert f["grid"][0] * f["QPB"] >= Bq and f["grid"][1] * f["docs_per_cta"] >= C, f
+        assert f["n_rc"] * 32 * f["WR"] >= (Lq if f["QPB"] == 1 else 1), f
+        assert f["QPB"] == 1 or f["QPB"] * Lq <= 32 * f["WR"], f  # a row block holds whole queries
+        b = emu().maxsim_plan_cuda(a, backward=True)
+        rows = Bq * Lq
+        assert b["n_split"] == max(1, min(-(-C // 128), 8192 // rows, 65535)), b
+        assert b["n_part"] == (max(1, min(-(-(Bq * C * Lq) // 2048), 2048)) if R else 0), b
+        assert b["dd_smem"] <= smem_kb * 1024 and b["jt"] >= 1, b
+
+
+def test_maxsim_plan_ordered_or_atomic_dd():
+    """dd: ordered when deterministic, else up to 4096 (query, token) entries per document (all pairs: Bq * Lq;
+    grouped: Lq); the override -1 keeps that threshold and 0 allows atomics on any shape."""
+    def ordered(Bq, Lq, gs=0, det=False, override=-1):
+        a = _plan_args(Bq, Lq, Bq * gs if gs else 7, 9, 64, group_size=gs, deterministic=det)
+        a.atomic_min_entries = override
+        return emu().maxsim_plan_cuda(a, backward=True)["ordered_dd"]
+
+    assert ordered(128, 32) and not ordered(128, 33) and not ordered(4097, 1)
+    assert ordered(128, 33, det=True) and ordered(2, 4096, gs=3) and not ordered(2, 4097, gs=3)
+    assert not ordered(1, 1, override=0) and ordered(1, 1, det=True, override=0)

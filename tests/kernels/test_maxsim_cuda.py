@@ -2,7 +2,7 @@
 deterministic dd mode (bitwise), poisoned outputs, packed search past 2^31 elements, and bad inputs.
 
 The shared matrix (tests/kernels/test_maxsim.py) already runs every layout x dtype x odd shape for backends "cuda" and
-"cuda_emu"; the shapes here are picked to reach each branch of the tiling choice in csrc/maxsim/maxsim_cuda.cu (WR =
+"cuda_emu"; the shapes here are picked to reach each branch of the tiling plan in csrc/maxsim/maxsim_launch.cu (WR =
 1/2/4 rows per warp group, row chunks for Lq > 128, dim 64/128 register fast paths, generic dims, unaligned rows).
 Each test runs for "cuda" on a GPU (gpu mark) and for "cuda_emu": the same kernels on CPU tensors under the CPU
 emulation of the CUDA execution model (reatt_kernels._C_emu), on every commit. Under emulation every CUDA thread is an
@@ -39,7 +39,7 @@ def test_maxsim_cuda_bindings_and_reasons():
 
     assert _ext.has("maxsim_fwd_cuda") == _ext.cuda_built()
     assert _ext.has("maxsim_bwd_cuda") == _ext.cuda_built()
-    assert any("dim 300" in r for r in cuda_maxsim._maxsim_not_supported_reasons([], dim=300))
+    assert any("dim 300" in r for r in cuda_maxsim.MAXSIM.not_supported_reasons([], dim=300))
     status = rk.available_backends()["cuda"]
     if torch.cuda.is_available() and _ext.cuda_built():
         assert status == "ok"
@@ -72,8 +72,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Under emulation (every CUDA thread an OS thread, ~0.1 ms per warp collective on 2 cores) the same branches with
 # fewer documents and tokens: each keeps the condition that picks its tiling (rows for WR, Lq > 128, C > 128 for the
 # split dq, Ld > 16384 / dim for several dd tiles, dim 64/128 or generic, odd sizes).
+# The search shape keeps 37 documents: with 1 SM (8 CTAs targeted) each CTA gets 5 of them and its first slot streams
+# two, so a running max that is not reset between a slot's documents is caught.
 EMU_SHAPES = {
-    (1, 32, 37, 128, 128): (1, 32, 9, 70, 128),
+    (1, 32, 37, 128, 128): (1, 32, 37, 40, 128),
     (16, 32, 19, 77, 128): (5, 32, 3, 37, 128),
     (2, 200, 5, 70, 64): (2, 150, 3, 37, 64),
     (37, 1, 13, 9, 128): (37, 1, 3, 9, 128),
@@ -92,15 +94,48 @@ def _shape(backend, shape):
     return EMU_SHAPES.get(shape, shape) if backend == "cuda_emu" else shape
 
 
+# Device-shape sweep under emulation: SM counts (1: few CTAs, so each streams several documents; 7: a ragged split;
+# 132: an H100), opt-in shared memory (H100 227 KB, A100 163 KB, sm_86/89 99 KB) and the mma accumulation order (k,
+# pairwise, reverse k). Rotated like the layouts, so each tiling meets every SM count, smem limit and order once over
+# its three dtypes, at no extra run.
+EMU_SM_COUNTS = [1, 7, 132]
+EMU_SMEM_KB = [227, 163, 99]
+EMU_MMA_ORDERS = ["seq", "pairwise", "reverse"]
+
+
+def _emu_device(dtype, shape):
+    k, i = [p.values[0] for p in TILINGS].index(shape), DTYPES.index(dtype)
+    return EMU_SM_COUNTS[(k + i) % 3], EMU_SMEM_KB[(k + 2 * i) % 3], EMU_MMA_ORDERS[(2 * k + i) % 3]
+
+
+@pytest.fixture
+def emu_device(request):
+    """Set the emulated device for one test (cuda_emu only) and restore it after."""
+    m = _ext.emu()
+    saved = (m.set_device_limits(), m.emu_config()) if m is not None else None
+
+    def set_(sm_count, smem_kb, mma_order):
+        m.set_device_limits(smem_optin=smem_kb * 1024, sm_count=sm_count)
+        m.set_emu_config(mma_order=mma_order)
+
+    yield set_
+    if saved is not None:
+        m.set_device_limits(smem_optin=saved[0]["smem_optin"], sm_count=saved[0]["sm_count"])
+        m.set_emu_config(mma_order=saved[1]["mma_order"])
+
+
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", TILINGS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_maxsim_cuda_tilings_fwd_bwd(dtype, shape, layout, backend):
+def test_maxsim_cuda_tilings_fwd_bwd(dtype, shape, layout, backend, emu_device):
     """Discrete inputs (exact dot products): argmax must equal the reference exactly; scores and gradients are
-    bounded by PyTorch's own error in the same dtype."""
+    bounded by PyTorch's own error in the same dtype. Under emulation each case also runs on its own emulated device
+    (SM count, smem limit, mma order: _emu_device)."""
     if backend == "cuda_emu" and not _emu_subset(dtype, shape, layout):
         pytest.skip("emulation: this tiling and dtype run with another layout")
+    if backend == "cuda_emu":
+        emu_device(*_emu_device(dtype, shape))
     dev = device_for(backend)
     case = _leaf(make_case(layout, _shape(backend, shape), dtype, dev, gen=lambda s: discrete(s)))
     out, am = run_api(case, backend, "mean", return_argmax=True)
@@ -182,15 +217,13 @@ def test_maxsim_cuda_deterministic_bitwise(monkeypatch, layout, backend):
     """deterministic=True: dq, dd and dpos_bias are bitwise equal over two runs, on a shape where many (query, token)
     pairs pick the same document token (short documents), so fp32 atomics would race. The atomic mode (forced on for
     the third run) must agree with it to rounding."""
-    from reatt_kernels.cuda import maxsim as cuda_maxsim
-
     dev = device_for(backend)
     shape = (8, 32, 16, 5, 64) if backend == "cuda" else (4, 32, 5, 5, 64)  # emulation: fewer queries and documents
     case = make_case(layout, shape, torch.bfloat16, dev)
     grads = []
     for det in (True, True, False):
         if not det:
-            monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES", 0)
+            monkeypatch.setattr(get_impl("maxsim", backend), "atomic_min_entries", 0)
         c = _leaf(case)
         s = run_api(c, backend, "mean", deterministic=det)
         torch.manual_seed(1)  # the same upstream gradient every run
@@ -208,11 +241,9 @@ def test_maxsim_cuda_deterministic_bitwise(monkeypatch, layout, backend):
 def test_maxsim_cuda_poisoned_outputs(monkeypatch, deterministic, backend):
     """Launchers on NaN-poisoned buffers: every output element is written (no NaN, no INT_MIN), including empty
     documents, all-masked queries, Lq > 128 (row chunks) and tokens that never win."""
-    from reatt_kernels.cuda import maxsim as cuda_maxsim
-
-    monkeypatch.setattr(cuda_maxsim, "ATOMIC_MIN_ENTRIES", 0)  # the atomic kernel runs whenever allowed
-    monkeypatch.setattr(_alloc, "POISON", True)
     impl = get_impl("maxsim", backend)
+    monkeypatch.setattr(impl, "atomic_min_entries", 0)  # the atomic kernel runs whenever allowed
+    monkeypatch.setattr(_alloc, "POISON", True)
     dev = device_for(backend)
     for layout, shape in (("padded", (3, 150, 7, 9, 64)), ("packed", (4, 33, 9, 40, 128)), ("grouped", (5, 7, 3, 6, 48))):
         if backend == "cuda_emu":  # emulation: fewer queries and documents, the same branches
@@ -223,12 +254,12 @@ def test_maxsim_cuda_poisoned_outputs(monkeypatch, deterministic, backend):
         if layout == "grouped":
             B, n, Ld, D = d.shape
             d, dm, gs = d.reshape(B * n, Ld, D), dm.reshape(B * n, Ld), n
-        scores, argmax = impl._maxsim_fwd(c["q"], d, c["q_mask"], dm, c["d_offsets"], c["pos_bias"], gs, True)
+        scores, argmax = impl.forward(c["q"], d, c["q_mask"], dm, c["d_offsets"], c["pos_bias"], gs, True)
         _sync(backend)
         assert not torch.isnan(scores).any(), f"{layout}: unwritten score"
         assert (argmax >= -1).all(), f"{layout}: unwritten argmax"
         g = torch.where(torch.isfinite(scores), torch.randn_like(scores), torch.zeros_like(scores))
-        dq, dd, db = impl._maxsim_bwd(g, c["q"], d, c["q_mask"], c["d_offsets"], argmax, c["pos_bias"].shape[0], gs,
+        dq, dd, db = impl.backward(g, c["q"], d, c["q_mask"], c["d_offsets"], argmax, c["pos_bias"].shape[0], gs,
                                       True, deterministic)
         for name, t in (("dq", dq), ("dd", dd), ("dbias", db)):
             assert torch.isfinite(t).all(), f"{layout}: unwritten or non-finite {name}"
@@ -265,6 +296,37 @@ def test_maxsim_cuda_packed_over_2e31_elements():
     assert int(offsets[nd - 300]) * D > 2**31, "the tail documents must lie past 2^31 elements"
 
 
+@needs_cuda_emu
+def test_maxsim_cuda_emu_past_2e31_elements():
+    """Under emulation the forward and the backward address more than 2^31 elements without the RAM: d is a strided
+    view [3, 7, 64] fp16 with a document stride of 2^32 + 4096 elements into a 17 GB sparse mapping (anonymous,
+    MAP_NORESERVE: only the touched documents get pages). Documents 1 and 2 start past 2^32 elements, so an element
+    offset narrowed to 32 bits wraps to zeros (or outside the mapping) and the scores or dq differ."""
+    m = _ext.emu()
+    C, Ld, D = 3, 7, 64
+    sdb = 2**32 + 4096
+    n = (C - 1) * sdb + Ld * D
+    buf = m.sparse_buffer(n * 2)
+    d = torch.frombuffer(buf, dtype=torch.float16).as_strided((C, Ld, D), (sdb, D, 1))
+    assert d.storage_offset() == 0 and d.stride(0) * (C - 1) > 2**32
+    d.copy_(discrete((C, Ld, D)).half())
+    d.requires_grad_(True)
+    q = discrete((2, 5, D)).half().requires_grad_(True)
+    out, am = rk.maxsim(q, d, reduce="sum", backend="cuda_emu", return_argmax=True)
+    d_small = d.detach().clone().requires_grad_(True)  # contiguous, 900 elements
+    q64 = q.detach().double().requires_grad_(True)
+    ref, am_ref = maxsim_fwd_ref(q64, d_small.double(), None, None, None, None, 0, False)
+    assert torch.equal(am, am_ref), "argmax differs past 2^31 elements"
+    assert_close_to_ref(out, ref, None, torch.float16, name="scores past 2^31 elements")
+    g = torch.randn(out.shape)
+    out.backward(g)
+    r, _ = rk.maxsim(q64, d_small.double(), reduce="sum", backend="torch", return_argmax=True)
+    r.backward(g.double())
+    assert_close_to_ref(q.grad, q64.grad, None, torch.float16, name="dq (gathered past 2^31 elements)")
+    assert_close_to_ref(d.grad, d_small.grad, None, torch.float16, name="dd")
+    assert buf.resident_bytes() < 64 * 2**20, "the sparse mapping grew: something touched untouched documents"
+
+
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_maxsim_cuda_bad_inputs(backend):
     dev = device_for(backend)
@@ -282,17 +344,22 @@ def test_maxsim_cuda_bad_inputs(backend):
     qm = torch.ones(2, 3, dtype=torch.bool, device=dev)
     sc = torch.empty(2, 4, device=dev)
     am = torch.empty(2, 4, 3, dtype=torch.int32, device=dev)
-    args = dict(q=q.data_ptr(), d=d.data_ptr(), q_mask=qm.data_ptr(), d_mask=0, d_offsets=0, pos_bias=0,
-                scores=sc.data_ptr(), argmax=am.data_ptr(), dtype=_ext.DTYPE_CODES[torch.float32], q_sizes=[2, 3, 8],
-                q_strides=[24, 8, 1], d_sizes=[4, 5, 8], d_strides=[40, 8, 1], q_mask_strides=[3, 1],
-                d_mask_strides=[], n_docs=4, n_bias=0, group_size=0, mean=False, stream=_ext.stream(q))
-    ext.maxsim_fwd_cuda(**args)  # the valid call runs
+    fields = dict(q=q.data_ptr(), d=d.data_ptr(), q_mask=qm.data_ptr(), scores=sc.data_ptr(), argmax=am.data_ptr(),
+                  dtype=_ext.DTYPE_CODES[torch.float32], Bq=2, Lq=3, D=8, sq_b=24, sq_l=8, sq_d=1, Nd=4, Ld=5, sd_b=40,
+                  sd_l=8, sd_d=1, sqm_b=3, sqm_l=1, stream=_ext.stream(q))
+
+    def args(**change):
+        return _ext.fill(ext.MaxsimArgs(), **dict(fields, **change))
+
+    ext.maxsim_fwd_cuda(args())  # the valid call runs
     _sync(backend)
     with pytest.raises(ValueError, match="dtype must be"):
-        ext.maxsim_fwd_cuda(**dict(args, dtype=_ext.DTYPE_CODES[torch.int32]))
+        ext.maxsim_fwd_cuda(args(dtype=_ext.DTYPE_CODES[torch.int32]))
     with pytest.raises(ValueError, match="contiguous"):
-        ext.maxsim_fwd_cuda(**dict(args, d_strides=[40, 1, 5]))
+        ext.maxsim_fwd_cuda(args(sd_l=1, sd_d=5))
     with pytest.raises(ValueError, match="dim must be"):
-        ext.maxsim_fwd_cuda(**dict(args, q_sizes=[2, 3, 300], d_sizes=[4, 5, 300]))
+        ext.maxsim_fwd_cuda(args(D=300))
     with pytest.raises(ValueError, match="grouped layout needs"):
-        ext.maxsim_fwd_cuda(**dict(args, group_size=3))
+        ext.maxsim_fwd_cuda(args(group_size=3))
+    with pytest.raises(AttributeError):
+        args(n_docs=4)  # a misspelt field is an error, never ignored

@@ -115,7 +115,7 @@ def test_residual_maxsim_cuda_emu_smem_limit(emu_limits, gpu):
     (also when the query tile alone would still fit), and the launcher itself refuses it with a clear error when
     called past the check, leaving no pending CUDA error behind."""
     import reatt_kernels._C_emu as E
-    from reatt_kernels.cuda_emu.residual_maxsim import _residual_maxsim_fwd
+    from reatt_kernels.cuda_emu.residual_maxsim import RESIDUAL_MAXSIM
 
     limit = SMEM_LIMITS_KB[gpu] * 1024
     emu_limits(smem_optin=limit)
@@ -133,7 +133,7 @@ def test_residual_maxsim_cuda_emu_smem_limit(emu_limits, gpu):
     with pytest.raises(rk.BackendUnavailableError, match=f"needs {_residual_smem_bytes(lq_fit + 1, D)} bytes"):
         residual_maxsim(q, *args, qm, backend="cuda_emu")
     with pytest.raises(ValueError, match=f"this device allows {limit}"):
-        _residual_maxsim_fwd(q.contiguous(), qm.contiguous(), *args)
+        RESIDUAL_MAXSIM.forward(q.contiguous(), qm.contiguous(), *args)
     assert E.get_last_error() == 0, "a refused launch must leave no pending CUDA error"
     again = residual_maxsim(q[:, :lq_fit], *args, qm[:, :lq_fit], backend="cuda_emu")
     assert torch.equal(again, out), "the next valid launch must run cleanly"
@@ -145,14 +145,14 @@ def test_refused_launch_leaves_no_pending_error_cuda_emu(emu_limits):
     cudaFuncSetAttribute: the macro clears that error before throwing), leaves no pending runtime error, and the next
     valid launch (any kernel) succeeds."""
     import reatt_kernels._C_emu as E
-    from reatt_kernels.cuda_emu.maxsim import _maxsim_fwd
+    from reatt_kernels.cuda_emu.maxsim import MAXSIM
 
     emu_limits(smem_optin=48 * 1024)
     q = torch.randn(2, 40, 256).bfloat16()
     d = torch.randn(3, 9, 256).bfloat16()
     qm = torch.ones(2, 40, dtype=torch.bool)
     with pytest.raises((RuntimeError, ValueError), match="shared memory|cudaFuncSetAttribute"):
-        _maxsim_fwd(q, d, qm, None, None, None, 0, False)
+        MAXSIM.forward(q, d, qm, None, None, None, 0, False)
     assert E.get_last_error() == 0, "the refused launch left a CUDA error pending"
     # the next valid launches run: a residual_maxsim (D = 16: under 48 KB) and a small maxsim
     c = make_codes(2, D=16, Bq=2, Lq=3, Nc=4)

@@ -58,15 +58,21 @@ def _bias(model, r: torch.Tensor) -> torch.Tensor:
     return a.relative_attention_bias.weight[bucket, model.config.retrieval_head]
 
 
-def oracle_loss(model, batches_per_rank: list, seeds: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, qa, kl) of the big batch made of every rank's micro-batches, differentiable, float64."""
+def oracle_loss(model, batches_per_rank: list, seeds: list, qa_reduction: str = "token"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, qa, kl) of the big batch made of every rank's micro-batches, differentiable, float64. QA: the token mean
+    over the big batch ("token"), or the original's mean of the micro-batches' token means ("micro": its fid_run
+    divides each micro-batch's QA loss by the number of accumulations, and DDP averages the ranks)."""
     parts = []
     for seed, mbs in zip(seeds, batches_per_rank):
         torch.manual_seed(seed)
         for b in mbs:
             parts.append(model.forward_parts(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"], b["labels"]))
     n_tok = sum(p["n_tokens"] for p in parts)
-    qa = sum(p["qa_loss"] * p["n_tokens"] for p in parts) / n_tok
+    if qa_reduction == "micro":
+        qa = sum(p["qa_loss"] for p in parts) / len(parts)
+    else:
+        qa = sum(p["qa_loss"] * p["n_tokens"] for p in parts) / n_tok
     queries, docs, teach = [], [], []
     for p in parts:
         B, n = p["teacher"].shape
@@ -137,6 +143,26 @@ def test_ibn_accum_equals_one_big_batch_fp64(K):
     assert abs(logs["kl_loss"] - kl) <= REL * abs(kl) and kl > 0
     assert abs(logs["qa_loss"] - qa) <= REL * abs(qa)
     assert logs["n_queries"] == 2 * K
+    _compare_grads({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, oracle)
+
+
+def test_ibn_accum_qa_reduction_micro_is_the_originals_fp64():
+    """--qa-reduction micro: QA is the mean of the K micro-batches' token means, as the original's fid_run
+    (qa_loss_factor / accumulated['total']); the KL part is unchanged. The micro-batches hold different numbers of
+    answer tokens, so the two reductions differ (checked)."""
+    tok = load_tokenizer()
+    model = _fp64_model(tok)
+    model.config.qa_reduction = "micro"
+    oracle = copy.deepcopy(model)
+    mbs = _micro_batches(tok, 3)
+    assert len({int((b["labels"] != -100).sum()) for b in mbs}) > 1
+    torch.manual_seed(SEED)
+    logs = ibn_accum_step(model, mbs)
+    loss, qa, _ = oracle_loss(oracle, [mbs], [SEED], qa_reduction="micro")
+    _, qa_token, _ = oracle_loss(copy.deepcopy(model), [mbs], [SEED])
+    assert abs(float(qa) - float(qa_token)) > 1e-6 * abs(float(qa))
+    loss.backward()
+    assert abs(logs["qa_loss"] - float(qa)) <= REL * abs(float(qa))
     _compare_grads({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, oracle)
 
 

@@ -22,7 +22,7 @@ from reatt.config import ReAttConfig  # noqa: E402
 from reatt.data import load_jsonl  # noqa: E402
 from reatt.demo import generate, load_tokenizer, plot_ablation  # noqa: E402
 from reatt.eval import em_score, f1_score, has_answer, retrieval_metrics  # noqa: E402
-from reatt.eval import main as eval_main  # noqa: E402
+from reatt.eval import run as eval_main  # noqa: E402
 from reatt.index_cli import main as index_main  # noqa: E402
 from reatt.model import ReAttModel, tiny_t5_config  # noqa: E402
 from reatt.train import _plot, build_parser, train  # noqa: E402

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_reatt_bench_main_tiny(tmp_path):
     """End to end on a tiny corpus: every backend gets a row, exact backends agree with naive, files are written."""
-    rc = bench.main(["--device", "cpu", "--quick", "--docs", "37", "--batch", "1,3", "--min-len", "3", "--max-len", "9",
+    rc = bench.main(["--device", "cpu", "--corpus", "synthetic", "--quick", "--docs", "37", "--batch", "1,3", "--min-len", "3", "--max-len", "9",
                      "--dim", "16", "--q-len", "5", "--topk", "4", "--reps", "2", "--budget-s", "0",
                      "--out", str(tmp_path)])
     assert rc == 0
@@ -46,7 +46,7 @@ def test_reatt_bench_main_tiny(tmp_path):
     assert payload["index"] is None
 
 
-INDEX_ARGS = ["--device", "cpu", "--quick", "--docs", "11", "--batch", "2", "--min-len", "2", "--max-len", "5",
+INDEX_ARGS = ["--device", "cpu", "--corpus", "synthetic", "--quick", "--docs", "11", "--batch", "2", "--min-len", "2", "--max-len", "5",
               "--dim", "8", "--q-len", "3", "--reps", "1", "--budget-s", "0", "--backends", "torch", "--no-naive",
               "--index", "--no-plot"]
 
@@ -78,6 +78,89 @@ def test_reatt_bench_index_flag(tmp_path, monkeypatch, capsys, mode):
         assert idx["note"].startswith("index: not available" if mode == "missing" else "index: failed")
         assert idx["note"] in printed
     assert not (tmp_path / "reatt_bench.png").exists()
+
+
+def _fake_real_corpus(n_docs=60, dim=16):
+    """An EncodedCorpus of clustered vectors with real-corpus shapes: ragged passages, [Q, 32, dim] zero-padded
+    questions with a mask, gold lists (some empty, some with two passages)."""
+    from reatt_kernels.bench import corpora
+    from reatt_kernels.bench.datasets import clustered_corpus
+
+    d, off = clustered_corpus(n_docs=n_docs, dim=dim, min_len=3, max_len=11, n_centroids=32, seed=3)
+    Q = 40
+    qlen = torch.randint(1, 33, (Q,))
+    mask = torch.arange(32)[None, :] < qlen[:, None]
+    src = torch.randint(0, n_docs, (Q,))
+    q = torch.zeros(Q, 32, dim, dtype=torch.float16)
+    for i in range(Q):  # noisy copies of tokens of the source passage
+        toks = d[off[src[i]]:off[src[i] + 1]].float()
+        pick = toks[torch.randint(0, toks.shape[0], (int(qlen[i]),))]
+        q[i, :qlen[i]] = torch.nn.functional.normalize(pick + 0.1 * torch.randn_like(pick), dim=-1).half()
+    gold = [[int(s)] if i % 7 else [] for i, s in enumerate(src)]
+    gold[1] = [int(src[1]), (int(src[1]) + 1) % n_docs]
+    return corpora.EncodedCorpus(
+        name="squad-dev", dim=dim, doc_tokens=d, doc_offsets=off, query_tokens=q, query_mask=mask, gold=gold,
+        answers=[["a"]] * Q, questions=[f"q{i}" for i in range(Q)], question_ids=[str(i) for i in range(Q)],
+        passages=[{"id": str(i), "title": "", "text": "t"} for i in range(n_docs)],
+        passage_ids=[str(i) for i in range(n_docs)], folder=Path("."), manifest={"sizes": {"n_passages": n_docs}})
+
+
+REAL_ARGS = ["--device", "cpu", "--quick", "--batch", "1,4", "--queries", "12", "--topk", "5", "--reps", "1",
+             "--budget-s", "0", "--backends", "torch,cpu", "--no-plot"]
+
+
+def test_reatt_bench_real_text(tmp_path, monkeypatch, capsys):
+    """The default corpus is real text (corpora.load_corpus, stubbed here with clustered vectors in its shapes): exact
+    backends and the default index side by side, with gold@k and the index's eps-recall against exact."""
+    from reatt_kernels.bench import corpora
+
+    fake = _fake_real_corpus()
+    seen = {}
+
+    def load(name, dim=384, **kw):
+        seen.update(name=name, dim=dim)
+        return fake
+
+    monkeypatch.setattr(corpora, "load_corpus", load)
+    assert bench.main(REAL_ARGS + ["--dim", "16", "--out", str(tmp_path)]) == 0
+    assert seen == {"name": "squad-dev", "dim": 16}
+    payload = json.loads((tmp_path / "reatt_bench.json").read_text())
+    rows = payload["rows"]
+    by = {(r["backend"], r["batch"]): r for r in rows}
+    assert {"naive", "torch", "cpu", "index"} <= {b for b, _ in by}
+    assert payload["corpus"]["name"] == "squad-dev" and payload["corpus"]["questions_sampled"] == 12
+    q = payload["quality"]
+    # the quality questions are the ones with a gold passage; exact is its own reference
+    assert q["exact"]["recall_vs_exact"] == 1.0 and q["exact"]["eps_recall_vs_exact"] == 1.0
+    assert 0.0 <= q["index"]["eps_recall_vs_exact"] <= 1.0 and 0.0 <= q["index"]["gold_at_k"] <= 1.0
+    for n in (1, 4):
+        assert by[("torch", n)]["recall_vs_naive"] == 1.0  # masked queries: naive (zero rows) == masked exact
+        assert by[("index", n)]["status"] == "ok" and by[("index", n)]["p50_ms"] > 0
+        assert by[("index", n)]["gold_at_k"] == q["index"]["gold_at_k"]
+        assert by[("cpu", n)]["gold_at_k"] == q["exact"]["gold_at_k"]
+        # useful FLOPs count the unmasked query tokens only
+        assert by[("torch", n)]["query_tokens"] < 32 * n or n == 1
+    assert "eps-recall" in capsys.readouterr().out
+
+    # an index that cannot build is a note, never a crash
+    monkeypatch.setattr(bench, "build_default_index", lambda *a: (_ for _ in ()).throw(RuntimeError("no faiss")))
+    assert bench.main(REAL_ARGS + ["--dim", "16", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "reatt_bench.json").read_text())
+    assert payload["quality"]["index"] is None
+    assert any(r["backend"] == "index" and r["status"] == "n/a" and "no faiss" in r["note"] for r in payload["rows"])
+
+
+def test_retrieval_quality_definitions():
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.995, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    gold = [[3], [0]]
+    exact = bench.retrieval_quality(scores.topk(2, dim=1).indices, scores, gold, 2)
+    assert exact == {"gold_at_k": 0.0, "recall_vs_exact": 1.0, "eps_recall_vs_exact": 1.0}
+    # k = 3: s_3 = 3.0 (row 0); 2.995 is within eps = 0.01 of it (eps-recall counts it, recall does not); -1 = none
+    ids = torch.tensor([[0, 3, -1], [4, 0, 3]])
+    m = bench.retrieval_quality(ids, scores, gold, 3)
+    assert m["gold_at_k"] == 1.0
+    assert abs(m["recall_vs_exact"] - (1 / 3 + 2 / 3) / 2) < 1e-12
+    assert abs(m["eps_recall_vs_exact"] - (2 / 3 + 2 / 3) / 2) < 1e-12
 
 
 def test_naive_maxsim_matches_reference_across_chunks():

@@ -18,7 +18,7 @@ LAYERS = [
     ("__init__", 4), ("__main__", 4),               # the package's public API
     ("index", 3),                                   # the token index: calls the public ops
     ("ops", 2), ("cpu", 2), ("cuda", 2), ("triton", 2), ("cuda_emu", 2),   # ops and their backends
-    ("reference", 1), ("_dispatch", 1),             # the spec and backend selection
+    ("reference", 1), ("_dispatch", 1), ("_launcher", 1),  # the spec, backend selection, launcher contracts
     ("_ext", 0), ("_alloc", 0), ("_utils", 0),      # the compiled extension and small helpers
     ("_C", 0), ("_C_emu", 0),                       # the compiled modules themselves
 ]
