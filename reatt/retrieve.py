@@ -33,6 +33,7 @@ from torch import Tensor
 from .config import MAX_DOC_LEN
 from .data import DataError, doc_id, iter_jsonl, tokenize_docs, tokenize_queries
 from .distributed import barrier, rank_and_world
+from reatt_kernels.index import PartIndex, merge_topk  # noqa: F401  (one home: the index)
 
 META_NAME = "reatt_index.json"
 META_FORMAT = "reatt-index"
@@ -169,36 +170,7 @@ def encode_questions(model, questions: Sequence[str], max_len: int, device, batc
         yield q.float(), m
 
 
-def merge_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k along dim 1 of per-shard results concatenated (scores [B, M], ids [B, M]), padded with (-inf, -1)."""
-    B, M = scores.shape
-    if M < k:
-        scores = torch.cat([scores, scores.new_full((B, k - M), float("-inf"))], 1)
-        ids = torch.cat([ids, ids.new_full((B, k - M), -1)], 1)
-    s, pos = torch.topk(scores, k, dim=1)
-    i = torch.gather(ids, 1, pos)
-    return s, torch.where(torch.isneginf(s), torch.full_like(i, -1), i)
-
-
-class PartIndex:
-    """Several ``TokenIndex`` parts searched as one: each part's top-k, merged by score (the parts share one scoring
-    function, so their scores compare). Has TokenIndex's ``search`` signature, so it can be a ``ShardedIndex``'s
-    shard (one per rank)."""
-
-    def __init__(self, parts: list):
-        self.parts = parts
-
-    @property
-    def n_docs(self) -> int:
-        return sum(p.n_docs for p in self.parts)
-
-    def search(self, q: Tensor, q_mask: Optional[Tensor] = None, k: int = 10, **params) -> tuple[Tensor, Tensor]:
-        if not self.parts:
-            return merge_topk(torch.zeros((q.shape[0], 0)), torch.zeros((q.shape[0], 0), dtype=torch.int64), k)
-        res = [p.search(q, q_mask, k, **dict(params)) for p in self.parts]
-        s = torch.cat([r[0].cpu() for r in res], 1)
-        i = torch.cat([r[1].cpu() for r in res], 1)
-        return merge_topk(s, i, k)
+# merge_topk and PartIndex live with the index (reatt_kernels.index); re-exported here for reatt's callers.
 
 
 # ---- in-memory index (training-time re-retrieval and evaluation) -----------------------------------------------------

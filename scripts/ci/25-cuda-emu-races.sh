@@ -24,7 +24,7 @@ if grep -qw fma /proc/cpuinfo 2>/dev/null; then
 assert m.build_info()['fma'], 'REATT_EMU_LIB is not the FMA build'"
   REATT_EMU_LIB="$LIB" REATT_EMU_MMA_ORDER=pairwise OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:cacheprovider \
     tests/kernels/test_cuda_emu_races.py tests/kernels/test_maxsim_cuda.py \
-    -k "cuda_emu and (races or tilings and (float32 or float16))"
+    -k "cuda_emu and (races or tilings and (dtype0 or dtype1))"
   echo "FMA + pairwise mma: $(( $(date +%s) - t1 )) s"
 else
   echo "SKIP numerics variant: this CPU has no FMA instructions"
