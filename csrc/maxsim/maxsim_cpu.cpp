@@ -359,11 +359,12 @@ void maxsim_fwd_cpu(const MaxsimArgs& a) {
     n_ach = (Bq + qch - 1) / qch;
   }
   const int64_t n_items = Nd * n_ach;
-  // Per-thread scratch: running (max, argmax), pass-1 (max, argmax) and a saved (max, argmax) [Lqp] each, then one
+  // Per-thread scratch: running (max, argmax), pass-1 (max, argmax), a saved (max, argmax) and pass 1's runner-up
+  // [Lqp] each, then one
   // segment of document tiles
   // (fp32 rows, bf16 pairs, and the filter's s~ [Lseg][Lqp]).
   const size_t scratch_floats =
-      A.filt ? static_cast<size_t>(6 * A.Lqp + (A.Lseg * D + 15) / 16 * 16 + A.Lseg * A.Dq / 2 + A.Lseg * A.Lqp + 64)
+      A.filt ? static_cast<size_t>(7 * A.Lqp + (A.Lseg * D + 15) / 16 * 16 + A.Lseg * A.Dq / 2 + A.Lseg * A.Lqp + 64)
              : static_cast<size_t>(2 * A.Lqp + A.Lseg * A.Dp + 16);
 #pragma omp parallel num_threads(nt)
   {
@@ -474,13 +475,21 @@ void maxsim_bwd_cpu(const MaxsimArgs& a) {
   REATT_CHECK(seg >= 0, "seg must be >= 0 (0: the default segment length)");
   B.Lseg = std::min<int64_t>(Lmax, seg > 0 ? seg : REATT_MAXSIM_SEG);
   int64_t bad = 0;
+  // dq work items: chunks of the flattened (a, i) rows, at most kDqRows each (their accumulators, kDqRows * D fp32,
+  // stay in L2), at least one per thread.
+  constexpr int64_t kDqRows = 256;
+  const int64_t n_rows = Bq * Lq;
+  const int64_t n_dq = std::max<int64_t>(std::min<int64_t>(nt, n_rows), (n_rows + kDqRows - 1) / kDqRows);
+  const int64_t dq_chunk = (n_rows + n_dq - 1) / n_dq;
 #pragma omp parallel num_threads(nt) reduction(+ : bad)
   {
-    std::vector<float> acc(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
+    std::vector<float> acc(static_cast<size_t>(dq_chunk * D)), tmp(static_cast<size_t>(D));
     std::vector<float> tile(static_cast<size_t>(B.Lseg * D));
-    // dq: rows (a, i) in chunks.
-#pragma omp for schedule(dynamic, 4) nowait
-    for (int64_t r = 0; r < Bq * Lq; ++r) bad += ops.dq_rows(B, w.data(), r, r + 1, acc.data(), tmp.data());
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t it = 0; it < n_dq; ++it) {
+      const int64_t r0 = it * dq_chunk, r1 = std::min(n_rows, r0 + dq_chunk);
+      if (r0 < r1) bad += ops.dq_rows(B, w.data(), r0, r1, acc.data(), tmp.data());
+    }
     // dd and dbias: blocks of documents.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {

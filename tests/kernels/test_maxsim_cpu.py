@@ -122,6 +122,44 @@ def test_maxsim_cpu_filter_adversarial(layout, seg, monkeypatch):
     assert torch.equal(s.double(), orc["score"]), "scores are not the exact fp32 maxima"
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_maxsim_cpu_filter_runner_up_wins(layout):
+    """The fp32 filter skips the rescoring scan in lanes whose bf16 runner-up cannot reach the threshold. Here one
+    query token per document sees two document tokens that bf16 cannot tell apart (they differ by 2^-11 in one
+    coordinate, below bf16's resolution at 0.25), so pass 1 keeps the earlier one, and only the scan can find that
+    the later one wins in fp32; every other lane of the query has no such rival, so a scan decision made for the whole
+    lane group, or one that ignored the runner-up, returns the wrong token. All products are exact in fp32 (q =
+    m / 256, d in multiples of 2^-11 below 1, D = 32), so the float64 oracle's argmax is the answer."""
+    g = torch.Generator().manual_seed(7)
+    Bq, Lq, Nd, Ld, D = 2, 19, 4, 37, 32
+    q = torch.randint(-256, 257, (Bq, Lq, D), generator=g).float() / 256
+    # The bulk: weak random tokens (multiples of 1/64, bf16-exact), well below the planted pair.
+    d = torch.randint(-8, 9, (Nd, Ld, D), generator=g).float() / 64
+    for b in range(Nd):
+        a, i = b % Bq, (3 * b + 5) % Lq
+        ja, jb = 2 + b, 20 + b  # the earlier token ja ties in bf16 with the later jb, which wins in fp32
+        sign = torch.where(q[a, i] >= 0, 1.0, -1.0)
+        d[b, ja] = 0.5 * sign
+        k0 = int(q[a, i].abs().argmax())
+        d[b, ja, k0] = 0.25 * sign[k0]
+        d[b, jb] = d[b, ja]
+        d[b, jb, k0] = (0.25 + 2.0**-11) * sign[k0]
+        assert torch.equal(d[b, ja].bfloat16(), d[b, jb].bfloat16())
+    qm = torch.ones(Bq, Lq, dtype=torch.bool)
+    if layout == "padded":
+        args = (q, d, qm, None, None, None, 0, False)
+    else:
+        off = torch.arange(Nd + 1, dtype=torch.int64) * Ld
+        args = (q, d.reshape(Nd * Ld, D), qm, None, off, None, 0, False)
+    s, am = torch.ops.reatt.maxsim_fwd(*args, False, "cpu")
+    orc = maxsim_oracle(layout, q, args[1], qm, None, args[4], None, "sum")
+    for b in range(Nd):
+        a, i = b % Bq, (3 * b + 5) % Lq
+        assert int(orc["argmax"][a, b, i]) == 20 + b, "the planted later token must be the exact winner"
+    assert torch.equal(am.long(), orc["argmax"]), "argmax differs from the exact oracle"
+    assert torch.equal(s.double(), orc["score"]), "scores are not the exact fp32 maxima"
+
+
 def test_maxsim_cpu_large_ragged_packed():
     """A ragged corpus (lengths 0..150, some empty) through the packed layout, fp32 random unit vectors, bias, mean."""
     Bq, Lq, Nd, D = 2, 32, 400, 128
