@@ -19,6 +19,8 @@ search_1q_1M           1 query vs 1M docs (full mode only: 33 GB)
 train_64x6400          fwd+bwd, 64 queries x 6400 in-batch docs, Lq 32, Ld 200 (ragged), d 64, mean, pos_bias
 cpu_fixed_1q_20k       1 query vs 20k docs x 128 tok x 128, fp32, unit-norm (clustered corpus; the query is 32
                        noisy tokens of one document, as in reatt-bench)
+cpu_fixed_16q_20k      16 queries (clustered_queries, seed 1) vs the same corpus (16x the FLOPs for the same bytes);
+                       maxsim-cpu is a Python loop over the queries (it has no batch API)
 cpu_ragged_1q_20k      same, 48-128 tokens per doc: ours and maxsim-cpu on the packed/variable layout, naive padded
 cpu_train_8x800        the training shape scaled down to 8 queries x 800 docs (bf16), fwd+bwd
 (--quick on CPU: 4k documents and cpu_train_4x200; on GPU: everything but the 1M case)
@@ -29,8 +31,13 @@ Counts (explicit, per call):
 - training FLOPs = 2 * Bq * Nd * Lq * Ld * dim (the forward dot products; the backward through the argmax is
   O(Bq * Nd * Lq * dim)); bytes = 3 * (|q| + |d|) + 2 * 4 * Bq * Nd * Lq (read q, d twice and write dq, dd; the int32
   argmax written by the forward and read by the backward).
-- floor = max(bytes / bandwidth, FLOPs / matmul rate) with both measured in the same run (reatt_kernels/bench/harness.py
-  ``roofline``); % of roofline = floor / p50.
+- floor = max(bytes / bandwidth, FLOPs / compute ceiling) with both measured in the same run
+  (reatt_kernels/bench/util.py ``roofline``; CPU: the bf16 dot-product peak, ``vdpbf16ps``, where the CPU has
+  AVX512_BF16, else the fp32 FMA peak, and the higher of a C streaming-read probe and a torch sum; GPU: a bf16
+  matmul and a device copy); each row names the limit that binds (``bound``: memory, or compute with its ceiling);
+  % of roofline = floor / p50.
+- batch throughput (a 16-query case next to its 1-query case, same provider, same run): per-query p50 at batch 1 /
+  per-query p50 at batch 16 (``batch_throughput`` in the JSON, and ``batch_throughput_vs_1q`` on the 16-query rows).
 
 Usage:
     python benchmarks/bench_maxsim.py [--quick] [--out DIR] [--cases a,b] [--providers x,y]
@@ -98,6 +105,8 @@ class Case:
     note: str = ""
     # Search cases: compare each provider's scores with naive's ([Bq, Nd]); training cases: False.
     compare: bool = False
+    # provider -> how it runs here, when that differs from the others (copied into its row's note when it ran).
+    provider_notes: dict = field(default_factory=dict)
 
 
 def _score_diff(ref: torch.Tensor) -> Callable[[object], float]:
@@ -268,18 +277,30 @@ def _train(name: str, device: torch.device, Bq: int, Nd: int, note: str = "") ->
     return case
 
 
-def _cpu_search(name: str, device: torch.device, n_docs: int, ragged: bool) -> Case:
+def _cpu_corpus(n_docs: int, ragged: bool, store: dict):
+    """The clustered fp32 corpus (d_tokens [T, 128], d_offsets [n_docs + 1]), built once per process and shape: the
+    1-query and 16-query fixed cases share it (20k documents take seconds to build); other corpora are dropped."""
+    key = ("cpu_corpus", n_docs, ragged)
+    if key not in store:
+        store.clear()
+        gc.collect()
+        lo = 48 if ragged else 128
+        store[key] = clustered_corpus(n_docs=n_docs, dim=128, min_len=lo, max_len=128, seed=0, dtype=torch.float32)
+    return store[key]
+
+
+def _cpu_search(name: str, device: torch.device, n_docs: int, ragged: bool, n_q: int = 1) -> Case:
     Lq, D, dtype = 32, 128, torch.float32
     lo = 48 if ragged else 128
-    d_tokens, d_offsets = clustered_corpus(n_docs=n_docs, dim=D, min_len=lo, max_len=128, seed=0, dtype=dtype)
-    # A query drawn from the corpus (32 noisy tokens of one document), not random noise: the C++ kernel screens in
-    # bf16 and rescores near-maxima exactly, so its speed depends on how close the maxima stand to the bulk; a random
-    # query would flatter it.
-    q, _ = clustered_queries(d_tokens, d_offsets, 1, q_len=Lq, seed=1)
+    d_tokens, d_offsets = _cpu_corpus(n_docs, ragged, _STORE)
+    # Queries drawn from the corpus (32 noisy tokens of one document each), not random noise: the C++ kernel screens
+    # in bf16 and rescores near-maxima exactly, so its speed depends on how close the maxima stand to the bulk; a
+    # random query would flatter it.
+    q, _ = clustered_queries(d_tokens, d_offsets, n_q, q_len=Lq, seed=1)
     T = d_tokens.shape[0]
     n_bytes, flops = _search_counts(q, n_docs, T, 4)
-    case = Case(name, "fwd", dict(Bq=1, Lq=Lq, Nd=n_docs, Ld=f"{lo}-128" if ragged else 128, dim=D, tokens=T), dtype,
-                n_bytes, flops, compare=True)
+    case = Case(name, "fwd", dict(Bq=n_q, Lq=Lq, Nd=n_docs, Ld=f"{lo}-128" if ragged else 128, dim=D, tokens=T),
+                dtype, n_bytes, flops, compare=True)
     if ragged:
         d_pad, d_mask = pad_packed(d_tokens, d_offsets, max_len=128)
         case.fns["naive"] = lambda: naive_maxsim(q, d_pad, d_mask)
@@ -293,8 +314,19 @@ def _cpu_search(name: str, device: torch.device, n_docs: int, ragged: bool) -> C
             why = _our_status(b, device)
             case.fns[b] = why if why else functools.partial(rk.maxsim, q, d, backend=b)
     mc, why = _import_peer("maxsim-cpu")
+    if n_q > 1:
+        case.note = f"maxsim-cpu runs as a Python loop over the {n_q} queries (it has no batch API)"
+        case.provider_notes["maxsim-cpu"] = f"Python loop over the {n_q} queries (no batch API)"
     if mc is None:
         case.fns["maxsim-cpu"] = why
+    elif n_q > 1:
+        # maxsim-cpu scores one query per call: a loop over the queries, stacked to [n_q, Nd] like the others' scores.
+        import numpy as np
+
+        assert not ragged, "the batched CPU case uses the fixed-length corpus"
+        q_nps = [q[i].numpy() for i in range(n_q)]
+        docs = d_tokens.view(n_docs, 128, D).numpy()
+        case.fns["maxsim-cpu"] = lambda: np.stack([mc.maxsim_scores(qi, docs) for qi in q_nps])
     else:
         q_np = q[0].numpy()
         if ragged:
@@ -319,14 +351,16 @@ def case_names(device: torch.device, quick: bool) -> list[str]:
         return list(GPU_QUICK if quick else GPU_CASES)
     k = f"{_cpu_docs(quick) // 1000}k"
     train = "cpu_train_4x200" if quick else "cpu_train_8x800"
-    return [f"cpu_fixed_1q_{k}", f"cpu_ragged_1q_{k}", train]
+    # The 16-query case right after the 1-query one: they share the corpus (built once) and are compared.
+    return [f"cpu_fixed_1q_{k}", f"cpu_fixed_16q_{k}", f"cpu_ragged_1q_{k}", train]
 
 
 _STORE: dict = {}
 
 
 def build_case(name: str, device: torch.device, quick: bool) -> Case:
-    """Inputs for one case (previous cases' tensors are dropped first, except the shared 200k GPU corpus)."""
+    """Inputs for one case (previous cases' tensors are dropped first, except the shared 200k GPU corpus and the
+    CPU corpus of the fixed-length cases)."""
     if device.type == "cuda":
         if name.startswith("search_"):
             return _gpu_search(name, device, _STORE)
@@ -337,22 +371,63 @@ def build_case(name: str, device: torch.device, quick: bool) -> Case:
     n_docs = _cpu_docs(quick)
     if name.startswith("cpu_fixed_1q_"):
         return _cpu_search(name, device, n_docs, ragged=False)
+    if name.startswith("cpu_fixed_16q_"):
+        return _cpu_search(name, device, n_docs, ragged=False, n_q=16)
     if name.startswith("cpu_ragged_1q_"):
         return _cpu_search(name, device, n_docs, ragged=True)
     if name.startswith("cpu_train_"):
+        _STORE.clear()
         Bq, Nd = (4, 200) if quick else (8, 800)
         return _train(name, device, Bq, Nd, note=f"scaled down from 64 x 6400 docs for the 2-core CPU: {Bq} x {Nd}")
     raise ValueError(f"unknown case {name!r}")
 
 
 # ---- script -----------------------------------------------------------------------------------------------------------
+def _roof_line(roof: dict) -> str:
+    """One line naming the run's ceilings and how each was measured."""
+    parts = [f"{roof['bandwidth_GBps']:.1f} GB/s ({roof['bandwidth_method']})"]
+    if roof.get("dot_TFLOPs"):
+        parts.append(f"{roof['dot_TFLOPs']:.3f} TFLOP/s compute ceiling ({roof['dot_method']})")
+        if roof.get("dot_kind") != "fma32" and roof.get("fma32_TFLOPs"):
+            parts.append(f"fp32 FMA {roof['fma32_TFLOPs']:.3f} TFLOP/s")
+        parts.append(f"torch fp32 matmul {roof['matmul_TFLOPs']:.3f} TFLOP/s (information)")
+    else:
+        parts.append(f"{roof['matmul_TFLOPs']:.3f} TFLOP/s compute ceiling ({roof['matmul_method']})")
+        if roof.get("dot_method"):
+            parts.append(roof["dot_method"])
+    return "; ".join(parts)
+
+
+def _one_query_case(name: str) -> str:
+    """The 1-query case a 16-query case is compared with: ``cpu_fixed_16q_20k`` -> ``cpu_fixed_1q_20k``."""
+    return name.replace("_16q_", "_1q_")
+
+
+def add_batch_throughput(rows: list[dict]) -> dict:
+    """For each 16-query case whose 1-query case ran too: ``{case: {provider: ratio}}``, ratio = per-query p50 at
+    batch 1 / per-query p50 at batch 16 (same provider, same run; > 1: batching pays). Also stored on the 16-query
+    rows as ``batch_throughput_vs_1q``."""
+    ok = {(r["case"], r["provider"]): r for r in rows if r.get("status") == "ok" and r.get("p50_ms")}
+    out: dict = {}
+    for r in rows:
+        case = r.get("case", "")
+        if "_16q_" not in case or r.get("status") != "ok" or not r.get("p50_ms"):
+            continue
+        one = ok.get((_one_query_case(case), r["provider"]))
+        if one is None:
+            continue
+        ratio = (one["p50_ms"] / one["shape"]["Bq"]) / (r["p50_ms"] / r["shape"]["Bq"])
+        r["batch_throughput_vs_1q"] = ratio
+        out.setdefault(case, {})[r["provider"]] = ratio
+    return out
+
+
 def run(device: torch.device, quick: bool, cases=None, providers=None, out=None) -> dict:
     info = env_info(device)
     print(f"bench_maxsim on {info['device_name']}, torch {info['torch']}, triton {info['triton']}, "
           f"git {info['git_sha'][:12]}{' (quick)' if quick else ''}", flush=True)
     roof = roofline(device, quick=quick)
-    print(f"roofline (measured now): {roof['bandwidth_GBps']:.1f} GB/s ({roof['bandwidth_method']}); "
-          f"{roof['matmul_TFLOPs']:.3f} TFLOP/s ({roof['matmul_method']})", flush=True)
+    print(f"roofline (measured now): {_roof_line(roof)}", flush=True)
     rows, case_meta = [], {}
     budget = 0.3 if quick else 1.0
     for name in cases or case_names(device, quick):
@@ -377,9 +452,11 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
             row = measure(None if reason else fn, device, roof, n_bytes=case.n_bytes, flops=case.flops, reason=reason,
                           budget_s=budget, check=check, case=name, provider=prov, mode=case.mode,
                           dtype=str(case.dtype).replace("torch.", ""), shape=case.shape)
+            if row["status"] == "ok" and prov in case.provider_notes:
+                row["note"] = case.provider_notes[prov]
             rows.append(row)
-            msg = (f"p50 {row['p50_ms']:.3f} ms, {row['pct_roofline']:.1f}% of roofline" if row["status"] == "ok"
-                   else f"n/a: {row['note'][:100]}")
+            msg = (f"p50 {row['p50_ms']:.3f} ms, {row['pct_roofline']:.1f}% of roofline ({row['bound']})"
+                   if row["status"] == "ok" else f"n/a: {row['note'][:100]}")
             print(f"  {name:<20} {prov:<25} {msg}", flush=True)
         del case, check
         if device.type == "cuda":
@@ -390,8 +467,13 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
     roof = best_roofline(roof, roofline(device, quick=quick))
     apply_roofline(rows, roof)
     add_speedups(rows)
+    batch_tp = add_batch_throughput(rows)
     print()
+    print(f"roofline (best of the start and end of the run): {_roof_line(roof)}")
     print(format_table(rows, ROW_COLUMNS))
+    for case16, ratios in batch_tp.items():
+        print(f"batch throughput, {case16} vs {_one_query_case(case16)} (per-query p50 at batch 1 / at batch 16, "
+              "same provider, this run): " + (", ".join(f"{p} {r:.2f}x" for p, r in ratios.items()) or "n/a"))
     payload = {
         "bench": "bench_maxsim",
         "env": info,
@@ -403,9 +485,15 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
             "search_flops": "2 * Bq * Lq * T * dim (T = real document tokens)",
             "train_flops": "2 * Bq * Nd * Lq * Ld * dim (forward dot products; backward via argmax is O(Bq Nd Lq dim))",
             "train_bytes": "3 * (|q| + |d|) * itemsize + 2 * 4 * Bq * Nd * Lq",
-            "floor_ms": "max(bytes / bandwidth, flops / matmul rate), both measured in this run (best of the "
-                        "measurements at its start and end; CPU: fastest call, GPU: do_bench median)",
-            "pct_roofline": "100 * floor_ms / p50_ms",
+            "floor_ms": "max(bytes / bandwidth, flops / compute ceiling), both measured in this run (best of the "
+                        "measurements at its start and end). CPU: compute ceiling = dot_TFLOPs (the bf16 "
+                        "dot-product peak, vdpbf16ps, where the CPU has AVX512_BF16, else the fp32 FMA peak; "
+                        "matmul_TFLOPs without the extension), bandwidth = max(C read probe, torch sum). GPU: bf16 "
+                        "matmul (do_bench median) and a device copy",
+            "bound": "memory, or compute (<ceiling>): the limit floor_ms comes from",
+            "pct_roofline": "100 * floor_ms / p50_ms (% of the binding limit)",
+            "batch_throughput": "{16-query case: {provider: per-query p50 of the 1-query case / per-query p50 of "
+                                "the 16-query case}}, same provider and run",
             "speedup_vs_naive": "naive p50 / provider p50, same case",
             "max_abs_diff_vs_naive": "search cases: max |scores - naive scores| on the first call (not asserted; "
                                      "naive accumulates in the input dtype, so fp16 differences are expected)",
@@ -414,6 +502,7 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
                      "training naive: one einsum (scores materialised) + bias + mask + amax + mean, autograd",
         },
         "cases": case_meta,
+        "batch_throughput": batch_tp,
         "rows": rows,
     }
     out_dir = results_dir(device, out)

@@ -58,6 +58,8 @@ ROW_COLUMNS = [
     ("p80_ms", "p80 ms", ".3f"),
     ("GBps", "GB/s", ".1f"),
     ("TFLOPs", "TFLOP/s", ".3f"),
+    ("floor_ms", "floor ms", ".3f"),
+    ("bound", "bound", ""),             # "memory" or "compute (<ceiling>)": the limit floor_ms comes from
     ("pct_roofline", "% roof", ".1f"),
     ("speedup_vs_naive", "x naive", ".2f"),
     ("peak_mem_MiB", "peak MiB", ".1f"),

@@ -13,7 +13,8 @@ The job:
      (:func:`reatt_kernels.bench.datasets.clustered_corpus`, packed, 48-128 tokens per document, d = 128; about 20k
      documents on CPU, 200k on a GPU; tqdm shows progress) and queries of 32 noisy tokens drawn from one document each
      (that document is the query's gold);
-2. measures the machine's roofline in the same process (streaming bandwidth and matmul FLOP/s);
+2. measures the machine's roofline in the same process (streaming bandwidth, and the compute ceiling: on CPU the
+   bf16 dot-product or fp32 FMA peak of the C probes, on GPU a bf16 matmul; :func:`reatt_kernels.bench.util.roofline`);
 3. times ``scores = maxsim_packed(q, d_tokens, d_offsets); scores.topk(k)`` with each backend in
    ``available_backends()`` (a backend that cannot run is reported "n/a" with its reasons), next to naive PyTorch
    (pad to 128 + mask, ``einsum``, ``amax``, sum; chunked over documents: the docs/baselines.md baseline);
@@ -28,7 +29,7 @@ The job:
 Roofline of one batch call: the documents are streamed once, so
 ``bytes = T * dim * itemsize`` (T real tokens; padding is not useful work) and ``FLOPs = 2 * (query tokens) * T * dim``
 (query tokens: B * Lq, or the unmasked ones of real questions);
-``floor = max(bytes / measured bandwidth, FLOPs / measured matmul rate)`` and "% of roofline" is ``floor / p50``. The
+``floor = max(bytes / measured bandwidth, FLOPs / measured compute ceiling)`` and "% of roofline" is ``floor / p50``. The
 index's row is held to the same floor (that of exact search over the full-precision vectors), so its "% of roofline"
 above 100 means it beats the exact floor by not reading every vector.
 """
@@ -53,6 +54,7 @@ from .util import (  # noqa: F401
     _rss_bytes,
     apply_roofline,
     best_roofline,
+    compute_ceiling,
     device_name,
     device_slug,
     env_info,
@@ -475,8 +477,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{build_s:.1f} s")
 
     roof = roofline(device, quick=args.quick)
+    rate, ceiling = compute_ceiling(roof)
     print(f"roofline (measured now): {roof['bandwidth_GBps']:.1f} GB/s ({roof['bandwidth_method']}), "
-          f"{roof['matmul_TFLOPs']:.3f} TFLOP/s ({roof['matmul_method']})")
+          f"{rate:.3f} TFLOP/s ({ceiling}: {roof.get('dot_method') or roof['matmul_method']})")
 
     rows = run_search(args, device, d_tokens, d_offsets, queries, gold, roof, q_mask)
     quality = index_note = None
@@ -584,8 +587,9 @@ def _payload(args, device, info, T, build_s, roof, rows) -> dict:
         "formulas": {
             "bytes": "T * dim * itemsize + B * Lq * dim * itemsize (documents streamed once per batch call)",
             "flops": "2 * B * Lq * T * dim (useful dot products; naive also computes the padding)",
-            "floor_ms": "max(bytes / bandwidth, flops / matmul rate), both measured in this run (best of the "
-                        "measurements at its start and end)",
+            "floor_ms": "max(bytes / bandwidth, flops / compute ceiling), both measured in this run (best of the "
+                        "measurements at its start and end; CPU ceiling: dot_TFLOPs, the bf16 dot-product peak where "
+                        "the CPU has AVX512_BF16, else fp32 FMA; GPU: matmul_TFLOPs)",
             "pct_roofline": "100 * floor_ms / p50_ms",
             "ms_per_query": "batch-call time / batch",
             "qps": "batch / p50 of the batch call",

@@ -223,12 +223,49 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
     return {"bytes": int(peak[0] - base), "method": "RSS delta: peak sampled every 0.5 ms minus RSS before (after malloc_trim)"}
 
 
+# The compute ceiling each CPU probe kind stands for, as named in a row's ``bound``.
+DOT_NAMES = {"bf16dp": "bf16 dot-product", "fma32": "fp32 FMA"}
+
+
+def cpu_probes(n_threads: int, n_bytes: int, seconds: float) -> dict:
+    """This CPU's hardware ceilings, from the probes in ``csrc/roofline_cpu.cpp`` (``reatt_kernels._C``).
+
+    Returns ``dot_TFLOPs`` (the bf16 dot-product peak, ``vdpbf16ps``, when the CPU has AVX512_BF16, else the fp32 FMA
+    peak) with ``dot_kind`` ("bf16dp" / "fma32") and ``dot_method``, ``fma32_TFLOPs``, and ``read_bandwidth_GBps`` (a
+    streaming read of ``n_bytes``) with ``read_bandwidth_method``; each probe runs ``n_threads`` threads for about
+    ``seconds``. Raises ``RuntimeError`` when the extension is not built (the caller falls back to torch).
+    """
+    from reatt_kernels import _ext
+
+    C = _ext.ext()
+    if C is None or not hasattr(C, "cpu_peak_flops"):
+        why = _ext._IMPORT_ERROR or "it has no cpu_peak_flops (an older build: rebuild the extension)"
+        raise RuntimeError(f"reatt_kernels._C not available ({why})")
+    fma = C.cpu_peak_flops("fma32", n_threads, seconds)
+    out = {"fma32_TFLOPs": fma["GFLOPs"] / 1e3, "fma32_method": f"{fma['isa']}: {fma['method']}"}
+    if C.cpu_has_avx512_bf16():
+        dot = C.cpu_peak_flops("bf16dp", n_threads, seconds)
+        out.update(dot_TFLOPs=dot["GFLOPs"] / 1e3, dot_kind="bf16dp",
+                   dot_method=f"bf16dp ({dot['isa']}): {dot['method']}")
+    else:
+        out.update(dot_TFLOPs=out["fma32_TFLOPs"], dot_kind="fma32",
+                   dot_method=f"fma32 (this CPU lacks avx512_bf16), {out['fma32_method']}")
+    rd = C.cpu_read_bandwidth(n_bytes, n_threads, seconds)
+    out.update(read_bandwidth_GBps=rd["GBps"], read_bandwidth_method=rd["method"])
+    return out
+
+
 def roofline(device: torch.device, quick: bool = False) -> dict:
     """Measure this machine's ceilings in this process.
 
     GPU: device-to-device copy of 1 GiB (bandwidth counts read + write bytes) and a bf16 8192^3 matmul (do_bench p50).
-    CPU: a streaming ``sum`` over 256 MiB of fp32 (bytes read) and an fp32 2048^3 matmul (FLOPs = 2 n^3), each the
-    fastest of >= 5 calls; also a bf16 matmul, recorded for information.
+    CPU: the hardware probes of :func:`cpu_probes` (``torch.get_num_threads()`` threads; a 512 MiB read, 128 MiB when
+    ``quick``): ``dot_TFLOPs``, the compute ceiling :func:`floor_ms` uses (bf16 ``vdpbf16ps`` peak where the CPU has
+    AVX512_BF16, else the fp32 FMA peak), ``fma32_TFLOPs`` and ``read_bandwidth_GBps``. Also, as before, a streaming
+    torch ``sum`` over 256 MiB of fp32 (bytes read) and an fp32 2048^3 matmul (FLOPs = 2 n^3), each the fastest of
+    >= 5 calls, and a bf16 matmul for information. ``bandwidth_GBps`` is the higher of the torch sum and the C read
+    probe. Without the compiled extension the probes' keys are None and the ceilings are torch's (the method strings
+    say so).
     """
     if device.type == "cuda":
         n_bytes = GIB
@@ -250,36 +287,64 @@ def roofline(device: torch.device, quick: bool = False) -> dict:
             "matmul_TFLOPs": 2 * n**3 / (t_mm["p50"] * 1e-3) / 1e12,
             "matmul_method": "bf16 8192^3 matmul, 2 n^3 / p50",
         }
+    budget = 0.3 if quick else 1.0
+    threads = torch.get_num_threads()
+    try:
+        # 0.1 s (0.5 s) per probe: 20 (100) rounds of at most 5 ms, or 30+ passes over the buffer; the best is kept.
+        probes = cpu_probes(threads, (128 if quick else 512) * MIB, 0.1 if quick else 0.5)
+        no_probe = None
+    except Exception as exc:  # no extension (pure-Python install), or a probe failed: torch's ceilings, said so
+        no_probe = short_reason(exc)
+        probes = {"dot_TFLOPs": None, "dot_kind": None, "fma32_TFLOPs": None, "read_bandwidth_GBps": None,
+                  "dot_method": f"n/a: {no_probe}; the compute ceiling is the torch fp32 matmul"}
     # On a CPU the ceiling is the fastest call (p0): other processes only ever slow a call down.
     n_el = (256 * MIB) // 4
     x = torch.rand(n_el, dtype=torch.float32)
-    t_sum = time_fn(lambda: x.sum(), device, quantiles=(0.0,), min_reps=5, budget_s=0.3 if quick else 1.0)
+    t_sum = time_fn(lambda: x.sum(), device, quantiles=(0.0,), min_reps=5, budget_s=budget)
     del x
     n = 1024 if quick else 2048
     a = torch.randn(n, n)
     b = torch.randn(n, n)
-    t_mm = time_fn(lambda: a @ b, device, quantiles=(0.0,), min_reps=5, budget_s=0.3 if quick else 1.0)
-    # For information only (the floor uses fp32): kernels that screen in bf16 and rescore exactly in fp32 (the C++
-    # MaxSim does) can beat the fp32 ceiling, and this is the rate they are bounded by.
+    t_mm = time_fn(lambda: a @ b, device, quantiles=(0.0,), min_reps=5, budget_s=budget)
+    # For information only: torch's bf16 matmul (the compute floor is the probe's dot_TFLOPs, or the fp32 matmul
+    # without the extension).
     a16, b16 = a.bfloat16(), b.bfloat16()
-    t_mm16 = time_fn(lambda: a16 @ b16, device, quantiles=(0.0,), min_reps=5, budget_s=0.3 if quick else 1.0)
+    t_mm16 = time_fn(lambda: a16 @ b16, device, quantiles=(0.0,), min_reps=5, budget_s=budget)
+    sum_gbps = 256 * MIB / (t_sum["p0"] * 1e-3) / 1e9
+    sum_method = "streaming fp32 torch sum over 256 MiB, bytes read / fastest of >= 5 calls"
+    c_gbps = probes["read_bandwidth_GBps"]
+    if c_gbps is None:
+        bw, bw_method = sum_gbps, f"{sum_method} (the C read probe is n/a: {no_probe})"
+    elif c_gbps >= sum_gbps:
+        bw, bw_method = c_gbps, f"max of the C read probe (this one) and the torch sum ({sum_gbps:.1f} GB/s): " \
+                                f"{probes['read_bandwidth_method']}"
+    else:
+        bw, bw_method = sum_gbps, f"max of the torch sum (this one) and the C read probe ({c_gbps:.1f} GB/s): " \
+                                  f"{sum_method}"
     return {
-        "bandwidth_GBps": 256 * MIB / (t_sum["p0"] * 1e-3) / 1e9,
-        "bandwidth_method": "streaming fp32 sum over 256 MiB, bytes read / fastest of >= 5 calls",
+        "bandwidth_GBps": bw,
+        "bandwidth_method": bw_method,
+        "sum_bandwidth_GBps": sum_gbps,
         "matmul_TFLOPs": 2 * n**3 / (t_mm["p0"] * 1e-3) / 1e12,
-        "matmul_method": f"fp32 {n}^3 matmul, 2 n^3 / fastest of >= 5 calls ({torch.get_num_threads()} threads)",
+        "matmul_method": f"fp32 {n}^3 matmul, 2 n^3 / fastest of >= 5 calls ({threads} threads)",
         "matmul_bf16_TFLOPs": 2 * n**3 / (t_mm16["p0"] * 1e-3) / 1e12,
+        **probes,
     }
+
+
+# Ceilings where a higher measurement is the better one (best_roofline keeps the maximum of each).
+ROOF_KEYS = ("bandwidth_GBps", "read_bandwidth_GBps", "sum_bandwidth_GBps", "matmul_TFLOPs", "matmul_bf16_TFLOPs",
+             "dot_TFLOPs", "fma32_TFLOPs")
 
 
 def best_roofline(*roofs: dict) -> dict:
     """The highest of several roofline measurements (e.g. at the start and the end of a run on a shared machine)."""
     best = dict(roofs[0])
-    for key in ("bandwidth_GBps", "read_bandwidth_GBps", "matmul_TFLOPs", "matmul_bf16_TFLOPs"):
+    for key in ROOF_KEYS:
         vals = [r[key] for r in roofs if r.get(key) is not None]
         if vals:
             best[key] = max(vals)
-    best["measurements"] = [{k: r.get(k) for k in ("bandwidth_GBps", "matmul_TFLOPs")} for r in roofs]
+    best["measurements"] = [{k: r.get(k) for k in ("bandwidth_GBps", "matmul_TFLOPs", "dot_TFLOPs")} for r in roofs]
     best["combined"] = f"max over {len(roofs)} measurements (start and end of the run)"
     return best
 
@@ -295,11 +360,24 @@ def apply_roofline(rows: list[dict], roof: dict, time_key: str = "p50_ms") -> No
             r["pct_roofline"] = 100.0 * fl / r[time_key]
 
 
+def compute_ceiling(roof: dict) -> tuple[float, str]:
+    """(TFLOP/s, name) of the compute ceiling in ``roof``: the CPU probe's ``dot_TFLOPs`` when present ("bf16
+    dot-product" or "fp32 FMA"), else ``matmul_TFLOPs`` ("matmul": the GPU, a CPU without the extension, or an old
+    JSON)."""
+    if roof.get("dot_TFLOPs"):
+        return roof["dot_TFLOPs"], DOT_NAMES.get(roof.get("dot_kind"), "dot-product")
+    return roof["matmul_TFLOPs"], "matmul"
+
+
 def floor_ms(n_bytes: float, flops: float, roof: dict) -> tuple[float, str]:
-    """Roofline time for moving ``n_bytes`` and doing ``flops`` on this machine, and which one binds."""
+    """Roofline time for moving ``n_bytes`` and doing ``flops`` on this machine, and which limit binds.
+
+    Returns (floor in ms, bound): bound is ``"memory"`` or ``"compute (<ceiling>)"``, the ceiling named by
+    :func:`compute_ceiling`, e.g. ``"compute (bf16 dot-product)"``."""
     t_mem = n_bytes / (roof["bandwidth_GBps"] * 1e9) * 1e3
-    t_flop = flops / (roof["matmul_TFLOPs"] * 1e12) * 1e3
-    return (t_mem, "memory") if t_mem >= t_flop else (t_flop, "compute")
+    rate, name = compute_ceiling(roof)
+    t_flop = flops / (rate * 1e12) * 1e3
+    return (t_mem, "memory") if t_mem >= t_flop else (t_flop, f"compute ({name})")
 
 
 def naive_maxsim(q: torch.Tensor, d_pad: torch.Tensor, d_mask: Optional[torch.Tensor] = None,
