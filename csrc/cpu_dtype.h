@@ -41,12 +41,15 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
+// Round to nearest even; NaN stays a (quiet) NaN. Branch-free (a select, not an early return) so loops over rows
+// vectorise.
 inline uint16_t float_to_bf16(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  const bool nan = (x & 0x7fffffffu) > 0x7f800000u;
+  const uint32_t quiet = (x >> 16) | 0x40u;
   x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(x >> 16);
+  return static_cast<uint16_t>(nan ? quiet : x >> 16);
 }
 
 inline uint16_t float_to_half(float f) {

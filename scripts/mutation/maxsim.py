@@ -44,6 +44,18 @@ MUTANTS = [
     dict(name="cpp-bwd-dbias-distance-sign", path="csrc/maxsim/maxsim_cpu_isa.h",
          old="int64_t r = n_valid[a] + j - i;", new="int64_t r = n_valid[a] + i - j;",
          build="cpu", tests=[MAXSIM, "-k", "test_maxsim_bwd and cpu and dtype0"]),
+    # issue 22: the fp32 filter's runner-up skip decided for the whole 16-lane group instead of per lane; dq's
+    # column-major loop keeping the first query's weight; the padded-document trim stopping one token short.
+    dict(name="cpp-filter-scan-only-when-every-lane-needs", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="    if (!need) continue;\n", new="    if (need != live) continue;\n", build="cpu",
+         tests=["tests/kernels/test_maxsim_cpu.py", "-k", "runner_up"]),
+    dict(name="cpp-bwd-dq-stale-query-weight", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="        wv = w[a * B.C + c];\n", new="        wv = w[c];\n", build="cpu",
+         tests=[MAXSIM, "-k", "test_maxsim_bwd and cpu and dtype0"]),
+    dict(name="cpp-fwd-trim-drops-last-valid-token", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="      while (len > 0 && !jmask[len - 1]) --len;\n",
+         new="      while (len > 1 && !jmask[len - 2]) --len;\n", build="cpu",
+         tests=[MAXSIM, "-k", "test_maxsim_fwd and cpu and dtype0"]),
     dict(name="triton-dq-mean-not-divided", path="reatt_kernels/triton/maxsim.py",
          old="""        g = tl.load(grad_ptr + a64 * stride_gb + c64 * stride_gc, mask=c_ok, other=0.0)
         if MEAN:
