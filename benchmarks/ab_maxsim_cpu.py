@@ -85,6 +85,7 @@ for case in cases:
             dd = dt.view(20000, 128, 128)
             fn = lambda q=q, dd=dd: rk.maxsim(q, dd, backend="cpu")
     res[case] = p50(fn)
+res["_module"] = rk.__file__
 print("AB_RESULT " + json.dumps(res))
 '''
 
@@ -98,11 +99,17 @@ def _git(root: Path, *args: str) -> str:
 
 def _run_side(root: Path, cache: str, cases: list[str], reps: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "-c", CHILD, cache, ",".join(cases), str(reps)], env=env,
+    # cwd: a neutral folder. `python -c` puts the working directory first on sys.path, so run from a checkout it
+    # would import THAT checkout's reatt_kernels whatever PYTHONPATH says (both sides would be the same code).
+    out = subprocess.run([sys.executable, "-c", CHILD, cache, ",".join(cases), str(reps)], env=env, cwd=cache,
                          capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("AB_RESULT "):
-            return json.loads(line[len("AB_RESULT "):])
+            res = json.loads(line[len("AB_RESULT "):])
+            where = Path(res.pop("_module")).resolve()
+            if root not in where.parents:
+                raise RuntimeError(f"side {root} imported reatt_kernels from {where}, not from its own checkout")
+            return res
     raise RuntimeError(f"the child for {root} printed no result (rc {out.returncode}):\n{out.stderr[-2000:]}")
 
 
