@@ -51,20 +51,6 @@ namespace py = pybind11;
 namespace reatt {
 namespace maxsim_cpu {
 
-// Store one fp32 row as dtype (contiguous).
-inline void store_row(const float* src, int64_t D, int dtype, char* out) {
-  if (dtype == kFloat32) {
-    std::memcpy(out, src, sizeof(float) * D);
-    return;
-  }
-  uint16_t* o = reinterpret_cast<uint16_t*>(out);
-  if (dtype == kBFloat16) {
-    for (int64_t k = 0; k < D; ++k) o[k] = float_to_bf16(src[k]);
-  } else {
-    for (int64_t k = 0; k < D; ++k) o[k] = float_to_half(src[k]);
-  }
-}
-
 // ---- the per-ISA instantiations -----------------------------------------------------------------------------------------
 #if REATT_X86
 #pragma GCC push_options
@@ -360,9 +346,7 @@ void maxsim_fwd_cpu(const MaxsimArgs& a) {
   }
   const int64_t n_items = Nd * n_ach;
   // Per-thread scratch: running (max, argmax), pass-1 (max, argmax), a saved (max, argmax) and pass 1's runner-up
-  // [Lqp] each, then one
-  // segment of document tiles
-  // (fp32 rows, bf16 pairs, and the filter's s~ [Lseg][Lqp]).
+  // [Lqp] each, then one segment of document tiles (fp32 rows, bf16 pairs, and the filter's s~ [Lseg][Lqp]).
   const size_t scratch_floats =
       A.filt ? static_cast<size_t>(7 * A.Lqp + (A.Lseg * D + 15) / 16 * 16 + A.Lseg * A.Dq / 2 + A.Lseg * A.Lqp + 64)
              : static_cast<size_t>(2 * A.Lqp + A.Lseg * A.Dp + 16);

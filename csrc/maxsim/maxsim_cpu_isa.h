@@ -728,15 +728,19 @@ static void fwd_doc(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1, float* 
   }
 }
 
-// store_row compiled inside this ISA's target region, so the bf16 conversion loop (float_to_bf16 is branch-free)
-// vectorises at this ISA's width; the baseline-ISA scalar store was a tenth of the training benchmark's backward.
-static inline void store_row_fast(const float* __restrict src, int64_t D, int dtype, char* __restrict out) {
-  if (dtype != kBFloat16) {
-    store_row(src, D, dtype, out);
+// One fp32 row stored as dtype (contiguous). Defined here, per ISA, so the bf16 loop (float_to_bf16 is branch-free)
+// vectorises at this ISA's width: a scalar baseline-ISA store was a tenth of the training benchmark's backward.
+static inline void store_row(const float* __restrict src, int64_t D, int dtype, char* __restrict out) {
+  if (dtype == kFloat32) {
+    std::memcpy(out, src, sizeof(float) * D);
     return;
   }
   uint16_t* o = reinterpret_cast<uint16_t*>(out);
-  for (int64_t k = 0; k < D; ++k) o[k] = float_to_bf16(src[k]);
+  if (dtype == kBFloat16) {
+    for (int64_t k = 0; k < D; ++k) o[k] = float_to_bf16(src[k]);
+  } else {
+    for (int64_t k = 0; k < D; ++k) o[k] = float_to_half(src[k]);
+  }
 }
 
 // ---- backward ----------------------------------------------------------------------------------------------------------
@@ -820,7 +824,7 @@ static int64_t bwd_dq_rows(const BwdArgs& B, const float* w, int64_t r0, int64_t
   }
   for (int64_t r = r0; r < r1; ++r) {
     char* out = static_cast<char*>(B.dq) + r * D * esz;
-    store_row_fast(acc + (r - r0) * D, D, B.dtype, out);
+    store_row(acc + (r - r0) * D, D, B.dtype, out);
   }
   return bad;
 }
@@ -874,7 +878,7 @@ static int64_t bwd_dd_docs(const BwdArgs& B, const float* w, const int32_t* n_va
         }
       }
       char* out = static_cast<char*>(B.dd) + (row0 + s0) * B.D * esz;
-      for (int64_t j = 0; j < n; ++j) store_row_fast(tile + j * B.D, B.D, B.dtype, out + j * B.D * esz);
+      for (int64_t j = 0; j < n; ++j) store_row(tile + j * B.D, B.D, B.dtype, out + j * B.D * esz);
     }
   }
   return bad;
