@@ -302,8 +302,8 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
 
 def main(argv=None) -> int:
     return case_main(
-        "Attention-distillation benchmarks: naive PyTorch vs our backends (docs/baselines.md shapes).", PROVIDERS, run, argv
-    )
+        "Attention-distillation benchmarks: naive PyTorch vs our backends (docs/baselines.md shapes).", PROVIDERS, run, argv,
+        case_names=case_names)
 
 
 # ---- pytest-benchmark entry points (collected only when this file is named) ---------------------------------------------

@@ -516,8 +516,8 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
 
 def main(argv=None) -> int:
     return case_main(
-        "MaxSim benchmarks: naive PyTorch, our backends and peers side by side (docs/baselines.md shapes).", PROVIDERS, run, argv
-    )
+        "MaxSim benchmarks: naive PyTorch, our backends and peers side by side (docs/baselines.md shapes).", PROVIDERS, run, argv,
+        case_names=case_names)
 
 
 # ---- pytest-benchmark entry points (collected only when this file is named: testpaths = ["tests"]) --------------------

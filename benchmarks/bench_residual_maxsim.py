@@ -163,7 +163,8 @@ def run(device: torch.device, quick: bool, cases=None, providers=None, out=None)
 
 
 def main(argv=None) -> int:
-    return case_main("residual_maxsim benchmarks: naive PyTorch vs our backends.", PROVIDERS, run, argv)
+    return case_main("residual_maxsim benchmarks: naive PyTorch vs our backends.", PROVIDERS, run, argv,
+                     case_names=lambda device, quick: GPU_CASES if device.type == "cuda" else CPU_CASES)
 
 
 if __name__ == "__main__":

@@ -202,9 +202,13 @@ def plot_rows(rows: list[dict], path: Path, title: str, value: str = "p50_ms", y
     return path
 
 
-def case_main(description: str, providers, run, argv=None) -> int:
+def case_main(description: str, providers, run, argv=None, case_names=None) -> int:
     """The shared command line of the per-op benchmark scripts: ``[--quick] [--out] [--device] [--cases]
-    [--providers]``, then ``run(device, quick, cases, providers, out)``."""
+    [--providers]``, then ``run(device, quick, cases, providers, out)``.
+
+    ``case_names(device, quick)`` (optional) lists the valid cases. An unknown case or provider is a usage error
+    (exit 2, naming it and the valid ones) before anything runs: otherwise the run would measure nothing and still
+    write its results file over the committed one."""
     p = base_parser(description)
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
     p.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(providers)}")
@@ -212,6 +216,15 @@ def case_main(description: str, providers, run, argv=None) -> int:
     device = resolve_device(args.device)
     cases = [c for c in args.cases.split(",") if c] if args.cases else None
     chosen = [x for x in args.providers.split(",") if x] if args.providers else None
+    bad = [x for x in chosen or [] if x not in providers]
+    if bad:
+        p.error(f"--providers: unknown {bad}; expected a subset of {list(providers)}")
+    if cases and case_names is not None:
+        valid = list(case_names(device, args.quick))
+        bad = [c for c in cases if c not in valid]
+        if bad:
+            p.error(f"--cases: unknown {bad} for device {device.type}{' with --quick' if args.quick else ''}; "
+                    f"expected a subset of {valid}")
     run(device, args.quick, cases, chosen, args.out)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -192,3 +193,18 @@ def test_bench_maxsim_roof_line_names_the_ceiling(bench_maxsim):
     old = bench_maxsim._roof_line({"bandwidth_GBps": 1.0, "bandwidth_method": "bw", "matmul_TFLOPs": 0.1,
                                    "matmul_method": "mm"})
     assert "0.100 TFLOP/s compute ceiling (mm)" in old
+
+
+# ---- the per-op benchmark command line: unknown names are usage errors, before anything runs or is written ---------
+@pytest.mark.parametrize("argv, match", [
+    (["--cases", "cpu_fixed_1q_20k,nope"], r"--cases: unknown \['nope'\]"),
+    (["--providers", "cpu,bogus"], r"--providers: unknown \['bogus'\]"),
+])
+def test_bench_maxsim_rejects_unknown_cases_and_providers(bench_maxsim, tmp_path, capsys, argv, match):
+    """A misspelt case or provider used to measure nothing, exit 0 and write an empty results file over the
+    committed one."""
+    with pytest.raises(SystemExit) as exc:
+        bench_maxsim.main(["--device", "cpu", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not any(tmp_path.iterdir()), "nothing may be written on a usage error"
