@@ -40,6 +40,7 @@
 #endif
 
 #include "common.h"
+#include "cpu_isa.h"
 
 namespace py = pybind11;
 
@@ -137,34 +138,9 @@ static float fma32_portable(int64_t iters) {
 }
 
 // ---- CPU features ------------------------------------------------------------------------------------------------------
-// __builtin_cpu_supports also checks that the OS saves the AVX-512 register state (XCR0), so a true here means the
-// instructions run.
-static bool has_avx512_bf16() {
-#if REATT_ROOF_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
-static bool has_avx512f() {
-#if REATT_ROOF_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
-static bool has_avx2_fma() {
-#if REATT_ROOF_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+// csrc/cpu_isa.h answers for every CPU kernel (REATT_CPU_ISA_CAP included), so a probe never measures an instruction set
+// the kernels it judges would not run.
+static bool has_avx512_bf16() { return cpu_isa::best() >= cpu_isa::kAvx512Bf16; }
 
 // ---- argument checks ---------------------------------------------------------------------------------------------------
 static int checked_threads(int n_threads) {
@@ -264,34 +240,40 @@ struct PeakResult {
   double checksum;
 };
 
-static PeakResult peak_flops(const std::string& kind, int n_threads, double seconds) {
+// `isa`: "auto" (the best path this CPU runs) or a level name (csrc/cpu_isa.h); the tests force every path.
+static PeakResult peak_flops(const std::string& kind, int n_threads, double seconds, const std::string& isa_req) {
   REATT_CHECK(kind == "bf16dp" || kind == "fma32", "kind must be 'bf16dp' or 'fma32', got '" + kind + "'");
   const int nt = checked_threads(n_threads);
   check_seconds(seconds);
   float (*kernel)(int64_t) = &fma32_portable;
   double flop_per_iter = 2.0 * kPortableLanes;
-  std::string isa = "portable", what = "32 fp32 lanes of a * x + b (compiler-vectorised, baseline ISA, no FMA)";
+  std::string isa = "scalar", what = "32 fp32 lanes of a * x + b (compiler-vectorised, baseline ISA, no FMA)";
   if (kind == "bf16dp") {
     REATT_CHECK(has_avx512_bf16(), "kind='bf16dp' needs VDPBF16PS, but this CPU lacks avx512_bf16 (use kind='fma32')");
+    REATT_CHECK(isa_req.empty() || isa_req == "auto" || isa_req == "avx512_bf16",
+                "kind='bf16dp' runs only isa 'avx512_bf16' (or 'auto'), got '" + isa_req + "'");
 #if REATT_ROOF_X86
     kernel = &bf16dp_avx512;
     flop_per_iter = 64.0 * kAccZmm;
     isa = "avx512_bf16";
     what = "24 independent vdpbf16ps zmm per iteration (64 FLOP each)";
 #endif
-  } else if (has_avx512f()) {
+  } else {
+    const int level = cpu_isa::resolve(isa_req, cpu_isa::kAvx512, "cpu_peak_flops");
 #if REATT_ROOF_X86
-    kernel = &fma32_avx512;
-    flop_per_iter = 32.0 * kAccZmm;
-    isa = "avx512";
-    what = "24 independent vfmadd231ps zmm per iteration (32 FLOP each)";
-#endif
-  } else if (has_avx2_fma()) {
-#if REATT_ROOF_X86
-    kernel = &fma32_avx2;
-    flop_per_iter = 16.0 * kAccYmm;
-    isa = "avx2";
-    what = "12 independent vfmadd231ps ymm per iteration (16 FLOP each)";
+    if (level == cpu_isa::kAvx512) {
+      kernel = &fma32_avx512;
+      flop_per_iter = 32.0 * kAccZmm;
+      isa = "avx512";
+      what = "24 independent vfmadd231ps zmm per iteration (32 FLOP each)";
+    } else if (level == cpu_isa::kAvx2) {
+      kernel = &fma32_avx2;
+      flop_per_iter = 16.0 * kAccYmm;
+      isa = "avx2";
+      what = "12 independent vfmadd231ps ymm per iteration (16 FLOP each)";
+    }
+#else
+    (void)level;
 #endif
   }
   // Iterations per round: doubled until one thread's round lasts a hundredth of the budget, between 0.2 ms (the
@@ -379,7 +361,7 @@ struct BandwidthResult {
   double checksum;
 };
 
-static BandwidthResult read_bandwidth(int64_t n_bytes, int n_threads, double seconds) {
+static BandwidthResult read_bandwidth(int64_t n_bytes, int n_threads, double seconds, const std::string& isa_req) {
   REATT_CHECK(n_bytes >= (int64_t{1} << 20),
               "n_bytes must be >= 1 MiB (1048576), got " + std::to_string(n_bytes));
   const int nt = checked_threads(n_threads);
@@ -396,17 +378,19 @@ static BandwidthResult read_bandwidth(int64_t n_bytes, int n_threads, double sec
 #endif
   float* data = static_cast<float*>(buf.p);
 
-  const char* isa = "portable";
+  const char* isa = "scalar";
   float (*reader)(const float*, int64_t, int64_t) = &read_portable;
+  const int level = cpu_isa::resolve(isa_req, cpu_isa::kAvx512, "cpu_read_bandwidth");
 #if REATT_ROOF_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) {
+  if (level == cpu_isa::kAvx512) {
     reader = &read_avx512;
     isa = "avx512";
-  } else if (__builtin_cpu_supports("avx2")) {
+  } else if (level == cpu_isa::kAvx2) {
     reader = &read_avx2;
     isa = "avx2";
   }
+#else
+  (void)level;
 #endif
   // Each thread's contiguous chunk of blocks (the chunks of an OpenMP static schedule), the same in the first touch and
   // in every pass: the page faults happen here, outside the timing, and on a NUMA machine each thread reads pages it
@@ -455,11 +439,11 @@ static BandwidthResult read_bandwidth(int64_t n_bytes, int n_threads, double sec
 static RegisterBindings roofline_cpu_bindings([](py::module_& m) {
   m.def(
       "cpu_peak_flops",
-      [](const std::string& kind, int n_threads, double seconds) {
+      [](const std::string& kind, int n_threads, double seconds, const std::string& isa) {
         roofline_cpu::PeakResult r;
         {
           py::gil_scoped_release nogil;
-          r = roofline_cpu::peak_flops(kind, n_threads, seconds);
+          r = roofline_cpu::peak_flops(kind, n_threads, seconds, isa);
         }
         py::dict d;
         d["GFLOPs"] = r.gflops;
@@ -470,16 +454,16 @@ static RegisterBindings roofline_cpu_bindings([](py::module_& m) {
         return d;
       },
       "Peak dot-product rate of this CPU: kind 'bf16dp' (vdpbf16ps zmm, needs avx512_bf16) or 'fma32' (fp32 FMA: "
-      "avx512, else avx2, else portable), on n_threads threads for about `seconds`; best round. Returns {GFLOPs, isa, "
-      "threads, method, checksum}",
-      py::arg("kind"), py::arg("n_threads"), py::arg("seconds"));
+      "avx512, else avx2, else scalar), on n_threads threads for about `seconds`; best round. `isa` forces a path "
+      "(csrc/cpu_isa.h). Returns {GFLOPs, isa, threads, method, checksum}",
+      py::arg("kind"), py::arg("n_threads"), py::arg("seconds"), py::arg("isa") = "auto");
   m.def(
       "cpu_read_bandwidth",
-      [](int64_t n_bytes, int n_threads, double seconds) {
+      [](int64_t n_bytes, int n_threads, double seconds, const std::string& isa) {
         roofline_cpu::BandwidthResult r;
         {
           py::gil_scoped_release nogil;
-          r = roofline_cpu::read_bandwidth(n_bytes, n_threads, seconds);
+          r = roofline_cpu::read_bandwidth(n_bytes, n_threads, seconds, isa);
         }
         py::dict d;
         d["GBps"] = r.gbps;
@@ -490,8 +474,9 @@ static RegisterBindings roofline_cpu_bindings([](py::module_& m) {
         return d;
       },
       "Streaming read bandwidth: a buffer of n_bytes (>= 1 MiB, rounded down to 4 KiB pages) touched first, then read "
-      "by n_threads threads for about `seconds`; fastest pass. Returns {GBps, bytes, threads, method, checksum}",
-      py::arg("n_bytes"), py::arg("n_threads"), py::arg("seconds"));
+      "by n_threads threads for about `seconds`; fastest pass. `isa` forces a path (csrc/cpu_isa.h). Returns {GBps, "
+      "bytes, threads, method, checksum}",
+      py::arg("n_bytes"), py::arg("n_threads"), py::arg("seconds"), py::arg("isa") = "auto");
   m.def("cpu_has_avx512_bf16", &roofline_cpu::has_avx512_bf16,
         "Whether this CPU (and OS) runs AVX512_BF16 (vdpbf16ps): the 'bf16dp' probe needs it");
 });

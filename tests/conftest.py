@@ -52,10 +52,64 @@ def _seed(request):
     yield
 
 
+@pytest.fixture
+def force_isa(monkeypatch):
+    """force_isa(level): every CPU kernel this test calls runs that instruction-set path (REATT_CPU_ISA)."""
+    def force(level: str):
+        monkeypatch.setenv("REATT_CPU_ISA", level)
+
+    return force
+
+
+# ---- which ISA paths this run exercised (tests/isa.py) ----------------------------------------------------------
+# kernel -> {level: "passed" | "failed" | "not testable: <missing instructions>"}
+_ISA_RESULTS: dict = {}
+
+
+def _record_isa(item, rep):
+    mark = item.get_closest_marker("isa_path")
+    callspec = getattr(item, "callspec", None)
+    if mark is None or callspec is None or "isa" not in callspec.params:
+        return
+    kernel, level = mark.args[0], callspec.params["isa"]
+    seen = _ISA_RESULTS.setdefault(kernel, {})
+    if rep.skipped and rep.when == "setup":
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        if "not testable on this CPU" in reason:
+            seen.setdefault(level, "not testable: " + reason.split(" needs ", 1)[-1])
+    elif rep.when == "call" or rep.failed:
+        if rep.failed:
+            seen[level] = "failed"
+        elif rep.passed:
+            seen.setdefault(level, "passed")
+            if seen[level].startswith("not testable"):
+                seen[level] = "passed"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _ISA_RESULTS:
+        return
+    from .isa import isa_summary, merge_isa_results
+
+    terminalreporter.write_line(isa_summary(_ISA_RESULTS))
+    path = os.environ.get("REATT_ISA_REPORT")
+    if path:
+        import json
+
+        merged = {}
+        if os.path.exists(path):
+            with open(path) as fh:
+                merged = json.load(fh)
+        merge_isa_results(merged, _ISA_RESULTS)
+        with open(path, "w") as fh:
+            json.dump(merged, fh, indent=1, sort_keys=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
+    _record_isa(item, rep)
     if rep.failed and "emu" in item.nodeid and _EMU_SEED is not None:
         c = _emu().emu_config()
         rep.sections.append(("cuda_emu replay", f"REATT_EMU_SEED={_EMU_SEED} (resident={c['resident']}, "

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 
@@ -24,6 +25,7 @@ struct ReaderTeacherArgs {
   uintptr_t out = 0;                         // fp32 [B, n_docs] contiguous
   uintptr_t partial = 0;                     // CUDA: fp32 [B, n_chunks, n_docs] workspace (reader_teacher_plan_cuda)
   uintptr_t stream = 0;                      // CUDA: cudaStream_t
+  std::string isa = "auto";                  // CPU: instruction-set path, csrc/cpu_isa.h (REATT_CPU_ISA)
 };
 
 struct DistillKlArgs {
@@ -67,7 +69,8 @@ inline void bind_reader_teacher_args(pybind11::module_& m) {
       .def_readwrite("is_logits", &ReaderTeacherArgs::is_logits)
       .def_readwrite("out", &ReaderTeacherArgs::out)
       .def_readwrite("partial", &ReaderTeacherArgs::partial)
-      .def_readwrite("stream", &ReaderTeacherArgs::stream);
+      .def_readwrite("stream", &ReaderTeacherArgs::stream)
+      .def_readwrite("isa", &ReaderTeacherArgs::isa);
 }
 
 inline void bind_distill_kl_args(pybind11::module_& m) {

@@ -37,6 +37,7 @@
 
 #include "common.h"
 #include "cpu_dtype.h"
+#include "cpu_isa.h"
 #include "maxsim/maxsim_args.h"
 #include "maxsim/maxsim_cpu.h"
 
@@ -167,8 +168,6 @@ struct LineBuf {
 };
 
 // ---- run-time ISA choice -------------------------------------------------------------------------------------------------
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-
 struct IsaOps {
   const char* name;
   int W;
@@ -181,38 +180,14 @@ struct IsaOps {
 #define REATT_OPS(ns) \
   IsaOps { #ns, ns::W, &ns::fwd_pack_query, &ns::fwd_doc, &ns::bwd_dq_rows, &ns::bwd_dd_docs }
 
-static int best_isa() {
-#if REATT_X86
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (avx512 && __builtin_cpu_supports("avx512bf16")) return kAvx512Bf16;
-  if (avx512) return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return kAvx2;
-#endif
-  return kScalar;
-}
-
-static const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
-
-// `isa`: "auto" (the best this CPU supports), or a name of kIsaNames no better than that (tests use it to run every
-// path on one machine).
+// `isa`: "auto" (the best path this CPU runs) or a level name no better than that (csrc/cpu_isa.h; the tests use it to
+// run every path on one machine).
 static IsaOps pick(const std::string& isa) {
-  const int best = best_isa();
-  int want = best;
-  if (isa != "auto") {
-    want = -1;
-    for (int k = 0; k < 4; ++k)
-      if (isa == kIsaNames[k]) want = k;
-    REATT_CHECK(want >= 0, "isa must be auto, scalar, avx2, avx512 or avx512_bf16, got '" + isa + "'");
-    REATT_CHECK(want <= best, "isa '" + isa + "' is not supported by this CPU (best: " + kIsaNames[best] + ")");
-  }
-  switch (want) {
+  switch (cpu_isa::resolve(isa, cpu_isa::kAvx512Bf16, "maxsim")) {
 #if REATT_X86
-    case kAvx512Bf16: return REATT_OPS(avx512bf16);
-    case kAvx512: return REATT_OPS(avx512);
-    case kAvx2: return REATT_OPS(avx2);
+    case cpu_isa::kAvx512Bf16: return REATT_OPS(avx512bf16);
+    case cpu_isa::kAvx512: return REATT_OPS(avx512);
+    case cpu_isa::kAvx2: return REATT_OPS(avx2);
 #endif
     default: return REATT_OPS(scalar);
   }
@@ -486,7 +461,7 @@ void maxsim_bwd_cpu(const MaxsimArgs& a) {
     for (int64_t r = 0; r < R; ++r) B.dbias[r] += parts[blk * R + r];
 }
 
-std::string maxsim_cpu_isa() { return kIsaNames[best_isa()]; }
+std::string maxsim_cpu_isa() { return cpu_isa::kNames[cpu_isa::best()]; }
 
 }  // namespace maxsim_cpu
 

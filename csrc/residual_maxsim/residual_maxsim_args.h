@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 
@@ -31,6 +32,7 @@ struct ResidualMaxsimArgs {
   uintptr_t table = 0;
   int64_t LP = 0;
   int nthreads = 1;              // CPU: OpenMP threads (torch.get_num_threads())
+  std::string isa = "auto";       // CPU: instruction-set path, csrc/cpu_isa.h (REATT_CPU_ISA)
 };
 
 // Registered once per module (the CPU and CUDA bindings both call this; module_local: _C and _C_emu each own a copy).
@@ -62,7 +64,8 @@ inline void bind_residual_maxsim_args(pybind11::module_& m) {
       .def_readwrite("stream", &ResidualMaxsimArgs::stream)
       .def_readwrite("table", &ResidualMaxsimArgs::table)
       .def_readwrite("LP", &ResidualMaxsimArgs::LP)
-      .def_readwrite("nthreads", &ResidualMaxsimArgs::nthreads);
+      .def_readwrite("nthreads", &ResidualMaxsimArgs::nthreads)
+      .def_readwrite("isa", &ResidualMaxsimArgs::isa);
 }
 
 }  // namespace reatt

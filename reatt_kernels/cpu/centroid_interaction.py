@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import isa
 from .._alloc import empty
 from .._launcher import CentroidInteractionLauncher
 
@@ -27,7 +28,8 @@ def _centroid_interaction_fwd(table, q_mask, codes, d_offsets, cand):
     out = empty((Bq, Nc), torch.float32, table.device)
     P = _ext.ptr
     _ext.ext().centroid_interaction_fwd_cpu(P(table), P(q_mask), P(codes), P(d_offsets), 0 if cand is None else P(cand),
-                                            P(out), Bq, q_mask.shape[1], C, LP, Nd, Nc, torch.get_num_threads())
+                                            P(out), Bq, q_mask.shape[1], C, LP, Nd, Nc, torch.get_num_threads(),
+                                            isa.for_kernel("centroid_interaction"))
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import isa
 from .._alloc import empty
 from .._launcher import ReaderTeacherLauncher
 
@@ -29,7 +30,7 @@ def _reader_teacher_fwd(attn, doc_index, attn_mask, n_docs, is_logits):
     ext.reader_teacher_fwd_cpu(_ext.fill(
         ext.ReaderTeacherArgs(), attn=_ext.ptr(attn), dtype=_ext.dtype_code(attn), B=B, L=L, H=H, T=T, S=S, sb=sb,
         sl=sl, sh=sh, st=st, ss=ss, doc=_ext.ptr(doc), doc_dtype=_ext.dtype_code(doc), mask=_ext.ptr(mask),
-        n_docs=n_docs, is_logits=bool(is_logits), out=_ext.ptr(out)))
+        n_docs=n_docs, is_logits=bool(is_logits), out=_ext.ptr(out), isa=isa.for_kernel("reader_teacher")))
     return out
 
 

@@ -9,7 +9,7 @@ Launcher contract: reatt_kernels/ops/maxsim.py. Semantics: reatt_kernels/referen
   backward is deterministic for every thread count, so ``deterministic`` changes nothing here.
 
 Threads: ``torch.get_num_threads()``. ``REATT_CPU_ISA`` (auto | avx512_bf16 | avx512 | avx2 | scalar) forces a kernel
-no better than the CPU supports (the tests use it to run every path on one machine). ``REATT_CPU_MAXSIM_SEG`` sets the
+no better than the CPU supports (reatt_kernels/cpu/isa.py; the tests use it to run every path on one machine). ``REATT_CPU_MAXSIM_SEG`` sets the
 document segment length of the forward scan and of the backward's dd staging (default 1024 tokens; the tests use tiny
 values to cover long documents cheaply).
 """
@@ -20,12 +20,9 @@ import os
 import torch
 
 from .. import _ext
+from . import isa
 from .._alloc import empty
 from .._launcher import MaxsimLauncher
-
-
-def _isa() -> str:
-    return os.environ.get("REATT_CPU_ISA", "auto") or "auto"
 
 
 def _seg() -> int:
@@ -50,7 +47,7 @@ def _args(ext, q, d, q_mask, d_offsets, group_size, mean):
     return _ext.fill(
         ext.MaxsimArgs(), dtype=_ext.dtype_code(q), q=_ext.ptr(q), Bq=Bq, Lq=Lq, D=D, sq_b=q.stride(0),
         sq_l=q.stride(1), sq_d=q.stride(2), q_mask=_ext.ptr(q_mask), sqm_b=Lq, sqm_l=1, d=_ext.ptr(d),
-        group_size=group_size, mean=bool(mean), n_threads=torch.get_num_threads(), isa=_isa(), seg=_seg(), **layout)
+        group_size=group_size, mean=bool(mean), n_threads=torch.get_num_threads(), isa=isa.for_kernel("maxsim"), seg=_seg(), **layout)
 
 
 def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import isa
 from .._alloc import empty
 from .._launcher import ResidualMaxsimLauncher
 from ..ops.centroid_interaction import centroid_score_table
@@ -36,7 +37,8 @@ def _residual_maxsim_fwd(q, q_mask, centroids, weights, codes, packed, d_offsets
         ext.ResidualMaxsimArgs(), q=P(q), q_mask=P(q_mask), centroids=P(centroids), weights=P(weights), codes=P(codes),
         packed=P(packed), offsets=P(d_offsets), cand=P(cand), out=P(out), Bq=Bq, Lq=Lq, D=D, C=centroids.shape[0],
         Nd=d_offsets.shape[0] - 1, Nc=cand.shape[1], nbits=nbits, order=P(order), group_off=P(group_off),
-        n_groups=counts.numel(), table=P(table), LP=table.shape[2], nthreads=torch.get_num_threads()))
+        n_groups=counts.numel(), table=P(table), LP=table.shape[2], nthreads=torch.get_num_threads(),
+        isa=isa.for_kernel("residual_maxsim")))
     return out
 
 

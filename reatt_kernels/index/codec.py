@@ -14,7 +14,9 @@ Bytes per token: 4 (centroid id) + dim * nbits / 8 (2-bit at dim 128: 36 B, agai
 """
 from __future__ import annotations
 
+import functools
 import math
+import time
 from typing import Optional
 
 import numpy as np
@@ -70,6 +72,54 @@ def kmeans(sample: Tensor, k: int, *, niter: int = 20, seed: int = 0, gpu: Optio
 
 # Below this many centroids the fp32 matmul is cheap and assignment stays exact.
 BF16_MIN_CENTROIDS = 1024
+# bf16 must beat fp32 by this factor in the probe to be chosen: its rounding costs a little accuracy, so a tie goes to
+# fp32 (and so does a probe too noisy to tell).
+BF16_MIN_SPEEDUP = 1.25
+
+
+def _best_ms(fn, reps: int, sync) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best  # the fastest call: other processes only ever slow one down
+
+
+@functools.lru_cache(maxsize=None)
+def _assign_probe(device_type: str, dim: int, threads: int) -> dict:
+    # `threads` is part of the cache key only: torch's GEMM choice (and its speed) can change with the thread count.
+    dev = torch.device(device_type)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    # The assignment's own shape class: a token block against a 1024-centroid block, the bias column included. 0.2
+    # GFLOP at dim 384: ~2 ms in fp32 on 2 cores; where torch has no fast bf16 GEMM (measured: 1 GFLOP/s on an
+    # AVX2-only Zen 3) one bf16 call is ~200 ms, and the probe stops after that one call.
+    x = torch.randn(256, dim + 1, generator=g).to(dev)
+    c = torch.randn(dim + 1, 1024, generator=g).to(dev)
+    xb, cb = x.to(torch.bfloat16), c.to(torch.bfloat16)
+    (x @ c), (xb @ cb)  # first calls (allocation, kernel selection) are not timed
+    sync()
+    fp32_ms = _best_ms(lambda: x @ c, 1, sync)
+    bf16_ms = _best_ms(lambda: xb @ cb, 1, sync)
+    if bf16_ms <= 4 * fp32_ms:  # else bf16 has lost already; one more slow call would only cost time
+        for _ in range(4):  # interleaved, so a load spike on a shared machine hits both sides alike
+            fp32_ms = min(fp32_ms, _best_ms(lambda: x @ c, 1, sync))
+            bf16_ms = min(bf16_ms, _best_ms(lambda: xb @ cb, 1, sync))
+    use = bf16_ms * BF16_MIN_SPEEDUP <= fp32_ms
+    return dict(dtype="bfloat16" if use else "float32", fp32_ms=fp32_ms, bf16_ms=bf16_ms, device=device_type,
+                dim=dim, threads=threads,
+                method=f"[256, {dim + 1}] @ [{dim + 1}, 1024], best of up to 5 interleaved calls each; bf16 only when "
+                       f"{BF16_MIN_SPEEDUP}x faster")
+
+
+def assign_probe(device="cpu", dim: int = 128) -> dict:
+    """Which dtype the centroid assignment runs in on this machine, measured (once per process, device, dim and
+    thread count): ``{dtype, fp32_ms, bf16_ms, ...}``. Never a belief about the hardware: torch's bf16 matmul is ~4x
+    faster than fp32 on a Zen 5 with AVX512_BF16 and ~200x slower on an AVX2-only Zen 3 (its reference GEMM, one
+    thread), for the same wheel."""
+    return dict(_assign_probe(torch.device(device).type, int(dim), torch.get_num_threads()))
 
 
 def _score_chunk(C: int) -> int:
@@ -81,17 +131,18 @@ def _score_chunk(C: int) -> int:
 def assign(x: Tensor, centroids: Tensor, *, bf16: Optional[bool] = None) -> Tensor:
     """Nearest centroid (Euclidean), chunked: x [T, D] -> int32 [T]. argmin |x - c|^2 = argmax <x, c> - |c|^2 / 2.
 
-    With ``bf16`` (default: when there are at least ``BF16_MIN_CENTROIDS`` centroids) the scores come from one bf16
-    matmul of ``[x, 1]`` against ``[c, -|c|^2 / 2]`` (fp32 accumulation, the bias folded in as a column). This is the
-    build's dominant cost (T x C x D multiply-adds), and bf16 runs it 2-3x faster on CPUs with bf16 dot products. The
-    price: when two centroids' scores differ by less than bf16's rounding (about 2^-8 of the score), the second
+    With ``bf16`` the scores come from one bf16 matmul of ``[x, 1]`` against ``[c, -|c|^2 / 2]`` (fp32 accumulation,
+    the bias folded in as a column). This is the build's dominant cost (T x C x D multiply-adds). Default (None): bf16
+    when there are at least ``BF16_MIN_CENTROIDS`` centroids AND :func:`assign_probe` measured bf16 at least
+    ``BF16_MIN_SPEEDUP`` times faster than fp32 on this machine (4x on a Zen 5; on CPUs without bf16 dot products
+    torch's bf16 matmul is up to 200x slower, and fp32 runs). The price of bf16: when two centroids' scores differ by less than bf16's rounding (about 2^-8 of the score), the second
     nearest may be picked, whose residual is then longer by that same tiny margin (tests/index/test_index.py bounds the
     mean residual error against exact fp32 assignment)."""
     C = centroids.shape[0]
     c = centroids.to(device=x.device, dtype=torch.float32)
     half_sq = 0.5 * (c * c).sum(1)
     if bf16 is None:
-        bf16 = C >= BF16_MIN_CENTROIDS
+        bf16 = C >= BF16_MIN_CENTROIDS and assign_probe(x.device, x.shape[1])["dtype"] == "bfloat16"
     out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
     chunk = _score_chunk(C)
     if bf16:

@@ -21,10 +21,17 @@ The gate works on a temporary copy of the repository (git's tracked and unignore
 3. print one line per mutant and a summary; exit non-zero if any mutant survived, the baseline failed or a mutant
    could not be applied.
 
+A mutant whose code runs only on some CPUs declares the instruction-set level it needs, ``isa="avx2" | "avx512" |
+"avx512_bf16"`` (the levels of csrc/cpu_isa.h; a file that holds only such code is listed in ``ISA_FILES`` and its
+mutants must declare it). The gate asks the copy's own extension which level this CPU runs (``_C.cpu_isa_info()``,
+so ``REATT_CPU_ISA_CAP`` counts) and reports a mutant above it as "not runnable on this CPU (needs ...)", never as
+caught or survived: no test can execute its code here. A mutant the CPU can run is never skipped.
+
 Usage: python scripts/mutation/gate.py [--ci] [--only NAME[,NAME]] [--list] [--keep]
 
 ``--ci`` (what CI runs, to stay within its time budget on 2 cores): the seven mutants of issue 13 (``issue13=True``),
-those marked ``ci=True``, plus the first mutant listed for every other file, so every kernel file keeps at least one mutant on every commit. Without it the
+those marked ``ci=True``, plus the first mutant listed for every other file (the first this CPU can run, where the
+file has one), so every kernel file keeps at least one mutant on every commit. Without it the
 gate runs every mutant (682 s on the quiet 2-core machine): run it before landing a change to a kernel or its tests.
 """
 from __future__ import annotations
@@ -43,6 +50,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TEST_TIMEOUT_S = int(os.environ.get("REATT_MUTANT_TIMEOUT", "300"))
+ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")  # csrc/cpu_isa.h
+# Files whose every line is compiled only for one level and up: their mutants must declare it.
+ISA_FILES = {"csrc/maxsim/maxsim_cpu_avx512.h": "avx512"}
 
 
 def load_mutants() -> list[dict]:
@@ -61,20 +71,43 @@ def load_mutants() -> list[dict]:
         raise SystemExit(f"duplicate mutant names: {sorted(dup)}")
     if sum(bool(m.get("issue13")) for m in out) != 7:
         raise SystemExit("the seven mutants of issue 13 (issue13=True) must all be listed")
+    for m in out:
+        if m.get("isa") is not None and m["isa"] not in ISA_LEVELS:
+            raise SystemExit(f"{m['name']}: isa must be one of {ISA_LEVELS}, got {m['isa']!r}")
+        need = ISA_FILES.get(m["path"])
+        if need and ISA_LEVELS.index(m.get("isa") or "scalar") < ISA_LEVELS.index(need):
+            raise SystemExit(f"{m['name']}: {m['path']} runs only on {need} CPUs and up: declare isa={need!r}")
     return out
 
 
-def ci_selection(mutants: list[dict]) -> list[dict]:
-    """The issue-13 seven and those marked ``ci=True``, plus the first mutant (in list order) of every file none of
-    them covers."""
+def runs_here(m: dict, best: str) -> bool:
+    """Whether a CPU whose best level is ``best`` executes the mutant's code."""
+    return ISA_LEVELS.index(m.get("isa") or "scalar") <= ISA_LEVELS.index(best)
+
+
+def ci_selection(mutants: list[dict], best: str = ISA_LEVELS[-1]) -> list[dict]:
+    """The issue-13 seven and those marked ``ci=True``, plus, for every file none of them covers, its first mutant (in
+    list order) that a CPU whose best level is ``best`` runs (its first mutant, if it has none)."""
     keep = [m for m in mutants if m.get("issue13") or m.get("ci")]
     covered = {m["path"] for m in keep}
-    out = []
+    first = {}
     for m in mutants:
-        if m.get("issue13") or m.get("ci") or m["path"] not in covered:
-            out.append(m)
-            covered.add(m["path"])
-    return out
+        if m["path"] not in covered:
+            if m["path"] not in first or (not runs_here(first[m["path"]], best) and runs_here(m, best)):
+                first[m["path"]] = m
+    chosen = {id(m) for m in keep} | {id(m) for m in first.values()}
+    return [m for m in mutants if id(m) in chosen]
+
+
+def copy_isa(tree: Path) -> dict:
+    """The copy's ``_C.cpu_isa_info()``: the level this CPU runs, as the kernels under test see it."""
+    res = subprocess.run([sys.executable, "-c", "import json, reatt_kernels._C as c; print(json.dumps(c.cpu_isa_info()))"],
+                         cwd=tree, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tree)))
+    if res.returncode != 0:
+        raise RuntimeError(f"could not ask the copy's extension for the CPU's ISA level: {res.stderr.strip()[-500:]}")
+    import json
+
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def copy_tree(dst: Path) -> None:
@@ -127,6 +160,7 @@ def run_tests(tree: Path, args: list[str], log: Path, stop_first: bool = True, t
     """'pass', 'fail', 'tsan', 'crash:<signal>', 'timeout' or 'error:<code>' for pytest on the copy (under
     ThreadSanitizer, through the copy's scripts/sanitize/tsan_emu.sh, when ``tsan`` names the TSan _C_emu)."""
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", PY=sys.executable)
+    env.pop("REATT_ISA_REPORT", None)  # a mutated run must not enter CI's record of the ISA paths tested
     if tsan:
         env["REATT_EMU_TSAN_LIB"] = tsan
         cmd = ["bash", "scripts/sanitize/tsan_emu.sh", *(["-x"] if stop_first else []), *args]
@@ -161,21 +195,27 @@ def main() -> int:
         if unknown:
             raise SystemExit(f"unknown mutants: {sorted(unknown)}")
         mutants = [m for m in mutants if m["name"] in want]
-    if opts.ci:
-        mutants = ci_selection(mutants)
     if opts.list:
-        for m in mutants:
-            print(f"{m['name']:45s} {m['path']}  build={m.get('build')}  tests={' '.join(m['tests'])}")
+        for m in (ci_selection(mutants) if opts.ci else mutants):
+            isa = f"  isa={m['isa']}" if m.get("isa") else ""
+            print(f"{m['name']:45s} {m['path']}  build={m.get('build')}{isa}  tests={' '.join(m['tests'])}")
         return 0
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="reatt-mutants-"))
     tree, log = tmp / "repo", tmp / "log.txt"
     tree.mkdir()
-    print(f"mutation gate: {len(mutants)} mutants; copy and logs in {tmp}", flush=True)
     problems: list[str] = []
+    not_runnable: list[str] = []
     try:
         copy_tree(tree)
+        print(f"mutation gate: copy and logs in {tmp}", flush=True)
         print(f"  build (CPU kernels) {build(tree, log):.0f} s", flush=True)
+        isa = copy_isa(tree)
+        best = isa["best"]
+        if opts.ci:
+            mutants = ci_selection(mutants, best)
+        cap = f", capped by REATT_CPU_ISA_CAP={isa['cap']}" if isa.get("cap") else ""
+        print(f"  {len(mutants)} mutants; this CPU runs the {best} level (detected {isa['detected']}{cap})", flush=True)
         clean_so = {p: p.read_bytes() for p in (tree / "reatt_kernels").glob("_C*.so")}
         # The tests must import the copy (and its extension), not an installed reatt_kernels.
         where = subprocess.run([sys.executable, "-c", "import reatt_kernels, reatt_kernels._C as c; "
@@ -192,6 +232,11 @@ def main() -> int:
         runnable, skipped = [], []
         for m in mutants:
             f = tree / m["path"]
+            if not runs_here(m, best):
+                why = f"not runnable on this CPU (needs {m['isa']}: {isa['missing'][m['isa']]})"
+                print(f"  NOT RUNNABLE {m['name']}: {why}", flush=True)
+                not_runnable.append(f"{m['name']}: {why}")
+                continue
             if m.get("build") in ("emu", "emu-tsan") and not emu_in_tree:
                 print(f"  SKIP     {m['name']}: not built (no _C_emu module in this source tree)", flush=True)
                 skipped.append(m["name"])
@@ -261,7 +306,9 @@ def main() -> int:
         errors = [f"{m['name']}: {s}" for m, v, s in results if v == "ERROR"]
         caught = sum(v == "CAUGHT" for _, v, _ in results)
         print(f"mutation gate: {caught} caught, {len(survived)} survived, {len(errors)} errors, "
-              f"{len(skipped)} not built, in {time.time() - t_start:.0f} s")
+              f"{len(skipped)} not built, {len(not_runnable)} not runnable on this CPU, in {time.time() - t_start:.0f} s")
+        for line in not_runnable:
+            print(f"  NOT RUNNABLE: {line}")
         for name in survived:
             print(f"  SURVIVED: {name}: no test of its backend catches it; write one")
         problems += errors

@@ -3,7 +3,9 @@
 Loaded by the mutation gate (scripts/mutation/gate.py). Each entry is a small, realistic bug:
 ``dict(name=, path=, old=, new=, tests=[pytest args], build=None | "cpu" | "emu" | "emu-tsan")``: ``old`` occurs exactly once in
 ``path`` and is replaced by ``new``; ``build="cpu"`` rebuilds reatt_kernels._C, ``"emu"`` the CUDA emulation module
-reatt_kernels._C_emu; the ``tests`` must FAIL with the mutant (and pass without it). ``issue13=True`` marks the seven
+reatt_kernels._C_emu; the ``tests`` must FAIL with the mutant (and pass without it). ``isa=`` names the
+instruction-set level the mutated code needs (csrc/cpu_isa.h): the avx512 helpers, the avx2 namespace, the
+avx512_bf16 filter; a CPU below it reports the mutant as not runnable. ``issue13=True`` marks the seven
 bugs of issue 13 (always in the CI selection); ``ci=True`` keeps a mutant in the CI selection beside the first mutant
 of each file.
 """
@@ -29,7 +31,7 @@ MUTANTS = [
          old="qa.to(tl.int64) * C + col64, score, mask=qa < Bq)",
          new="qa.to(tl.int64) * C + col64, score.to(tl.bfloat16).to(tl.float32), mask=qa < Bq)",
          tests=[MAXSIM, "-k", "test_maxsim_fwd and triton and dtype0"]),
-    dict(issue13=True, name="cpp-avx512-tie-break->=", path="csrc/maxsim/maxsim_cpu_avx512.h",
+    dict(issue13=True, name="cpp-avx512-tie-break->=", path="csrc/maxsim/maxsim_cpu_avx512.h", isa="avx512",
          old="_mm512_cmp_ps_mask(s, m, _CMP_GT_OQ)", new="_mm512_cmp_ps_mask(s, m, _CMP_GE_OQ)", build="cpu",
          tests=[MAXSIM, "-k", "test_maxsim_bwd and cpu"]),
     dict(issue13=True, name="cpp-bias-clamp-R-2", path="csrc/maxsim/maxsim_cpu_isa.h",
@@ -38,7 +40,7 @@ MUTANTS = [
     dict(name="cpp-bf16-store-truncates", path="csrc/cpu_dtype.h",
          old="  x += 0x7fffu + ((x >> 16) & 1u);\n", new="  x += 0u;\n", build="cpu",
          tests=[MAXSIM, "-k", "test_maxsim_bwd and cpu and dtype2"]),
-    dict(name="cpp-avx2-tie-break->=", path="csrc/maxsim/maxsim_cpu.cpp",
+    dict(name="cpp-avx2-tie-break->=", path="csrc/maxsim/maxsim_cpu.cpp", isa="avx2",
          old="_mm256_cmp_ps(s, m, _CMP_GT_OQ)", new="_mm256_cmp_ps(s, m, _CMP_GE_OQ)", build="cpu",
          tests=["tests/kernels/test_maxsim_cpu.py", "-k", "isa_fwd_bwd and avx2-"]),
     dict(name="cpp-bwd-dbias-distance-sign", path="csrc/maxsim/maxsim_cpu_isa.h",
@@ -46,7 +48,7 @@ MUTANTS = [
          build="cpu", tests=[MAXSIM, "-k", "test_maxsim_bwd and cpu and dtype0"]),
     # issue 22: the fp32 filter's runner-up skip decided for the whole 16-lane group instead of per lane; dq's
     # column-major loop keeping the first query's weight; the padded-document trim stopping one token short.
-    dict(name="cpp-filter-scan-only-when-every-lane-needs", path="csrc/maxsim/maxsim_cpu_isa.h",
+    dict(name="cpp-filter-scan-only-when-every-lane-needs", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
          old="    if (!need) continue;\n", new="    if (need != live) continue;\n", build="cpu",
          tests=["tests/kernels/test_maxsim_cpu.py", "-k", "runner_up"]),
     dict(name="cpp-bwd-dq-stale-query-weight", path="csrc/maxsim/maxsim_cpu_isa.h",

@@ -15,19 +15,23 @@ CI_TESTS = "tests/kernels/test_centroid_interaction.py"  # the codec's use of th
 
 MUTANTS = [
     # ---- Python, Triton and C++ CPU ----
-    dict(name="cpp-residual-tile-tail-dropped", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp",
+    dict(name="cpp-residual-tile-tail-dropped", path="csrc/residual_maxsim/residual_maxsim_cpu_isa.h",
          old="for (int j = 0; j < nt; ++j) m = std::max(m, acc[k][j] + tab[",
          new="for (int j = 0; j < nt - 1; ++j) m = std::max(m, acc[k][j] + tab[", build="cpu",
          tests=[RESIDUAL, "-k", "residual_maxsim_matches and cpu"]),
-    dict(name="cpp-residual-table-column-of-tile-head", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp", ci=True,
+    dict(name="cpp-residual-table-column-of-tile-head", path="csrc/residual_maxsim/residual_maxsim_cpu_isa.h", ci=True,
          old="tab[static_cast<int64_t>(tcodes[j]) * LP + i0 + k]",
          new="tab[static_cast<int64_t>(tcodes[j]) * LP + i0]", build="cpu",
          tests=[CI_TESTS, "-k", "table_path"]),
+    # the per-ISA dispatch (residual_maxsim_cpu.cpp): 4-bit codes decoded by the 2-bit kernel
+    dict(name="cpp-residual-dispatch-nbits-4-as-2", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp",
+         old="case 4: REATT_BY_LEVEL(level, residual_maxsim_impl<4>,", new="case 4: REATT_BY_LEVEL(level, residual_maxsim_impl<2>,",
+         build="cpu", tests=[RESIDUAL, "-k", "residual_maxsim_matches and cpu"]),
     # ---- centroid_interaction (same C++ file; reference/centroid_interaction.py) ----
-    dict(name="cpp-ci-last-token-dropped", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp",
+    dict(name="cpp-ci-last-token-dropped", path="csrc/residual_maxsim/residual_maxsim_cpu_isa.h",
          old="for (int64_t t = t0 + 1; t < t1; ++t) {", new="for (int64_t t = t0 + 1; t < t1 - 1; ++t) {", build="cpu",
          tests=[CI_TESTS, "-k", "matches_oracle and cpu"]),
-    dict(name="cpp-ci-masked-columns-summed", path="csrc/residual_maxsim/residual_maxsim_cpu.cpp", ci=True,
+    dict(name="cpp-ci-masked-columns-summed", path="csrc/residual_maxsim/residual_maxsim_cpu_isa.h", ci=True,
          old="      if (qm[i]) s += acc[i];", new="      s += acc[i];", build="cpu",
          tests=[CI_TESTS, "-k", "table_semantics and cpu"]),
     dict(name="ref-ci-token-rows-shifted", path="reatt_kernels/reference/centroid_interaction.py", ci=True,

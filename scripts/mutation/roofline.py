@@ -6,6 +6,7 @@ computed from.
 """
 
 ROOF = "tests/tooling/test_roofline.py"
+ISA_TESTS = "tests/tooling/test_isa.py"
 
 MUTANTS = [
     dict(name="roofline-threads-check-off-by-one", path="csrc/roofline_cpu.cpp",
@@ -14,4 +15,13 @@ MUTANTS = [
     dict(name="roofline-bytes-not-page-rounded", path="csrc/roofline_cpu.cpp",
          old="const int64_t bytes = n_bytes / 4096 * 4096;", new="const int64_t bytes = n_bytes;", build="cpu",
          tests=[ROOF, "-k", "read_bandwidth_is_a_positive_rate"]),
+    # csrc/cpu_isa.h, the one answer every CPU kernel dispatches on. Each needs a CPU above the level it breaks:
+    # REATT_CPU_ISA_CAP ignored is visible only where the cap hides something (a CPU above avx2); "auto" not capped
+    # by the kernel's best path only where the CPU has more (avx512_bf16, beyond the fp32 probes' avx512).
+    dict(name="cpu-isa-cap-ignored", path="csrc/cpu_isa.h", isa="avx512",
+         old="inline int best() { return std::min(detected(), cap()); }", new="inline int best() { return detected(); }",
+         build="cpu", tests=[ROOF, ISA_TESTS, "-k", "refuses or cap"]),
+    dict(name="cpu-isa-auto-ignores-the-kernels-best-path", path="csrc/cpu_isa.h", isa="avx512_bf16",
+         old="  const int have = std::min(best(), top);", new="  const int have = best();",
+         build="cpu", tests=[ROOF, "-k", "every_probe_path"]),
 ]

@@ -9,6 +9,7 @@ import torch
 
 from reatt_kernels import centroid_interaction, centroid_score_table, residual_maxsim
 
+from ..isa import isa_params
 from ..oracle import centroid_interaction_oracle, residual_maxsim_oracle
 from ..utils import _has_cpu_ext, assert_fp32_level, noncontig
 
@@ -123,3 +124,37 @@ def test_residual_maxsim_cpu_table_path_matches_oracle(nbits, Lq):
     assert_fp32_level(out, ref, mag, backend="cpu", name=f"residual_maxsim[cpu, table, nbits={nbits}]")
     with pytest.raises(ValueError, match="centroid_scores must be"):
         residual_maxsim(q, cent, w, codes, packed, off, cand, nbits, qm, centroid_scores=table[:, :-1])
+
+
+# ---- every ISA path of the cpu kernels (tests/isa.py) ------------------------------------------------------------------
+@pytest.mark.parametrize("isa", isa_params("centroid_interaction"))
+@pytest.mark.skipif(not _has_cpu_ext(), reason="no C++ extension")
+def test_centroid_interaction_cpu_isa_paths(isa, force_isa):
+    """Each instruction-set path of the cpu kernel, forced, against the oracle: every table width (LP 16..64) and the
+    spec's edge cases."""
+    force_isa(isa)
+    for Lq in (5, 17, 33, 64):
+        q, qm, cent, codes, off, cand = make_inputs(Lq=Lq)
+        table = centroid_score_table(q, cent, qm)
+        ref, mag = centroid_interaction_oracle(table, qm, codes, off, cand)
+        out = centroid_interaction(table, codes, off, cand, qm, backend="cpu")
+        assert_fp32_level(out, ref, mag, backend="cpu", name=f"centroid_interaction[cpu {isa}, Lq={Lq}]")
+        assert torch.isinf(out[0, 0]) and out[0, 0] < 0 and (out[-1][cand[-1] >= 0] == 0).all()
+
+
+@pytest.mark.parametrize("isa", isa_params("residual_maxsim"))
+@pytest.mark.skipif(not _has_cpu_ext(), reason="no C++ extension")
+def test_residual_maxsim_cpu_isa_paths(isa, force_isa):
+    """Each instruction-set path of the cpu residual_maxsim kernel, forced, against the oracle (which decompresses):
+    every nbits, query lengths across the 4-token register groups, documents across 16-token tiles."""
+    force_isa(isa)
+    D = 40
+    for nbits in (1, 2, 4, 8):
+        for Lq in (5, 17):
+            q, qm, cent, codes, off, cand = make_inputs(Lq=Lq, D=D)
+            w = torch.randn(D, 1 << nbits) * 0.3
+            packed = torch.randint(0, 256, (codes.numel(), D * nbits // 8), dtype=torch.uint8)
+            ref, mag = residual_maxsim_oracle(q, qm, cent, w, codes, packed, off, cand, nbits)
+            out = residual_maxsim(q, cent, w, codes, packed, off, cand, nbits, qm, backend="cpu")
+            assert_fp32_level(out, ref, mag, backend="cpu", name=f"residual_maxsim[cpu {isa}, nbits={nbits}, Lq={Lq}]")
+            assert torch.isinf(out[0, 0]) and out[0, 0] < 0 and torch.isinf(out[cand < 0]).all()

@@ -14,8 +14,9 @@ import reatt_kernels as rk
 from reatt_kernels import _alloc
 from reatt_kernels.reference.distill import distill_kl_ref
 
+from ..isa import isa_params
 from ..oracle import dense_teacher_oracle, kl_oracle, reader_teacher_oracle, retrieval_distill_oracle
-from ..utils import BACKENDS, CUDA_EMU, DTYPES, assert_fp32_level, device_for, needs_triton, noncontig, random_mask
+from ..utils import BACKENDS, CUDA_EMU, DTYPES, _has_cpu_ext, assert_fp32_level, device_for, needs_triton, noncontig, random_mask
 
 BACKENDS = [*BACKENDS, CUDA_EMU]  # every op here runs its CUDA kernel under emulation too
 
@@ -152,6 +153,24 @@ def test_reader_teacher_long_rows_fid_layout(backend, is_logits):
                                 backend=backend)
         check_teacher(out, a, doc, mask, n, is_logits, backend=backend, name=f"long rows {dtype}")
         assert torch.all(out[:, 2] == 0)
+
+
+@pytest.mark.parametrize("isa", isa_params("reader_teacher"))
+@pytest.mark.skipif(not _has_cpu_ext(), reason="no C++ extension")
+def test_reader_teacher_cpu_isa_paths(isa, force_isa):
+    """Each instruction-set path of the cpu kernel, forced, against the oracle: every dtype, logits and
+    probabilities, strided and contiguous rows, rows of several 256-token blocks with a rising max."""
+    force_isa(isa)
+    for dtype in DTYPES:
+        for is_logits in (True, False):
+            for shape in RT_SHAPES[:2] + [(2, 1, 2, 2, 601, 5)]:
+                attn, doc, mask = make_teacher_case(shape, dtype, "cpu", is_logits=is_logits)
+                if shape[4] == 601 and is_logits:
+                    attn = (attn.double() + torch.linspace(0, 6, 601, dtype=torch.float64)).to(dtype)
+                for a in (attn, noncontig(attn)):
+                    out = rk.reader_teacher(a, doc, attn_mask=mask, is_logits=is_logits, n_docs=shape[-1],
+                                            backend="cpu")
+                    check_teacher(out, a, doc, mask, shape[-1], is_logits, "cpu", name=f"{isa} {dtype} {shape}")
 
 
 @needs_triton

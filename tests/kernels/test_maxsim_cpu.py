@@ -15,29 +15,19 @@ import torch
 import reatt_kernels as rk
 from reatt_kernels import _ext
 
+from ..isa import isa_params
 from ..oracle import maxsim_oracle
 from ..utils import DTYPES, assert_fp32_level, discrete, needs_cpu_ext, noncontig, random_mask
 
 pytestmark = needs_cpu_ext
 
-ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]
-
-
 def _isa_params():
-    best = _ext.ext().maxsim_cpu_isa() if _ext.has("maxsim_cpu_isa") else "scalar"
-    out = []
-    for isa in ISAS:
-        ok = ISAS.index(isa) <= ISAS.index(best)
-        out.append(pytest.param(isa, marks=pytest.mark.skipif(not ok, reason=f"CPU lacks {isa} (best: {best})")))
-    return out
+    return isa_params("maxsim")
 
 
 @pytest.fixture
-def isa_env(monkeypatch):
-    def set_isa(isa):
-        monkeypatch.setenv("REATT_CPU_ISA", isa)
-
-    return set_isa
+def isa_env(force_isa):
+    return force_isa
 
 
 def _packed(Nd, max_len, D, dtype, gen, empty=(1,)):

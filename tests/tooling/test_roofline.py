@@ -14,10 +14,13 @@ import torch
 
 from reatt_kernels import _ext, build_info
 from reatt_kernels.bench import util
+from reatt_kernels.cpu import isa as cpu_isa
 
 C = _ext.ext()
 needs_probes = pytest.mark.skipif(C is None or not hasattr(C, "cpu_peak_flops"),
                                   reason="reatt_kernels._C (with the roofline probes) is not built")
+from ..isa import isa_params  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_maxsim.py"
 MIB = 1 << 20
 
@@ -37,7 +40,7 @@ def _threads(n: int) -> int:
 def test_fma32_peak_is_a_positive_rate(n_threads):
     r = C.cpu_peak_flops("fma32", n_threads, 0.01)
     assert _positive(r["GFLOPs"]), r
-    assert r["isa"] in ("avx512", "avx2", "portable") and r["threads"] == _threads(n_threads)
+    assert r["isa"] in ("avx512", "avx2", "scalar") and r["threads"] == _threads(n_threads)
     assert "FLOP" in r["method"] and math.isfinite(r["checksum"])
 
 
@@ -49,6 +52,39 @@ def test_bf16dp_runs_exactly_where_the_cpu_has_avx512_bf16():
     else:
         with pytest.raises(ValueError, match=r"bf16dp.*lacks avx512_bf16"):
             C.cpu_peak_flops("bf16dp", 1, 0.01)
+
+
+@needs_probes
+@pytest.mark.parametrize("isa", isa_params("roofline"))
+def test_every_probe_path_runs_exactly_as_asked(isa):
+    """Each ISA path of the probes, forced: it reports that path and a positive rate, or (bf16dp below its level)
+    refuses by name. `auto` runs the best path this CPU has."""
+    fma_isa = "avx512" if isa == "avx512_bf16" else isa
+    r = C.cpu_peak_flops("fma32", 1, 0.01, isa=fma_isa)
+    assert _positive(r["GFLOPs"]) and r["isa"] == fma_isa, r
+    b = C.cpu_read_bandwidth(MIB, 1, 0.01, isa=fma_isa)
+    assert _positive(b["GBps"]) and f"({fma_isa} loads" in b["method"], b
+    if isa == "avx512_bf16":
+        r = C.cpu_peak_flops("bf16dp", 1, 0.01, isa=isa)
+        assert _positive(r["GFLOPs"]) and r["isa"] == "avx512_bf16", r
+    else:
+        with pytest.raises(ValueError, match=r"bf16dp.* runs only isa 'avx512_bf16'|lacks avx512_bf16"):
+            C.cpu_peak_flops("bf16dp", 1, 0.01, isa=isa)
+    best = cpu_isa.info()["best"]
+    assert C.cpu_peak_flops("fma32", 1, 0.01)["isa"] == ("avx512" if best == "avx512_bf16" else best)
+
+
+@needs_probes
+def test_probe_refuses_a_path_the_cpu_lacks(monkeypatch):
+    monkeypatch.setenv("REATT_CPU_ISA_CAP", "avx2")
+    assert cpu_isa.info()["best"] == "avx2" and not C.cpu_has_avx512_bf16()
+    with pytest.raises(ValueError, match=r"isa 'avx512' cannot run on this CPU: it lacks avx512f.*REATT_CPU_ISA_CAP"):
+        C.cpu_peak_flops("fma32", 1, 0.01, isa="avx512")
+    with pytest.raises(ValueError, match=r"isa must be auto, scalar, avx2, avx512 .*got 'sse9'"):
+        C.cpu_read_bandwidth(MIB, 1, 0.01, isa="sse9")
+    monkeypatch.setenv("REATT_CPU_ISA_CAP", "avx3")
+    with pytest.raises(ValueError, match=r"REATT_CPU_ISA_CAP must be one of"):
+        C.cpu_peak_flops("fma32", 1, 0.01)
 
 
 @needs_probes
