@@ -12,7 +12,9 @@
 namespace reatt {
 
 // Dtype codes; must match reatt_kernels/_ext.py::DTYPE_CODES.
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64 = 4, kUInt8 = 5, kBool = 6, kInt16 = 7 };
+enum DType : int {
+  kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64 = 4, kUInt8 = 5, kBool = 6, kInt16 = 7, kUInt16 = 8
+};
 
 inline const char* dtype_name(int code) {
   switch (code) {
@@ -24,6 +26,7 @@ inline const char* dtype_name(int code) {
     case kUInt8: return "uint8";
     case kBool: return "bool";
     case kInt16: return "int16";
+    case kUInt16: return "uint16";
     default: return "unknown";
   }
 }

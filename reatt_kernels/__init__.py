@@ -4,6 +4,8 @@ Public API (shapes in each docstring):
 - :func:`maxsim`, :func:`maxsim_packed`, :func:`maxsim_grouped`: late-interaction scoring, fwd + bwd.
 - :func:`distill_kl`, :func:`reader_teacher`, :func:`retrieval_distill_loss`: retrieval distillation.
 - :func:`residual_maxsim`: fused decompress + MaxSim over residual-compressed documents (the index's scorer).
+- :func:`plaid_search`: a residual index's whole search (interaction, selection, decompressed rerank, top-k) in one
+  call (the CPU index's search path).
 - :func:`centroid_interaction`, :func:`centroid_score_table`: PLAID's approximate MaxSim from centroid ids (the index's
   candidate pruning) and the per-query centroid score table it reads.
 - :func:`available_backends`: each backend's status ("ok" or the reasons it cannot run here); :func:`build_info`:
@@ -18,6 +20,7 @@ from .ops.maxsim import maxsim, maxsim_grouped, maxsim_packed
 from .ops.distill import distill_kl, reader_teacher, retrieval_distill_loss
 from .ops.centroid_interaction import centroid_interaction, centroid_score_table
 from .ops.residual_maxsim import residual_maxsim
+from .ops.plaid_search import plaid_search
 
 __version__ = "0.1.0"
 
@@ -43,6 +46,7 @@ __all__ = [
     "residual_maxsim",
     "centroid_interaction",
     "centroid_score_table",
+    "plaid_search",
     "available_backends",
     "build_info",
     "BackendUnavailableError",

@@ -23,6 +23,7 @@ DTYPE_CODES = {
     torch.uint8: 5,
     torch.bool: 6,
     torch.int16: 7,
+    torch.uint16: 8,
 }
 
 _C = None

@@ -86,3 +86,16 @@ class CentroidInteractionLauncher(Launcher):
     def forward(self, table: Tensor, q_mask: Tensor, codes: Tensor, d_offsets: Tensor,
                 cand: Optional[Tensor]) -> Tensor:
         """-> scores fp32 [Bq, Nc] (-inf for padding candidates and empty documents, 0 without a valid token)."""
+
+
+class PlaidSearchLauncher(Launcher):
+    """``reatt::plaid_search``: table fp32 [Bq, C, LP], q fp32 [Bq, LP, D] (valid tokens first), n_valid int32 [Bq],
+    weights fp32 [D, 2^nbits], codes int32 or uint16 [T], packed uint8 [T, D * nbits // 8], d_offsets int64 [Nd + 1],
+    live bool [Nd] or None, allow bool [Bq, Nd] or None, cand int64 [Bq, Nc] or None."""
+
+    @abc.abstractmethod
+    def forward(self, table: Tensor, q: Tensor, n_valid: Tensor, weights: Tensor, codes: Tensor, packed: Tensor,
+                d_offsets: Tensor, nbits: int, k: int, ncand: int, live: Optional[Tensor], allow: Optional[Tensor],
+                cand: Optional[Tensor], stage_s: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """-> scores fp32 [Bq, k], document rows int64 [Bq, k] ((-inf, -1) past the kept documents). ``stage_s``:
+        None, or fp64 [3] a backend may fill with the seconds of its stages (interaction, selection, rerank + top-k)."""

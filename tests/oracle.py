@@ -367,3 +367,50 @@ def centroid_interaction_oracle(table, q_mask, codes, d_offsets, cand) -> tuple[
             out[a, c] = total
             mag[a, c] = m
     return out, mag
+
+
+# ---- plaid_search (reatt_kernels/reference/plaid_search.py's docstring) ------------------------------------------------
+def plaid_search_oracle(q, q_mask, centroids, weights, codes, packed, d_offsets, nbits: int, k: int, ncand: int,
+                        live=None, allow=None, cand=None) -> dict:
+    """For every query a and document b: approx[a, b] = sum_{valid i} max_t q_ai . c_{code_t} (centroid interaction)
+    and exact[a, b] = sum_{valid i} max_t q_ai . (c_{code_t} + r_t) (the decompressed MaxSim), both float64 with their
+    magnitudes; eligible[a, b] (live, allowed, among the candidates); and the spec's answer: the ncand eligible
+    documents with approx > -inf, best first by (approx, then lower row), reranked by exact, the k best by (exact, then
+    lower row) -> docs [Bq, k] and scores [Bq, k], (-1, -inf) padded."""
+    q = f64(q)
+    Bq, Lq, D = q.shape
+    qm = _cpu(q_mask) if q_mask is not None else torch.ones(Bq, Lq, dtype=torch.bool)
+    cent = f64(centroids)
+    v, vmag = residual_decode_oracle(centroids, weights, codes, packed, nbits)
+    cvec = cent[_cpu(codes).long()]
+    off = [int(x) for x in _cpu(d_offsets)]
+    Nd = len(off) - 1
+    approx = torch.full((Bq, Nd), float("-inf"), dtype=F64)
+    exact = torch.full((Bq, Nd), float("-inf"), dtype=F64)
+    mag = torch.zeros(Bq, Nd, dtype=F64)
+    eligible = torch.zeros(Bq, Nd, dtype=torch.bool)
+    for a in range(Bq):
+        cands = range(Nd) if cand is None else [int(b) for b in _cpu(cand)[a] if int(b) >= 0]
+        for b in cands:
+            if (live is not None and not bool(live[b])) or (allow is not None and not bool(allow[a, b])):
+                continue
+            eligible[a, b] = True
+            if not bool(qm[a].any()):
+                approx[a, b] = exact[a, b] = 0.0
+                continue
+            if off[b + 1] == off[b]:
+                continue
+            qa = q[a][qm[a]]
+            approx[a, b] = (qa @ cvec[off[b]:off[b + 1]].T).max(-1).values.sum()
+            exact[a, b] = (qa @ v[off[b]:off[b + 1]].T).max(-1).values.sum()
+            mag[a, b] = (qa.abs() @ vmag[off[b]:off[b + 1]].T).amax(-1).sum()
+    docs = torch.full((Bq, k), -1, dtype=torch.int64)
+    scores = torch.full((Bq, k), float("-inf"), dtype=F64)
+    for a in range(Bq):
+        pool = [b for b in range(Nd) if eligible[a, b] and approx[a, b] > float("-inf")]
+        kept = sorted(pool, key=lambda b: (-float(approx[a, b]), b))[:ncand]
+        kept = [b for b in kept if exact[a, b] > float("-inf")]
+        best = sorted(kept, key=lambda b: (-float(exact[a, b]), b))[:k]
+        for r, b in enumerate(best):
+            docs[a, r], scores[a, r] = b, exact[a, b]
+    return dict(approx=approx, exact=exact, mag=mag, eligible=eligible, docs=docs, scores=scores)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..ops.centroid_interaction import centroid_interaction, centroid_score_table
+from ..ops.plaid_search import pack_query_tokens, plaid_score_table, plaid_search_prepared
 from ..ops.residual_maxsim import residual_maxsim  # the public op (reatt_kernels.residual_maxsim)
 from .codec import ResidualCodec, check_nbits, default_n_centroids, default_sample_tokens
 from .io import IndexCorruptedError, load_arrays, save_arrays
@@ -191,7 +192,7 @@ class TokenIndex:
         if kind == "exact":
             self.tokens = torch.zeros((0, dim), dtype=torch.float16, device=dev)
         else:
-            self.codes = torch.zeros(0, dtype=torch.int32, device=dev)
+            self.codes = torch.zeros(0, dtype=self._code_dtype(), device=dev)
             self.packed = torch.zeros((0, dim * nbits // 8), dtype=torch.uint8, device=dev)
             self.ivf_offsets = torch.zeros(1, dtype=torch.int64, device=dev)
             # int32 document indices (half the bytes of int64: the lists are about 6 of the ~80 bytes per token);
@@ -201,6 +202,16 @@ class TokenIndex:
         # search defaults chosen for this corpus by calibrate() (empty: DEFAULTS' fallbacks)
         self.calibration: dict = {}
         self._flat = None  # lazily built token-level flat index (exact, method="flat")
+
+    def _code_dtype(self) -> torch.dtype:
+        """uint16 centroid ids where they fit (C <= 65536) on a CPU index: 2 bytes per token instead of 4. GPU indexes
+        keep int32 (the staged GPU ops read int32)."""
+        C = self.codec.centroids.shape[0] if self.codec is not None else 1 << 31
+        return torch.uint16 if self.device.type == "cpu" and C <= 65536 else torch.int32
+
+    def _codes32(self) -> Tensor:
+        """The codes as int32, for the ops that read int32 (the staged pipeline, calibration)."""
+        return self.codes if self.codes.dtype == torch.int32 else self.codes.to(torch.int32)
 
     # ---- sizes ------------------------------------------------------------------------------------------------------
     @property
@@ -214,8 +225,9 @@ class TokenIndex:
 
     @property
     def bytes_per_token(self) -> float:
-        """Bytes of token payload per token: 2 * dim (fp16) for exact, 4 + dim * nbits / 8 for residual."""
-        return 2.0 * self.dim if self.kind == "exact" else 4 + self.dim * self.nbits / 8
+        """Bytes of token payload per token: 2 * dim (fp16) for exact; the code (2 bytes as uint16, 4 as int32) + dim *
+        nbits / 8 for residual."""
+        return 2.0 * self.dim if self.kind == "exact" else self.codes.element_size() + self.dim * self.nbits / 8
 
     def nbytes(self) -> int:
         """All arrays' bytes (payload, offsets, ids, tombstones, inverted lists, codec)."""
@@ -532,13 +544,17 @@ class TokenIndex:
         return q.to(self.device), q_mask.to(self.device)
 
     def search(self, q: Tensor, q_mask: Optional[Tensor] = None, k: int = 10, *, timings: bool = False,
-               backend: str = "auto", **params) -> tuple[Tensor, Tensor]:
+               backend: str = "auto", subset=None, **params) -> tuple[Tensor, Tensor]:
         """Top-k documents per query by MaxSim.
 
         Args:
             q: [Bq, Lq, dim] (or [Lq, dim]) float. q_mask: bool [Bq, Lq] or None. k: results per query (>= 1).
             timings: record per-stage seconds in ``self.last_timings`` (synchronises the GPU between stages).
             backend: kernel backend for the scoring op.
+            subset: None, or an allow-list of document ids: one sequence (or int64 tensor) for every query, or a list
+                of ``Bq`` sequences, one per query. Only those documents can be returned; ids not in the index are
+                ignored. It is applied to the candidates before the expensive stages (exact: only the allowed
+                documents are scored; residual: before centroid interaction, selection and rerank).
             params: exact: ``method`` ("full" | "flat"), ``k_token`` (flat; <= 2048). residual (defaults:
                 ``DEFAULTS``, and the reason for each beside it): ``method`` ("auto" | "plaid" | "scan"; "auto" is
                 the calibrated choice, or plaid when ``nprobe`` or ``ncandidates`` is given), ``nprobe``
@@ -551,6 +567,7 @@ class TokenIndex:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         q, q_mask = self._check_query(q, q_mask)
+        allow = self._allow_mask(subset, q.shape[0])
         timer = _Timer(self.device, timings)
         timer.start()
         if self.kind == "exact":
@@ -558,9 +575,9 @@ class TokenIndex:
             k_token = params.pop("k_token", 256)
             self._no_extra(params)
             if method == "full":
-                scores, ids = self._search_exact_full(q, q_mask, k, backend, timer)
+                scores, ids = self._search_exact_full(q, q_mask, k, backend, timer, allow)
             elif method == "flat":
-                scores, ids = self._search_exact_flat(q, q_mask, k, k_token, backend, timer)
+                scores, ids = self._search_exact_flat(q, q_mask, k, k_token, backend, timer, allow)
             else:
                 raise ValueError(f"method must be 'full' or 'flat', got {method!r}")
         else:
@@ -577,28 +594,60 @@ class TokenIndex:
             if method not in ("plaid", "scan"):
                 raise ValueError(f"method must be 'auto', 'plaid' or 'scan', got {method!r}")
             if method == "scan":
-                scores, ids = self._search_scan(q, q_mask, k, backend, timer)
+                scores, ids = self._search_scan(q, q_mask, k, backend, timer, allow)
             else:
-                scores, ids = self._search_residual(q, q_mask, k, nprobe, ncand, backend, timer)
+                scores, ids = self._search_residual(q, q_mask, k, nprobe, ncand, backend, timer, allow)
         self.last_timings = dict(timer.times)
         return scores, ids
+
+    def _allow_mask(self, subset, Bq: int) -> Optional[Tensor]:
+        """``subset`` (document ids) -> bool [Bq, N] over the index's rows, or None."""
+        if subset is None:
+            return None
+
+        def rows_of(ids, where):
+            t = ids if isinstance(ids, Tensor) else torch.as_tensor(ids)
+            if t.numel() == 0:
+                t = t.reshape(0).to(torch.int64)  # an empty list allows nothing
+            if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"subset{where} must be a 1-D sequence of int document ids, got "
+                                f"{t.dtype} {tuple(t.shape)}")
+            return torch.isin(self.doc_ids, t.to(device=self.device, dtype=torch.int64))
+
+        per_query = isinstance(subset, (list, tuple)) and len(subset) > 0 and all(
+            isinstance(x, (list, tuple, Tensor)) for x in subset)
+        if per_query:
+            if len(subset) != Bq:
+                raise ValueError(f"subset has {len(subset)} per-query lists for {Bq} queries")
+            return torch.stack([rows_of(x, f"[{a}]") for a, x in enumerate(subset)])
+        return rows_of(subset, "").expand(Bq, -1)
 
     @staticmethod
     def _no_extra(params):
         if params:
             raise TypeError(f"unknown search parameters: {sorted(params)}")
 
-    def _search_exact_full(self, q, q_mask, k, backend, timer):
+    def _search_exact_full(self, q, q_mask, k, backend, timer, allow=None):
         from ..ops.maxsim import maxsim_packed
 
         N = self.offsets.numel() - 1
         if N == 0:
             empty = torch.zeros((q.shape[0], 0), device=self.device)
             return merge_topk(empty, empty.long(), k)
-        s = maxsim_packed(q.to(self.tokens.dtype), self.tokens, self.offsets, q_mask, backend=backend).float()
-        s = s.masked_fill(self.deleted[None, :], float("-inf"))
+        if allow is None:
+            s = maxsim_packed(q.to(self.tokens.dtype), self.tokens, self.offsets, q_mask, backend=backend).float()
+            s = s.masked_fill(self.deleted[None, :], float("-inf"))
+            ids = self.doc_ids[None, :].expand_as(s)
+        else:  # score only the documents some query may return
+            rows = torch.nonzero(allow.any(0) & ~self.deleted).flatten()
+            trows, seg = _ragged_rows(self.offsets, rows)
+            off = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=self.device)
+            off[1:] = torch.cumsum(torch.bincount(seg, minlength=rows.numel()), 0)
+            s = maxsim_packed(q.to(self.tokens.dtype), self.tokens[trows], off, q_mask, backend=backend).float()
+            s = s.masked_fill(~allow[:, rows], float("-inf"))
+            ids = self.doc_ids[rows][None, :].expand_as(s)
         timer.stop("maxsim")
-        out = merge_topk(s, self.doc_ids[None, :].expand_as(s), k)
+        out = merge_topk(s, ids, k)
         timer.stop("topk")
         return out
 
@@ -629,7 +678,7 @@ class TokenIndex:
             best_s, best_r = sv, si
         return best_r
 
-    def _search_exact_flat(self, q, q_mask, k, k_token, backend, timer):
+    def _search_exact_flat(self, q, q_mask, k, k_token, backend, timer, allow=None):
         from ..ops.maxsim import maxsim_packed
 
         if not 1 <= k_token <= 2048:
@@ -646,6 +695,8 @@ class TokenIndex:
             r = r[r >= 0]
             docs = torch.unique(torch.searchsorted(self.offsets, r, right=True) - 1)
             docs = docs[~self.deleted[docs]]
+            if allow is not None:
+                docs = docs[allow[a, docs]]
             trows, seg = _ragged_rows(self.offsets, docs)
             lens = torch.bincount(seg, minlength=docs.numel())
             off = torch.zeros(docs.numel() + 1, dtype=torch.int64, device=self.device)
@@ -743,19 +794,22 @@ class TokenIndex:
             raise ValueError(f"nprobe must be 'auto' or an int >= 0, got {nprobe!r}")
         return nprobe
 
-    def _plaid_candidates(self, q, q_mask, table, nprobe, ncand, backend, timer) -> Tensor:
+    def _plaid_candidates(self, q, q_mask, table, nprobe, ncand, backend, timer, allow=None) -> Tensor:
         """Stages 2-3: candidate documents, then the ``ncand`` best by centroid interaction. int64 [Bq, M], -1 pad."""
         Bq = q.shape[0]
         npr = self._use_probe(q_mask, nprobe)
         if npr > 0:
             S = table[:, :, :q.shape[1]].transpose(1, 2)  # [Bq, Lq, C] view
             cand = self._probe(S, q_mask, npr, 1 << 62, timer)  # the whole union (no pruning here)
-            approx = centroid_interaction(table, self.codes, self.offsets, cand, q_mask, backend=backend)
+            approx = centroid_interaction(table, self._codes32(), self.offsets, cand, q_mask, backend=backend)
         else:  # every live document is a candidate: no candidate list is built
             cand = None
-            approx = centroid_interaction(table, self.codes, self.offsets, None, q_mask, backend=backend)
+            approx = centroid_interaction(table, self._codes32(), self.offsets, None, q_mask, backend=backend)
         approx = approx.masked_fill(self.deleted[cand.clamp(min=0)] if cand is not None else self.deleted[None],
                                     float("-inf"))
+        if allow is not None:
+            approx = approx.masked_fill(~(torch.gather(allow, 1, cand.clamp(min=0)) if cand is not None else allow),
+                                        float("-inf"))
         m = min(ncand, approx.shape[1])
         top_s, pos = torch.topk(approx, m, dim=1)
         kept = pos if cand is None else torch.gather(cand, 1, pos)
@@ -763,7 +817,14 @@ class TokenIndex:
         timer.stop("approx")
         return kept if Bq else kept.reshape(0, m)
 
-    def _search_residual(self, q, q_mask, k, nprobe, ncand, backend, timer):
+    def _fused(self, q_mask: Tensor, backend: str) -> bool:
+        """Whether the search runs as one plaid_search call (CPU index, cpu kernel, at most 64 valid query tokens)."""
+        from .. import _ext
+
+        return (self.device.type == "cpu" and backend in ("auto", "cpu") and _ext.has("plaid_search_cpu")
+                and (q_mask.numel() == 0 or int(q_mask.sum(1).max()) <= 64))
+
+    def _search_residual(self, q, q_mask, k, nprobe, ncand, backend, timer, allow=None):
         Bq = q.shape[0]
         N = self.offsets.numel() - 1
         dev = self.device
@@ -771,12 +832,33 @@ class TokenIndex:
             empty = torch.zeros((Bq, 0), device=dev)
             return merge_topk(empty, empty.long(), k)
         ncand = self._ncandidates(k, ncand)
+        if self._fused(q_mask, backend):
+            # one C++ call for stages 3-5 (csrc/plaid_search): the codes were validated at build / load, and the kernel
+            # bounds-checks what it reads, so no per-call pass over the corpus
+            qp, n_valid, LP = pack_query_tokens(q, q_mask)
+            table = plaid_score_table(qp, self.codec.centroids)
+            timer.stop("centroid_scores")
+            cand = None
+            npr = self._use_probe(q_mask, nprobe)
+            if npr > 0:
+                pm = torch.arange(LP, device=dev)[None, :] < n_valid[:, None]
+                cand = self._probe(table.transpose(1, 2), pm, npr, 1 << 62, timer)
+            st = torch.zeros(3, dtype=torch.float64) if timer.enabled else None
+            scores, rows = plaid_search_prepared(table, qp, n_valid, self.codec.weights, self.codes, self.packed,
+                                                 self.offsets, self.nbits, k=k, ncandidates=ncand, live=~self.deleted,
+                                                 allow=allow, cand=cand, stage_seconds=st, backend="cpu")
+            timer.stop("plaid_search")
+            if st is not None:
+                timer.times.update(kernel_approx=float(st[0]), kernel_select=float(st[1]),
+                                   kernel_rerank_topk=float(st[2]))
+            ids = torch.where(rows >= 0, self.doc_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
+            return scores, ids
         qf, q_mask = _pack_valid_tokens(q.float(), q_mask)
         table = centroid_score_table(qf, self.codec.centroids, q_mask)
         timer.stop("centroid_scores")
-        cand = self._plaid_candidates(qf, q_mask, table, nprobe, ncand, backend, timer)
-        scores = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self.codes, self.packed, self.offsets,
-                                 cand, self.nbits, q_mask, backend=backend, centroid_scores=table)
+        cand = self._plaid_candidates(qf, q_mask, table, nprobe, ncand, backend, timer, allow)
+        scores = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self._codes32(), self.packed,
+                                 self.offsets, cand, self.nbits, q_mask, backend=backend, centroid_scores=table)
         timer.stop("decompress_rerank")
         ids = torch.where(cand >= 0, self.doc_ids[cand.clamp(min=0)], torch.full_like(cand, -1))
         out = merge_topk(scores, ids, k)
@@ -789,17 +871,19 @@ class TokenIndex:
         if table is None:
             table = centroid_score_table(qf, self.codec.centroids, q_mask)
         cand = torch.arange(N, device=self.device)[None].expand(qf.shape[0], N).contiguous()
-        s = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self.codes, self.packed, self.offsets, cand,
-                            self.nbits, q_mask, backend=backend, centroid_scores=table)
+        s = residual_maxsim(qf, self.codec.centroids, self.codec.weights, self._codes32(), self.packed, self.offsets,
+                            cand, self.nbits, q_mask, backend=backend, centroid_scores=table)
         return s.masked_fill(self.deleted[None], float("-inf"))
 
-    def _search_scan(self, q, q_mask, k, backend, timer):
+    def _search_scan(self, q, q_mask, k, backend, timer, allow=None):
         Bq = q.shape[0]
         N = self.offsets.numel() - 1
         if N == 0 or self.codec is None:
             empty = torch.zeros((Bq, 0), device=self.device)
             return merge_topk(empty, empty.long(), k)
         s = self._scan_scores(*_pack_valid_tokens(q.float(), q_mask), backend)
+        if allow is not None:
+            s = s.masked_fill(~allow, float("-inf"))
         timer.stop("scan")
         out = merge_topk(s, self.doc_ids[None, :].expand_as(s), k)
         timer.stop("topk")
@@ -857,7 +941,7 @@ class TokenIndex:
             qm[a, :rows.numel()] = True
         table = centroid_score_table(Q, self.codec.centroids, qm)
         truth = self._scan_scores(Q, qm, table=table)
-        approx = centroid_interaction(table, self.codes, self.offsets, None, qm).masked_fill(self.deleted[None],
+        approx = centroid_interaction(table, self._codes32(), self.offsets, None, qm).masked_fill(self.deleted[None],
                                                                                             float("-inf"))
         kk = min(k, live.numel())
         top = torch.topk(truth, kk, dim=1).indices
@@ -925,4 +1009,35 @@ class TokenIndex:
         if (index.doc_ids.numel() != n or index.deleted.numel() != n or int(index.offsets[-1]) != m["n_tokens"]
                 or n != m["n_docs"]):
             raise IndexCorruptedError(f"{directory}: array sizes disagree with the manifest counts")
+        if index.kind == "residual" and index.codec is not None and index.codes.dtype != index._code_dtype():
+            index.codes = index.codes.to(index._code_dtype())  # an index saved with int32 codes, or moved device
+        index.validate(where=str(directory))
         return index
+
+    def validate(self, where: str = "index") -> None:
+        """Check the arrays every search trusts, once (at load; a build makes them valid by construction): offsets
+        start at 0, never decrease and end at the token count; codes name existing centroids; the packed residuals
+        and inverted lists have their shapes and ranges. Raises :class:`IndexCorruptedError` naming what is wrong.
+        One pass over the codes: this is why searches need none."""
+        off = self.offsets
+        T = int(off[-1]) if off.numel() else 0
+        if off.numel() < 1 or int(off[0]) != 0 or bool((off[1:] < off[:-1]).any()):
+            raise IndexCorruptedError(f"{where}: offsets must start at 0 and never decrease")
+        if self.kind == "exact":
+            if self.tokens.shape[0] < T:
+                raise IndexCorruptedError(f"{where}: offsets reach token {T} but tokens holds {self.tokens.shape[0]}")
+            return
+        if self.codes.shape[0] < T or self.packed.shape[0] < T or self.packed.shape[1] != self.dim * self.nbits // 8:
+            raise IndexCorruptedError(f"{where}: codes {tuple(self.codes.shape)} / packed {tuple(self.packed.shape)} "
+                                      f"do not hold {T} tokens of {self.dim * self.nbits // 8} bytes")
+        if self.codec is not None and T:
+            C = self.codec.centroids.shape[0]
+            lo, hi = (int(x) for x in torch.aminmax(self.codes[:T].to(torch.int32)))
+            if lo < 0 or hi >= C:
+                raise IndexCorruptedError(f"{where}: codes must name centroids in [0, {C}), found [{lo}, {hi}]")
+        iv = self.ivf_offsets
+        N = off.numel() - 1
+        if iv.numel() > 1 and (int(iv[0]) != 0 or bool((iv[1:] < iv[:-1]).any()) or int(iv[-1]) != self.ivf_docs.numel()
+                               or (self.ivf_docs.numel() and (int(self.ivf_docs.min()) < 0
+                                                              or int(self.ivf_docs.max()) >= N))):
+            raise IndexCorruptedError(f"{where}: the inverted lists are inconsistent with {N} documents")

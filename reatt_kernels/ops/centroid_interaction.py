@@ -84,7 +84,7 @@ def centroid_interaction(table: Tensor, codes: Tensor, d_offsets: Tensor, cand: 
 
     Args:
         table: fp32 [Bq, C, LP], ``centroid_score_table(q, centroids, q_mask)``.
-        codes: int32 [T] centroid id per token. d_offsets: int64 [Nd + 1].
+        codes: int32 (or uint16) [T] centroid id per token. d_offsets: int64 [Nd + 1].
         cand: int64 [Bq, Nc] document ids per query, -1 for padding; None scores every document (Nc = Nd).
         q_mask: bool [Bq, Lq] with Lq <= LP (None: the first LP tokens are all valid).
         backend: "auto", "torch" or "cpu".
@@ -100,8 +100,10 @@ def centroid_interaction(table: Tensor, codes: Tensor, d_offsets: Tensor, cand: 
         raise ValueError(f"table must be fp32 [Bq, C, LP] (centroid_score_table), got {table.dtype} "
                          f"{tuple(table.shape)}")
     Bq, C, LP = table.shape
-    if codes.dim() != 1 or codes.dtype != torch.int32:
-        raise TypeError(f"codes must be int32 [T], got {codes.dtype} {tuple(codes.shape)}")
+    if codes.dim() != 1 or codes.dtype not in (torch.int32, torch.uint16):
+        raise TypeError(f"codes must be int32 or uint16 [T], got {codes.dtype} {tuple(codes.shape)}")
+    if codes.dtype == torch.uint16:  # a CPU index's compact codes: the kernels read int32
+        codes = codes.to(torch.int32)
     if d_offsets.dtype != torch.int64 or d_offsets.dim() != 1 or d_offsets.shape[0] < 1:
         raise ValueError(f"d_offsets must be int64 [Nd + 1], got {d_offsets.dtype} {tuple(d_offsets.shape)}")
     check_offsets(d_offsets, codes.shape[0], table)

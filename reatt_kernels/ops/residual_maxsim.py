@@ -67,7 +67,7 @@ def residual_maxsim(q: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor
     Args:
         q: [Bq, Lq, D] float (computed in fp32). q_mask: bool [Bq, Lq] or None.
         centroids: float [C, D]. weights: float [D, 2^nbits] (bucket values per dimension).
-        codes: int32 [T] centroid id per token. packed: uint8 [T, D * nbits // 8] bit-packed residual buckets.
+        codes: int32 (or uint16) [T] centroid id per token. packed: uint8 [T, D * nbits // 8] bit-packed residual buckets.
         d_offsets: int64 [Nd + 1]. cand: int64 [Bq, Nc] document ids per query, -1 for padding.
         nbits: 1, 2, 4 or 8.
         centroid_scores: optional fp32 [Bq, C, LP] table ``q . centroids^T`` from
@@ -93,8 +93,10 @@ def residual_maxsim(q: Tensor, centroids: Tensor, weights: Tensor, codes: Tensor
         raise ValueError(f"centroids must be [C, {D}] (q's dim), got {tuple(centroids.shape)}")
     if tuple(weights.shape) != (D, 1 << nbits):
         raise ValueError(f"weights must be [{D}, {1 << nbits}], got {tuple(weights.shape)}")
-    if codes.dim() != 1 or codes.dtype != torch.int32:
-        raise TypeError(f"codes must be int32 [T], got {codes.dtype} {tuple(codes.shape)}")
+    if codes.dim() != 1 or codes.dtype not in (torch.int32, torch.uint16):
+        raise TypeError(f"codes must be int32 or uint16 [T], got {codes.dtype} {tuple(codes.shape)}")
+    if codes.dtype == torch.uint16:  # a CPU index's compact codes: the kernels read int32
+        codes = codes.to(torch.int32)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (codes.shape[0], D * nbits // 8):
         raise ValueError(f"packed must be uint8 [{codes.shape[0]}, {D * nbits // 8}], got {packed.dtype} "
                          f"{tuple(packed.shape)}")
