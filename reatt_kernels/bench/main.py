@@ -1,7 +1,7 @@
 """``reatt-bench``: the main job. MaxSim retrieval latency on real text (default) or on the synthetic generator, every
-backend side by side with naive PyTorch and the default compressed index, re-exporting the measurement helpers of
-:mod:`reatt_kernels.bench.util` (their one home, shared with the scripts in ``benchmarks/`` and the index benchmark, so
-a number printed by any of them means the same thing).
+backend side by side with naive PyTorch and the default compressed index. The measurement helpers live in
+:mod:`reatt_kernels.bench.util` (shared with the scripts in ``benchmarks/`` and the index benchmark, so a number printed
+by any of them means the same thing).
 
 The job:
 1. loads the corpus.
@@ -43,27 +43,16 @@ from typing import Optional, Sequence
 
 import torch
 
-# The measurement helpers live in reatt_kernels.bench.util (shared with the index benchmark); re-exported here.
-from .util import (  # noqa: F401
+from .util import (
     GIB,
-    MIB,
     NAIVE_CHUNK_ELEMS,
-    _json_default,
-    _malloc_trim,
-    _qname,
-    _rss_bytes,
     apply_roofline,
     best_roofline,
     compute_ceiling,
-    device_name,
-    device_slug,
     env_info,
     floor_ms,
     format_table,
-    git_sha,
     naive_maxsim,
-    peak_memory,
-    repo_root,
     resolve_device,
     results_dir,
     roofline,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from reatt_kernels.bench import main as bench
+from reatt_kernels.bench import util
 from reatt_kernels.reference import maxsim_ref
 
 from ..utils import random_mask
@@ -169,12 +170,12 @@ def test_naive_maxsim_matches_reference_across_chunks():
     mask = random_mask((23, 7))
     mask[:, 0] = True  # no empty document: naive would give -inf there, as the reference does
     ref = maxsim_ref(q, d, None, mask)
-    out = bench.naive_maxsim(q, d, mask, chunk_elems=3 * 5 * 7 * 4)  # 4 documents per chunk: 6 chunks
+    out = util.naive_maxsim(q, d, mask, chunk_elems=3 * 5 * 7 * 4)  # 4 documents per chunk: 6 chunks
     torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=1e-6)
 
 
 def test_time_fn_quantiles_and_reps():
-    t = bench.time_fn(lambda: sum(range(2000)), torch.device("cpu"), quantiles=(0.5, 0.2, 0.8, 0.99), min_reps=7,
+    t = util.time_fn(lambda: sum(range(2000)), torch.device("cpu"), quantiles=(0.5, 0.2, 0.8, 0.99), min_reps=7,
                       budget_s=0.0)
     assert t["n"] == 7
     assert 0 < t["p20"] <= t["p50"] <= t["p80"] <= t["p99"]
@@ -186,16 +187,16 @@ def test_peak_memory_cpu_sees_an_allocation():
         time.sleep(0.03)  # held long enough for the sampler
         return int(x[-1])
 
-    m = bench.peak_memory(fn, torch.device("cpu"))
+    m = util.peak_memory(fn, torch.device("cpu"))
     assert m["bytes"] >= 16 << 20, m
 
 
 def test_format_table_and_slug():
-    text = bench.format_table([{"a": "x", "b": 1.23456, "note": None}, {"a": "yy", "b": None, "note": "why"}],
+    text = util.format_table([{"a": "x", "b": 1.23456, "note": None}, {"a": "yy", "b": None, "note": "why"}],
                               [("a", "A", ""), ("b", "B", ".2f"), ("note", "note", "")])
     lines = text.splitlines()
     assert lines[0].split() == ["A", "B", "note"] and "1.23" in lines[2] and "n/a" in lines[3] and "why" in lines[3]
-    assert bench.device_slug(torch.device("cpu")) == "cpu"
+    assert util.device_slug(torch.device("cpu")) == "cpu"
 
 
 def test_device_check_script_parses():
