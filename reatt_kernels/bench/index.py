@@ -8,6 +8,9 @@ Metrics (per configuration, over the queries; k = 10):
   are as good an answer as the 10th itself, which plain recall does not credit.
 - ``gold@10``: a gold document of the query is in the top 10 (real text: the chunk holding the answer; synthetic: the
   document the query was made from). Exact search's own figure is the ceiling, printed beside it.
+- real text: ``nDCG@10``, ``recall@100`` and ``MRR@10`` against the corpus's relevance judgements (BEIR's qrels, or the
+  gold passages of the other corpora; :mod:`reatt_kernels.bench.ir_metrics`, computed by pytrec_eval) from an
+  untimed top-100 search of each system (fast-plaid: its top 10, so its recall@100 is n/a).
 - ``ms/query``: p50 wall time of one ``search`` call per query (batch 1), each query once after a warm-up;
   ``ms/query b16``: wall time of a 16-query ``search`` call divided by 16 (median over the batches).
 - ``B/token``: every byte of the index (payload, offsets, ids, inverted lists, codec; fast-plaid: its folder on disk)
@@ -15,8 +18,10 @@ Metrics (per configuration, over the queries; k = 10):
 - build: wall seconds; peak RSS of the build above the process's RSS before it (the corpus already resident).
 
 Corpora (``--corpus``):
-- ``squad-dev`` / ``real-all``: real text (issue 17; :mod:`reatt_kernels.bench.corpora`): MiniLM token vectors (384-d
-  fp16) of Wikipedia passage chunks and real questions with gold chunks. One section: exact, our default (calibrated),
+- real text (:mod:`reatt_kernels.bench.data`): ``docstrings`` (the installed docstrings; nothing to download),
+  ``docstrings-large``, ``squad-dev`` / ``real-all`` (from a local copy of the bigbench 1.0.0 sdist), or the user's
+  ``beir:PATH`` / ``jsonl:PATH``: MiniLM token vectors (384-d fp16; ``--encoder DIR`` for another model) of passages
+  and real questions with gold passages. One section: exact, our default (calibrated),
   our other methods (plaid at fixed rerank sizes, scan, the old defaults' parameter values) and fast-plaid (defaults
   and n_ivf_probe 16 / n_full_scores 8192).
 - ``synthetic`` (default): the stress sections below, on the docs/baselines.md clustered generator.
@@ -286,10 +291,10 @@ def bench_corpus(label: str, n_docs: int, noise: float, args, sweep, peer: bool)
 
 
 def bench_real(name: str, args) -> list[dict]:
-    """Real-text rows (issue 17's corpora): exact, our default and other methods, fast-plaid."""
-    from .corpora import load_corpus
+    """Real-text rows: exact, our default and other methods, fast-plaid."""
+    from .data.cache import load_corpus
 
-    ec = load_corpus(name)
+    ec = load_corpus(name, encoder=getattr(args, "encoder", None))
     n_q = min(args.queries, ec.query_tokens.shape[0])
     # a fixed random subset of the questions that have a gold chunk (a few straddle a chunk boundary and have none)
     has_gold = [i for i, g in enumerate(ec.gold) if g]
@@ -298,17 +303,23 @@ def bench_real(name: str, args) -> list[dict]:
     q = torch.as_tensor(np.asarray(ec.query_tokens[sel.numpy()]))
     q_mask = torch.as_tensor(np.asarray(ec.query_mask[sel.numpy()]))
     golds = [list(ec.gold[int(i)]) for i in sel]
+    qrels = [ec.qrels[int(i)] for i in sel]
     tokens = torch.as_tensor(np.asarray(ec.doc_tokens))
     offsets = torch.as_tensor(np.asarray(ec.doc_offsets))
     print(f"[{name}] {offsets.numel() - 1} passages, {tokens.shape[0]} tokens, {n_q} questions", flush=True)
     configs = [dict(DEFAULTS), {"method": "plaid", "ncandidates": 32}, {"method": "plaid", "ncandidates": 128},
                {"method": "plaid", "nprobe": 8, "ncandidates": 4096}, {"method": "scan"}]
     info = {"corpus": name, "docs": offsets.numel() - 1, "noise": None}
-    return bench_vectors(name, tokens, offsets, q, q_mask, golds, args, configs, peer=not args.no_peer, info=info)
+    return bench_vectors(name, tokens, offsets, q, q_mask, golds, args, configs, peer=not args.no_peer, info=info,
+                         qrels=qrels)
 
 
-def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, peer: bool, info: dict) -> list[dict]:
-    """Rows for one corpus: exact, the residual configurations (the default first), fast-plaid when asked."""
+def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, peer: bool, info: dict,
+                  qrels: Optional[list] = None) -> list[dict]:
+    """Rows for one corpus: exact, the residual configurations (the default first), fast-plaid when asked. With
+    ``qrels`` (per query {document: grade}), each row also gets nDCG@10, recall@100 and MRR@10."""
+    from .ir_metrics import qrels_metrics
+
     T = int(offsets[-1])
     if q_mask is None:
         q_mask = torch.ones(q.shape[:2], dtype=torch.bool)
@@ -327,8 +338,18 @@ def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, pee
     del tokens  # on CPU the exact index holds the only other copy from here on
     q, q_mask = q.to(dev), q_mask.to(dev)
     S = exact_all_scores(exact, q, q_mask)
+    depth = min(100, S.shape[1])
+
+    def judged(search=None, ids=None) -> dict:
+        """nDCG@10 / recall@100 / MRR@10 of an untimed top-100 search (or of the ids given), when there are qrels."""
+        if qrels is None:
+            return {}
+        if ids is None:
+            ids = torch.cat([search(q[a:a + 16], q_mask[a:a + 16])[1].cpu() for a in range(0, q.shape[0], 16)])
+        return qrels_metrics(ids.tolist(), qrels, S.shape[1])
+
     t = time_queries(lambda x, m: exact.search(x, m, k=K, backend=backend), q, q_mask)
-    ref = quality(t["ids"], S, gold)
+    ref = {**quality(t["ids"], S, gold), **judged(ids=S.topk(depth, dim=1).indices)}
     rows.append({**common, "system": f"exact (fp16, {backend} backend)", "config": "full MaxSim",
                  "build_s": build_exact, "bytes_per_token": exact.nbytes() / T, **ref, "ms_p50": t["ms_p50"],
                  "ms_p90": t["ms_p90"], "ms_b16": t.get("ms_b16")})
@@ -343,7 +364,8 @@ def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, pee
           f"{residual.calibration}", flush=True)
     for params in sweep:
         t = time_queries(lambda x, m: residual.search(x, m, k=K, backend=backend, **params), q, q_mask)
-        m = quality(t["ids"], S, gold)
+        m = {**quality(t["ids"], S, gold),
+             **judged(lambda x, mk: residual.search(x, mk, k=depth, backend=backend, **params))}
         is_default = params == DEFAULTS
         row = {**common, "system": f"residual {args.nbits}-bit" + (", default" if is_default else ""),
                "config": _cfg(params, residual, is_default), "default": is_default, **params,
@@ -374,7 +396,7 @@ def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, pee
                 print(f"  fast-plaid: failed ({res['error']})", flush=True)
             for c in res.get("configs", []):
                 ids = torch.tensor(c["ids"])
-                m = quality(ids, S, gold)
+                m = {**quality(ids, S, gold), **judged(ids=ids)}
                 ms = sorted(c["ms_per_query"])
                 p50 = ms[len(ms) // 2]
                 rows.append({**common, "system": f"fast-plaid {res['version']}",
@@ -442,7 +464,8 @@ COLUMNS = [("section", "section", ""), ("system", "system", ""), ("config", "con
            ("speedup_vs_exact", "x exact", ".2f"),
            ("bytes_per_token", "B/token", ".1f"), ("recall@10", "recall@10", ".3f"),
            ("eps_recall@10", "eps-recall@10", ".3f"), ("gold@10", "gold@10", ".3f"),
-           ("exact_gold@10", "exact gold@10", ".3f")]
+           ("exact_gold@10", "exact gold@10", ".3f"), ("ndcg@10", "nDCG@10", ".3f"), ("recall@100", "R@100", ".3f"),
+           ("mrr@10", "MRR@10", ".3f")]
 
 
 def table(rows: list[dict]) -> str:
@@ -517,11 +540,27 @@ def plot(rows: list[dict], path) -> Optional[str]:
     return str(path)
 
 
+def _corpus_arg(value: str) -> str:
+    """--corpus: "synthetic" or a corpus name the data package knows (a typo is a usage error, exit 2)."""
+    if value == "synthetic":
+        return value
+    from .data.sources import resolve
+
+    try:
+        resolve(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Index benchmark: exact vs residual vs fast-plaid (recall, eps-recall, "
                                 "gold success, latency, bytes, build)")
-    p.add_argument("--corpus", default="synthetic", choices=["synthetic", "squad-dev", "real-all"],
-                   help="real text (squad-dev, real-all: reatt_kernels.bench.corpora) or the synthetic sections")
+    p.add_argument("--corpus", default="synthetic", type=_corpus_arg,
+                   help="real text (reatt_kernels.bench.data: docstrings, docstrings-small, docstrings-large, "
+                   "squad-dev, real-all, beir:PATH, jsonl:PATH) or the synthetic sections")
+    p.add_argument("--encoder", default=None, help="real text: a local Hugging Face or sentence-transformers model "
+                   "folder (default: the pinned all-MiniLM-L6-v2)")
     p.add_argument("--quick", action="store_true", help="small corpora (2000 docs), 20 queries")
     p.add_argument("--sections", default="headline,peer,sweep", help="comma list of headline, peer, sweep")
     p.add_argument("--docs", type=int, default=None, help="headline documents (default 100000; quick 2000)")
@@ -555,9 +594,16 @@ def main(argv=None) -> int:
     args.out = str(out)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    rows = run(args)
+    from .data.fetch import SourceError
+
+    try:
+        rows = run(args)
+    except SourceError as e:  # a named corpus whose source is missing: the cause and the file that fixes it
+        print(f"error: corpus {args.corpus}: {e}", file=sys.stderr)
+        return 2
     load1 = os.getloadavg()
-    name = "bench_index_quick" if q else "bench_index" if args.corpus == "synthetic" else f"bench_index_{args.corpus}"
+    slug = args.corpus.split(":", 1)[0]  # beir:PATH -> bench_index_beir
+    name = "bench_index_quick" if q else "bench_index" if args.corpus == "synthetic" else f"bench_index_{slug}"
     data = {"kind": "real" if args.corpus != "synthetic" else "synthetic", "corpus": args.corpus,
             "queries": args.queries}
     payload = {"env": env_info(device), "device": str(device), "threads": args.threads, "data": data,

@@ -1,14 +1,20 @@
 """``reatt-bench``: the main job. MaxSim retrieval latency on real text (default) or on the synthetic generator, every
-backend side by side with naive PyTorch and the default compressed index, re-exporting the measurement helpers of
-:mod:`reatt_kernels.bench.util` (their one home, shared with the scripts in ``benchmarks/`` and the index benchmark, so
-a number printed by any of them means the same thing).
+backend side by side with naive PyTorch and the default compressed index. The measurement helpers live in
+:mod:`reatt_kernels.bench.util` (shared with the scripts in ``benchmarks/`` and the index benchmark, so a number printed
+by any of them means the same thing).
 
 The job:
 1. loads the corpus.
-   - ``--corpus squad-dev`` (default) or ``real-all``: real passages and real questions encoded with all-MiniLM-L6-v2
-     (384-d token vectors, :mod:`reatt_kernels.bench.corpora`). The first run fetches the pinned sources and encodes
-     them (squad-dev: a few minutes on 2 cores), later runs load the cache. The queries are a seeded sample of
-     ``--queries`` questions that have a gold passage; each is at most 32 tokens, with its mask.
+   - real text (default): passages and questions encoded with all-MiniLM-L6-v2 (384-d token vectors, or
+     ``--encoder DIR``; :mod:`reatt_kernels.bench.data`). The default, ``docstrings``, is the docstrings of the
+     installed Python standard library, torch and numpy (about 330k token vectors; nothing to download), so the job
+     runs wherever the project installs; ``--quick`` uses ``docstrings-small``. Named corpora: ``squad-dev`` and
+     ``real-all`` (from a local copy of the bigbench 1.0.0 sdist), ``docstrings-large``, and the user's own
+     ``beir:PATH`` or ``jsonl:PATH``. The first run encodes the corpus (``docstrings``: about 3 minutes on 2 cores),
+     later runs load the cache. The queries are a seeded sample of ``--queries`` questions that have a gold passage;
+     each is at most 32 tokens, with its mask. A corpus asked for by name whose source is missing exits 2 with the
+     cause and the file that fixes it; when the default corpus cannot be encoded (no encoder anywhere) the job says
+     why and runs on the synthetic corpus instead, so the default run never fails for a missing optional source.
    - ``--corpus synthetic``: the docs/baselines.md clustered corpus, built deterministically
      (:func:`reatt_kernels.bench.datasets.clustered_corpus`, packed, 48-128 tokens per document, d = 128; about 20k
      documents on CPU, 200k on a GPU; tqdm shows progress) and queries of 32 noisy tokens drawn from one document each
@@ -21,7 +27,9 @@ The job:
 4. real text: builds the default index (``TokenIndex.build`` with its defaults, through the public API only) and times
    its search at the same batch sizes; then scores ``--queries`` questions with exact search and with the index:
    gold@k (a gold passage in the top k) for both, and the index's recall@k and eps-recall@k against exact
-   (eps-recall: a returned passage counts when its exact score is within a relative 0.01 of the exact k-th score);
+   (eps-recall: a returned passage counts when its exact score is within a relative 0.01 of the exact k-th score),
+   and nDCG@10, recall@100 and MRR@10 against the corpus's relevance judgements
+   (:mod:`reatt_kernels.bench.ir_metrics`; BEIR's qrels, or the gold passages of the other corpora);
 5. prints a table, and saves JSON and a PNG plot under ``benchmarks/results/<device>/`` (or ``--out``).
 
 ``--index`` (synthetic) adds the compressed-index modes from ``reatt_kernels.bench.index.run(args)`` (needs faiss).
@@ -43,27 +51,18 @@ from typing import Optional, Sequence
 
 import torch
 
-# The measurement helpers live in reatt_kernels.bench.util (shared with the index benchmark); re-exported here.
-from .util import (  # noqa: F401
+from .data.fetch import SourceError
+from .data.sources import DEFAULT as DEFAULT_CORPUS
+from .util import (
     GIB,
-    MIB,
     NAIVE_CHUNK_ELEMS,
-    _json_default,
-    _malloc_trim,
-    _qname,
-    _rss_bytes,
     apply_roofline,
     best_roofline,
     compute_ceiling,
-    device_name,
-    device_slug,
     env_info,
     floor_ms,
     format_table,
-    git_sha,
     naive_maxsim,
-    peak_memory,
-    repo_root,
     resolve_device,
     results_dir,
     roofline,
@@ -77,7 +76,7 @@ from .util import (  # noqa: F401
 # ---- the main job -----------------------------------------------------------------------------------------------------
 
 BACKEND_ORDER = ("torch", "cpu", "triton", "cuda")
-REAL_CORPORA = ("squad-dev", "real-all")
+QUICK_CORPUS = "docstrings-small"  # --quick without --corpus: seconds to encode
 EPS = 0.01  # eps-recall's relative tolerance (ann-benchmarks' epsilon recall, as in the index benchmark)
 
 COLUMNS = [
@@ -94,19 +93,36 @@ COLUMNS = [
     ("note", "note", ""),
 ]
 
-# Real text adds the retrieval quality of each system, measured on --queries questions.
+# Real text adds the retrieval quality of each system, measured on --queries questions: against exact search, and
+# against the corpus's relevance judgements.
 REAL_COLUMNS = COLUMNS[:-1] + [("gold_at_k", "gold@k", ".3f"), ("recall_vs_exact", "recall@k vs exact", ".3f"),
-                               ("eps_recall_vs_exact", "eps-recall@k", ".3f"), ("note", "note", "")]
+                               ("eps_recall_vs_exact", "eps-recall@k", ".3f"), ("ndcg@10", "nDCG@10", ".3f"),
+                               ("recall@100", "R@100", ".3f"), ("mrr@10", "MRR@10", ".3f"), ("note", "note", "")]
 
 
 def _defaults(device: torch.device, quick: bool, corpus: str = "synthetic") -> dict:
-    if corpus in REAL_CORPORA:
-        # Real text: the encoder's 384-d vectors, batches 1 and 16 (issue 17), fp32 on CPU (the CPU kernels' fast path).
-        return {"dim": 384, "batch": "1,16", "dtype": "float16" if device.type == "cuda" else "float32",
+    if corpus != "synthetic":
+        # Real text: the encoder's vectors (dim None: its own width, 384 for MiniLM), batches 1 and 16 (issue 17), fp32
+        # on CPU (the CPU kernels' fast path).
+        return {"dim": None, "batch": "1,16", "dtype": "float16" if device.type == "cuda" else "float32",
                 "queries": 50 if quick else 200, "backends": "cpu,triton,cuda"}
     if device.type == "cuda":
         return {"docs": 50_000 if quick else 200_000, "batch": "1,16", "dtype": "float16"}
     return {"docs": 2_000 if quick else 20_000, "batch": "1,4", "dtype": "float32"}
+
+
+def _corpus_arg(value: str) -> str:
+    """--corpus: "synthetic" or a name :func:`reatt_kernels.bench.data.sources.resolve` knows (checked before
+    anything runs, so a typo is a usage error, exit 2)."""
+    if value == "synthetic":
+        return value
+    from .data.sources import resolve
+
+    try:
+        resolve(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -121,22 +137,31 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reatt-bench",
-        description="MaxSim retrieval latency on real text (squad-dev by default: SQuAD v1.1 dev passages and "
-        "questions encoded with all-MiniLM-L6-v2, fetched and cached on first use) or on a synthetic clustered corpus: "
-        "every available reatt_kernels backend side by side with naive PyTorch and the default compressed index, with "
-        "gold@k and the index's eps-recall against exact. Prints a table; saves JSON and a PNG plot.",
+        description="MaxSim retrieval latency on real text (by default the docstrings of the installed Python "
+        "standard library, torch and numpy, encoded with all-MiniLM-L6-v2 and cached on first use; nothing to "
+        "download) or on a synthetic clustered corpus: every available reatt_kernels backend side by side with naive "
+        "PyTorch and the default compressed index, with gold@k, the index's eps-recall against exact, and nDCG@10, "
+        "recall@100 and MRR@10 against the relevance judgements. Prints a table; saves JSON and a PNG plot. "
+        "docs/data.md lists the corpora, their sources and licences.",
         formatter_class=HelpFormatter,
         epilog="examples:\n"
-        "  reatt-bench                        # squad-dev (real text), batches 1,16, exact vs the default index\n"
-        "  reatt-bench --corpus real-all      # 31k passages, 3.4M tokens (encoding it takes about an hour on 2 cores)\n"
+        "  reatt-bench                        # docstrings (real text), batches 1,16, exact vs the default index\n"
+        "  reatt-bench --quick                # docstrings-small: seconds to encode, short timing\n"
+        "  reatt-bench --corpus beir:~/scifact          # your BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)\n"
+        "  reatt-bench --corpus jsonl:~/nq-dev.jsonl    # FiD/DPR JSONL (questions with answers and ctxs)\n"
+        "  reatt-bench --corpus squad-dev     # needs bigbench-1.0.0.tar.gz in $REATT_DATA/dl (docs/data.md)\n"
         "  reatt-bench --corpus synthetic     # 20k clustered docs on CPU (200k on a GPU), batches 1,4 (GPU: 1,16)\n"
         "  reatt-bench --corpus synthetic --quick --index   # small and short, plus the compressed-index modes\n"
         "outputs: <out>/reatt_bench.json (env, roofline, formulas, one row per backend x batch) and reatt_bench.png",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda")
-    p.add_argument("--corpus", default="squad-dev", choices=REAL_CORPORA + ("synthetic",),
-                   help="real text (reatt_kernels.bench.corpora; built and cached under $REATT_DATA on first use) or "
-                   "the synthetic generator")
+    p.add_argument("--corpus", default=None, type=_corpus_arg,
+                   help=f"real text (reatt_kernels.bench.data; built and cached under $REATT_DATA on first use): "
+                   f"{DEFAULT_CORPUS} (default; --quick: {QUICK_CORPUS}), docstrings-large, squad-dev, real-all, "
+                   f"beir:PATH or jsonl:PATH; or synthetic, the clustered generator")
+    p.add_argument("--encoder", default=None,
+                   help="real text: a local Hugging Face or sentence-transformers model folder to encode with "
+                   "(default: the pinned all-MiniLM-L6-v2)")
     p.add_argument("--queries", type=int, default=None,
                    help="real text: questions (with a gold passage) scored for gold@k and eps-recall (default 200; "
                    "--quick 50)")
@@ -149,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "1,4 on CPU, 1,16 on GPU)")
     p.add_argument("--q-len", type=int, default=32, help="synthetic: tokens per query (real questions: at most 32)")
     p.add_argument("--dim", type=int, default=None,
-                   help="token embedding dimension (default: synthetic 128; real text 384, the encoder's; a smaller "
-                   "value uses PCA vectors fitted on the corpus tokens)")
+                   help="token embedding dimension (default: synthetic 128; real text the encoder's, 384 for MiniLM; "
+                   "a smaller value uses PCA vectors fitted on the corpus tokens)")
     p.add_argument("--min-len", type=int, default=48, help="synthetic: shortest document, tokens")
     p.add_argument("--max-len", type=int, default=128,
                    help="synthetic: longest document, tokens (naive pads to this; real text: the longest passage)")
@@ -180,7 +205,7 @@ def _make_search(backend: str, q, d_tokens, d_offsets, topk: int, naive_inputs=N
     k = min(topk, d_offsets.numel() - 1)
     if backend == "naive":
         d_pad, d_mask = naive_inputs
-        # Masked query tokens are zero vectors (corpora.pad_queries): each adds max_j 0 = 0 to a score, so the naive
+        # Masked query tokens are zero vectors (data.encode.pad_queries): each adds max_j 0 = 0 to a score, so the naive
         # baseline needs no query mask to give the masked scores.
 
         def fn():
@@ -271,22 +296,22 @@ def run_search(args, device: torch.device, d_tokens, d_offsets, queries, gold, r
 
 # ---- real text: the corpus, the default index, retrieval quality ------------------------------------------------------
 
-def load_real(args, dtype: torch.dtype):
-    """The encoded real corpus and a seeded sample of its questions that have a gold passage.
+def sample_questions(ec, args, dtype: torch.dtype):
+    """A seeded sample of the corpus's questions that have a gold passage, and the corpus in ``dtype``.
 
-    Returns (corpus, d_tokens [T, dim] ``dtype``, d_offsets [N+1] int64, q [Qs, 32, dim] ``dtype``, q_mask [Qs, 32],
-    gold: Qs lists of passage ids, picked question indices)."""
-    from .corpora import load_corpus
-
-    ec = load_corpus(args.corpus, dim=args.dim)
+    Returns (d_tokens [T, dim] ``dtype``, d_offsets [N+1] int64, q [Qs, 32, dim] ``dtype``, q_mask [Qs, 32],
+    gold: Qs lists of passage ids, qrels: Qs dicts {passage id: grade}, picked question indices)."""
     have = [i for i, g in enumerate(ec.gold) if g]
+    if not have:
+        raise SourceError(f"corpus {ec.name}: no question has a gold passage, so there is nothing to score")
     n = min(len(have), max(args.queries, max(args.batches)))
     g = torch.Generator().manual_seed(args.seed)
     pick = sorted(have[i] for i in torch.randperm(len(have), generator=g)[:n].tolist())
     q = ec.query_tokens[pick].to(dtype)
     q_mask = ec.query_mask[pick].clone()
     d_tokens = ec.doc_tokens.to(dtype) if ec.doc_tokens.dtype != dtype else ec.doc_tokens.clone()
-    return ec, d_tokens, ec.doc_offsets.clone(), q, q_mask, [ec.gold[i] for i in pick], pick
+    return (d_tokens, ec.doc_offsets.clone(), q, q_mask, [ec.gold[i] for i in pick], [ec.qrels[i] for i in pick],
+            pick)
 
 
 def build_default_index(ec, device):
@@ -348,18 +373,28 @@ def retrieval_quality(ids: torch.Tensor, exact_scores: torch.Tensor, gold: Seque
             "eps_recall_vs_exact": float(eps_ok.double().mean())}
 
 
-def real_quality(args, d_tokens, d_offsets, q, q_mask, gold, index, backend: str) -> dict:
-    """Exact scores of the sampled questions against every passage (batches of 16), the exact top-k, and the index's
-    top-k -> {"exact": quality, "index": quality or None}."""
+def real_quality(args, d_tokens, d_offsets, q, q_mask, gold, index, backend: str, qrels=None) -> dict:
+    """Exact scores of the sampled questions against every passage (batches of 16), the exact top-k and the index's
+    top-k -> {"exact": quality, "index": quality or None}; with ``qrels`` (per question {passage: grade}) each also
+    gets nDCG@10, recall@100 and MRR@10 from a top-100 search (:func:`reatt_kernels.bench.ir_metrics.qrels_metrics`)."""
     import reatt_kernels as rk
+    from .ir_metrics import qrels_metrics
 
     scores = torch.cat([rk.maxsim_packed(q[s:s + 16], d_tokens, d_offsets, q_mask[s:s + 16], backend=backend).cpu()
                         for s in range(0, q.shape[0], 16)])
-    k = min(args.topk, scores.shape[1])
+    n_docs = scores.shape[1]
+    k = min(args.topk, n_docs)
+    depth = min(100, n_docs)
     out = {"exact": retrieval_quality(scores.topk(k, dim=1).indices, scores, gold, k), "index": None}
+    if qrels is not None:
+        out["exact"].update(qrels_metrics(scores.topk(depth, dim=1).indices.tolist(), qrels, n_docs))
     if index is not None:
         ids = torch.cat([index.search(q[s:s + 16], q_mask[s:s + 16], k=k)[1].cpu() for s in range(0, q.shape[0], 16)])
         out["index"] = retrieval_quality(ids, scores, gold, k)
+        if qrels is not None:
+            deep = torch.cat([index.search(q[s:s + 16], q_mask[s:s + 16], k=depth)[1].cpu()
+                              for s in range(0, q.shape[0], 16)])
+            out["index"].update(qrels_metrics(deep.tolist(), qrels, n_docs))
     return out
 
 
@@ -432,9 +467,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    real = args.corpus in REAL_CORPORA
+    if args.batch and any(not b.strip().isdigit() or int(b) < 1 for b in args.batch.split(",") if b.strip()):
+        raise SystemExit("every --batch must be an integer >= 1")  # before a corpus is encoded, not after
+    asked = args.corpus is not None
+    args.corpus = args.corpus or (QUICK_CORPUS if args.quick else DEFAULT_CORPUS)
+    info = env_info(device)
+    print(f"reatt-bench on {info['device_name']} ({device.type}), torch {info['torch']}, triton {info['triton']}, "
+          f"git {info['git_sha'][:12]}")
+    print(f"backends: {info.get('backends')}")
+
+    t0 = time.perf_counter()
+    q_mask = ec = fallback = None
+    if args.corpus != "synthetic":
+        from .data.cache import load_corpus
+
+        try:
+            ec = load_corpus(args.corpus, dim=args.dim, encoder=args.encoder)
+        except SourceError as e:
+            if asked:  # the user named this corpus: its missing source is the answer, with the way to fix it
+                print(f"error: corpus {args.corpus}: {e}", file=sys.stderr)
+                return 2
+            # The default run never fails for a missing optional source: it says why, then measures the generator.
+            fallback = f"the default corpus {args.corpus} could not be built: {e}"
+            print(f"\nWARNING: {fallback}\nWARNING: running on --corpus synthetic instead (the numbers below are "
+                  f"NOT real text).\n", file=sys.stderr, flush=True)
+            args.corpus = "synthetic"
+    real = args.corpus != "synthetic"
     dflt = _defaults(device, args.quick, args.corpus)
-    args.dim = args.dim if args.dim is not None else dflt.get("dim", 128)
+    args.dim = args.dim if args.dim is not None else (ec.dim if real else 128)
     args.dtype = args.dtype or dflt["dtype"]
     args.backends = args.backends or dflt.get("backends", "all")
     args.batches = sorted({int(b) for b in (args.batch or dflt["batch"]).split(",") if b.strip()})
@@ -443,18 +503,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.batches or min(args.batches) < 1:
         raise SystemExit("every --batch must be >= 1")
     dtype = getattr(torch, args.dtype)
-    info = env_info(device)
-    print(f"reatt-bench on {info['device_name']} ({device.type}), torch {info['torch']}, triton {info['triton']}, "
-          f"git {info['git_sha'][:12]}")
-    print(f"backends: {info.get('backends')}")
-
-    t0 = time.perf_counter()
-    q_mask = ec = None
+    qrels = None
     if real:
         args.queries = args.queries if args.queries is not None else dflt["queries"]
         if args.queries < 1:
             raise SystemExit("--queries must be >= 1")
-        ec, d_tokens, d_offsets, queries, q_mask, gold, picked = load_real(args, dtype)
+        try:
+            d_tokens, d_offsets, queries, q_mask, gold, qrels, picked = sample_questions(ec, args, dtype)
+        except SourceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         lens = d_offsets[1:] - d_offsets[:-1]
         args.docs, args.q_len = ec.n_docs, queries.shape[1]
         args.min_len, args.max_len = int(lens.min()), int(lens.max())  # naive pads to the longest passage
@@ -495,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.append({"backend": "index", "batch": max(args.batches), "status": "n/a", "note": index_note})
                 print(index_note)
         best = _best_exact(rows) or "auto"  # auto: dispatch picks a backend when no exact row ran
-        quality = real_quality(args, d_tokens, d_offsets, queries, q_mask, gold, index, best)
+        quality = real_quality(args, d_tokens, d_offsets, queries, q_mask, gold, index, best, qrels)
         quality["exact_backend"] = best
         if index is not None:
             quality["index"]["build_s"] = index_s
@@ -512,16 +570,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nquality on {len(gold)} questions, k = {args.topk}: exact gold@k {e['gold_at_k']:.3f}"
               + (f"; default index gold@k {i['gold_at_k']:.3f}, recall@k {i['recall_vs_exact']:.3f}, eps-recall@k "
                  f"{i['eps_recall_vs_exact']:.3f} against exact" if i else ""))
+        for label, m in (("exact", e), ("default index", i)):
+            if m and m.get("ndcg@10") is not None:
+                r100 = "n/a" if m["recall@100"] is None else f"{m['recall@100']:.3f}"
+                print(f"  {label} against the relevance judgements: nDCG@10 {m['ndcg@10']:.3f}, recall@100 {r100}, "
+                      f"MRR@10 {m['mrr@10']:.3f}")
+            elif m and m.get("qrels_note"):
+                print(f"  {label}: nDCG@10 / recall@100 / MRR@10 n/a ({m['qrels_note']})")
     out_dir = results_dir(device, args.out)
     payload = _payload(args, device, info, T, build_s, roof, rows)
     if real:
-        payload["corpus"] = {"kind": f"real text ({args.corpus}, reatt_kernels.bench.corpora)", "name": args.corpus,
+        payload["corpus"] = {"kind": f"real text ({args.corpus}, reatt_kernels.bench.data)", "name": args.corpus,
                              "docs": args.docs, "tokens": T, "dim": args.dim, "dtype": args.dtype,
                              "lengths": [args.min_len, args.max_len], "load_s": build_s,
                              "questions_sampled": len(gold), "seed": args.seed,
-                             "manifest": {k: ec.manifest.get(k) for k in ("sources", "model", "options", "sizes")}}
+                             "manifest": {k: ec.manifest.get(k) for k in ("description", "licence", "sources",
+                                                                          "encoder", "options", "sizes")}}
         payload["quality"] = quality
         payload["formulas"]["quality"] = retrieval_quality.__doc__.split("\n\n", 1)[1].strip()
+        from . import ir_metrics
+
+        payload["formulas"]["qrels_metrics"] = ir_metrics.__doc__.strip()
+    elif fallback:
+        payload["corpus"]["fallback"] = fallback
     # Saved before the (slower) index modes, so a timeout there keeps the search results.
     payload["run"] = _run_cost(t_job)
     print(f"job so far: {payload['run']['wall_s']:.0f} s wall, {payload['run']['cpu_s']:.0f} s CPU, load average "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from reatt_kernels.bench import main as bench
+from reatt_kernels.bench import util
 from reatt_kernels.reference import maxsim_ref
 
 from ..utils import random_mask
@@ -83,7 +84,7 @@ def test_reatt_bench_index_flag(tmp_path, monkeypatch, capsys, mode):
 def _fake_real_corpus(n_docs=60, dim=16):
     """An EncodedCorpus of clustered vectors with real-corpus shapes: ragged passages, [Q, 32, dim] zero-padded
     questions with a mask, gold lists (some empty, some with two passages)."""
-    from reatt_kernels.bench import corpora
+    from reatt_kernels.bench.data.cache import EncodedCorpus
     from reatt_kernels.bench.datasets import clustered_corpus
 
     d, off = clustered_corpus(n_docs=n_docs, dim=dim, min_len=3, max_len=11, n_centroids=32, seed=3)
@@ -98,11 +99,12 @@ def _fake_real_corpus(n_docs=60, dim=16):
         q[i, :qlen[i]] = torch.nn.functional.normalize(pick + 0.1 * torch.randn_like(pick), dim=-1).half()
     gold = [[int(s)] if i % 7 else [] for i, s in enumerate(src)]
     gold[1] = [int(src[1]), (int(src[1]) + 1) % n_docs]
-    return corpora.EncodedCorpus(
+    return EncodedCorpus(
         name="squad-dev", dim=dim, doc_tokens=d, doc_offsets=off, query_tokens=q, query_mask=mask, gold=gold,
         answers=[["a"]] * Q, questions=[f"q{i}" for i in range(Q)], question_ids=[str(i) for i in range(Q)],
         passages=[{"id": str(i), "title": "", "text": "t"} for i in range(n_docs)],
-        passage_ids=[str(i) for i in range(n_docs)], folder=Path("."), manifest={"sizes": {"n_passages": n_docs}})
+        passage_ids=[str(i) for i in range(n_docs)], folder=Path("."), manifest={"sizes": {"n_passages": n_docs}},
+        qrels=[{g: 1 for g in gs} for gs in gold])
 
 
 REAL_ARGS = ["--device", "cpu", "--quick", "--batch", "1,4", "--queries", "12", "--topk", "5", "--reps", "1",
@@ -110,34 +112,39 @@ REAL_ARGS = ["--device", "cpu", "--quick", "--batch", "1,4", "--queries", "12", 
 
 
 def test_reatt_bench_real_text(tmp_path, monkeypatch, capsys):
-    """The default corpus is real text (corpora.load_corpus, stubbed here with clustered vectors in its shapes): exact
-    backends and the default index side by side, with gold@k and the index's eps-recall against exact."""
-    from reatt_kernels.bench import corpora
+    """The default corpus is real text (data.cache.load_corpus, stubbed here with clustered vectors in its shapes):
+    exact backends and the default index side by side, with gold@k, the index's eps-recall against exact, and the
+    qrels metrics."""
+    from reatt_kernels.bench.data import cache
 
     fake = _fake_real_corpus()
     seen = {}
 
-    def load(name, dim=384, **kw):
+    def load(name, dim=None, **kw):
         seen.update(name=name, dim=dim)
         return fake
 
-    monkeypatch.setattr(corpora, "load_corpus", load)
+    monkeypatch.setattr(cache, "load_corpus", load)
     assert bench.main(REAL_ARGS + ["--dim", "16", "--out", str(tmp_path)]) == 0
-    assert seen == {"name": "squad-dev", "dim": 16}
+    assert seen == {"name": "docstrings-small", "dim": 16}  # --quick without --corpus: the small default
     payload = json.loads((tmp_path / "reatt_bench.json").read_text())
     rows = payload["rows"]
     by = {(r["backend"], r["batch"]): r for r in rows}
     assert {"naive", "torch", "cpu", "index"} <= {b for b, _ in by}
-    assert payload["corpus"]["name"] == "squad-dev" and payload["corpus"]["questions_sampled"] == 12
+    assert payload["corpus"]["name"] == "docstrings-small" and payload["corpus"]["questions_sampled"] == 12
     q = payload["quality"]
     # the quality questions are the ones with a gold passage; exact is its own reference
     assert q["exact"]["recall_vs_exact"] == 1.0 and q["exact"]["eps_recall_vs_exact"] == 1.0
     assert 0.0 <= q["index"]["eps_recall_vs_exact"] <= 1.0 and 0.0 <= q["index"]["gold_at_k"] <= 1.0
+    # 60 passages < 100: recall@100 is over the whole corpus, so exact finds every gold passage
+    assert q["exact"]["recall@100"] == 1.0 and 0.0 < q["exact"]["ndcg@10"] <= 1.0 and 0.0 < q["exact"]["mrr@10"] <= 1.0
+    assert 0.0 <= q["index"]["ndcg@10"] <= 1.0 and q["index"]["recall@100"] is not None
     for n in (1, 4):
         assert by[("torch", n)]["recall_vs_naive"] == 1.0  # masked queries: naive (zero rows) == masked exact
         assert by[("index", n)]["status"] == "ok" and by[("index", n)]["p50_ms"] > 0
         assert by[("index", n)]["gold_at_k"] == q["index"]["gold_at_k"]
         assert by[("cpu", n)]["gold_at_k"] == q["exact"]["gold_at_k"]
+        assert by[("cpu", n)]["ndcg@10"] == q["exact"]["ndcg@10"] and by[("index", n)]["mrr@10"] == q["index"]["mrr@10"]
         # useful FLOPs count the unmasked query tokens only
         assert by[("torch", n)]["query_tokens"] < 32 * n or n == 1
     assert "eps-recall" in capsys.readouterr().out
@@ -169,12 +176,12 @@ def test_naive_maxsim_matches_reference_across_chunks():
     mask = random_mask((23, 7))
     mask[:, 0] = True  # no empty document: naive would give -inf there, as the reference does
     ref = maxsim_ref(q, d, None, mask)
-    out = bench.naive_maxsim(q, d, mask, chunk_elems=3 * 5 * 7 * 4)  # 4 documents per chunk: 6 chunks
+    out = util.naive_maxsim(q, d, mask, chunk_elems=3 * 5 * 7 * 4)  # 4 documents per chunk: 6 chunks
     torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=1e-6)
 
 
 def test_time_fn_quantiles_and_reps():
-    t = bench.time_fn(lambda: sum(range(2000)), torch.device("cpu"), quantiles=(0.5, 0.2, 0.8, 0.99), min_reps=7,
+    t = util.time_fn(lambda: sum(range(2000)), torch.device("cpu"), quantiles=(0.5, 0.2, 0.8, 0.99), min_reps=7,
                       budget_s=0.0)
     assert t["n"] == 7
     assert 0 < t["p20"] <= t["p50"] <= t["p80"] <= t["p99"]
@@ -186,16 +193,16 @@ def test_peak_memory_cpu_sees_an_allocation():
         time.sleep(0.03)  # held long enough for the sampler
         return int(x[-1])
 
-    m = bench.peak_memory(fn, torch.device("cpu"))
+    m = util.peak_memory(fn, torch.device("cpu"))
     assert m["bytes"] >= 16 << 20, m
 
 
 def test_format_table_and_slug():
-    text = bench.format_table([{"a": "x", "b": 1.23456, "note": None}, {"a": "yy", "b": None, "note": "why"}],
+    text = util.format_table([{"a": "x", "b": 1.23456, "note": None}, {"a": "yy", "b": None, "note": "why"}],
                               [("a", "A", ""), ("b", "B", ".2f"), ("note", "note", "")])
     lines = text.splitlines()
     assert lines[0].split() == ["A", "B", "note"] and "1.23" in lines[2] and "n/a" in lines[3] and "why" in lines[3]
-    assert bench.device_slug(torch.device("cpu")) == "cpu"
+    assert util.device_slug(torch.device("cpu")) == "cpu"
 
 
 def test_device_check_script_parses():
