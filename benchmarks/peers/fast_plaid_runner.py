@@ -5,6 +5,8 @@ Input folder (written by ``reatt_kernels.bench.index.write_peer_inputs``):
     tokens.npy   fp16 [T, D]   unit-norm document tokens, packed
     offsets.npy  int64 [N + 1] document boundaries (document i is tokens[offsets[i]:offsets[i + 1]], id i)
     queries.npy  fp16 [Q, Lq, D]
+    query_mask.npy  bool [Q, Lq] (optional): each query is searched with its valid tokens only, as our index searches
+                 it (no zero padding rows, which fast-plaid would score and probe with)
     meta.json    {"fingerprint": ...} (identifies the corpus, so a built index can be reused)
 
 Output JSON: {"system", "version", "torch", "build_s", "reused_index", "index_bytes", "bytes_per_token", "n_tokens",
@@ -56,6 +58,11 @@ def main(argv=None) -> int:
     tokens = np.load(os.path.join(args.inputs, "tokens.npy"), mmap_mode="r")
     offsets = np.load(os.path.join(args.inputs, "offsets.npy"))
     queries = torch.from_numpy(np.load(os.path.join(args.inputs, "queries.npy")).astype(np.float32))
+    mask_path = os.path.join(args.inputs, "query_mask.npy")
+    qmask = torch.from_numpy(np.load(mask_path)) if os.path.exists(mask_path) else None
+
+    def query(a):  # [1, n_valid, D]: the valid tokens only
+        return queries[a:a + 1] if qmask is None else queries[a:a + 1][:, qmask[a]]
     with open(os.path.join(args.inputs, "meta.json")) as f:
         fingerprint = json.load(f)["fingerprint"]
     stamp_path = os.path.join(args.index, "reatt_stamp.json")
@@ -86,14 +93,15 @@ def main(argv=None) -> int:
 
     out = {"system": "fast-plaid", "version": fp_version, "torch": torch.__version__, "build_s": build_s,
            "reused_index": reused, "index_bytes": index_bytes, "n_tokens": int(offsets[-1]),
-           "bytes_per_token": index_bytes / max(1, int(offsets[-1])), "threads": args.threads, "configs": []}
+           "bytes_per_token": index_bytes / max(1, int(offsets[-1])), "threads": args.threads,
+           "queries_unpadded": qmask is not None, "configs": []}
     for n_probe, n_full in json.loads(args.configs):
         kw = dict(top_k=args.k, n_ivf_probe=int(n_probe), n_full_scores=int(n_full), show_progress=False)
-        index.search(queries_embeddings=queries[:1], **kw)  # warm-up (loads the index, first-call costs)
+        index.search(queries_embeddings=query(0), **kw)  # warm-up (loads the index, first-call costs)
         ids, scores, ms = [], [], []
         for a in range(queries.shape[0]):
             t0 = time.perf_counter()
-            res = index.search(queries_embeddings=queries[a:a + 1], **kw)[0]
+            res = index.search(queries_embeddings=query(a), **kw)[0]
             if args.device == "cuda":
                 torch.cuda.synchronize()
             ms.append((time.perf_counter() - t0) * 1e3)

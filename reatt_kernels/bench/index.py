@@ -59,6 +59,7 @@ from .util import device_name, env_info, peak_memory, repo_root, resolve_device,
 
 K = 10
 EPS = 0.01
+QUIET_LOAD = 1.5  # a 1-minute load average above this at the start: another process shares the 2 cores
 HEADLINE_NOISE = 0.124
 SWEEP_NOISES = (0.043, 0.124, 0.35)  # token-centroid cosine about 0.9, 0.58, 0.24 at d = 128
 PEER_VENV_ENV = "REATT_FAST_PLAID_VENV"
@@ -82,8 +83,20 @@ def quality(ids: torch.Tensor, exact_scores: torch.Tensor, gold, k: int = K, eps
         gold_ok = (ids == gold.cpu()[:, None]).any(1)
     else:
         gold_ok = torch.tensor([bool(set(ids[a].tolist()) & set(g)) for a, g in enumerate(gold)])
+    per_q = eps_ok.double().mean(1)  # each question's eps-recall: the unit the standard error is over
+    se = float(per_q.std(unbiased=True) / math.sqrt(per_q.numel())) if per_q.numel() > 1 else 0.0
     return {f"recall@{k}": float(hit.double().mean()), f"eps_recall@{k}": float(eps_ok.double().mean()),
-            f"gold@{k}": float(gold_ok.double().mean())}
+            f"eps_recall@{k}_se": se, f"gold@{k}": float(gold_ok.double().mean())}
+
+
+def gold_recall(ids: torch.Tensor, gold) -> float:
+    """Mean over queries of the fraction of the query's gold documents among ``ids`` [Q, depth] (one gold document
+    each for a tensor ``gold``, else each query's list)."""
+    ids = ids.cpu().long()
+    if isinstance(gold, torch.Tensor):
+        return float((ids == gold.cpu()[:, None]).any(1).double().mean())
+    fr = [len(set(ids[a].tolist()) & set(g)) / len(g) for a, g in enumerate(gold) if g]
+    return sum(fr) / max(1, len(fr))
 
 
 def exact_all_scores(index: TokenIndex, q: torch.Tensor, q_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -102,41 +115,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_queries(search, q: torch.Tensor, q_mask: Optional[torch.Tensor] = None, batch: int = 16) -> dict:
-    """One ``search(q[a:a+1], q_mask[a:a+1])`` per query after one warm-up call: p50 / p90 ms per query, and the
-    results; then ``batch``-query calls: ``ms_b16`` = median batch time / batch (0 batches when fewer queries)."""
-    if q_mask is None:
-        q_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
-    search(q[:1], q_mask[:1])
-    ms, ids = [], []
-    for a in range(q.shape[0]):
-        _sync(q.device)
-        t0 = time.perf_counter()
-        _, i = search(q[a:a + 1], q_mask[a:a + 1])
-        _sync(q.device)
-        ms.append((time.perf_counter() - t0) * 1e3)
-        ids.append(i)
-    ms_sorted = sorted(ms)
-    out = {"ms_p50": ms_sorted[len(ms) // 2], "ms_p90": ms_sorted[min(len(ms) - 1, int(0.9 * len(ms)))],
-           "ids": torch.cat(ids)}
-    bt = []
-    for a in range(0, q.shape[0] - batch + 1, batch):
-        _sync(q.device)
-        t0 = time.perf_counter()
-        search(q[a:a + batch], q_mask[a:a + batch])
-        _sync(q.device)
-        bt.append((time.perf_counter() - t0) * 1e3 / batch)
-    if bt:
-        out["ms_b16"] = sorted(bt)[len(bt) // 2]
-    return out
+def time_interleaved(systems: dict, q: torch.Tensor, q_mask: torch.Tensor, rounds: int = 3, batch: int = 16) -> dict:
+    """Times every system on the same queries, interleaved: ``rounds`` rounds, each running every system in turn (the
+    order rotates and reverses from round to round, so no system always runs first or right after a given other).
+    In a round a system gets one warm-up call, one call per query (batch 1) and then ``batch``-query calls.
+
+    ``systems``: name -> ``search(q, q_mask) -> (scores, ids)``. Returns, per name: ``ms_p50`` (median over rounds of
+    the round's p50 ms per query), ``ms_p50_rounds``, ``ms_p90``, ``ms_b16`` (median ms per query of the batch calls),
+    ``cpu_ms_per_query`` (process CPU time of the batch-1 calls per query: threads x busy time) and the last round's
+    ids [Q, k]."""
+    names = list(systems)
+    acc = {n: {"p50": [], "p90": [], "b16": [], "cpu": []} for n in names}
+    ids: dict = {}
+    Q = q.shape[0]
+    for r in range(max(1, rounds)):
+        order = names[r % len(names):] + names[:r % len(names)]
+        if r % 2:
+            order = order[::-1]
+        for n in order:
+            search = systems[n]
+            search(q[:1], q_mask[:1])
+            ms, got = [], []
+            c0 = time.process_time()
+            for a in range(Q):
+                _sync(q.device)
+                t0 = time.perf_counter()
+                _, i = search(q[a:a + 1], q_mask[a:a + 1])
+                _sync(q.device)
+                ms.append((time.perf_counter() - t0) * 1e3)
+                got.append(i)
+            acc[n]["cpu"].append((time.process_time() - c0) * 1e3 / Q)
+            ms.sort()
+            acc[n]["p50"].append(ms[Q // 2])
+            acc[n]["p90"].append(ms[min(Q - 1, int(0.9 * Q))])
+            ids[n] = torch.cat(got)
+            for a in range(0, Q - batch + 1, batch):
+                _sync(q.device)
+                t0 = time.perf_counter()
+                search(q[a:a + batch], q_mask[a:a + batch])
+                _sync(q.device)
+                acc[n]["b16"].append((time.perf_counter() - t0) * 1e3 / batch)
+
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if xs else None
+
+    return {n: {"ms_p50": med(a["p50"]), "ms_p50_rounds": [round(x, 3) for x in a["p50"]], "ms_p90": med(a["p90"]),
+                "ms_b16": med(a["b16"]), "cpu_ms_per_query": med(a["cpu"]), "rounds": len(a["p50"]), "ids": ids[n]}
+            for n, a in acc.items()}
 
 
 def stage_profile(index: TokenIndex, q: torch.Tensor, q_mask: torch.Tensor, params: dict) -> dict:
     """Mean ms per query of each residual stage (batch 1), with the work each stage does and the rate it achieves.
 
-    Work per query: centroid_scores 2 Lq C D FLOPs; approx (centroid interaction): one 4-byte code and one table row
-    per candidate token; decompress_rerank: the kept documents' tokens x (4 + D nbits / 8) bytes and 2 Lq D FLOPs
-    each."""
+    Work per query: centroid_scores 2 Lq C D FLOPs; approx / kernel_approx (centroid interaction): one code (2 or 4
+    bytes) and one table row per candidate token; decompress_rerank / kernel_rerank_topk: the kept documents' tokens x
+    (code + D nbits / 8) bytes and 2 Lq D FLOPs each. (Lq: the padded query length, an upper bound on the valid
+    tokens the kernels compute.)"""
     stages: dict[str, float] = {}
     n_q = q.shape[0]
     Lq = q.shape[1]
@@ -156,9 +191,13 @@ def stage_profile(index: TokenIndex, q: torch.Tensor, q_mask: torch.Tensor, para
             rerank_tokens += int(lens[c].sum())
     C, D = index.codec.centroids.shape
     tok = rerank_tokens / n_s
+    code_b = index.codes.element_size()
     work = {
         "centroid_scores": {"GFLOP": 2 * Lq * C * D / 1e9},
-        "approx": {"tokens": index.n_tokens, "MB": index.n_tokens * 4 / 1e6},
+        "approx": {"tokens": index.n_tokens, "MB": index.n_tokens * code_b / 1e6},
+        "kernel_approx": {"tokens": index.n_tokens, "MB": index.n_tokens * code_b / 1e6},
+        "kernel_rerank_topk": {"docs": cand_docs / n_s, "tokens": tok, "MB": tok * index.bytes_per_token / 1e6,
+                               "GFLOP": 2 * Lq * D * tok / 1e9},
         "decompress_rerank": {"docs": cand_docs / n_s, "tokens": tok, "MB": tok * index.bytes_per_token / 1e6,
                               "GFLOP": 2 * Lq * D * tok / 1e9},
         "scan": {"tokens": index.n_tokens, "MB": index.n_tokens * index.bytes_per_token / 1e6,
@@ -258,15 +297,17 @@ def peer_python(venv: Optional[str]) -> tuple[Optional[str], str]:
     return str(py), str(v)
 
 
-def run_peer(py: str, tokens, offsets, q, fp: str, work: Path, nbits: int, configs, threads: int,
+def run_peer(py: str, tokens, offsets, q, q_mask, fp: str, work: Path, nbits: int, configs, threads: int,
              device: torch.device) -> dict:
-    """Write the corpus for the runner, run it in fast-plaid's venv, return its JSON (or {"error": ...})."""
+    """Write the corpus for the runner, run it in fast-plaid's venv, return its JSON (or {"error": ...}). The runner
+    gives fast-plaid each query's valid tokens only (``query_mask.npy``), as we search with them: no zero padding."""
     inp = work / f"peer-inputs-{fp}"
     inp.mkdir(parents=True, exist_ok=True)
-    if not (inp / "meta.json").exists():
+    if not (inp / "meta.json").exists() or not (inp / "query_mask.npy").exists():
         np.save(inp / "tokens.npy", tokens.cpu().numpy())
         np.save(inp / "offsets.npy", offsets.cpu().numpy())
         np.save(inp / "queries.npy", q.cpu().numpy())
+        np.save(inp / "query_mask.npy", q_mask.cpu().numpy())
         (inp / "meta.json").write_text(json.dumps({"fingerprint": fp}))
     runner = repo_root() / "benchmarks" / "peers" / "fast_plaid_runner.py"
     cmd = [py, str(runner), "--inputs", str(inp), "--index", str(work / f"fast-plaid-{nbits}-{fp}"),
@@ -348,35 +389,51 @@ def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, pee
             ids = torch.cat([search(q[a:a + 16], q_mask[a:a + 16])[1].cpu() for a in range(0, q.shape[0], 16)])
         return qrels_metrics(ids.tolist(), qrels, S.shape[1])
 
-    t = time_queries(lambda x, m: exact.search(x, m, k=K, backend=backend), q, q_mask)
-    ref = {**quality(t["ids"], S, gold), **judged(ids=S.topk(depth, dim=1).indices)}
-    rows.append({**common, "system": f"exact (fp16, {backend} backend)", "config": "full MaxSim",
-                 "build_s": build_exact, "bytes_per_token": exact.nbytes() / T, **ref, "ms_p50": t["ms_p50"],
-                 "ms_p90": t["ms_p90"], "ms_b16": t.get("ms_b16")})
-    exact_ms, exact_gold = t["ms_p50"], ref[f"gold@{K}"]
-    print(f"  exact: {t['ms_p50']:.1f} ms/query, gold@10 {exact_gold:.3f}", flush=True)
-
     residual, stats = build_residual(exact.tokens, exact.offsets, args.nbits, args.cache, fp, dev)
     print(f"  residual {args.nbits}-bit build: {stats['build_s']:.1f} s ({stats['s_per_Mtok']:.1f} s/Mtok"
           f"{', reused from cache' if stats['reused'] else ''}), peak RSS "
           f"{(stats['peak_rss_bytes'] or 0) / 2**20:.0f} MiB vs budget "
           f"{stats.get('rss_budget_bytes', 0) / 2**20:.0f} MiB (1.5 x index + one chunk); calibration "
           f"{residual.calibration}", flush=True)
-    for params in sweep:
-        t = time_queries(lambda x, m: residual.search(x, m, k=K, backend=backend, **params), q, q_mask)
-        m = {**quality(t["ids"], S, gold),
-             **judged(lambda x, mk: residual.search(x, mk, k=depth, backend=backend, **params))}
+
+    # Exact search and every residual configuration, timed interleaved in rounds (time_interleaved). Exact search gets
+    # the padded queries and their mask, as users pass them: the kernel packs the valid tokens itself.
+    systems = {"exact": lambda x, m: exact.search(x, m, k=K, backend=backend)}
+    for j, params in enumerate(sweep):
+        systems[f"residual-{j}"] = (lambda p: lambda x, m: residual.search(x, m, k=K, backend=backend, **p))(params)
+    timed = time_interleaved(systems, q, q_mask, rounds=getattr(args, "rounds", 3))
+    timing_keys = ("ms_p50", "ms_p50_rounds", "ms_p90", "ms_b16", "cpu_ms_per_query", "rounds")
+
+    def top_depth(search):
+        return torch.cat([search(q[a:a + 16], q_mask[a:a + 16])[1].cpu() for a in range(0, q.shape[0], 16)])
+
+    t = timed["exact"]
+    exact_top = S.topk(depth, dim=1).indices
+    ref = {**quality(t["ids"], S, gold), **judged(ids=exact_top), "gold_recall@100": gold_recall(exact_top, gold)}
+    rows.append({**common, "system": f"exact (fp16, {backend} backend)", "config": "full MaxSim",
+                 "build_s": build_exact, "bytes_per_token": exact.nbytes() / T, **ref,
+                 **{key: t[key] for key in timing_keys}})
+    exact_ms, exact_gold = t["ms_p50"], ref[f"gold@{K}"]
+    print(f"  exact: {t['ms_p50']:.2f} ms/query (rounds {t['ms_p50_rounds']}), gold@10 {exact_gold:.3f}", flush=True)
+    for j, params in enumerate(sweep):
+        t = timed[f"residual-{j}"]
+        top = top_depth(lambda x, mk: residual.search(x, mk, k=depth, backend=backend, **params))
+        m = {**quality(t["ids"], S, gold), **judged(ids=top), "gold_recall@100": gold_recall(top, gold)}
         is_default = params == DEFAULTS
         row = {**common, "system": f"residual {args.nbits}-bit" + (", default" if is_default else ""),
                "config": _cfg(params, residual, is_default), "default": is_default, **params,
                "build_s": stats["build_s"], "build": stats, "peak_rss_mib": (stats.get("peak_rss_bytes") or 0) / 2**20,
-               "bytes_per_token": residual.nbytes() / T, **m, "ms_p50": t["ms_p50"], "ms_p90": t["ms_p90"],
-               "ms_b16": t.get("ms_b16"), f"exact_gold@{K}": exact_gold, "speedup_vs_exact": exact_ms / t["ms_p50"]}
+               "bytes_per_token": residual.nbytes() / T, **m, **{key: t[key] for key in timing_keys},
+               f"exact_gold@{K}": exact_gold, "exact_gold_recall@100": ref["gold_recall@100"],
+               "speedup_vs_exact": exact_ms / t["ms_p50"],
+               "speedup_vs_exact_b16": (timed["exact"]["ms_b16"] / t["ms_b16"]) if t.get("ms_b16") else None}
         if is_default:
             row["profile"] = stage_profile(residual, q, q_mask, params)
         rows.append(row)
-        print(f"  residual {row['config']}: {t['ms_p50']:.1f} ms/query ({exact_ms / t['ms_p50']:.1f}x exact), "
-              f"recall {m['recall@10']:.3f} eps-recall {m['eps_recall@10']:.3f} gold {m['gold@10']:.3f}", flush=True)
+        print(f"  residual {row['config']}: {t['ms_p50']:.2f} ms/query ({exact_ms / t['ms_p50']:.1f}x exact), "
+              f"recall {m['recall@10']:.3f} eps-recall {m['eps_recall@10']:.3f} +- {m['eps_recall@10_se']:.3f} "
+              f"gold {m['gold@10']:.3f}", flush=True)
+    residual_for_peer = residual if peer else None
     del residual
 
     if peer:
@@ -389,26 +446,48 @@ def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, pee
         else:
             # its defaults (n_ivf_probe, n_full_scores), and the larger setting unless --peer-defaults-only
             configs = [[8, 4096]] if getattr(args, "peer_defaults_only", False) else [[8, 4096], [16, 8192]]
-            res = run_peer(py, peer_tokens, offsets, qz, fp, args.cache or Path(args.out) / "work", args.nbits,
-                           configs, torch.get_num_threads(), dev)
+            # Interleaved with our default: round r runs fast-plaid (every config, batch 1), then our default (batch 1);
+            # the ratio is taken per round, its median reported.
+            default_params = next((p for p in sweep if p == DEFAULTS), None)
+            ours = {"default": (lambda x, m: residual_for_peer.search(x, m, k=K, backend=backend, **default_params))} \
+                if default_params is not None and residual_for_peer is not None else {}
+            per_round, res = [], {}
+            for r in range(max(1, getattr(args, "rounds", 3))):
+                got = run_peer(py, peer_tokens, offsets, qz, q_mask, fp, args.cache or Path(args.out) / "work",
+                               args.nbits, configs, torch.get_num_threads(), dev)
+                if "error" in got:
+                    res = got
+                    break
+                mine = time_interleaved(ours, q, q_mask, rounds=1)["default"]["ms_p50"] if ours else None
+                per_round.append((got, mine))
+                res = got
             if "error" in res:
                 rows.append({**common, "system": "fast-plaid", "status": "n/a", "reason": res["error"]})
                 print(f"  fast-plaid: failed ({res['error']})", flush=True)
-            for c in res.get("configs", []):
+            for ci, c in enumerate(res.get("configs", [])):
                 ids = torch.tensor(c["ids"])
                 m = {**quality(ids, S, gold), **judged(ids=ids)}
+                p50s = sorted(sorted(g["configs"][ci]["ms_per_query"])[len(c["ms_per_query"]) // 2]
+                              for g, _ in per_round)
+                p50 = p50s[len(p50s) // 2]
+                ratios = sorted(sorted(g["configs"][ci]["ms_per_query"])[len(c["ms_per_query"]) // 2] / mine
+                                for g, mine in per_round if mine)
                 ms = sorted(c["ms_per_query"])
-                p50 = ms[len(ms) // 2]
                 rows.append({**common, "system": f"fast-plaid {res['version']}",
                              "config": f"n_ivf_probe {c['n_ivf_probe']}, n_full_scores {c['n_full_scores']}",
                              "default": [c["n_ivf_probe"], c["n_full_scores"]] == configs[0],
                              "n_ivf_probe": c["n_ivf_probe"], "n_full_scores": c["n_full_scores"],
                              "build_s": res["build_s"], "build": {"reused": res["reused_index"]},
                              "bytes_per_token": res["bytes_per_token"], **m, "ms_p50": p50,
+                             "ms_p50_rounds": [round(x, 3) for x in p50s],
                              "ms_p90": ms[min(len(ms) - 1, int(0.9 * len(ms)))], f"exact_gold@{K}": exact_gold,
-                             "speedup_vs_exact": exact_ms / p50, "torch": res["torch"]})
+                             "speedup_vs_exact": exact_ms / p50, "torch": res["torch"],
+                             "ours_default_speedup": ratios[len(ratios) // 2] if ratios else None,
+                             "ours_default_speedup_rounds": [round(x, 2) for x in ratios],
+                             "queries_unpadded": bool(res.get("queries_unpadded"))})
                 print(f"  fast-plaid {rows[-1]['config']}: {p50:.1f} ms/query, recall {m['recall@10']:.3f} "
-                      f"eps-recall {m['eps_recall@10']:.3f} gold {m['gold@10']:.3f}", flush=True)
+                      f"eps-recall {m['eps_recall@10']:.3f} gold {m['gold@10']:.3f}; our default is "
+                      f"{rows[-1]['ours_default_speedup'] or float('nan'):.1f}x faster (per-round median)", flush=True)
     return rows
 
 
@@ -460,10 +539,12 @@ def run(args) -> list[dict]:
 
 # ---- report -------------------------------------------------------------------------------------------------------
 COLUMNS = [("section", "section", ""), ("system", "system", ""), ("config", "config", ""), ("build_s", "build s", ".1f"),
-           ("peak_rss_mib", "build peak RSS MiB", ".0f"), ("ms_p50", "ms/query", ".1f"), ("ms_b16", "ms/query b16", ".1f"),
-           ("speedup_vs_exact", "x exact", ".2f"),
+           ("peak_rss_mib", "build peak RSS MiB", ".0f"), ("ms_p50", "ms/query", ".2f"), ("ms_b16", "ms/query b16", ".2f"),
+           ("cpu_ms_per_query", "CPU ms/query", ".1f"), ("speedup_vs_exact", "x exact", ".2f"),
+           ("speedup_vs_exact_b16", "x exact b16", ".2f"), ("ours_default_speedup", "our default x faster", ".1f"),
            ("bytes_per_token", "B/token", ".1f"), ("recall@10", "recall@10", ".3f"),
-           ("eps_recall@10", "eps-recall@10", ".3f"), ("gold@10", "gold@10", ".3f"),
+           ("eps_recall@10", "eps-recall@10", ".3f"), ("eps_recall@10_se", "+- SE", ".3f"), ("gold@10", "gold@10", ".3f"),
+           ("gold_recall@100", "gold R@100", ".3f"),
            ("exact_gold@10", "exact gold@10", ".3f"), ("ndcg@10", "nDCG@10", ".3f"), ("recall@100", "R@100", ".3f"),
            ("mrr@10", "MRR@10", ".3f")]
 
@@ -575,6 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-defaults-only", action="store_true",
                    help="fast-plaid at its defaults only (not also n_ivf_probe 16 / n_full_scores 8192)")
     p.add_argument("--cache", default=None, help="folder for built indexes (reused when corpus and settings match)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (>= 3 for a result)")
+    p.add_argument("--allow-noisy", action="store_true",
+                   help=f"run and write results even when the 1-minute load average at the start is above "
+                   f"{QUIET_LOAD}; the JSON and every table generated from it then say the run was noisy")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/cpu/)")
     return p
 
@@ -593,7 +678,14 @@ def main(argv=None) -> int:
     out = results_dir(device, args.out)
     args.out = str(out)
     load0 = os.getloadavg()
+    noisy = load0[0] > QUIET_LOAD
+    if noisy and not args.allow_noisy:
+        print(f"error: the 1-minute load average is {load0[0]:.2f} (> {QUIET_LOAD}): something else is running, and "
+              f"its timings would not be results. Wait for a quiet machine (../shared/tools/quiet -- CMD), or pass "
+              f"--allow-noisy to run anyway (the results then say so).", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
+    c0 = time.process_time()
     from .data.fetch import SourceError
 
     try:
@@ -608,13 +700,17 @@ def main(argv=None) -> int:
             "queries": args.queries}
     payload = {"env": env_info(device), "device": str(device), "threads": args.threads, "data": data,
                "wall_s": time.perf_counter() - t0,
-               "load_avg_start": load0, "load_avg_end": load1, "args": {k: str(v) for k, v in vars(args).items()},
+               "load_avg_start": load0, "load_avg_end": load1, "noisy": noisy, "cpu_s": time.process_time() - c0,
+               "rounds": args.rounds, "args": {k: str(v) for k, v in vars(args).items()},
                "rows": rows, "notes": __doc__}
     path = write_json(out / f"{name}.json", payload)
     png = plot(rows, out / f"{name}.png")
     text = table(rows) + "\n\n" + profile_table(rows)
-    (out / f"{name}.md").write_text(f"{device_name(device)}, {args.threads} threads; load average (1 min) {load0[0]:.1f} at start, "
-                                    f"{load1[0]:.1f} at end\n\n{text}\n")
+    warn = (f"**NOISY RUN (--allow-noisy): load average {load0[0]:.2f} at the start; these timings are not "
+            f"results.**\n\n" if noisy else "")
+    (out / f"{name}.md").write_text(f"{warn}{device_name(device)}, {args.threads} threads; load average (1 min) "
+                                    f"{load0[0]:.1f} at start, {load1[0]:.1f} at end; {args.rounds} interleaved "
+                                    f"rounds\n\n{text}\n")
     print(text)
     print(f"wrote {path}, {out / (name + '.md')}" + (f" and {png}" if png else ""))
     return 0

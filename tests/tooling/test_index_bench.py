@@ -51,7 +51,8 @@ def test_quick_bench_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv(bench.PEER_VENV_ENV, str(tmp_path / "no-venv"))
     out = tmp_path / "out"
     rc = bench.main(["--quick", "--sections", "headline,peer", "--docs", "150", "--peer-docs", "120",
-                     "--queries", "6", "--out", str(out), "--cache", str(tmp_path / "cache")])
+                     "--queries", "6", "--out", str(out), "--cache", str(tmp_path / "cache"), "--rounds", "2",
+                     "--allow-noisy"])
     assert rc == 0
     payload = json.loads((out / "bench_index_quick.json").read_text())
     rows = payload["rows"]
@@ -65,8 +66,12 @@ def test_quick_bench_end_to_end(tmp_path, monkeypatch):
         assert r["exact_gold@10"] == [e for e in exact if e["section"] == r["section"]][0]["gold@10"]
     default = [r for r in resid if r.get("default") and r["section"] == "headline"][0]
     # the default's stages: the plaid path (probe or every document) or the calibrated scan
-    assert ({"centroid_scores", "approx", "decompress_rerank", "topk"} <= set(default["profile"])
+    # (the plaid path is one plaid_search call on CPU, with its kernel's own stage split)
+    assert ({"centroid_scores", "plaid_search", "kernel_approx", "kernel_rerank_topk"} <= set(default["profile"])
             or {"scan", "topk"} <= set(default["profile"]))
+    for r in exact + resid:  # interleaved rounds, each recorded
+        assert r["rounds"] == 2 and len(r["ms_p50_rounds"]) == 2 and r["cpu_ms_per_query"] > 0
+        assert 0 <= r["gold_recall@100"] <= 1 and r["eps_recall@10_se"] >= 0
     assert any(r.get("method") == "scan" for r in resid) and all(r["ms_b16"] is None or r["ms_b16"] > 0 for r in resid)
     b = default["build"]
     assert b["peak_rss_bytes"] is not None and b["index_bytes"] > 0
@@ -77,7 +82,7 @@ def test_quick_bench_end_to_end(tmp_path, monkeypatch):
     assert "eps-recall@10" in md and "per-stage profile" in md and "n/a" in md
     # a second run reuses the cached residual index and says so
     bench.main(["--quick", "--sections", "headline", "--docs", "150", "--queries", "6", "--out", str(out),
-                "--cache", str(tmp_path / "cache")])
+                "--cache", str(tmp_path / "cache"), "--rounds", "1", "--allow-noisy"])
     rows2 = json.loads((out / "bench_index_quick.json").read_text())["rows"]
     assert all(r["build"]["reused"] for r in rows2 if r["system"].startswith("residual"))
 
@@ -98,3 +103,43 @@ def test_parser_real_corpora_and_gpu_arguments():
 
     with pytest.raises(SystemExit):
         p.parse_args(["--corpus", "msmarco"])
+
+
+def test_refuses_a_loaded_machine_unless_told(tmp_path, monkeypatch):
+    """Above a 1-minute load of 1.5 at the start the benchmark writes nothing and exits 2; with --allow-noisy it runs,
+    and the JSON and its table say the run was noisy."""
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (4.2, 3.0, 2.0))
+    out = tmp_path / "out"
+    args = ["--quick", "--sections", "headline", "--docs", "80", "--queries", "4", "--out", str(out), "--no-peer",
+            "--rounds", "1"]
+    assert bench.main(args) == 2 and not (out / "bench_index_quick.json").exists()
+    assert bench.main(args + ["--allow-noisy"]) == 0
+    payload = json.loads((out / "bench_index_quick.json").read_text())
+    assert payload["noisy"] is True and payload["load_avg_start"][0] == 4.2
+    assert (out / "bench_index_quick.md").read_text().startswith("**NOISY RUN")
+
+
+def test_interleaved_rounds_rotate_the_order():
+    calls = []
+
+    def system(name):
+        def search(q, m):
+            calls.append(name)
+            return None, torch.zeros((q.shape[0], 10), dtype=torch.int64)
+        return search
+
+    q, m = torch.zeros(3, 4, 8), torch.ones(3, 4, dtype=torch.bool)
+    res = bench.time_interleaved({"a": system("a"), "b": system("b"), "c": system("c")}, q, m, rounds=3, batch=2)
+    # per round and system: 1 warm-up + 3 queries + 1 batch call = 5 calls
+    orders = [[calls[r * 15 + j * 5] for j in range(3)] for r in range(3)]
+    assert orders == [["a", "b", "c"], ["a", "c", "b"], ["c", "a", "b"]], orders  # rotated, every other reversed
+    assert all(r["rounds"] == 3 and r["ids"].shape == (3, 10) for r in res.values())
+
+
+def test_eps_recall_standard_error_and_gold_recall():
+    S = torch.tensor([[5.0, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6]] * 2)
+    ids = torch.tensor([list(range(10)), list(range(2, 12))])
+    q = bench.quality(ids, S, torch.tensor([0, 11]))
+    # per query eps-recall: 1.0 and 0.8 -> mean 0.9, sample sd 0.1414, SE 0.1
+    assert abs(q["eps_recall@10"] - 0.9) < 1e-12 and abs(q["eps_recall@10_se"] - 0.1) < 1e-9
+    assert bench.gold_recall(ids, [[0, 1, 11], [11]]) == (2 / 3 + 1) / 2
