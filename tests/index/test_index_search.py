@@ -131,3 +131,29 @@ def test_bad_search_parameters_raise(residual, corpus):
         residual.search(q, ncandidates=0)
     with pytest.raises(ValueError, match="nprobe must be"):
         residual.search(q, nprobe=-1)
+
+
+@pytest.mark.parametrize("form", ["packed", "list", "iterator"])
+def test_calibration_truth_is_exact_on_held_out_pseudo_queries(corpus, form):
+    """At build time the calibration's truth is exact MaxSim of its pseudo-queries against the original vectors (not
+    the compressed scan), each pseudo-query mixes two documents, and those two are held out of its ranking."""
+    from reatt_kernels import maxsim_packed
+
+    d, off, _, _ = corpus
+    docs = [d[int(off[i]):int(off[i + 1])] for i in range(off.numel() - 1)]
+    vectors = {"packed": d, "list": docs, "iterator": iter([docs[:100], docs[100:]])}[form]
+    index = TokenIndex.build(vectors, d_offsets=off if form == "packed" else None, kind="residual", nbits=4,
+                             n_centroids=48, progress=False)
+    cal = index.calibration
+    assert cal["truth"] == "exact" and cal["held_out"] and cal["target"] == 0.99
+    (Q, qm, src), truth = index._calib_truth
+    assert Q.shape[0] == 32 and truth.shape == (32, off.numel() - 1)
+    want = maxsim_packed(Q.to(d.dtype), d, off, qm, backend="torch").float()
+    torch.testing.assert_close(truth, want, rtol=1e-5, atol=1e-5)
+    for a in range(8):  # every token comes verbatim from one of the two sources, and each source gives some
+        srcs = [d[int(off[b]):int(off[b + 1])].float() for b in src[a].tolist()]
+        where = [[bool((rows == t).all(1).any()) for rows in srcs] for t in Q[a][qm[a]]]
+        assert all(any(w) for w in where) and all(any(w[j] for w in where) for j in (0, 1)), (a, src[a])
+    # after adding documents the originals are gone: a new calibration says its truth is the scan
+    index.add(docs[:5])
+    assert index.calibrate()["truth"] == "scan (decompressed)"
