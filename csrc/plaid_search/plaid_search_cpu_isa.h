@@ -3,7 +3,7 @@
 // path can be forced and tested on one machine (csrc/cpu_isa.h). No include guard: included once per level, on purpose.
 // Semantics: reatt_kernels/reference/plaid_search.py. Costs: plaid_search_cpu.cpp.
 
-constexpr int TILE = 16;  // document tokens decoded and scored together (one zmm of fp32 per dimension)
+constexpr int TILE = 32;  // document tokens decoded and scored together (two zmm of fp32 per dimension)
 
 // ---- stage 1: centroid interaction ------------------------------------------------------------------------------------
 // approx = sum_{i < nq} max_{t in doc} table[code_t, i]. One LP-float row (L2-resident: C LP 4 B = 512 KiB at C = 8192,
@@ -51,25 +51,29 @@ static void decode_tile(const float* __restrict w, const uint8_t* __restrict pk,
   {
     constexpr int PER_WORD = 32 / NBITS;
     const int64_t words = P / 4;
-    const __mmask16 live = static_cast<__mmask16>((1u << nt) - 1u);
-    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(static_cast<int32_t>(P)));
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i mask = _mm512_set1_epi32(MASK);
-    for (int64_t wd = 0; wd < words; ++wd) {
-      const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
-                                                       _mm512_add_epi32(rows, _mm512_set1_epi32(4 * wd)), pk, 1);
-      for (int s = 0; s < PER_WORD; ++s) {
-        const int64_t d = wd * PER_WORD + s;
-        const __m512i idx = _mm512_and_si512(_mm512_srli_epi32(word, s * NBITS), mask);
-        __m512 v;
-        if constexpr (K <= 16) {
-          // the dimension's K weights (K <= 16) as one register (masked load: lanes >= K are never indexed)
-          const __m512 wk = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << K) - 1u), w + d * K);
-          v = _mm512_permutexvar_ps(idx, wk);
-        } else {
-          v = _mm512_i32gather_ps(idx, w + d * K, 4);
+    for (int h = 0; h < TILE / 16; ++h) {  // two halves of 16 tokens: one gather each per word
+      const int nh = std::max(0, std::min(16, nt - 16 * h));
+      const __mmask16 live = static_cast<__mmask16>((1u << nh) - 1u);
+      const __m512i rows = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * h)),
+                                              _mm512_set1_epi32(static_cast<int32_t>(P)));
+      for (int64_t wd = 0; wd < words; ++wd) {
+        const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
+                                                         _mm512_add_epi32(rows, _mm512_set1_epi32(4 * wd)), pk, 1);
+        for (int s = 0; s < PER_WORD; ++s) {
+          const int64_t d = wd * PER_WORD + s;
+          const __m512i idx = _mm512_and_si512(_mm512_srli_epi32(word, s * NBITS), mask);
+          __m512 v;
+          if constexpr (K <= 16) {
+            // the dimension's K weights (K <= 16) as one register (masked load: lanes >= K are never indexed)
+            const __m512 wk = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << K) - 1u), w + d * K);
+            v = _mm512_permutexvar_ps(idx, wk);
+          } else {
+            v = _mm512_i32gather_ps(idx, w + d * K, 4);
+          }
+          _mm512_store_ps(buf + d * TILE + 16 * h, v);  // padding lanes (j >= nt) hold w[d, 0]: finite, never kept
         }
-        _mm512_store_ps(buf + d * TILE, v);  // padding lanes (j >= nt) hold w[d, 0]: finite, never read
       }
     }
     d_done = words * PER_WORD;
@@ -88,19 +92,60 @@ static void decode_tile(const float* __restrict w, const uint8_t* __restrict pk,
   }
 }
 
+#if REATT_PS_LEVEL == 2
+// The AVX-512 micro-kernel: 6 query rows x 32 tokens per pass, 12 zmm accumulators; per dimension 2 tile loads and
+// 6 broadcasts feed 12 FMAs (the loads, not the FMAs, would bind a 4-row x 16-token block: 5 loads per 4 FMAs).
+// Lanes past nt (the tile's tail) are -inf before the max; a NaN pair score is skipped, as std::max(m, NaN) keeps m.
+static void tile_maxdots(const float* __restrict q, int32_t nq, const float* __restrict buf, int64_t D, int nt,
+                         const float* __restrict tab, int64_t LP, const int32_t* __restrict tcodes,
+                         float* __restrict best) {
+  constexpr int R = 6;
+  const __m512i lp = _mm512_set1_epi32(static_cast<int32_t>(LP));
+  const __m512i off0 = _mm512_mullo_epi32(_mm512_loadu_si512(tcodes), lp);
+  const __m512i off1 = _mm512_mullo_epi32(_mm512_loadu_si512(tcodes + 16), lp);
+  const __mmask16 m0 = static_cast<__mmask16>(nt >= 16 ? 0xFFFFu : (1u << nt) - 1u);
+  const __mmask16 m1 = static_cast<__mmask16>(nt >= 32 ? 0xFFFFu : nt <= 16 ? 0u : (1u << (nt - 16)) - 1u);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i0 = 0; i0 < nq; i0 += R) {
+    const int ni = static_cast<int>(std::min<int64_t>(R, nq - i0));
+    const float* qr[R];
+    for (int r = 0; r < R; ++r) qr[r] = q + std::min<int64_t>(i0 + r, nq - 1) * D;  // spare rows repeat a valid one
+    __m512 acc0[R], acc1[R];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 t0 = _mm512_load_ps(buf + d * TILE), t1 = _mm512_load_ps(buf + d * TILE + 16);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m512 b = _mm512_set1_ps(qr[r][d]);
+        acc0[r] = _mm512_fmadd_ps(b, t0, acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(b, t1, acc1[r]);
+      }
+    }
+    for (int r = 0; r < ni; ++r) {
+      const __m512i col = _mm512_set1_epi32(static_cast<int32_t>(i0 + r));
+      const __m512 c0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, _mm512_add_epi32(off0, col), tab, 4);
+      const __m512 c1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, _mm512_add_epi32(off1, col), tab, 4);
+      __m512 s0 = _mm512_add_ps(acc0[r], c0), s1 = _mm512_add_ps(acc1[r], c1);
+      s0 = _mm512_mask_mov_ps(ninf, m0 & _mm512_cmp_ps_mask(s0, s0, _CMP_ORD_Q), s0);
+      s1 = _mm512_mask_mov_ps(ninf, m1 & _mm512_cmp_ps_mask(s1, s1, _CMP_ORD_Q), s1);
+      best[i0 + r] = std::max(best[i0 + r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+    }
+  }
+}
+#else
 // best[i] = max(best[i], max_j table[code_j, i] + q_i . buf[:, j]) for the nq valid query tokens, 4 at a time: each
-// 16-float row of the transposed residual tile is loaded once for 4 FMAs, the j loop is one zmm (two ymm).
+// 32-float row of the transposed residual tile is loaded once for 4 FMAs (the compiler vectorises the j loop).
 static void tile_maxdots(const float* __restrict q, int32_t nq, const float* __restrict buf, int64_t D, int nt,
                          const float* __restrict tab, int64_t LP, const int32_t* __restrict tcodes,
                          float* __restrict best) {
   for (int64_t i0 = 0; i0 < nq; i0 += 4) {
     const int ni = static_cast<int>(std::min<int64_t>(4, nq - i0));
     float acc[4][TILE] = {};
-    // rows past nq are the launcher's zero padding (LP rows per query): always readable, never summed
     const float* q0 = q + i0 * D;
-    const float* q1 = q + (i0 + 1) * D;
-    const float* q2 = q + (i0 + 2) * D;
-    const float* q3 = q + (i0 + 3) * D;
+    const float* q1 = q + std::min<int64_t>(i0 + 1, nq - 1) * D;  // spare rows repeat a valid one
+    const float* q2 = q + std::min<int64_t>(i0 + 2, nq - 1) * D;
+    const float* q3 = q + std::min<int64_t>(i0 + 3, nq - 1) * D;
     for (int64_t d = 0; d < D; ++d) {
       const float* row = buf + d * TILE;
       const float a0 = q0[d], a1 = q1[d], a2 = q2[d], a3 = q3[d];
@@ -119,6 +164,7 @@ static void tile_maxdots(const float* __restrict q, int32_t nq, const float* __r
     }
   }
 }
+#endif
 
 // The decompressed MaxSim of one document against the queries that selected it (`who`: query indices), from the
 // table (centroid part) and the residual buckets: out[w] = sum_{i < nq} max_t (table[code_t, i] + q_i . r_t).
