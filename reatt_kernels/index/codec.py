@@ -53,21 +53,63 @@ def default_sample_tokens(n_tokens: int, n_centroids: int) -> int:
     return int(min(max(n_tokens, 1), max(1 << 18, MIN_POINTS_PER_CENTROID * n_centroids)))
 
 
-def kmeans(sample: Tensor, k: int, *, niter: int = 20, seed: int = 0, gpu: Optional[bool] = None) -> Tensor:
-    """Euclidean k-means through faiss (its GPU path when faiss sees a GPU). sample [S, D] -> centroids fp32 [k, D].
+def kmeans(sample: Tensor, k: int, *, niter: int = 20, seed: int = 0, gpu: Optional[bool] = None,
+           method: str = "auto") -> Tensor:
+    """Euclidean k-means. sample [S, D] -> centroids fp32 [k, D].
+
+    ``method``: "faiss" (faiss.Kmeans, fp32; its GPU path when faiss sees a GPU), "bf16" (Lloyd iterations whose
+    nearest-centroid step is :func:`assign` in bf16, everything else fp32), or "auto": "bf16" on a CPU where
+    :func:`assign_probe` measured torch's bf16 matmul at least BF16_MIN_SPEEDUP x faster than fp32 (the assignment is
+    k-means' whole cost: 2 S k D FLOPs per iteration), else faiss. Measured on a Zen 5 (2 threads, 65k x 384 points,
+    4,096 centroids, one iteration, process CPU time under load): faiss 2.7 s, the bf16 assignment 1.3 s. On an
+    AVX2-only CPU the probe picks faiss.
 
     Not spherical: on weakly clustered token vectors a unit-norm centroid is far from its members (|x - c| > |x|),
     while the cluster mean minimises the residual that the codes must carry."""
-    import faiss  # imported here: faiss must not load at `import reatt_kernels`
-
-    x = np.ascontiguousarray(sample.detach().float().cpu().numpy())
+    if method not in ("auto", "faiss", "bf16"):
+        raise ValueError(f"method must be 'auto', 'faiss' or 'bf16', got {method!r}")
+    x = sample.detach().float().cpu()
     k = max(1, min(k, x.shape[0]))
+    if method == "auto":
+        import faiss  # imported here: faiss must not load at `import reatt_kernels`
+
+        on_gpu = faiss.get_num_gpus() > 0 if gpu is None else bool(gpu)
+        use_bf16 = not on_gpu and k >= BF16_MIN_CENTROIDS and assign_probe("cpu", x.shape[1])["dtype"] == "bfloat16"
+        method = "bf16" if use_bf16 else "faiss"
+    if method == "bf16":
+        return _kmeans_lloyd(x, k, niter, seed)
+    import faiss
+
+    xn = np.ascontiguousarray(x.numpy())
     if gpu is None:
         gpu = faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=False, gpu=bool(gpu), verbose=False,
+    km = faiss.Kmeans(xn.shape[1], k, niter=niter, seed=seed, spherical=False, gpu=bool(gpu), verbose=False,
                       max_points_per_centroid=1 << 30)
-    km.train(x)
-    return torch.from_numpy(np.array(km.centroids, dtype=np.float32)).reshape(k, x.shape[1])
+    km.train(xn)
+    return torch.from_numpy(np.array(km.centroids, dtype=np.float32)).reshape(k, xn.shape[1])
+
+
+def _kmeans_lloyd(x: Tensor, k: int, niter: int, seed: int) -> Tensor:
+    """Lloyd's k-means from k distinct random points (faiss's initialisation): each iteration assigns every point to
+    its nearest centroid (:func:`assign`, bf16 scores) and moves each centroid to the mean of its points (fp64 sums).
+    An emptied centroid restarts at a random point of the largest cluster, nudged (faiss splits the largest cluster
+    the same way), so k centroids stay in use."""
+    g = torch.Generator().manual_seed(seed)
+    S, D = x.shape
+    cent = x[torch.randperm(S, generator=g)[:k]].clone()
+    for _ in range(max(1, niter)):
+        a = assign(x, cent, bf16=True).long()
+        sums = torch.zeros(k, D, dtype=torch.float64).index_add_(0, a, x.double())
+        cnt = torch.bincount(a, minlength=k)
+        cent = (sums / cnt.clamp(min=1)[:, None]).float()
+        empty = torch.nonzero(cnt == 0).flatten()
+        for e in empty.tolist():
+            big = int(torch.argmax(cnt))
+            members = torch.nonzero(a == big).flatten()
+            pick = members[torch.randint(0, members.numel(), (1,), generator=g)]
+            cent[e] = x[pick[0]] + 1e-4 * torch.randn(D, generator=g)
+            cnt[big] -= 1
+    return cent
 
 
 # Below this many centroids the fp32 matmul is cheap and assignment stays exact.
@@ -196,17 +238,32 @@ class ResidualCodec:
         sub = sample[torch.randperm(sample.shape[0], generator=torch.Generator().manual_seed(seed))[: 1 << 16]]
         r = sub - cent[assign(sub, cent).long()]
         del sub
-        rd = r.double()
-        cutoffs = torch.quantile(rd, qs_cut, dim=0).T.float().contiguous()
-        weights = torch.quantile(rd, qs_w, dim=0).T.float().contiguous()
+        # Every statistic below reads each dimension's residuals sorted once ([D, S]): the quantiles are two gathers
+        # (torch.quantile's linear interpolation at q (S - 1)), and each Lloyd-Max step finds its buckets with K - 1
+        # binary searches per dimension and sums them with a prefix sum: O(D K log S) per step, not O(D S) for
+        # bucketing all S values again (measured on 2^16 x 384: 7.3 s of quantiles + 7.6 s of Lloyd-Max before).
+        rs = torch.sort(r.T.contiguous(), dim=1).values.double()  # [D, S]
+        del r
+        D, S = rs.shape
+
+        def quantiles(qs: Tensor) -> Tensor:
+            pos = qs * (S - 1)
+            lo = pos.floor().long()
+            hi = (lo + 1).clamp(max=S - 1)
+            frac = (pos - lo.double())[None, :]
+            return rs[:, lo] * (1 - frac) + rs[:, hi] * frac  # [D, len(qs)]
+
+        cutoffs = quantiles(qs_cut).float().contiguous()
+        weights = quantiles(qs_w).float().contiguous()
         # Lloyd-Max refinement from the quantile start: weights <- bucket means, cutoffs <- midpoints. Lowers the
-        # decode error (most in the tails, where equal-probability buckets are wide) at no cost per token.
-        D = r.shape[1]
-        rT = r.T.contiguous()
+        # decode error (most in the tails, where equal-probability buckets are wide) at no cost per token. A value's
+        # bucket is #{k : cutoffs[d, k] < value} (the encoder's rule), so bucket k ends after the values <= cutoff k.
+        prefix = torch.cat([torch.zeros(D, 1, dtype=torch.float64), rs.cumsum(1)], 1)  # [D, S + 1]
         for _ in range(lloyd_iters):
-            b = torch.searchsorted(cutoffs, rT, right=False)  # [D, S]
-            sums = torch.zeros(D, K, dtype=torch.float64).scatter_add_(1, b, rT.double())
-            cnt = torch.zeros(D, K, dtype=torch.float64).scatter_add_(1, b, torch.ones_like(rT, dtype=torch.float64))
+            ends = torch.searchsorted(rs, cutoffs.double().contiguous(), right=True)  # [D, K - 1]
+            bounds = torch.cat([torch.zeros(D, 1, dtype=torch.int64), ends, torch.full((D, 1), S)], 1)  # [D, K + 1]
+            sums = prefix.gather(1, bounds[:, 1:]) - prefix.gather(1, bounds[:, :-1])
+            cnt = (bounds[:, 1:] - bounds[:, :-1]).double()
             weights = torch.where(cnt > 0, sums / cnt.clamp(min=1), weights.double()).float()
             weights = weights.sort(dim=1).values
             cutoffs = (0.5 * (weights[:, 1:] + weights[:, :-1])).contiguous()
@@ -225,8 +282,11 @@ class ResidualCodec:
             xc = x[t0:t0 + chunk].float()
             cc = assign(xc, cent, bf16=bf16).long()
             r = xc - cent[cc]
-            # bucket = number of cutoffs strictly below the residual (searchsorted per dimension).
-            b = torch.searchsorted(cut, r.T.contiguous(), right=False).T
+            # bucket = number of cutoffs strictly below the residual: 2^nbits - 1 vectorised compares per value (the
+            # same answer as searchsorted per dimension, about 5x faster on a [32k, 384] chunk)
+            b = torch.zeros(r.shape, dtype=torch.uint8, device=dev)
+            for j in range(cut.shape[1]):
+                b += r > cut[:, j]
             codes[t0:t0 + chunk] = cc.to(torch.int32)
             packed[t0:t0 + chunk] = pack_buckets(b, self.nbits)
         return codes, packed
