@@ -10,11 +10,14 @@ The three-line switch (docs/pylate.md)::
   signatures, input types (list, numpy, tensor), float 0/1 masks and layouts; forward and backward on every backend;
   ``mask_semantics="pylate"`` (default: a masked token scores 0, PyLate's results to fp32 precision) or ``"skip"``.
 - :func:`patch` / :func:`unpatch` / :func:`is_patched`: the monkey-patch (:mod:`.patching` says what it swaps).
+- :class:`PyLateTokenIndex`: ``pylate.indexes.Base`` on :class:`reatt_kernels.index.TokenIndex` (string ids, removal,
+  ``subset``), saved with the index.
 
 Importing this module does not import PyLate (an optional dependency); :func:`patch` does.
 """
+from .index import PyLateTokenIndex
 from .patching import PINNED_VERSION, is_patched, patch, unpatch
 from .scores import MASK_SEMANTICS, ColBERTScores, colbert_kd_scores, colbert_scores, colbert_scores_pairwise
 
 __all__ = ["colbert_scores", "colbert_scores_pairwise", "colbert_kd_scores", "ColBERTScores", "patch", "unpatch",
-           "is_patched", "MASK_SEMANTICS", "PINNED_VERSION"]
+           "is_patched", "PyLateTokenIndex", "MASK_SEMANTICS", "PINNED_VERSION"]
