@@ -82,8 +82,9 @@ def test_module_imported_while_patched_is_restored_too():
 def test_objects_built_before_patch():
     import pylate.scores.colbert as pc
 
-    class Loss:
-        score_metric = pc.colbert_kd_scores
+    class Loss:  # as PyLate's losses: the function stored on the instance
+        def __init__(self):
+            self.score_metric = pc.colbert_kd_scores
 
     loss = Loss()
     rp.patch(loss)
@@ -204,8 +205,9 @@ def test_training_step_parity(loss_name):
     model = models.ColBERT(model_name_or_path=_minilm(), device="cpu")
     model.train()
     if loss_name == "contrastive":
-        features = [model.tokenize(QUERIES, is_query=True), model.tokenize(DOCS[:4], is_query=False),
-                    model.tokenize(DOCS[4:], is_query=False)]
+        docs = model.tokenize(DOCS, is_query=False)  # one padding length for positives and negatives (stacked)
+        features = [model.tokenize(QUERIES, is_query=True), {k: v[:4] for k, v in docs.items()},
+                    {k: v[4:] for k, v in docs.items()}]
         labels = None
         make = lambda: losses.Contrastive(model=model)  # noqa: E731
     else:
@@ -229,5 +231,13 @@ def test_training_step_parity(loss_name):
     assert calls, "the patched loss did not reach reatt-kernels' MaxSim"
     torch.testing.assert_close(our_loss, ref_loss, rtol=RTOL, atol=0)
     assert our_grads.keys() == ref_grads.keys() and len(ref_grads) > 10
-    worst = max(float((our_grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-30)) for n, g in ref_grads.items())
-    assert worst <= RTOL, f"gradient differs by {worst:.2e} of its largest entry"
+    worst, name = grad_parity(our_grads, ref_grads)
+    assert worst <= RTOL, f"{name}: gradient differs by {worst:.2e} of its scale"
+
+
+def grad_parity(ours: dict, ref: dict) -> tuple[float, str]:
+    """The worst max|ours - ref| / scale over parameters, scale = the parameter's largest gradient entry, at least
+    1e-3 of the largest entry of all: the attention key biases' exact gradient is 0 (softmax ignores a shift), so what
+    they hold is rounding noise (1e-10 to 1e-9 of the largest gradient), with no relative precision to compare."""
+    top = max(float(g.abs().max()) for g in ref.values())
+    return max((float((ours[n] - g).abs().max()) / max(float(g.abs().max()), 1e-3 * top), n) for n, g in ref.items())
