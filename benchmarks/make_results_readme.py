@@ -61,6 +61,14 @@ SPECS: dict[str, dict[str, Any]] = {
                  ("p50_ms", "p50 ms", "ms"), ("p20_ms", "p20 ms", "ms"), ("p80_ms", "p80 ms", "ms"),
                  ("speedup_vs_naive", "x naive", ".2f"), ("peak_mem_MiB", "peak MiB", ".1f"),
                  ("status", "status", "")]),
+    "bench_pylate": dict(
+        title="`benchmarks/bench_pylate.py`: PyLate 1.6.0 against the same calls patched onto reatt-kernels",
+        columns=[("section", "section", ""), ("case", "case", ""), ("provider", "provider", ""), ("mode", "mode", ""),
+                 ("p50_ms", "p50 ms", "ms"), ("p20_ms", "p20 ms", "ms"), ("p80_ms", "p80 ms", "ms"),
+                 ("peak_mib", "peak MiB", ".1f"), ("scores_rel", "scores rel", ".1e"), ("dq_rel", "dq rel", ".1e"),
+                 ("dd_rel", "dd rel", ".1e"), ("loss_rel", "loss rel", ".1e"), ("grad_rel", "grad rel", ".1e"),
+                 ("build_s", "build s", ".1f"), ("ms_per_query", "ms/query", "ms"), ("ms_b1_p50", "ms b1", "ms"),
+                 ("recall_at_10", "recall@10", ".3f"), ("bytes_per_token", "B/token", ".1f"), ("note", "note", "")]),
     "bench_index": dict(
         title="`benchmarks/bench_index.py`: exact search, the residual index and the fast-plaid peer",
         columns=[("section", "section", ""), ("system", "system", ""), ("config", "config", ""),

@@ -414,3 +414,57 @@ def plaid_search_oracle(q, q_mask, centroids, weights, codes, packed, d_offsets,
         for r, b in enumerate(best):
             docs[a, r], scores[a, r] = b, exact[a, b]
     return dict(approx=approx, exact=exact, mag=mag, eligible=eligible, docs=docs, scores=scores)
+
+
+# ---- PyLate's ColBERT scores (reatt_kernels.compat.pylate) -----------------------------------------------------------
+def pylate_maxsim_oracle(queries, documents, pairs, grads=None) -> dict:
+    """PyLate 1.6.0's ``colbert_scores`` semantics in float64, written from its code (``pylate/scores/colbert.py``:
+    einsum, multiply by the float masks, max over document tokens, sum over query tokens), one pair at a time.
+
+    For a query (q [Lq, D], weights wq [Lq] or None) and a document (d [Ld, D], wd [Ld] or None)::
+
+        s[i, j] = (q[i] . d[j]) * wq[i] * wd[j]          score = sum_i max_j s[i, j]     (first j on ties)
+
+    over *every* i and j: a masked token (weight 0) scores 0 and takes part in the max. Ragged inputs are given as
+    they are (each item its own length), so no padding exists here.
+
+    Args:
+        queries: list of (q [Lq_a, D], wq [Lq_a] or None); documents: list of (d [Ld_b, D], wd or None).
+        pairs: list of (a, b): the scores to compute, in output order.
+        grads: None, or [P] upstream gradients of the P scores.
+    Returns:
+        dict: ``score`` [P], ``mag`` [P] (sum of |terms| of the winning dot products); with ``grads``: ``dq`` and
+        ``dd`` (lists like ``queries`` / ``documents``) and their magnitudes ``mag_dq``, ``mag_dd``.
+    """
+    Q = [(f64(q), f64(w) if w is not None else torch.ones(q.shape[0], dtype=F64)) for q, w in queries]
+    Dc = [(f64(d), f64(w) if w is not None else torch.ones(d.shape[0], dtype=F64)) for d, w in documents]
+    P = len(pairs)
+    score, mag = torch.zeros(P, dtype=F64), torch.zeros(P, dtype=F64)
+    g = f64(grads) if grads is not None else None
+    dq = [torch.zeros_like(q) for q, _ in Q]
+    dd = [torch.zeros_like(d) for d, _ in Dc]
+    mdq = [torch.zeros_like(q) for q, _ in Q]
+    mdd = [torch.zeros_like(d) for d, _ in Dc]
+    for p, (a, b) in enumerate(pairs):
+        q, wq = Q[a]
+        d, wd = Dc[b]
+        for i in range(q.shape[0]):
+            best, jbest = None, -1
+            for j in range(d.shape[0]):
+                s = float((q[i] * d[j]).sum()) * float(wq[i]) * float(wd[j])
+                if best is None or s > best:
+                    best, jbest = s, j
+            if jbest < 0:
+                continue
+            score[p] += best
+            w = float(wq[i]) * float(wd[jbest])
+            mag[p] += abs(w) * float((q[i] * d[jbest]).abs().sum())
+            if g is not None and w != 0.0:
+                dq[a][i] += g[p] * w * d[jbest]
+                dd[b][jbest] += g[p] * w * q[i]
+                mdq[a][i] += abs(float(g[p]) * w) * d[jbest].abs()
+                mdd[b][jbest] += abs(float(g[p]) * w) * q[i].abs()
+    out = {"score": score, "mag": mag}
+    if g is not None:
+        out.update(dq=dq, dd=dd, mag_dq=mdq, mag_dd=mdd)
+    return out

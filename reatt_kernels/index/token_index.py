@@ -202,6 +202,9 @@ class TokenIndex:
         self.last_timings: dict[str, float] = {}
         # search defaults chosen for this corpus by calibrate() (empty: DEFAULTS' fallbacks)
         self.calibration: dict = {}
+        # Caller-owned JSON-serialisable data saved in the manifest with the index (e.g. the string document ids of
+        # reatt_kernels.compat.pylate.PyLateTokenIndex); the index itself never reads it.
+        self.metadata: dict = {}
         self._flat = None  # lazily built token-level flat index (exact, method="flat")
         self._calib_truth = None  # ((q, q_mask, sources), exact scores [n, N]): build-time calibration truth
 
@@ -1079,12 +1082,19 @@ class TokenIndex:
         return a
 
     def save(self, directory) -> None:
-        """Persist atomically (see :mod:`reatt_kernels.index.io`): a crash mid-save leaves the previous save intact."""
+        """Persist atomically (see :mod:`reatt_kernels.index.io`): a crash mid-save leaves the previous save intact.
+        ``self.metadata`` goes into the manifest (it must be JSON-serialisable: checked before anything is written)."""
+        import json
+
+        try:
+            json.dumps(self.metadata)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"TokenIndex.metadata must be JSON-serialisable to be saved: {exc}") from exc
         arrays = {n: t.detach().cpu().numpy() for n, t in self._arrays().items()}
         meta = {"kind": self.kind, "dim": self.dim, "nbits": self.nbits, "n_docs": int(self.doc_ids.numel()),
                 "n_live_docs": self.n_docs, "n_tokens": self.n_tokens, "next_id": self.next_id,
                 "n_centroids": int(self.codec.centroids.shape[0]) if self.codec is not None else 0,
-                "calibration": self.calibration}
+                "calibration": self.calibration, "metadata": self.metadata}
         save_arrays(directory, arrays, meta)
 
     @classmethod
@@ -1106,6 +1116,7 @@ class TokenIndex:
         index.offsets, index.doc_ids, index.deleted = t["offsets"], t["doc_ids"], t["deleted"]
         index.next_id = int(m["next_id"])
         index.calibration = dict(m.get("calibration") or {})
+        index.metadata = dict(m.get("metadata") or {})
         if m["kind"] == "exact":
             index.tokens = t["tokens"]
         else:

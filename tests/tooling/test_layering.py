@@ -1,4 +1,5 @@
-"""The package's layering runs one way: bench -> package -> index -> ops/backends -> reference/dispatch -> extension.
+"""The package's layering runs one way: bench -> package, compat -> index -> ops/backends -> reference/dispatch ->
+extension.
 
 Scans every module of reatt_kernels/ with ``ast`` (nothing is imported, so this is cheap and touches no CUDA) and fails
 on any import, module-level or inside a function, that reaches a higher layer. ``reatt/`` (the model) sits above the
@@ -16,6 +17,7 @@ PKG = Path(__file__).resolve().parents[2] / "reatt_kernels"
 LAYERS = [
     ("bench", 5),                                   # measurement code: uses the public API only
     ("__init__", 4), ("__main__", 4),               # the package's public API
+    ("compat", 4),                                  # other libraries' APIs (PyLate) on the public ops and the index
     ("index", 3),                                   # the token index: calls the public ops
     ("ops", 2), ("cpu", 2), ("cuda", 2), ("triton", 2), ("cuda_emu", 2),   # ops and their backends
     ("reference", 1), ("_dispatch", 1), ("_launcher", 1),  # the spec, backend selection, launcher contracts
@@ -23,7 +25,7 @@ LAYERS = [
     ("_C", 0), ("_C_emu", 0),                       # the compiled modules themselves
 ]
 COMPILED = {"_C", "_C_emu"}  # submodules built by CMake (no .py file)
-NAMES = {1: "reference/dispatch", 0: "extension", 2: "ops/backends", 3: "index", 4: "package", 5: "bench"}
+NAMES = {1: "reference/dispatch", 0: "extension", 2: "ops/backends", 3: "index", 4: "package/compat", 5: "bench"}
 
 
 def layer(rel: tuple[str, ...]) -> int:
