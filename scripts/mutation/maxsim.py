@@ -182,7 +182,7 @@ MUTANTS = [
          new="    const int64_t Lqa = A.n_valid[a] / W * W;", build="cpu",
          tests=[QM, "-k", "test_maxsim_qmask_patterns and cpu"]),
     # The fp32 filter's exact rescoring adds the bias of the lane's position, not of its token (avx512_bf16 only).
-    dict(name="cpp-qpack-filter-rescore-bias-at-lane", path="csrc/maxsim/maxsim_cpu_isa.h",
+    dict(name="cpp-qpack-filter-rescore-bias-at-lane", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
          old="      float e = dot_f32(q32 + i * D, r32 + (j - s0) * ld32, D);\n      if (btab != nullptr) e += btab[qi[i] - j];",
          new="      float e = dot_f32(q32 + i * D, r32 + (j - s0) * ld32, D);\n      if (btab != nullptr) e += btab[i - j];",
          build="cpu", tests=[QM, "-k", "cpu_isa and avx512_bf16 and dtype0"]),

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 import reatt_kernels as rk
-from reatt_kernels import _ext
+from reatt_kernels.cpu import isa as cpu_isa
 
+from ..isa import isa_params
 from ..oracle import maxsim_oracle
 from ..utils import BACKENDS, CUDA_EMU, DTYPES, assert_fp32_level, device_for, discrete, noncontig
 from .test_maxsim import _leaf, run_api, run_oracle
-from .test_maxsim_cpu import _isa_params
 
 BACKENDS = [*BACKENDS, CUDA_EMU]
 # The fast tier runs the first layout / dim of each matrix below, `make ci` the rest (marked slow here: tests/conftest.py's
@@ -125,11 +125,11 @@ def test_maxsim_qmask_noncontiguous_sum(backend):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("D", [33, pytest.param(128, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("isa", _isa_params())
-def test_maxsim_qmask_cpu_isa(isa, dtype, D, layout, monkeypatch):
+@pytest.mark.parametrize("isa", isa_params("maxsim"))
+def test_maxsim_qmask_cpu_isa(isa, dtype, D, layout, force_isa, monkeypatch):
     """Every CPU kernel ISA (REATT_CPU_ISA), at dim 128 (the AVX-512 tiles) and an odd dim, with 7-token document
     segments (REATT_CPU_MAXSIM_SEG: the running max of a packed lane carried across segments) and whole documents."""
-    monkeypatch.setenv("REATT_CPU_ISA", isa)
+    force_isa(isa)
     for seg in ("0", "7"):
         monkeypatch.setenv("REATT_CPU_MAXSIM_SEG", seg)
         case = qmask_case(layout, dtype, torch.device("cpu"), D=D, Ld=37, seed=int(seg))
@@ -174,13 +174,12 @@ def test_maxsim_qmask_padded_equals_sliced(backend):
             torch.testing.assert_close(padded[a:a + 1], sliced)
 
 
-def test_maxsim_qmask_cpu_bias_gather_all_isas(monkeypatch):
+def test_maxsim_qmask_cpu_bias_gather_all_isas(force_isa):
     """Tiles that straddle a hole read the bias per lane (a gather) and contiguous tiles read it as one run: a query
-    whose first half is a prefix and whose second half has holes takes both paths in one call, on every ISA."""
+    whose first half is a prefix and whose second half has holes takes both paths in one call, on every ISA path this
+    CPU runs (test_maxsim_qmask_cpu_isa reports the others as not testable)."""
     if rk.available_backends()["cpu"] != "ok":
         pytest.skip("reatt_kernels._C not built")
-    best = _ext.ext().maxsim_cpu_isa()
-    isas = ["scalar", "avx2", "avx512", "avx512_bf16"]
     Lq, D = 70, 16
     qm = torch.ones(2, Lq, dtype=torch.bool)
     qm[0, 40::3] = False
@@ -189,8 +188,8 @@ def test_maxsim_qmask_cpu_bias_gather_all_isas(monkeypatch):
     d = discrete((3, 50, D), scale=2)
     pb = discrete((Lq + 50,), scale=8)  # every distance its own value: a lane with the wrong index is caught
     orc = maxsim_oracle("padded", q, d, qm, None, None, pb, "sum")
-    for isa in isas[: isas.index(best) + 1]:
-        monkeypatch.setenv("REATT_CPU_ISA", isa)
+    for isa in [lv for lv in cpu_isa.paths("maxsim") if cpu_isa.runnable(lv)]:
+        force_isa(isa)
         s, am = rk.maxsim(q, d, qm, pos_bias=pb, backend="cpu", return_argmax=True)
         assert torch.equal(am.long(), orc["argmax"]), f"{isa}: argmax differs from the oracle"
         assert torch.equal(s.double(), orc["score"]), f"{isa}: scores are not exact"
