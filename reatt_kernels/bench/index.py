@@ -327,6 +327,8 @@ def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, pee
     del tokens  # on CPU the exact index holds the only other copy from here on
     q, q_mask = q.to(dev), q_mask.to(dev)
     S = exact_all_scores(exact, q, q_mask)
+    # The exact baseline gets the padded queries: the maxsim kernels pack each query's valid tokens, so it pays for
+    # those only (tests/kernels/test_maxsim_qmask.py: padded and sliced queries give bitwise the same scores on cpu).
     t = time_queries(lambda x, m: exact.search(x, m, k=K, backend=backend), q, q_mask)
     ref = quality(t["ids"], S, gold)
     rows.append({**common, "system": f"exact (fp16, {backend} backend)", "config": "full MaxSim",

@@ -2,7 +2,9 @@
 
 Search pipelines (``index.search(q, q_mask, k, **params) -> (scores [Bq, k], doc_ids [Bq, k])``):
 
-exact, ``method="full"`` (default): ``maxsim_packed`` of every query against every live document, then top-k.
+exact, ``method="full"`` (default): ``maxsim_packed`` of every query against every live document, then top-k. The
+    padded query goes to the kernel as it is: every maxsim backend packs a query's valid tokens itself (issue 29), so
+    masked query tokens cost no work and need no slicing here.
 exact, ``method="flat"`` (ReAtt's inference path): each query token's ``k_token`` nearest tokens by inner product
     (faiss flat inner-product index on CPU, chunked matmul + top-k on CUDA), their documents as candidates, then an
     exact ``maxsim_packed`` rerank of the candidates.

@@ -119,6 +119,25 @@ def test_residual_recall_vs_exact(corpus, exact, nbits):
     assert recall(pi, ei, 10) >= RECALL_FLOOR[nbits] - 0.15, recall(pi, ei, 10)
 
 
+def test_exact_search_padded_queries_cost_valid_tokens_only(corpus, exact):
+    """Exact search passes a padded query to the kernel as it is (the kernel packs the valid tokens; issue 29): padded
+    queries with holes give bitwise the scores and ids of the same queries sliced to their valid tokens, on the cpu
+    backend, whose packed lanes run the very same tiles as the sliced query's."""
+    _, _, q, _ = corpus
+    Bq, L, D = q.shape
+    g = torch.Generator().manual_seed(9)
+    qp = torch.randn(Bq, 2 * L, D, generator=g).to(q.dtype)  # junk in the masked slots: it must never matter
+    qm = torch.zeros(Bq, 2 * L, dtype=torch.bool)
+    for a in range(Bq):
+        pos = torch.sort(torch.randperm(2 * L, generator=g)[:L]).values
+        qp[a, pos] = q[a]
+        qm[a, pos] = True
+    ps, pi = exact.search(qp, qm, k=10, backend="cpu")
+    for a in range(Bq):
+        ss, si = exact.search(q[a:a + 1], k=10, backend="cpu")
+        assert torch.equal(pi[a:a + 1], si) and torch.equal(ps[a:a + 1], ss), f"query {a}: padded != sliced"
+
+
 def test_exact_flat_path_matches_full(corpus, exact):
     _, _, q, _ = corpus
     fs, fi = exact.search(q, k=10)
