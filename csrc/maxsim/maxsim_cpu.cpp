@@ -290,6 +290,15 @@ void maxsim_fwd_cpu(const MaxsimArgs& a) {
   A.filt = has_bf16 && dtype != kBFloat16;
   A.Dp = (A.bf16dp || A.filt) ? (D + 1) / 2 * 2 : D;
   A.Dq = (D + 31) / 32 * 32;
+  if (a.d_screen != 0) {
+    REATT_CHECK(A.offsets != nullptr && a.d_norm != 0, "a prepared corpus (d_screen) needs the packed layout and d_norm");
+    REATT_CHECK(a.screen_ld == A.Dq, "d_screen rows must be dim rounded up to 32 (" + std::to_string(A.Dq) +
+                                         ") elements apart, got " + std::to_string(a.screen_ld));
+    if (A.filt) {  // only the fp32 filter reads a screen; every other path reads d as it is
+      A.d16 = reinterpret_cast<const uint16_t*>(a.d_screen);
+      A.dnorm = reinterpret_cast<const float*>(a.d_norm);
+    }
+  }
   A.qpack_stride = (A.bf16dp || A.filt) ? (A.Dp / 2) * A.Lqp : D * A.Lqp;
   LineBuf qpack(static_cast<size_t>(Bq * A.qpack_stride));  // fp32 or uint32 words: both 4 bytes
   std::vector<int32_t> n_valid(static_cast<size_t>(Bq));
@@ -489,6 +498,53 @@ void maxsim_bwd_cpu(const MaxsimArgs& a) {
     for (int64_t r = 0; r < R; ++r) B.dbias[r] += parts[blk * R + r];
 }
 
+// ---- a corpus prepared once (rk.prepare_corpus) -----------------------------------------------------------------------
+// The fp32 filter's per-call preparation of each document (filt_prepare: rows to bf16 pairs and the bound of its row
+// norms), done once: d_screen [T][Dq] bf16 rows (round to nearest even, zero past D) and d_norm [Nd] >= max_j |d_j|
+// per document, the norm summed in double and rounded up by 2^-20 (an upper bound, which is all the filter's proof
+// needs). A row holding a NaN fails the compare and does not lower the bound; an inf row makes it inf (every token a
+// candidate), as in rows_to_bf16. Bytes: T * D * esize read, T * Dq * 2 + Nd * 4 written, once.
+void maxsim_prepare_cpu(const MaxsimArgs& a) {
+  check_dtype(a.dtype);
+  REATT_CHECK(a.packed(), "maxsim_prepare_cpu: the packed layout (d_offsets) is required");
+  REATT_CHECK(a.D >= 1 && a.Nd >= 0 && a.T >= 0, "maxsim_prepare_cpu: bad sizes");
+  const int64_t D = a.D, Dq = (a.D + 31) / 32 * 32, Nd = a.Nd;
+  REATT_CHECK(a.screen_ld == Dq, "maxsim_prepare_cpu: screen_ld must be dim rounded up to 32");
+  const int64_t* off = reinterpret_cast<const int64_t*>(a.d_offsets);
+  packed_lmax(off, Nd);
+  REATT_CHECK(off[Nd] == a.T, "maxsim_prepare_cpu: d_offsets must end at T");
+  REATT_CHECK(a.T == 0 || (a.d != 0 && a.d_screen != 0), "maxsim_prepare_cpu: null d or d_screen");
+  REATT_CHECK(Nd == 0 || a.d_norm != 0, "maxsim_prepare_cpu: null d_norm");
+  uint16_t* screen = reinterpret_cast<uint16_t*>(a.d_screen);
+  float* norm = reinterpret_cast<float*>(a.d_norm);
+  const int esz = a.dtype == kFloat32 ? 4 : 2;
+  const int nt = threads_for(a.n_threads);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
+  for (int64_t b = 0; b < Nd; ++b) {
+    double mx2 = 0.0;
+    for (int64_t t = off[b]; t < off[b + 1]; ++t) {
+      const char* row = reinterpret_cast<const char*>(a.d) + t * a.sd_l * esz;
+      uint16_t* dst = screen + t * Dq;
+      double s2 = 0.0;
+      for (int64_t k = 0; k < D; ++k) {
+        const int64_t o = k * a.sd_d * esz;
+        uint16_t h;
+        float v;
+        switch (a.dtype) {
+          case kFloat32: std::memcpy(&v, row + o, 4); break;
+          case kFloat16: std::memcpy(&h, row + o, 2); v = half_to_float(h); break;
+          default: std::memcpy(&h, row + o, 2); v = bf16_to_float(h); break;
+        }
+        dst[k] = float_to_bf16(v);
+        s2 += static_cast<double>(v) * v;
+      }
+      for (int64_t k = D; k < Dq; ++k) dst[k] = 0;
+      if (s2 > mx2) mx2 = s2;
+    }
+    norm[b] = static_cast<float>(std::sqrt(mx2) * (1.0 + std::ldexp(1.0, -20)));
+  }
+}
+
 std::string maxsim_cpu_isa() { return cpu_isa::kNames[cpu_isa::best()]; }
 
 }  // namespace maxsim_cpu
@@ -502,6 +558,9 @@ static RegisterBindings maxsim_cpu_bindings([](py::module_& m) {
         "MaxSim backward on the CPU: writes dq, dd (input dtype, contiguous) and dbias fp32 [R]; deterministic",
         py::arg("args"));
   m.def("maxsim_cpu_isa", &maxsim_cpu::maxsim_cpu_isa, "The best MaxSim CPU kernel ISA this machine supports");
+  m.def("maxsim_prepare_cpu", &maxsim_cpu::maxsim_prepare_cpu, py::call_guard<py::gil_scoped_release>(),
+        "A corpus prepared once for the CPU forward: writes d_screen bf16 [T, screen_ld] and d_norm fp32 [Nd]",
+        py::arg("args"));
 });
 
 }  // namespace reatt

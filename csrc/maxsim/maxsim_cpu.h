@@ -48,6 +48,10 @@ struct FwdArgs {
   int64_t qpack_stride;  // elements (float or uint32) per query
   int32_t* n_valid;      // [Bq] valid query tokens
   int32_t* qidx;         // [Bq][Lqp] original token index of each packed lane (past n_valid: last + 1, + 2, ...)
+  // A prepared corpus (rk.prepare_corpus; packed layout): bf16 screen rows [T][Dq] and per-document bounds of
+  // max_j |d_j| [Nd], used by the fp32 filter instead of converting every document on every call; or nullptr.
+  const uint16_t* d16;
+  const float* dnorm;
   float* bias_tab;       // per query [bias_stride]: bias_tab[i - j + Lmax - 1] = pos_bias[clamp(n_a + j - i)]
                          // (i: the original token index; < Lq + Lqp for padding lanes)
   int64_t bias_stride;

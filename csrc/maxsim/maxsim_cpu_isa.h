@@ -498,14 +498,16 @@ static inline float dot_f32(const float* x, const float* y, int64_t D) {
 // the bound on its row norms.
 struct FiltSeg {
   int64_t s0, n;
-  const float* r32;  // row j of the segment at r32 + (j - s0) * ld32
+  const float* r32;      // row j of the segment at r32 + (j - s0) * ld32; nullptr: only in d's dtype, at row_s0
   int64_t ld32;
   float nmax;
+  const uint16_t* t16;   // bf16 pairs of the segment's rows, Dq elements apart
+  int64_t row_s0;        // element offset of row s0 in d (rows sd_l apart): where r32 == nullptr converts from
 };
 
 static FiltSeg filt_prepare(const FwdArgs& A, int64_t row0, int64_t s0, int64_t n, const uint8_t* jmask, float* t32,
                             uint16_t* t16) {
-  FiltSeg g{s0, n, nullptr, 0, 0.f};
+  FiltSeg g{s0, n, nullptr, 0, 0.f, t16, row0 + s0 * A.sd_l};
   if (A.dtype == kFloat32 && A.sd_d == 1) {
     g.r32 = static_cast<const float*>(A.d) + row0 + s0 * A.sd_l;
     g.ld32 = A.sd_l;
@@ -520,15 +522,38 @@ static FiltSeg filt_prepare(const FwdArgs& A, int64_t row0, int64_t s0, int64_t 
   return g;
 }
 
+// The same segment of a PREPARED corpus (rk.prepare_corpus: packed, screen rows and per-document norm bounds computed
+// once): nothing is converted or read here. fp32 rows with unit stride are rescored in place; other rows (fp16: the
+// exact index's storage) are converted one candidate row at a time (filt_segment), 2 * D bytes each, instead of the
+// whole segment on every call. The document's bound holds for each of its segments.
+static FiltSeg filt_prepared(const FwdArgs& A, int64_t b, int64_t row0, int64_t s0, int64_t n) {
+  FiltSeg g{s0, n, nullptr, 0, A.dnorm[b], A.d16 + (A.offsets[b] + s0) * A.Dq, row0 + s0 * A.sd_l};
+  if (A.dtype == kFloat32 && A.sd_d == 1) {
+    g.r32 = static_cast<const float*>(A.d) + g.row_s0;
+    g.ld32 = A.sd_l;
+  }
+  return g;
+}
+
 // Query a against one prepared segment, folding into the exact running (mx, idx) of its tokens (earlier segments
 // hold lower j). mt / jt: pass 1's per-segment (M~, j~).
-static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const uint16_t* t16, float* S,
-                         const uint8_t* jmask, float* mx, int32_t* idx, float* mt, int32_t* jt, float* m2,
-                         float* pm, int32_t* pi, const Span* next, int64_t nblk_doc) {
+// t32: the per-thread fp32 row buffer [Lseg][D] (one candidate row, or the whole segment for the fallback, when the
+// segment has no fp32 rows of its own: g.r32 == nullptr).
+static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, float* S, const uint8_t* jmask, float* mx,
+                         int32_t* idx, float* mt, int32_t* jt, float* m2, float* pm, int32_t* pi, const Span* next,
+                         int64_t nblk_doc, float* t32) {
   // Locals, not loads through A / g: the stores to mx / idx below could alias them as far as the compiler knows.
-  const int64_t Lqp = A.Lqp, D = A.D, s0 = g.s0, n = g.n, ld32 = g.ld32, Dq = A.Dq;
-  const float* const r32 = g.r32;
+  const int64_t Lqp = A.Lqp, D = A.D, s0 = g.s0, n = g.n, Dq = A.Dq;
+  const float* r32 = g.r32;
+  int64_t ld32 = g.ld32;
+  const uint16_t* const t16 = g.t16;
   const float nmax = g.nmax;
+  // Row r of the segment in fp32: in place, or converted into t32 (valid until the next call).
+  auto row32 = [&](int64_t r) -> const float* {
+    if (r32 != nullptr) return r32 + r * ld32;
+    row_to_f32(elem_ptr(A.d, A.dtype, g.row_s0 + r * A.sd_l), A.dtype, A.sd_d, D, t32);
+    return t32;
+  };
   constexpr int NJ = NJ_MAX;
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < Lqp; ++i) {
@@ -565,7 +590,7 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
       const int64_t i = i0 + __builtin_ctz(c);
       const int32_t j = jt[i];
       if (j < 0) continue;  // no valid j, or every s~ NaN: B stays, and if it is -inf every valid j is rescored
-      float e = dot_f32(q32 + i * D, r32 + (j - s0) * ld32, D);
+      float e = dot_f32(q32 + i * D, row32(j - s0), D);
       if (btab != nullptr) e += btab[qi[i] - j];
       if (e > mx[i] || (e == mx[i] && j < idx[i])) {
         mx[i] = e;
@@ -594,7 +619,7 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
         c &= static_cast<__mmask16>(c - 1);
         if (jt[i] == j) continue;  // pass 1's winner: already folded in
         if (--budget < 0) return;
-        float e = dot_f32(q32 + i * D, r32 + r * ld32, D);
+        float e = dot_f32(q32 + i * D, row32(r), D);
         if (btab != nullptr) e += btab[qi[i] - j];
         if (e > mx[i] || (e == mx[i] && j < idx[i])) {
           mx[i] = e;
@@ -627,6 +652,12 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
   // Fallback: the plain fp32 tile over the segment, from the running best before it (ascending j, strict >).
   std::memcpy(mx, pm, sizeof(float) * Lqp);
   std::memcpy(idx, pi, sizeof(int32_t) * Lqp);
+  if (r32 == nullptr) {  // a prepared segment without fp32 rows: convert it now (the rare worst case only)
+    for (int64_t r = 0; r < n; ++r)
+      row_to_f32(elem_ptr(A.d, A.dtype, g.row_s0 + r * A.sd_l), A.dtype, A.sd_d, D, t32 + r * D);
+    r32 = t32;
+    ld32 = D;
+  }
   const float* qT = A.qT32 + a * D * Lqp;
   for (int64_t r0 = 0; r0 < n; r0 += NJ) {
     const int nj = static_cast<int>(n - r0 < NJ ? n - r0 : NJ);
@@ -650,21 +681,33 @@ static void fwd_doc_filtered(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1
   const int64_t t32n = (Lseg * A.D + 15) / 16 * 16;  // whole lines: t16 and S start 64-byte aligned
   uint16_t* t16 = reinterpret_cast<uint16_t*>(t32 + t32n);
   float* S = t32 + t32n + Lseg * A.Dq / 2;
-  const Span next = doc_span(A, b + 1);
+  const bool prepared = A.d16 != nullptr;
+  // The next document's bytes to prefetch: its screen rows when the corpus is prepared (the rows pass 1 streams).
+  Span next = doc_span(A, b + 1);
+  if (prepared) {
+    next = b + 1 < A.Nd ? Span{reinterpret_cast<const char*>(A.d16 + A.offsets[b + 1] * A.Dq),
+                               std::min<int64_t>((A.offsets[b + 2] - A.offsets[b + 1]) * A.Dq * 2, int64_t(1) << 18)}
+                        : Span{nullptr, 0};
+    if (next.bytes <= 0) next = Span{nullptr, 0};
+  }
   const int64_t nblk = (len + NJ_MAX - 1) / NJ_MAX;
   const bool one = len <= Lseg;
   // A document that fits one segment is prepared once for all its queries; a longer one is prepared segment by
-  // segment for each query (scratch stays bounded by Lseg whatever the document length).
+  // segment for each query (scratch stays bounded by Lseg whatever the document length). A prepared corpus costs
+  // nothing here.
   FiltSeg g1{};
-  if (one) g1 = filt_prepare(A, row0, 0, len, jmask, t32, t16);
+  if (one) g1 = prepared ? filt_prepared(A, b, row0, 0, len) : filt_prepare(A, row0, 0, len, jmask, t32, t16);
   for (int64_t a = a0; a < a1; ++a) {
     for (int64_t i = 0; i < Lqp; ++i) {
       mx[i] = -INFINITY;
       idx[i] = -1;
     }
     for (int64_t s0 = 0; s0 < len && A.n_valid[a] > 0; s0 += Lseg) {  // an all-masked query scans nothing
-      const FiltSeg g = one ? g1 : filt_prepare(A, row0, s0, std::min(Lseg, len - s0), jmask, t32, t16);
-      filt_segment(A, a, g, t16, S, jmask, mx, idx, mt, jt, m2, pm, pi, a == a0 ? &next : nullptr, nblk);
+      const int64_t n = std::min(Lseg, len - s0);
+      const FiltSeg g = one        ? g1
+                        : prepared ? filt_prepared(A, b, row0, s0, n)
+                                   : filt_prepare(A, row0, s0, n, jmask, t32, t16);
+      filt_segment(A, a, g, S, jmask, mx, idx, mt, jt, m2, pm, pi, a == a0 ? &next : nullptr, nblk, t32);
     }
     fwd_epilogue(A, a, b, mx, idx);
   }
