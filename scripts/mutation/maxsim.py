@@ -16,6 +16,7 @@ BWD_CU = "csrc/maxsim/maxsim_bwd.cu"
 LAUNCH_CU = "csrc/maxsim/maxsim_launch.cu"  # the launch plans
 HEADER_CUH = "csrc/maxsim/maxsim_cuda.cuh"
 QM = "tests/kernels/test_maxsim_qmask.py"  # masked query tokens, every backend
+PREP = "tests/kernels/test_maxsim_prepared.py"  # a corpus prepared once
 
 MUTANTS = [
     # ---- Python, Triton and C++ CPU ----
@@ -183,8 +184,8 @@ MUTANTS = [
          tests=[QM, "-k", "test_maxsim_qmask_patterns and cpu"]),
     # The fp32 filter's exact rescoring adds the bias of the lane's position, not of its token (avx512_bf16 only).
     dict(name="cpp-qpack-filter-rescore-bias-at-lane", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
-         old="      float e = dot_f32(q32 + i * D, r32 + (j - s0) * ld32, D);\n      if (btab != nullptr) e += btab[qi[i] - j];",
-         new="      float e = dot_f32(q32 + i * D, r32 + (j - s0) * ld32, D);\n      if (btab != nullptr) e += btab[i - j];",
+         old="      float e = dot_f32(q32 + i * D, row32(j - s0), D);\n      if (btab != nullptr) e += btab[qi[i] - j];",
+         new="      float e = dot_f32(q32 + i * D, row32(j - s0), D);\n      if (btab != nullptr) e += btab[i - j];",
          build="cpu", tests=[QM, "-k", "cpu_isa and avx512_bf16 and dtype0"]),
     # Backward: dq of packed row r stored at row r instead of its (query, token) row vrows[r].
     dict(name="cpp-qpack-bwd-dq-at-packed-row", path="csrc/maxsim/maxsim_cpu_isa.h",
@@ -227,4 +228,23 @@ MUTANTS = [
          old="    i64 = i.to(tl.int64)\n    valid = row_ok & (pk < na)\n",
          new="    i64 = pk.to(tl.int64)\n    valid = row_ok & (pk < na)\n",
          tests=[QM, "-k", "test_maxsim_qmask_patterns and triton"]),
+    # ---- issue 29 item 1: a corpus prepared once (rk.prepare_corpus; read by the avx512_bf16 filter) ----------------
+    # The per-document norm bound taken from the document's first row: the screen's eps no longer covers its rows.
+    dict(name="cpp-prepared-norm-bound-first-row-only", path="csrc/maxsim/maxsim_cpu.cpp", isa="avx512_bf16",
+         old="      if (s2 > mx2) mx2 = s2;\n", new="      if (t == off[b]) mx2 = s2;\n", build="cpu",
+         tests=[PREP, "-k", "layout"]),
+    # A later segment of a long prepared document reads the screen rows of its first segment.
+    dict(name="cpp-prepared-screen-ignores-segment", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
+         old="A.d16 + (A.offsets[b] + s0) * A.Dq, row0 + s0 * A.sd_l};",
+         new="A.d16 + A.offsets[b] * A.Dq, row0 + s0 * A.sd_l};", build="cpu",
+         tests=[PREP, "-k", "equals_unprepared and avx512_bf16"]),
+    # A candidate row of a prepared fp16 corpus converted from the wrong place (an element offset, not a row offset).
+    dict(name="cpp-prepared-rescore-row-offset", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
+         old="    row_to_f32(elem_ptr(A.d, A.dtype, g.row_s0 + r * A.sd_l), A.dtype, A.sd_d, D, t32);\n",
+         new="    row_to_f32(elem_ptr(A.d, A.dtype, g.row_s0 + r), A.dtype, A.sd_d, D, t32);\n", build="cpu",
+         tests=[PREP, "-k", "equals_unprepared and avx512_bf16"]),
+    # The fallback converts a prepared fp16 segment but keeps the segment's row stride (0: every row is row 0).
+    dict(name="cpp-prepared-fallback-keeps-row-stride", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
+         old="    r32 = t32;\n    ld32 = D;\n", new="    r32 = t32;\n", build="cpu",
+         tests=[PREP, "-k", "adversarial"]),
 ]
