@@ -15,6 +15,8 @@
 // one tile row, so every document token is read from memory exactly once per query block: the kernel streams the
 // corpus at 4 bytes per 2 * 32 FLOPs (fp32) and stays FMA-bound. The next document is prefetched from inside the
 // tiles (two lines per k step), so its DRAM reads overlap the current document's FMAs.
+// The query tokens are the VALID ones only, packed in order into the first lanes (fwd_pack_query): a query with n of
+// its Lq tokens valid costs ceil(n / W) vectors, whatever the positions of its masked tokens.
 //
 // Paths (measured on the 2-core AMD EPYC dev VM, Zen 4, 1 thread, 1 query x 4000 docs x 128 x 128, thread CPU time):
 // - fp32, plain FMA tile (isa avx512; avx2 the same on Zen 4): ~93-103 GFLOP/s per core (about the fp32 FMA peak);
