@@ -14,7 +14,9 @@ Usage::
 ``--a`` / ``--b``: repository roots whose ``reatt_kernels`` (with its built ``_C``) is imported (PYTHONPATH).
 Cases (bench_maxsim's shapes): 1 query x 20k docs x 128 tokens fp32 (fixed), 16 queries on the same corpus, the ragged
 packed corpus (48-128 tokens), and training fwd+bwd (8 x 800, Lq 32, Ld 200 ragged 100-200, d 64, bf16, mean,
-pos_bias), and that training forward alone (``_fwd``, no autograd). Times are wall-clock p50 of calls timed one by one, 2 threads (torch.get_num_threads()).
+pos_bias), and that training forward alone (``_fwd``, no autograd). ``_16of32``: the fixed cases with 16 of each query's
+32 tokens valid, at random positions (holes), against the full query of the case without the suffix: what masked query
+tokens cost. Times are wall-clock p50 of calls timed one by one, 2 threads (torch.get_num_threads()).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = ["cpu_fixed_1q_20k", "cpu_fixed_16q_20k", "cpu_ragged_1q_20k", "cpu_train_8x800", "cpu_train_8x800_fwd"]
+CASES = ["cpu_fixed_1q_20k", "cpu_fixed_16q_20k", "cpu_ragged_1q_20k", "cpu_train_8x800", "cpu_train_8x800_fwd",
+         "cpu_fixed_1q_20k_16of32", "cpu_fixed_16q_20k_16of32"]
 
 # The child: imports reatt_kernels from its PYTHONPATH, times the cases on cached inputs, prints one JSON line.
 CHILD = r'''
@@ -79,11 +82,17 @@ for case in cases:
         dt, off = corpus(ragged)
         nq = 16 if "_16q_" in case else 1
         q, _ = clustered_queries(dt, off, nq, q_len=32, seed=1)
+        qm = None
+        if case.endswith("_16of32"):
+            g = torch.Generator().manual_seed(3)
+            qm = torch.zeros(nq, 32, dtype=torch.bool)
+            for a in range(nq):
+                qm[a, torch.randperm(32, generator=g)[:16]] = True
         if ragged:
-            fn = lambda q=q, dt=dt, off=off: rk.maxsim_packed(q, dt, off, backend="cpu")
+            fn = lambda q=q, dt=dt, off=off, qm=qm: rk.maxsim_packed(q, dt, off, qm, backend="cpu")
         else:
             dd = dt.view(20000, 128, 128)
-            fn = lambda q=q, dd=dd: rk.maxsim(q, dd, backend="cpu")
+            fn = lambda q=q, dd=dd, qm=qm: rk.maxsim(q, dd, qm, backend="cpu")
     res[case] = p50(fn)
 res["_module"] = rk.__file__
 print("AB_RESULT " + json.dumps(res))

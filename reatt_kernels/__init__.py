@@ -1,7 +1,8 @@
 """reatt-kernels: Triton, CUDA and C++ kernels for Retrieval as Attention (ReAtt).
 
 Public API (shapes in each docstring):
-- :func:`maxsim`, :func:`maxsim_packed`, :func:`maxsim_grouped`: late-interaction scoring, fwd + bwd.
+- :func:`maxsim`, :func:`maxsim_packed`, :func:`maxsim_grouped`: late-interaction scoring, fwd + bwd;
+  :func:`prepare_corpus` stores a corpus once for repeated search (a :class:`PreparedCorpus`, which they accept).
 - :func:`distill_kl`, :func:`reader_teacher`, :func:`retrieval_distill_loss`: retrieval distillation.
 - :func:`residual_maxsim`: fused decompress + MaxSim over residual-compressed documents (the index's scorer).
 - :func:`plaid_search`: a residual index's whole search (interaction, selection, decompressed rerank, top-k) in one
@@ -16,7 +17,7 @@ Importing this package touches no CUDA and does not import triton.
 from . import _ext
 from ._dispatch import BackendUnavailableError, available_backends
 from ._ext import build_info
-from .ops.maxsim import maxsim, maxsim_grouped, maxsim_packed
+from .ops.maxsim import PreparedCorpus, maxsim, maxsim_grouped, maxsim_packed, prepare_corpus
 from .ops.distill import distill_kl, reader_teacher, retrieval_distill_loss
 from .ops.centroid_interaction import centroid_interaction, centroid_score_table
 from .ops.residual_maxsim import residual_maxsim
@@ -40,6 +41,8 @@ __all__ = [
     "maxsim",
     "maxsim_packed",
     "maxsim_grouped",
+    "prepare_corpus",
+    "PreparedCorpus",
     "reader_teacher",
     "distill_kl",
     "retrieval_distill_loss",

@@ -37,8 +37,11 @@ class MaxsimLauncher(Launcher):
 
     @abc.abstractmethod
     def forward(self, q: Tensor, d: Tensor, q_mask: Tensor, d_mask: Optional[Tensor], d_offsets: Optional[Tensor],
-                pos_bias: Optional[Tensor], group_size: int, mean: bool) -> tuple[Tensor, Tensor]:
-        """-> scores fp32 [Bq, C], argmax int32 [Bq, C, Lq] (C = Nd, or group_size)."""
+                pos_bias: Optional[Tensor], group_size: int, mean: bool,
+                screen: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """-> scores fp32 [Bq, C], argmax int32 [Bq, C, Lq] (C = Nd, or group_size). ``screen``: None, or the
+        (d_screen bf16 [T, dim rounded up to 32], d_norm fp32 [Nd]) of a corpus prepared once for the packed d
+        (ops/maxsim.py: prepare_corpus); a backend may read them instead of preparing d itself (the cpu kernel does)."""
 
     @abc.abstractmethod
     def backward(self, grad: Tensor, q: Tensor, d: Tensor, q_mask: Tensor, d_offsets: Optional[Tensor],

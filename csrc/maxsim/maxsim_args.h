@@ -35,6 +35,10 @@ struct MaxsimArgs {
   int64_t R = 0;
   int64_t group_size = 0;
   bool mean = false;
+  // ---- a prepared corpus (rk.prepare_corpus; CPU, packed layout): written by maxsim_prepare_cpu, read by the forward
+  uintptr_t d_screen = 0;                         // bf16 [T, screen_ld] rows of d (zero past D), or 0
+  int64_t screen_ld = 0;                          // = D rounded up to 32 (the filter's row stride)
+  uintptr_t d_norm = 0;                           // fp32 [Nd]: an upper bound of max_j |d_j| per document
   // ---- forward outputs ----
   uintptr_t scores = 0;                           // fp32 [Bq, C] contiguous
   uintptr_t argmax = 0;                           // int32 [Bq, C, Lq] contiguous (also a backward input)
@@ -96,6 +100,9 @@ inline void bind_maxsim_args(pybind11::module_& m) {
       .def_readwrite("R", &MaxsimArgs::R)
       .def_readwrite("group_size", &MaxsimArgs::group_size)
       .def_readwrite("mean", &MaxsimArgs::mean)
+      .def_readwrite("d_screen", &MaxsimArgs::d_screen)
+      .def_readwrite("screen_ld", &MaxsimArgs::screen_ld)
+      .def_readwrite("d_norm", &MaxsimArgs::d_norm)
       .def_readwrite("scores", &MaxsimArgs::scores)
       .def_readwrite("argmax", &MaxsimArgs::argmax)
       .def_readwrite("grad", &MaxsimArgs::grad)

@@ -21,6 +21,9 @@ __device__ __forceinline__ int64_t bwd_base(const BwdParams& p, int64_t gdoc) {
 __device__ __forceinline__ int64_t bwd_tokrow(const BwdParams& p, int64_t gdoc) {
   return p.offsets ? p.offsets[gdoc] : gdoc * p.Ld;
 }
+__device__ __forceinline__ bool bwd_qvalid(const BwdParams& p, int64_t a, int64_t i) {
+  return p.q_mask[a * p.sqmb + i * p.sqmi] != 0;
+}
 __device__ __forceinline__ float bwd_weight(const BwdParams& p, int64_t a, int64_t c) {
   const float w = p.grad[a * p.sgb + c * p.sgc];
   return p.mean ? w / static_cast<float>(max(1, p.nq[a])) : w;
@@ -42,12 +45,14 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dq_kernel(const BwdParams p) {
   float acc[MAX_DIM / 32];
 #pragma unroll
   for (int m = 0; m < MAX_DIM / 32; ++m) acc[m] = 0.f;
-  for (int64_t cb = c0; cb < c1; cb += 32) {
+  // A masked row (warp-uniform) skips its C argmax reads and gathers: its dq is the zero row written below.
+  const int64_t c_stop = bwd_qvalid(p, a, i) ? c1 : c0;
+  for (int64_t cb = c0; cb < c_stop; cb += 32) {
     const int64_t c = cb + lane;
     int j = -1;
     float w = 0.f;
     int64_t base = 0;
-    if (c < c1) {
+    if (c < c_stop) {
       j = p.argmax[(a * p.C + c) * p.Lq + i];
       if (j >= 0) {
         w = bwd_weight(p, a, c);
@@ -105,7 +110,7 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dd_atomic_kernel(const BwdPara
     const float w = bwd_weight(p, a, c);
     const int64_t row0 = bwd_tokrow(p, bwd_doc(p, a, c));
     for (int64_t ib = 0; ib < p.Lq; ib += 32) {
-      const int j = ib + lane < p.Lq ? p.argmax[pc * p.Lq + ib + lane] : -1;
+      const int j = ib + lane < p.Lq && bwd_qvalid(p, a, ib + lane) ? p.argmax[pc * p.Lq + ib + lane] : -1;
       const int n = static_cast<int>(min64(32, p.Lq - ib));
       for (int k = 0; k < n; ++k) {
         const int jk = __shfl_sync(0xffffffffu, j, k);
@@ -154,7 +159,7 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dd_det_kernel(const BwdParams 
         int j = -1;
         if (e < n_entries) {
           const int64_t a = a_lo + e / p.Lq, i = e % p.Lq;
-          j = p.argmax[(a * p.C + c) * p.Lq + i];
+          j = bwd_qvalid(p, a, i) ? p.argmax[(a * p.C + c) * p.Lq + i] : -1;
           if (j >= j0 && j < j0 + jn) {
             e_w[threadIdx.x] = bwd_weight(p, a, c);
             e_q[threadIdx.x] = a * p.sqb + i * p.sqi;
@@ -204,8 +209,8 @@ __global__ void __launch_bounds__(128) maxsim_bwd_dbias_kernel(const BwdParams p
     float w = 0.f;
     if (e < e1) {
       const int j = p.argmax[e];
-      if (j >= 0) {
-        const int64_t a = e / (p.C * p.Lq), rem = e - a * p.C * p.Lq, c = rem / p.Lq, i = rem - c * p.Lq;
+      const int64_t a = e / (p.C * p.Lq), rem = e - a * p.C * p.Lq, c = rem / p.Lq, i = rem - c * p.Lq;
+      if (j >= 0 && bwd_qvalid(p, a, i)) {
         r = static_cast<int>(min64(max64(p.nq[a] + j - i, 0), p.R - 1));
         w = bwd_weight(p, a, c);
       }

@@ -104,6 +104,7 @@ static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
   m = _mm256_blendv_ps(m, s, gt);
   id = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(id), _mm256_castsi256_ps(_mm256_set1_epi32(j)), gt));
 }
+static inline Vf v_gather(const float* base, Vi idx) { return _mm256_i32gather_ps(base, idx, 4); }
 static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
   int64_t k = 0;
   for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + k))));
@@ -147,6 +148,9 @@ static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
   m = (Vf)(((Vi)s & gt) | ((Vi)m & ~gt));
   id = (jv & gt) | (id & ~gt);
 }
+static inline Vf v_gather(const float* base, Vi idx) {
+  return Vf{base[idx[0]], base[idx[1]], base[idx[2]], base[idx[3]]};
+}
 static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
   for (int64_t k = 0; k < n; ++k) d[k] = half_to_float(s[k]);
 }
@@ -173,8 +177,9 @@ struct IsaOps {
   int W;
   void (*pack)(const FwdArgs&, int64_t);
   void (*doc)(const FwdArgs&, int64_t, int64_t, int64_t, float*);
-  int64_t (*dq_rows)(const BwdArgs&, const float*, int64_t, int64_t, float*, float*);
-  int64_t (*dd_docs)(const BwdArgs&, const float*, const int32_t*, const float*, int64_t, int64_t, float*, float*);
+  int64_t (*dq_rows)(const BwdArgs&, const float*, const int64_t*, int64_t, int64_t, float*, float*);
+  int64_t (*dd_docs)(const BwdArgs&, const float*, const int32_t*, const int64_t*, const int64_t*, const float*,
+                     int64_t, int64_t, float*, float*);
 };
 
 #define REATT_OPS(ns) \
@@ -285,9 +290,19 @@ void maxsim_fwd_cpu(const MaxsimArgs& a) {
   A.filt = has_bf16 && dtype != kBFloat16;
   A.Dp = (A.bf16dp || A.filt) ? (D + 1) / 2 * 2 : D;
   A.Dq = (D + 31) / 32 * 32;
+  if (a.d_screen != 0) {
+    REATT_CHECK(A.offsets != nullptr && a.d_norm != 0, "a prepared corpus (d_screen) needs the packed layout and d_norm");
+    REATT_CHECK(a.screen_ld == A.Dq, "d_screen rows must be dim rounded up to 32 (" + std::to_string(A.Dq) +
+                                         ") elements apart, got " + std::to_string(a.screen_ld));
+    if (A.filt) {  // only the fp32 filter reads a screen; every other path reads d as it is
+      A.d16 = reinterpret_cast<const uint16_t*>(a.d_screen);
+      A.dnorm = reinterpret_cast<const float*>(a.d_norm);
+    }
+  }
   A.qpack_stride = (A.bf16dp || A.filt) ? (A.Dp / 2) * A.Lqp : D * A.Lqp;
   LineBuf qpack(static_cast<size_t>(Bq * A.qpack_stride));  // fp32 or uint32 words: both 4 bytes
   std::vector<int32_t> n_valid(static_cast<size_t>(Bq));
+  std::vector<int32_t> qidx(static_cast<size_t>(Bq * A.Lqp));
   LineBuf q32(A.filt ? static_cast<size_t>(Bq * Lq * D) : 0);
   LineBuf qnorm(A.filt ? static_cast<size_t>(Bq * A.Lqp) : 0);
   LineBuf qT32(A.filt ? static_cast<size_t>(Bq * D * A.Lqp) : 0);
@@ -301,10 +316,13 @@ void maxsim_fwd_cpu(const MaxsimArgs& a) {
     const double u = std::ldexp(1.0, -8), gamma = static_cast<double>(2 * D + 32) * std::ldexp(1.0, -24);
     A.filt_c = static_cast<float>((2 * u + u * u + gamma) * 1.01);
   }
-  A.bias_stride = A.bias ? A.Lqp + A.Lmax - 1 : 0;
+  // Packed lanes index the table with their original token i (< Lq + Lqp for padding lanes: fwd_pack_query), against
+  // j in [0, Lmax): m = i - j + Lmax - 1 in [0, Lq + Lqp + Lmax - 2).
+  A.bias_stride = A.bias ? A.Lq + A.Lqp + A.Lmax - 1 : 0;
   LineBuf bias_tab(static_cast<size_t>(Bq * A.bias_stride));
   A.qpack = qpack.data();
   A.n_valid = n_valid.data();
+  A.qidx = qidx.data();
   A.bias_tab = bias_tab.data();
 
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -398,26 +416,44 @@ void maxsim_bwd_cpu(const MaxsimArgs& a) {
   }
   REATT_CHECK(grad != 0 && q != 0 && q_mask != 0 && argmax != 0, "grad, q, q_mask and argmax must be non-null");
 
-  // Per-(query, column) weights g / n_a (mean) and the query tokens in fp32, contiguous.
+  // The valid (query, token) rows, packed as in the forward: vrows[p] = a * Lq + i for the p-th valid row (queries in
+  // order, tokens in order), query a's rows at [vstart[a], vstart[a + 1]). Only these rows are visited (dq gathers,
+  // dd / dbias scatters) and converted (q32 [n_rows][D]: row p); a masked row's dq is zero and its argmax entries are
+  // never read, so a query with n valid tokens of Lq costs n / Lq of the backward's per-row work.
   std::vector<int32_t> n_valid(static_cast<size_t>(Bq));
-  std::vector<float> w(static_cast<size_t>(Bq * B.C));
-  std::vector<float> q32(static_cast<size_t>(Bq * Lq * D));
-#pragma omp parallel for num_threads(nt) schedule(static)
+  std::vector<int64_t> vstart(static_cast<size_t>(Bq + 1), 0);
   for (int64_t a = 0; a < Bq; ++a) {
     int32_t n = 0;
     for (int64_t i = 0; i < Lq; ++i) n += B.q_mask[a * Lq + i] ? 1 : 0;
     n_valid[a] = n;
+    vstart[a + 1] = vstart[a] + n;
+  }
+  const int64_t n_rows = vstart[Bq];
+  std::vector<int64_t> vrows(static_cast<size_t>(n_rows));
+  // Per-(query, column) weights g / n_a (mean) and the valid query rows in fp32, contiguous.
+  std::vector<float> w(static_cast<size_t>(Bq * B.C));
+  std::vector<float> q32(static_cast<size_t>(n_rows * D));
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t a = 0; a < Bq; ++a) {
+    const int32_t n = n_valid[a];
     const float div = static_cast<float>(n < 1 ? 1 : n);
     for (int64_t c = 0; c < B.C; ++c) w[a * B.C + c] = mean ? B.grad[a * B.C + c] / div : B.grad[a * B.C + c];
+    int64_t p = vstart[a];
     for (int64_t i = 0; i < Lq; ++i) {
+      if (!B.q_mask[a * Lq + i]) {
+        std::memset(static_cast<char*>(B.dq) + (a * Lq + i) * D * static_cast<int64_t>(esz), 0, D * esz);
+        continue;
+      }
+      vrows[p] = a * Lq + i;
       const char* row = static_cast<const char*>(B.q) + (a * sq_b + i * sq_l) * static_cast<int64_t>(esz);
-      float* dst = q32.data() + (a * Lq + i) * D;
+      float* dst = q32.data() + p * D;
       for (int64_t k = 0; k < D; ++k) {
         const int64_t off = k * sq_d;
         dst[k] = dtype == kFloat32 ? reinterpret_cast<const float*>(row)[off]
                  : dtype == kFloat16 ? half_to_float(reinterpret_cast<const uint16_t*>(row)[off])
                                      : bf16_to_float(reinterpret_cast<const uint16_t*>(row)[off]);
       }
+      ++p;
     }
   }
 
@@ -434,11 +470,11 @@ void maxsim_bwd_cpu(const MaxsimArgs& a) {
   REATT_CHECK(seg >= 0, "seg must be >= 0 (0: the default segment length)");
   B.Lseg = std::min<int64_t>(Lmax, seg > 0 ? seg : REATT_MAXSIM_SEG);
   int64_t bad = 0;
-  // dq work items: chunks of the flattened (a, i) rows, at most kDqRows each (their accumulators, kDqRows * D fp32,
-  // stay in L2), at least one per thread.
+  // dq work items: chunks of the packed valid rows, at most kDqRows each (their accumulators, kDqRows * D fp32, stay
+  // in L2), at least one per thread.
   constexpr int64_t kDqRows = 256;
-  const int64_t n_rows = Bq * Lq;
-  const int64_t n_dq = std::max<int64_t>(std::min<int64_t>(nt, n_rows), (n_rows + kDqRows - 1) / kDqRows);
+  const int64_t n_dq =
+      std::max<int64_t>({1, std::min<int64_t>(nt, n_rows), (n_rows + kDqRows - 1) / kDqRows});  // 1: all masked
   const int64_t dq_chunk = (n_rows + n_dq - 1) / n_dq;
 #pragma omp parallel num_threads(nt) reduction(+ : bad)
   {
@@ -447,18 +483,66 @@ void maxsim_bwd_cpu(const MaxsimArgs& a) {
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t it = 0; it < n_dq; ++it) {
       const int64_t r0 = it * dq_chunk, r1 = std::min(n_rows, r0 + dq_chunk);
-      if (r0 < r1) bad += ops.dq_rows(B, w.data(), r0, r1, acc.data(), tmp.data());
+      if (r0 < r1) bad += ops.dq_rows(B, w.data(), vrows.data(), r0, r1, acc.data(), tmp.data());
     }
     // dd and dbias: blocks of documents.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t b0 = blk * kDocBlock, b1 = std::min(Nd, b0 + kDocBlock);
-      bad += ops.dd_docs(B, w.data(), n_valid.data(), q32.data(), b0, b1, parts.data() + blk * R, tile.data());
+      bad += ops.dd_docs(B, w.data(), n_valid.data(), vstart.data(), vrows.data(), q32.data(), b0, b1,
+                         parts.data() + blk * R, tile.data());
     }
   }
   REATT_CHECK(bad == 0, "argmax holds a token index outside its document (" + std::to_string(bad) + " entries)");
   for (int64_t blk = 0; blk < n_blocks; ++blk)
     for (int64_t r = 0; r < R; ++r) B.dbias[r] += parts[blk * R + r];
+}
+
+// ---- a corpus prepared once (rk.prepare_corpus) -----------------------------------------------------------------------
+// The fp32 filter's per-call preparation of each document (filt_prepare: rows to bf16 pairs and the bound of its row
+// norms), done once: d_screen [T][Dq] bf16 rows (round to nearest even, zero past D) and d_norm [Nd] >= max_j |d_j|
+// per document, the norm summed in double and rounded up by 2^-20 (an upper bound, which is all the filter's proof
+// needs). A row holding a NaN fails the compare and does not lower the bound; an inf row makes it inf (every token a
+// candidate), as in rows_to_bf16. Bytes: T * D * esize read, T * Dq * 2 + Nd * 4 written, once.
+void maxsim_prepare_cpu(const MaxsimArgs& a) {
+  check_dtype(a.dtype);
+  REATT_CHECK(a.packed(), "maxsim_prepare_cpu: the packed layout (d_offsets) is required");
+  REATT_CHECK(a.D >= 1 && a.Nd >= 0 && a.T >= 0, "maxsim_prepare_cpu: bad sizes");
+  const int64_t D = a.D, Dq = (a.D + 31) / 32 * 32, Nd = a.Nd;
+  REATT_CHECK(a.screen_ld == Dq, "maxsim_prepare_cpu: screen_ld must be dim rounded up to 32");
+  const int64_t* off = reinterpret_cast<const int64_t*>(a.d_offsets);
+  packed_lmax(off, Nd);
+  REATT_CHECK(off[Nd] == a.T, "maxsim_prepare_cpu: d_offsets must end at T");
+  REATT_CHECK(a.T == 0 || (a.d != 0 && a.d_screen != 0), "maxsim_prepare_cpu: null d or d_screen");
+  REATT_CHECK(Nd == 0 || a.d_norm != 0, "maxsim_prepare_cpu: null d_norm");
+  uint16_t* screen = reinterpret_cast<uint16_t*>(a.d_screen);
+  float* norm = reinterpret_cast<float*>(a.d_norm);
+  const int esz = a.dtype == kFloat32 ? 4 : 2;
+  const int nt = threads_for(a.n_threads);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
+  for (int64_t b = 0; b < Nd; ++b) {
+    double mx2 = 0.0;
+    for (int64_t t = off[b]; t < off[b + 1]; ++t) {
+      const char* row = reinterpret_cast<const char*>(a.d) + t * a.sd_l * esz;
+      uint16_t* dst = screen + t * Dq;
+      double s2 = 0.0;
+      for (int64_t k = 0; k < D; ++k) {
+        const int64_t o = k * a.sd_d * esz;
+        uint16_t h;
+        float v;
+        switch (a.dtype) {
+          case kFloat32: std::memcpy(&v, row + o, 4); break;
+          case kFloat16: std::memcpy(&h, row + o, 2); v = half_to_float(h); break;
+          default: std::memcpy(&h, row + o, 2); v = bf16_to_float(h); break;
+        }
+        dst[k] = float_to_bf16(v);
+        s2 += static_cast<double>(v) * v;
+      }
+      for (int64_t k = D; k < Dq; ++k) dst[k] = 0;
+      if (s2 > mx2) mx2 = s2;
+    }
+    norm[b] = static_cast<float>(std::sqrt(mx2) * (1.0 + std::ldexp(1.0, -20)));
+  }
 }
 
 std::string maxsim_cpu_isa() { return cpu_isa::kNames[cpu_isa::best()]; }
@@ -474,6 +558,9 @@ static RegisterBindings maxsim_cpu_bindings([](py::module_& m) {
         "MaxSim backward on the CPU: writes dq, dd (input dtype, contiguous) and dbias fp32 [R]; deterministic",
         py::arg("args"));
   m.def("maxsim_cpu_isa", &maxsim_cpu::maxsim_cpu_isa, "The best MaxSim CPU kernel ISA this machine supports");
+  m.def("maxsim_prepare_cpu", &maxsim_cpu::maxsim_prepare_cpu, py::call_guard<py::gil_scoped_release>(),
+        "A corpus prepared once for the CPU forward: writes d_screen bf16 [T, screen_ld] and d_norm fp32 [Nd]",
+        py::arg("args"));
 });
 
 }  // namespace reatt

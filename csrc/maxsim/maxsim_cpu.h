@@ -39,14 +39,21 @@ struct FwdArgs {
   bool filt;      // fp32 / fp16 inputs: bf16 filter pass + exact fp32 rescoring (AVX512_BF16 CPUs)
   int64_t Dq;     // filter: bf16 document row stride (D rounded up to 32)
   float filt_c;   // filter: |s - s~| bound per unit |q_i| * max_j |d_j|, both ends (see fwd_doc_filtered)
-  float* q32;     // filter: query rows in fp32 [Bq][Lq][D]
-  float* qnorm;   // filter: |q_i| [Bq][Lqp] (rounded up; 0 for padding lanes)
+  // Query lanes are PACKED (fwd_pack_query): lane p < n_valid[a] holds query a's p-th valid token, qidx[a][p].
+  float* q32;     // filter: packed query rows in fp32 [Bq][Lq][D] (row p: lane p)
+  float* qnorm;   // filter: |q_p| [Bq][Lqp] (rounded up; 0 for padding lanes)
   float* qT32;    // filter: fp32 q^T [Bq][D][Lqp] for the plain tile, the fallback of a segment with too many
                   // candidates (near-ties everywhere)
   void* qpack;    // per query: fp32 q^T [D][Lqp], or bf16 pairs [Dp/2][Lqp] (uint32 each)
   int64_t qpack_stride;  // elements (float or uint32) per query
   int32_t* n_valid;      // [Bq] valid query tokens
-  float* bias_tab;       // per query [Lqp + Lmax - 1]: bias_tab[i - j + Lmax - 1] = pos_bias[clamp(n_a + j - i)]
+  int32_t* qidx;         // [Bq][Lqp] original token index of each packed lane (past n_valid: last + 1, + 2, ...)
+  // A prepared corpus (rk.prepare_corpus; packed layout): bf16 screen rows [T][Dq] and per-document bounds of
+  // max_j |d_j| [Nd], used by the fp32 filter instead of converting every document on every call; or nullptr.
+  const uint16_t* d16;
+  const float* dnorm;
+  float* bias_tab;       // per query [bias_stride]: bias_tab[i - j + Lmax - 1] = pos_bias[clamp(n_a + j - i)]
+                         // (i: the original token index; < Lq + Lqp for padding lanes)
   int64_t bias_stride;
 };
 

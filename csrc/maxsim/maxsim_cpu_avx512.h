@@ -15,6 +15,8 @@ static inline void v_update(Vf s, Vf& m, Vi& id, int32_t j) {
   m = _mm512_mask_mov_ps(m, gt, s);
   id = _mm512_mask_set1_epi32(id, gt, j);
 }
+// Lanes base[idx[l]] (the bias of a query tile that straddles a hole of the mask: see maxsim_fwd_tile_f32).
+static inline Vf v_gather(const float* base, Vi idx) { return _mm512_i32gather_ps(idx, base, 4); }
 static inline void cvt_f16_row(const uint16_t* s, int64_t n, float* d) {
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + k))));

@@ -3,7 +3,8 @@
 // (avx512 / avx2 / scalar) and under a `#pragma GCC target(...)`, after defining the vector primitives:
 //   constexpr int W;  Vf / Vi (W floats / int32s);  v_zero, v_load, v_set1, v_fma, v_add, v_store, vi_load,
 //   vi_store, v_update(s, m, idx, j) (where s > m: m = s, idx = j: strict, so ties keep the lowest j),
-//   cvt_f16_row(src, n, dst); and REATT_BF16DP (1 where the AVX512_BF16 pair kernel exists).
+//   v_gather(base, idx) (lanes base[idx[l]]), cvt_f16_row(src, n, dst); and REATT_BF16DP (1 where the AVX512_BF16
+//   pair kernel exists).
 // So one kernel source compiles to every ISA and the driver picks one at run time; no -march=native.
 //
 // The micro-kernel vectorises over QUERY tokens: an accumulator holds s[i0 .. i0+W, j] for one document token j,
@@ -14,6 +15,8 @@
 // one tile row, so every document token is read from memory exactly once per query block: the kernel streams the
 // corpus at 4 bytes per 2 * 32 FLOPs (fp32) and stays FMA-bound. The next document is prefetched from inside the
 // tiles (two lines per k step), so its DRAM reads overlap the current document's FMAs.
+// The query tokens are the VALID ones only, packed in order into the first lanes (fwd_pack_query): a query with n of
+// its Lq tokens valid costs ceil(n / W) vectors, whatever the positions of its masked tokens.
 //
 // Paths (measured on the 2-core AMD EPYC dev VM, Zen 4, 1 thread, 1 query x 4000 docs x 128 x 128, thread CPU time):
 // - fp32, plain FMA tile (isa avx512; avx2 the same on Zen 4): ~93-103 GFLOP/s per core (about the fp32 FMA peak);
@@ -29,15 +32,21 @@ using namespace ::reatt::maxsim_cpu;
 #endif
 
 // ---- forward micro-kernels ---------------------------------------------------------------------------------------------
-// s[i, j] = sum_k qT[k, i] * d[j, k] for i in [i0, i0 + NI * W) (qT already offset to i0) and j in [j0, j0 + NJ),
-// then fold into the running (max, argmax) of each i. `bias` points at bias_tab + (Lmax - 1) + i0 - j0, so the bias
-// of (i0 + ni * W + lane, j0 + nj) is bias[ni * W - nj + lane]. jmask (nullable) is d_mask + j0.
+// s[p, j] = sum_k qT[k, p] * d[j, k] for the packed query lanes p in [p0, p0 + NI * W) (qT already offset to p0) and
+// j in [j0, j0 + NJ), then fold into the running (max, argmax) of each lane. Lane p holds the query's valid token
+// i = qidx[p] (fwd_pack_query), so the bias of (p, j) is bias_tab[i - j + Lmax - 1]:
+// - gidx == nullptr: the tile's original indices are consecutive (every tile of a prefix mask), and `bias` points at
+//   bias_tab + (Lmax - 1) + qidx[p0] - j0, so the bias of (p0 + ni * W + lane, j0 + nj) is bias[ni * W - nj + lane];
+// - gidx == qidx + p0 (a tile that straddles a hole of the mask): `bias` points at bias_tab + (Lmax - 1) - j0 and the
+//   bias of that pair is gathered from bias[gidx[ni * W + lane] - nj] (NI * NJ gathers of W lanes per tile, against
+//   NI * NJ * D FMAs).
+// jmask (nullable) is d_mask + j0.
 // FLOPs: 2 * NI * W * NJ * D. Bytes: NJ * D * 4 from the document rows (the q^T tile is L1-resident).
 template <int NI, int NJ, bool HAS_BIAS>
 static inline void maxsim_fwd_tile_f32(const float* __restrict qT, int64_t ldq, const float* __restrict drow,
                                        int64_t ldd, int64_t D, const float* __restrict bias,
-                                       const uint8_t* __restrict jmask, int32_t j0, float* __restrict mx,
-                                       int32_t* __restrict idx, const char* pf, int64_t npf) {
+                                       const int32_t* __restrict gidx, const uint8_t* __restrict jmask, int32_t j0,
+                                       float* __restrict mx, int32_t* __restrict idx, const char* pf, int64_t npf) {
   Vf acc[NI][NJ];
   REATT_PRAGMA_UNROLL
   for (int ni = 0; ni < NI; ++ni) {
@@ -65,11 +74,13 @@ static inline void maxsim_fwd_tile_f32(const float* __restrict qT, int64_t ldq, 
   for (int ni = 0; ni < NI; ++ni) {
     Vf m = v_load(mx + ni * W);
     Vi id = vi_load(idx + ni * W);
+    const bool gather = HAS_BIAS && gidx != nullptr;
+    const Vi gi = gather ? vi_load(gidx + ni * W) : Vi{};
     REATT_PRAGMA_UNROLL
     for (int nj = 0; nj < NJ; ++nj) {
       if (jmask != nullptr && !jmask[nj]) continue;  // a masked document token never wins
       Vf s = acc[ni][nj];
-      if (HAS_BIAS) s = v_add(s, v_load(bias + ni * W - nj));
+      if (HAS_BIAS) s = v_add(s, gather ? v_gather(bias - nj, gi) : v_load(bias + ni * W - nj));
       v_update(s, m, id, j0 + nj);
     }
     v_store(mx + ni * W, m);
@@ -87,9 +98,9 @@ static inline void maxsim_fwd_tile_f32(const float* __restrict qT, int64_t ldq, 
 template <int NI, int NJ, bool HAS_BIAS, bool STORE>
 static inline void maxsim_fwd_tile_bf16(const uint32_t* __restrict qP, int64_t ldq, const uint16_t* __restrict drow,
                                         int64_t ldd, int64_t Dh, const float* __restrict bias,
-                                        const uint8_t* __restrict jmask, int32_t j0, float* __restrict mx,
-                                        int32_t* __restrict idx, float* __restrict sbuf, int64_t lds,
-                                        float* __restrict m2, const char* pf, int64_t npf) {
+                                        const int32_t* __restrict gidx, const uint8_t* __restrict jmask, int32_t j0,
+                                        float* __restrict mx, int32_t* __restrict idx, float* __restrict sbuf,
+                                        int64_t lds, float* __restrict m2, const char* pf, int64_t npf) {
   __m512 acc[NI][NJ];
   REATT_PRAGMA_UNROLL
   for (int ni = 0; ni < NI; ++ni) {
@@ -120,10 +131,12 @@ static inline void maxsim_fwd_tile_bf16(const uint32_t* __restrict qP, int64_t l
     Vi id = vi_load(idx + ni * W);
     Vf sec = STORE ? v_load(m2 + ni * W) : v_zero();
     __mmask16 nan = 0;
+    const bool gather = HAS_BIAS && gidx != nullptr;
+    const Vi gi = gather ? vi_load(gidx + ni * W) : Vi{};
     REATT_PRAGMA_UNROLL
     for (int nj = 0; nj < NJ; ++nj) {
       Vf s = acc[ni][nj];
-      if (HAS_BIAS) s = v_add(s, v_load(bias + ni * W - nj));
+      if (HAS_BIAS) s = v_add(s, gather ? v_gather(bias - nj, gi) : v_load(bias + ni * W - nj));
       if (STORE) v_store(sbuf + nj * lds + ni * W, s);
       if (jmask != nullptr && !jmask[nj]) continue;
       if (STORE) {
@@ -148,57 +161,97 @@ static inline void maxsim_fwd_tile_bf16(const uint32_t* __restrict qP, int64_t l
 // a compile-time tile (only the last block of a document is short).
 template <int NI, int NJ, bool HAS_BIAS>
 static inline void tile_f32(const float* qT, int64_t ldq, const void* drow, int64_t ldd, int64_t D, const float* bias,
-                            const uint8_t* jmask, int32_t j0, float* mx, int32_t* idx, const char* pf, int64_t npf) {
-  maxsim_fwd_tile_f32<NI, NJ, HAS_BIAS>(qT, ldq, static_cast<const float*>(drow), ldd, D, bias, jmask, j0, mx, idx, pf,
-                                        npf);
+                            const int32_t* gidx, const uint8_t* jmask, int32_t j0, float* mx, int32_t* idx,
+                            const char* pf, int64_t npf) {
+  maxsim_fwd_tile_f32<NI, NJ, HAS_BIAS>(qT, ldq, static_cast<const float*>(drow), ldd, D, bias, gidx, jmask, j0, mx,
+                                        idx, pf, npf);
 }
 
 template <int NI, bool HAS_BIAS, int... NJS>
 static inline void jblock_f32_dispatch(int nj, const float* qT, int64_t ldq, const void* drow, int64_t ldd, int64_t D,
-                                       const float* bias, const uint8_t* jmask, int32_t j0, float* mx, int32_t* idx,
-                                       const char* pf, int64_t npf) {
+                                       const float* bias, const int32_t* gidx, const uint8_t* jmask, int32_t j0,
+                                       float* mx, int32_t* idx, const char* pf, int64_t npf) {
   // Fold over the candidate tile widths; exactly one matches.
-  ((nj == NJS ? (tile_f32<NI, NJS, HAS_BIAS>(qT, ldq, drow, ldd, D, bias, jmask, j0, mx, idx, pf, npf), 0) : 0), ...);
+  ((nj == NJS ? (tile_f32<NI, NJS, HAS_BIAS>(qT, ldq, drow, ldd, D, bias, gidx, jmask, j0, mx, idx, pf, npf), 0) : 0),
+   ...);
+}
+
+// The bias operands of the query tile at packed lanes [p0, p0 + nl) against the j-block at j0 (see
+// maxsim_fwd_tile_f32): one contiguous run of the table when the lanes' original indices are consecutive (qidx is
+// strictly increasing, so that is the case iff its span is nl - 1), else a per-lane gather.
+struct TileBias {
+  const float* p;
+  const int32_t* g;
+};
+static inline TileBias tile_bias(const float* btab, const int32_t* qidx, int64_t p0, int64_t nl, int64_t j0) {
+  if (btab == nullptr) return {nullptr, nullptr};
+  if (qidx[p0 + nl - 1] - qidx[p0] == nl - 1) return {btab + qidx[p0] - j0, nullptr};
+  return {btab - j0, qidx + p0};
+}
+
+// One j-block of fp32 rows against the query tiles of packed lanes [0, Lqa) (Lqa: the valid-token count rounded up
+// to W; the lanes of masked tokens do not exist, so a query with n valid tokens costs ceil(n / W) vectors, whatever
+// its padded length): tiles of 2 vectors, then a 1-vector tail. qp: q^T [D][Lqp]; btab: the query's bias table at
+// offset Lmax - 1, or nullptr; qidx: the lanes' original token indices.
+static inline void jblock_f32_all(int nj, const float* qp, int64_t Lqp, int64_t Lqa, const void* dr, int64_t ld_rows,
+                                  int64_t D, const float* btab, const int32_t* qidx, const uint8_t* jm, int32_t j0,
+                                  float* mx, int32_t* idx, const char* pf, int64_t npf) {
+  for (int64_t i0 = 0; i0 < Lqa; i0 += 2 * W) {
+    const float* q0 = qp + i0;
+    const char* pp = i0 == 0 ? pf : nullptr;
+    const int64_t pn = i0 == 0 ? npf : 0;
+    if (i0 + 2 * W <= Lqa) {
+      const TileBias tb = tile_bias(btab, qidx, i0, 2 * W, j0);
+      if (tb.p) jblock_f32_dispatch<2, true, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, D, tb.p, tb.g, jm, j0, mx + i0, idx + i0, pp, pn);
+      else jblock_f32_dispatch<2, false, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, D, nullptr, nullptr, jm, j0, mx + i0, idx + i0, pp, pn);
+    } else {
+      const TileBias tb = tile_bias(btab, qidx, i0, W, j0);
+      if (tb.p) jblock_f32_dispatch<1, true, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, D, tb.p, tb.g, jm, j0, mx + i0, idx + i0, pp, pn);
+      else jblock_f32_dispatch<1, false, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, D, nullptr, nullptr, jm, j0, mx + i0, idx + i0, pp, pn);
+    }
+  }
 }
 
 #if REATT_BF16DP
 template <int NI, int NJ, bool HAS_BIAS, bool STORE>
 static inline void tile_bf16(const uint32_t* qP, int64_t ldq, const void* drow, int64_t ldd, int64_t Dh,
-                             const float* bias, const uint8_t* jmask, int32_t j0, float* mx, int32_t* idx, float* sbuf,
-                             int64_t lds, float* m2, const char* pf, int64_t npf) {
-  maxsim_fwd_tile_bf16<NI, NJ, HAS_BIAS, STORE>(qP, ldq, static_cast<const uint16_t*>(drow), ldd, Dh, bias, jmask, j0,
-                                                mx, idx, sbuf, lds, m2, pf, npf);
+                             const float* bias, const int32_t* gidx, const uint8_t* jmask, int32_t j0, float* mx,
+                             int32_t* idx, float* sbuf, int64_t lds, float* m2, const char* pf, int64_t npf) {
+  maxsim_fwd_tile_bf16<NI, NJ, HAS_BIAS, STORE>(qP, ldq, static_cast<const uint16_t*>(drow), ldd, Dh, bias, gidx,
+                                                jmask, j0, mx, idx, sbuf, lds, m2, pf, npf);
 }
 template <int NI, bool HAS_BIAS, bool STORE, int... NJS>
 static inline void jblock_bf16_dispatch(int nj, const uint32_t* qP, int64_t ldq, const void* drow, int64_t ldd,
-                                        int64_t Dh, const float* bias, const uint8_t* jmask, int32_t j0, float* mx,
-                                        int32_t* idx, float* sbuf, int64_t lds, float* m2, const char* pf,
-                                        int64_t npf) {
-  ((nj == NJS ? (tile_bf16<NI, NJS, HAS_BIAS, STORE>(qP, ldq, drow, ldd, Dh, bias, jmask, j0, mx, idx, sbuf, lds, m2,
-                                                     pf, npf),
+                                        int64_t Dh, const float* bias, const int32_t* gidx, const uint8_t* jmask,
+                                        int32_t j0, float* mx, int32_t* idx, float* sbuf, int64_t lds, float* m2,
+                                        const char* pf, int64_t npf) {
+  ((nj == NJS ? (tile_bf16<NI, NJS, HAS_BIAS, STORE>(qP, ldq, drow, ldd, Dh, bias, gidx, jmask, j0, mx, idx, sbuf, lds,
+                                                     m2, pf, npf),
                  0)
               : 0),
    ...);
 }
 
-// All query tiles x one j-block of bf16 pairs (both passes share it).
+// The query tiles of packed lanes [0, Lqa) x one j-block of bf16 pairs (both passes share it; see jblock_f32_all).
 template <bool STORE>
-static inline void jblock_bf16_all(const FwdArgs& A, int nj, const uint32_t* qp, const void* dr, int64_t ld_rows,
-                                   const float* btab, const uint8_t* jm, int32_t j0, float* mx, int32_t* idx,
-                                   float* S, int64_t sj0, float* m2, const char* pf, int64_t npf) {
+static inline void jblock_bf16_all(const FwdArgs& A, int64_t Lqa, int nj, const uint32_t* qp, const void* dr,
+                                   int64_t ld_rows, const float* btab, const int32_t* qidx, const uint8_t* jm,
+                                   int32_t j0, float* mx, int32_t* idx, float* S, int64_t sj0, float* m2,
+                                   const char* pf, int64_t npf) {
   const int64_t Lqp = A.Lqp, Dh = A.Dp / 2;
-  for (int64_t i0 = 0; i0 < Lqp; i0 += 2 * W) {
-    const float* bp = btab != nullptr ? btab + i0 - j0 : nullptr;
+  for (int64_t i0 = 0; i0 < Lqa; i0 += 2 * W) {
     const uint32_t* q0 = qp + i0;
     float* sb = S != nullptr ? S + sj0 * Lqp + i0 : nullptr;  // sj0: j0 inside the current segment
     float* s2 = m2 != nullptr ? m2 + i0 : nullptr;
     const int64_t np = i0 == 0 ? npf : 0;
-    if (i0 + 2 * W <= Lqp) {
-      if (bp) jblock_bf16_dispatch<2, true, STORE, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, Dh, bp, jm, j0, mx + i0, idx + i0, sb, Lqp, s2, pf, np);
-      else jblock_bf16_dispatch<2, false, STORE, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, Dh, bp, jm, j0, mx + i0, idx + i0, sb, Lqp, s2, pf, np);
+    if (i0 + 2 * W <= Lqa) {
+      const TileBias tb = tile_bias(btab, qidx, i0, 2 * W, j0);
+      if (tb.p) jblock_bf16_dispatch<2, true, STORE, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, Dh, tb.p, tb.g, jm, j0, mx + i0, idx + i0, sb, Lqp, s2, pf, np);
+      else jblock_bf16_dispatch<2, false, STORE, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, Dh, nullptr, nullptr, jm, j0, mx + i0, idx + i0, sb, Lqp, s2, pf, np);
     } else {
-      if (bp) jblock_bf16_dispatch<1, true, STORE, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, Dh, bp, jm, j0, mx + i0, idx + i0, sb, Lqp, s2, pf, np);
-      else jblock_bf16_dispatch<1, false, STORE, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, Dh, bp, jm, j0, mx + i0, idx + i0, sb, Lqp, s2, pf, np);
+      const TileBias tb = tile_bias(btab, qidx, i0, W, j0);
+      if (tb.p) jblock_bf16_dispatch<1, true, STORE, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, Dh, tb.p, tb.g, jm, j0, mx + i0, idx + i0, sb, Lqp, s2, pf, np);
+      else jblock_bf16_dispatch<1, false, STORE, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, Dh, nullptr, nullptr, jm, j0, mx + i0, idx + i0, sb, Lqp, s2, pf, np);
     }
   }
 }
@@ -274,59 +327,69 @@ static inline PfSlice prefetch_slice(const Span& s, int64_t part, int64_t parts,
   return {s.p + l0 * 64, l1 - l0 < 2 * steps ? l1 - l0 : 2 * steps};
 }
 
-// Pack query a: q^T [D][Lqp] fp32, or bf16 pairs [Dp/2][Lqp] (bf16 inputs, and the fp32 filter, which also keeps
-// the query rows in fp32 and their norms); its valid-token count and its bias table.
+// Pack query a's VALID tokens, in order, into lanes 0 .. n - 1 (n = its valid-token count): q^T [D][Lqp] fp32, or
+// bf16 pairs [Dp/2][Lqp] (bf16 inputs, and the fp32 filter, which also keeps the packed rows in fp32 and their norms);
+// qidx[p], the original token index of lane p; and the query's bias table. Why: the kernels score whole vectors of
+// lanes, so a masked token packed in place would cost as much as a valid one; packed, a query with n valid tokens of
+// Lq costs ceil(n / W) vectors per document token (a 32-token query with 16 valid tokens: half), wherever the holes
+// are. The lanes keep their original index for what depends on it: the bias distance n + j - i, and where argmax
+// goes (fwd_epilogue). Lanes p >= n (padding) are zero; their qidx continues the last valid index by +1, so a tail
+// tile of a prefix mask stays one contiguous bias run, and every bias address stays inside the table (i < Lq + Lqp).
 static void fwd_pack_query(const FwdArgs& A, int64_t a) {
   const uint8_t* qm = A.q_mask + a * A.Lq;
+  int32_t* qidx = A.qidx + a * A.Lqp;
   int32_t n = 0;
-  for (int64_t i = 0; i < A.Lq; ++i) n += qm[i] ? 1 : 0;
+  for (int64_t i = 0; i < A.Lq; ++i)
+    if (qm[i]) qidx[n++] = static_cast<int32_t>(i);
   A.n_valid[a] = n;
+  for (int64_t p = n; p < A.Lqp; ++p) qidx[p] = (n > 0 ? qidx[n - 1] : -1) + 1 + static_cast<int32_t>(p - n);
   std::vector<float> row(A.D);
   if (A.bf16dp || A.filt) {
     uint32_t* P = static_cast<uint32_t*>(A.qpack) + a * A.qpack_stride;
     const int64_t Dh = A.Dp / 2;
     for (int64_t kk = 0; kk < Dh; ++kk)
-      for (int64_t i = 0; i < A.Lqp; ++i) P[kk * A.Lqp + i] = 0;
-    for (int64_t i = 0; i < A.Lqp; ++i) {
+      for (int64_t p = 0; p < A.Lqp; ++p) P[kk * A.Lqp + p] = 0;
+    for (int64_t p = 0; p < A.Lqp; ++p) {
       if (A.filt) {
-        A.qnorm[a * A.Lqp + i] = 0.f;
-        for (int64_t k = 0; k < A.D; ++k) A.qT32[(a * A.D + k) * A.Lqp + i] = 0.f;  // padding lanes: never read
+        A.qnorm[a * A.Lqp + p] = 0.f;
+        for (int64_t k = 0; k < A.D; ++k) A.qT32[(a * A.D + k) * A.Lqp + p] = 0.f;  // padding lanes: never read
       }
-      if (i >= A.Lq) continue;
+      if (p >= n) continue;
+      const int64_t i = qidx[p];
       if (A.bf16dp) {
         const uint16_t* src = static_cast<const uint16_t*>(A.q) + a * A.sq_b + i * A.sq_l;
         for (int64_t k = 0; k < A.D; ++k) {
           const uint32_t v = src[k * A.sq_d];
-          P[(k / 2) * A.Lqp + i] |= (k & 1) ? (v << 16) : v;
+          P[(k / 2) * A.Lqp + p] |= (k & 1) ? (v << 16) : v;
         }
       } else {
-        float* q32 = A.q32 + (a * A.Lq + i) * A.D;
+        float* q32 = A.q32 + (a * A.Lq + p) * A.D;  // packed rows too: lane p's row
         row_to_f32(elem_ptr(A.q, A.dtype, a * A.sq_b + i * A.sq_l), A.dtype, A.sq_d, A.D, q32);
         double ss = 0.0;
         for (int64_t k = 0; k < A.D; ++k) {
           const uint32_t v = float_to_bf16(q32[k]);
-          P[(k / 2) * A.Lqp + i] |= (k & 1) ? (v << 16) : v;
+          P[(k / 2) * A.Lqp + p] |= (k & 1) ? (v << 16) : v;
           ss += static_cast<double>(q32[k]) * q32[k];
         }
-        A.qnorm[a * A.Lqp + i] = static_cast<float>(std::sqrt(ss) * (1.0 + 1e-6));
+        A.qnorm[a * A.Lqp + p] = static_cast<float>(std::sqrt(ss) * (1.0 + 1e-6));
         float* T = A.qT32 + a * A.D * A.Lqp;
-        for (int64_t k = 0; k < A.D; ++k) T[k * A.Lqp + i] = q32[k];
+        for (int64_t k = 0; k < A.D; ++k) T[k * A.Lqp + p] = q32[k];
       }
     }
   } else {
     float* P = static_cast<float*>(A.qpack) + a * A.qpack_stride;
-    for (int64_t i = 0; i < A.Lqp; ++i) {
-      if (i < A.Lq) {
-        row_to_f32(elem_ptr(A.q, A.dtype, a * A.sq_b + i * A.sq_l), A.dtype, A.sq_d, A.D, row.data());
-        for (int64_t k = 0; k < A.D; ++k) P[k * A.Lqp + i] = row[k];
+    for (int64_t p = 0; p < A.Lqp; ++p) {
+      if (p < n) {
+        row_to_f32(elem_ptr(A.q, A.dtype, a * A.sq_b + qidx[p] * A.sq_l), A.dtype, A.sq_d, A.D, row.data());
+        for (int64_t k = 0; k < A.D; ++k) P[k * A.Lqp + p] = row[k];
       } else {
-        for (int64_t k = 0; k < A.D; ++k) P[k * A.Lqp + i] = 0.f;  // padding lanes: computed, never read
+        for (int64_t k = 0; k < A.D; ++k) P[k * A.Lqp + p] = 0.f;  // padding lanes: computed (tail only), never read
       }
     }
   }
   if (A.bias != nullptr) {
     float* T = A.bias_tab + a * A.bias_stride;
-    // T[m] with m = i - j + Lmax - 1  <=>  r = n_a + j - i = n_a + Lmax - 1 - m.
+    // T[m] with m = i - j + Lmax - 1  <=>  r = n_a + j - i = n_a + Lmax - 1 - m (i: the ORIGINAL token index).
     for (int64_t m = 0; m < A.bias_stride; ++m) {
       int64_t r = n + A.Lmax - 1 - m;
       r = r < 0 ? 0 : (r > A.R - 1 ? A.R - 1 : r);
@@ -335,22 +398,22 @@ static void fwd_pack_query(const FwdArgs& A, int64_t a) {
   }
 }
 
-// Epilogue of one (query, document) pair: sum the maxima of the valid query tokens (in double, in token order:
-// deterministic), -inf for an empty document, 0 for an empty query; argmax -1 where there is no winner.
+// Epilogue of one (query, document) pair: sum the maxima of the packed lanes (in double, in lane order = token order:
+// deterministic), -inf for an empty document, 0 for an empty query; argmax of lane p goes to its original token
+// qidx[p], and -1 to every masked token and to a token with no winner.
 static inline void fwd_epilogue(const FwdArgs& A, int64_t a, int64_t b, const float* mx, const int32_t* idx) {
-  const uint8_t* qm = A.q_mask + a * A.Lq;
+  const int32_t* qidx = A.qidx + a * A.Lqp;
   const int64_t col = A.group_size ? b - a * A.group_size : b;
   int32_t* am = A.argmax + (a * A.C + col) * A.Lq;
   const int32_t n = A.n_valid[a];
+  for (int64_t i = 0; i < A.Lq; ++i) am[i] = -1;
   bool empty = true;
   double acc = 0.0;
-  for (int64_t i = 0; i < A.Lq; ++i) {
-    if (qm[i] && idx[i] >= 0) {
+  for (int64_t p = 0; p < n; ++p) {
+    if (idx[p] >= 0) {
       empty = false;
-      acc += mx[i];
-      am[i] = idx[i];
-    } else {
-      am[i] = -1;
+      acc += mx[p];
+      am[qidx[p]] = idx[p];
     }
   }
   float score;
@@ -437,14 +500,16 @@ static inline float dot_f32(const float* x, const float* y, int64_t D) {
 // the bound on its row norms.
 struct FiltSeg {
   int64_t s0, n;
-  const float* r32;  // row j of the segment at r32 + (j - s0) * ld32
+  const float* r32;      // row j of the segment at r32 + (j - s0) * ld32; nullptr: only in d's dtype, at row_s0
   int64_t ld32;
   float nmax;
+  const uint16_t* t16;   // bf16 pairs of the segment's rows, Dq elements apart
+  int64_t row_s0;        // element offset of row s0 in d (rows sd_l apart): where r32 == nullptr converts from
 };
 
 static FiltSeg filt_prepare(const FwdArgs& A, int64_t row0, int64_t s0, int64_t n, const uint8_t* jmask, float* t32,
                             uint16_t* t16) {
-  FiltSeg g{s0, n, nullptr, 0, 0.f};
+  FiltSeg g{s0, n, nullptr, 0, 0.f, t16, row0 + s0 * A.sd_l};
   if (A.dtype == kFloat32 && A.sd_d == 1) {
     g.r32 = static_cast<const float*>(A.d) + row0 + s0 * A.sd_l;
     g.ld32 = A.sd_l;
@@ -459,15 +524,38 @@ static FiltSeg filt_prepare(const FwdArgs& A, int64_t row0, int64_t s0, int64_t 
   return g;
 }
 
+// The same segment of a PREPARED corpus (rk.prepare_corpus: packed, screen rows and per-document norm bounds computed
+// once): nothing is converted or read here. fp32 rows with unit stride are rescored in place; other rows (fp16: the
+// exact index's storage) are converted one candidate row at a time (filt_segment), 2 * D bytes each, instead of the
+// whole segment on every call. The document's bound holds for each of its segments.
+static FiltSeg filt_prepared(const FwdArgs& A, int64_t b, int64_t row0, int64_t s0, int64_t n) {
+  FiltSeg g{s0, n, nullptr, 0, A.dnorm[b], A.d16 + (A.offsets[b] + s0) * A.Dq, row0 + s0 * A.sd_l};
+  if (A.dtype == kFloat32 && A.sd_d == 1) {
+    g.r32 = static_cast<const float*>(A.d) + g.row_s0;
+    g.ld32 = A.sd_l;
+  }
+  return g;
+}
+
 // Query a against one prepared segment, folding into the exact running (mx, idx) of its tokens (earlier segments
 // hold lower j). mt / jt: pass 1's per-segment (M~, j~).
-static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const uint16_t* t16, float* S,
-                         const uint8_t* jmask, float* mx, int32_t* idx, float* mt, int32_t* jt, float* m2,
-                         float* pm, int32_t* pi, const Span* next, int64_t nblk_doc) {
+// t32: the per-thread fp32 row buffer [Lseg][D] (one candidate row, or the whole segment for the fallback, when the
+// segment has no fp32 rows of its own: g.r32 == nullptr).
+static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, float* S, const uint8_t* jmask, float* mx,
+                         int32_t* idx, float* mt, int32_t* jt, float* m2, float* pm, int32_t* pi, const Span* next,
+                         int64_t nblk_doc, float* t32) {
   // Locals, not loads through A / g: the stores to mx / idx below could alias them as far as the compiler knows.
-  const int64_t Lqp = A.Lqp, D = A.D, s0 = g.s0, n = g.n, ld32 = g.ld32, Dq = A.Dq;
-  const float* const r32 = g.r32;
+  const int64_t Lqp = A.Lqp, D = A.D, s0 = g.s0, n = g.n, Dq = A.Dq;
+  const float* r32 = g.r32;
+  int64_t ld32 = g.ld32;
+  const uint16_t* const t16 = g.t16;
   const float nmax = g.nmax;
+  // Row r of the segment in fp32: in place, or converted into t32 (valid until the next call).
+  auto row32 = [&](int64_t r) -> const float* {
+    if (r32 != nullptr) return r32 + r * ld32;
+    row_to_f32(elem_ptr(A.d, A.dtype, g.row_s0 + r * A.sd_l), A.dtype, A.sd_d, D, t32);
+    return t32;
+  };
   constexpr int NJ = NJ_MAX;
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < Lqp; ++i) {
@@ -477,12 +565,15 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
   }
   const uint32_t* qp = static_cast<const uint32_t*>(A.qpack) + a * A.qpack_stride;
   const float* btab = A.bias != nullptr ? A.bias_tab + a * A.bias_stride + (A.Lmax - 1) : nullptr;
-  // Pass 1: s~ (+ bias) for every (i, j) into S [n][Lqp], and (M~_i, j~_i). FLOPs 2 * Lqp * n * Dp at the bf16 rate.
+  // Packed lanes (fwd_pack_query): lane i < nv holds the valid token qi[i]; only the first Lqa lanes are scored.
+  const int32_t* qi = A.qidx + a * Lqp;
+  const int64_t nv = A.n_valid[a], Lqa = (nv + W - 1) / W * W;
+  // Pass 1: s~ (+ bias) for every (i, j) into S [n][Lqp], and (M~_i, j~_i). FLOPs 2 * Lqa * n * Dp at the bf16 rate.
   for (int64_t r0 = 0; r0 < n; r0 += NJ) {
     const int nj = static_cast<int>(n - r0 < NJ ? n - r0 : NJ);
     const int64_t j0 = s0 + r0;
     const PfSlice pf = next != nullptr ? prefetch_slice(*next, j0 / NJ, nblk_doc, A.Dp / 2) : PfSlice{nullptr, 0};
-    jblock_bf16_all<true>(A, nj, qp, t16 + r0 * Dq, Dq, btab, jmask != nullptr ? jmask + j0 : nullptr,
+    jblock_bf16_all<true>(A, Lqa, nj, qp, t16 + r0 * Dq, Dq, btab, qi, jmask != nullptr ? jmask + j0 : nullptr,
                           static_cast<int32_t>(j0), mt, jt, S, r0, m2, pf.p, pf.n);
   }
   // Pass 2, per query token i: E = the exact fp32 score of pass 1's winner j~, folded into the running best B_i; the
@@ -490,22 +581,19 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
   // fp32), in ascending j, keeping the larger value and, on equal values, the lower j. NaN never wins (as in a scan).
   // Near-ties everywhere (e.g. repeated tokens) can make most j candidates: past a budget of rescorings the segment
   // falls back to the plain fp32 tile (from the saved running best), so the worst case costs about one extra pass.
-  const uint8_t* qm = A.q_mask + a * A.Lq;
   const float* qn = A.qnorm + a * Lqp;
   const float* q32 = A.q32 + a * A.Lq * D;
   std::memcpy(pm, mx, sizeof(float) * Lqp);
   std::memcpy(pi, idx, sizeof(int32_t) * Lqp);
-  int64_t budget = 4 * A.Lq + 64;
-  for (int64_t i0 = 0; i0 < Lqp && budget >= 0; i0 += W) {
-    __mmask16 live = 0;
-    for (int l = 0; l < W && i0 + l < A.Lq; ++l) live |= qm[i0 + l] ? static_cast<__mmask16>(1u << l) : 0;
-    if (!live) continue;
+  int64_t budget = 4 * nv + 64;
+  for (int64_t i0 = 0; i0 < Lqa && budget >= 0; i0 += W) {
+    const __mmask16 live = tail_mask16(nv - i0);  // the packed lanes of valid tokens
     for (__mmask16 c = live; c; c &= static_cast<__mmask16>(c - 1)) {
       const int64_t i = i0 + __builtin_ctz(c);
       const int32_t j = jt[i];
       if (j < 0) continue;  // no valid j, or every s~ NaN: B stays, and if it is -inf every valid j is rescored
-      float e = dot_f32(q32 + i * D, r32 + (j - s0) * ld32, D);
-      if (btab != nullptr) e += btab[i - j];
+      float e = dot_f32(q32 + i * D, row32(j - s0), D);
+      if (btab != nullptr) e += btab[qi[i] - j];
       if (e > mx[i] || (e == mx[i] && j < idx[i])) {
         mx[i] = e;
         idx[i] = j;
@@ -533,8 +621,8 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
         c &= static_cast<__mmask16>(c - 1);
         if (jt[i] == j) continue;  // pass 1's winner: already folded in
         if (--budget < 0) return;
-        float e = dot_f32(q32 + i * D, r32 + r * ld32, D);
-        if (btab != nullptr) e += btab[i - j];
+        float e = dot_f32(q32 + i * D, row32(r), D);
+        if (btab != nullptr) e += btab[qi[i] - j];
         if (e > mx[i] || (e == mx[i] && j < idx[i])) {
           mx[i] = e;
           idx[i] = static_cast<int32_t>(j);
@@ -566,22 +654,19 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, const ui
   // Fallback: the plain fp32 tile over the segment, from the running best before it (ascending j, strict >).
   std::memcpy(mx, pm, sizeof(float) * Lqp);
   std::memcpy(idx, pi, sizeof(int32_t) * Lqp);
+  if (r32 == nullptr) {  // a prepared segment without fp32 rows: convert it now (the rare worst case only)
+    for (int64_t r = 0; r < n; ++r)
+      row_to_f32(elem_ptr(A.d, A.dtype, g.row_s0 + r * A.sd_l), A.dtype, A.sd_d, D, t32 + r * D);
+    r32 = t32;
+    ld32 = D;
+  }
   const float* qT = A.qT32 + a * D * Lqp;
   for (int64_t r0 = 0; r0 < n; r0 += NJ) {
     const int nj = static_cast<int>(n - r0 < NJ ? n - r0 : NJ);
     const int32_t j0 = static_cast<int32_t>(s0 + r0);
     const float* dr = r32 + r0 * ld32;
     const uint8_t* jm = jmask != nullptr ? jmask + j0 : nullptr;
-    for (int64_t i0 = 0; i0 < Lqp; i0 += 2 * W) {
-      const float* bp = btab != nullptr ? btab + i0 - j0 : nullptr;
-      if (i0 + 2 * W <= Lqp) {
-        if (bp) jblock_f32_dispatch<2, true, REATT_NJ_LIST>(nj, qT + i0, Lqp, dr, ld32, D, bp, jm, j0, mx + i0, idx + i0, nullptr, 0);
-        else jblock_f32_dispatch<2, false, REATT_NJ_LIST>(nj, qT + i0, Lqp, dr, ld32, D, bp, jm, j0, mx + i0, idx + i0, nullptr, 0);
-      } else {
-        if (bp) jblock_f32_dispatch<1, true, REATT_NJ_LIST>(nj, qT + i0, Lqp, dr, ld32, D, bp, jm, j0, mx + i0, idx + i0, nullptr, 0);
-        else jblock_f32_dispatch<1, false, REATT_NJ_LIST>(nj, qT + i0, Lqp, dr, ld32, D, bp, jm, j0, mx + i0, idx + i0, nullptr, 0);
-      }
-    }
+    jblock_f32_all(nj, qT, Lqp, Lqa, dr, ld32, D, btab, qi, jm, j0, mx, idx, nullptr, 0);
   }
 }
 static void fwd_doc_filtered(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1, int64_t len, int64_t row0,
@@ -598,21 +683,33 @@ static void fwd_doc_filtered(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1
   const int64_t t32n = (Lseg * A.D + 15) / 16 * 16;  // whole lines: t16 and S start 64-byte aligned
   uint16_t* t16 = reinterpret_cast<uint16_t*>(t32 + t32n);
   float* S = t32 + t32n + Lseg * A.Dq / 2;
-  const Span next = doc_span(A, b + 1);
+  const bool prepared = A.d16 != nullptr;
+  // The next document's bytes to prefetch: its screen rows when the corpus is prepared (the rows pass 1 streams).
+  Span next = doc_span(A, b + 1);
+  if (prepared) {
+    next = b + 1 < A.Nd ? Span{reinterpret_cast<const char*>(A.d16 + A.offsets[b + 1] * A.Dq),
+                               std::min<int64_t>((A.offsets[b + 2] - A.offsets[b + 1]) * A.Dq * 2, int64_t(1) << 18)}
+                        : Span{nullptr, 0};
+    if (next.bytes <= 0) next = Span{nullptr, 0};
+  }
   const int64_t nblk = (len + NJ_MAX - 1) / NJ_MAX;
   const bool one = len <= Lseg;
   // A document that fits one segment is prepared once for all its queries; a longer one is prepared segment by
-  // segment for each query (scratch stays bounded by Lseg whatever the document length).
+  // segment for each query (scratch stays bounded by Lseg whatever the document length). A prepared corpus costs
+  // nothing here.
   FiltSeg g1{};
-  if (one) g1 = filt_prepare(A, row0, 0, len, jmask, t32, t16);
+  if (one) g1 = prepared ? filt_prepared(A, b, row0, 0, len) : filt_prepare(A, row0, 0, len, jmask, t32, t16);
   for (int64_t a = a0; a < a1; ++a) {
     for (int64_t i = 0; i < Lqp; ++i) {
       mx[i] = -INFINITY;
       idx[i] = -1;
     }
-    for (int64_t s0 = 0; s0 < len; s0 += Lseg) {
-      const FiltSeg g = one ? g1 : filt_prepare(A, row0, s0, std::min(Lseg, len - s0), jmask, t32, t16);
-      filt_segment(A, a, g, t16, S, jmask, mx, idx, mt, jt, m2, pm, pi, a == a0 ? &next : nullptr, nblk);
+    for (int64_t s0 = 0; s0 < len && A.n_valid[a] > 0; s0 += Lseg) {  // an all-masked query scans nothing
+      const int64_t n = std::min(Lseg, len - s0);
+      const FiltSeg g = one        ? g1
+                        : prepared ? filt_prepared(A, b, row0, s0, n)
+                                   : filt_prepare(A, row0, s0, n, jmask, t32, t16);
+      filt_segment(A, a, g, S, jmask, mx, idx, mt, jt, m2, pm, pi, a == a0 ? &next : nullptr, nblk, t32);
     }
     fwd_epilogue(A, a, b, mx, idx);
   }
@@ -686,7 +783,10 @@ static void fwd_doc(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1, float* 
       idx[i] = -1;
     }
     const float* btab = A.bias != nullptr ? A.bias_tab + a * A.bias_stride + (A.Lmax - 1) : nullptr;
-    for (int64_t s0 = 0; s0 < len; s0 += seg) {
+    // Only the packed lanes of valid tokens are scored: ceil(n_a / W) vectors (none for an all-masked query).
+    const int32_t* qi = A.qidx + a * Lqp;
+    const int64_t Lqa = (A.n_valid[a] + W - 1) / W * W;
+    for (int64_t s0 = 0; s0 < len && Lqa > 0; s0 += seg) {
       const int64_t n = std::min(seg, len - s0);
       int64_t ld_rows = ld1;
       const char* rows = one ? rows1 : rows_at(s0, n, ld_rows);
@@ -702,26 +802,13 @@ static void fwd_doc(const FwdArgs& A, int64_t b, int64_t a0, int64_t a1, float* 
         const uint8_t* jm = jmask != nullptr ? jmask + j0 : nullptr;
 #if REATT_BF16DP
         if (A.bf16dp) {
-          jblock_bf16_all<false>(A, nj, static_cast<const uint32_t*>(A.qpack) + a * A.qpack_stride, dr, ld_rows,
-                                 btab, jm, static_cast<int32_t>(j0), mx, idx, nullptr, 0, nullptr, pf.p, pf.n);
+          jblock_bf16_all<false>(A, Lqa, nj, static_cast<const uint32_t*>(A.qpack) + a * A.qpack_stride, dr, ld_rows,
+                                 btab, qi, jm, static_cast<int32_t>(j0), mx, idx, nullptr, 0, nullptr, pf.p, pf.n);
           continue;
         }
 #endif
-        const float* qp = static_cast<const float*>(A.qpack) + a * A.qpack_stride;
-        for (int64_t i0 = 0; i0 < Lqp; i0 += 2 * W) {
-          const float* bp = btab != nullptr ? btab + i0 - j0 : nullptr;
-          const float* q0 = qp + i0;
-          const int32_t jj = static_cast<int32_t>(j0);
-          const char* pp = i0 == 0 ? pf.p : nullptr;
-          const int64_t pn = i0 == 0 ? pf.n : 0;
-          if (i0 + 2 * W <= Lqp) {
-            if (bp) jblock_f32_dispatch<2, true, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, A.D, bp, jm, jj, mx + i0, idx + i0, pp, pn);
-            else jblock_f32_dispatch<2, false, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, A.D, bp, jm, jj, mx + i0, idx + i0, pp, pn);
-          } else {
-            if (bp) jblock_f32_dispatch<1, true, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, A.D, bp, jm, jj, mx + i0, idx + i0, pp, pn);
-            else jblock_f32_dispatch<1, false, REATT_NJ_LIST>(nj, q0, Lqp, dr, ld_rows, A.D, bp, jm, jj, mx + i0, idx + i0, pp, pn);
-          }
-        }
+        jblock_f32_all(nj, static_cast<const float*>(A.qpack) + a * A.qpack_stride, Lqp, Lqa, dr, ld_rows, A.D, btab,
+                       qi, jm, static_cast<int32_t>(j0), mx, idx, pf.p, pf.n);
       }
     }
     fwd_epilogue(A, a, b, mx, idx);
@@ -744,16 +831,17 @@ static inline void store_row(const float* __restrict src, int64_t D, int dtype, 
 }
 
 // ---- backward ----------------------------------------------------------------------------------------------------------
-// dq rows [r0, r1) of the flattened (a, i): dq[a, i] = sum_c w[a, c] * d[doc(a, c), argmax[a, c, i]], each row
-// summed in c order (deterministic, and the same for every thread count and chunking). acc: [(r1 - r0) * D] fp32;
-// tmp: [D].
+// dq of the packed valid rows [r0, r1) (row p is (a, i) with vrows[p] = a * Lq + i; masked rows are zeroed by the
+// driver and never visited): dq[a, i] = sum_c w[a, c] * d[doc(a, c), argmax[a, c, i]], each row summed in c order
+// (deterministic, and the same for every thread count and chunking). acc: [(r1 - r0) * D] fp32; tmp: [D].
 // Columns outer, rows inner: with all pairs every query reads the same document c at the same time, so document c's
 // rows are pulled into cache once per chunk and reused by every (a, i) of it, and argmax[a, c, i0:i1] is one
 // contiguous run. (Rows outer gathered one row per (row, c) from the whole document set: a cache miss each, 80 % of
 // dq's time in the training benchmark.) The rows of column c + kAhead are prefetched while column c is summed.
 // Bytes: one D-row gather per (c, row) with a valid argmax (mostly cache hits), plus the argmax block; FLOPs: 2 * D
 // each.
-static int64_t bwd_dq_rows(const BwdArgs& B, const float* w, int64_t r0, int64_t r1, float* acc, float* tmp) {
+static int64_t bwd_dq_rows(const BwdArgs& B, const float* w, const int64_t* vrows, int64_t r0, int64_t r1, float* acc,
+                           float* tmp) {
   int64_t bad = 0;
   const int64_t D = B.D, n = r1 - r0;
   for (int64_t t = 0; t < n * D; ++t) acc[t] = 0.f;
@@ -775,7 +863,7 @@ static int64_t bwd_dq_rows(const BwdArgs& B, const float* w, int64_t r0, int64_t
   auto prefetch_col = [&](int64_t c) {
     int64_t a_cur = -1, len = 0, base = 0;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t a = r / B.Lq, i = r % B.Lq;
+      const int64_t a = vrows[r] / B.Lq, i = vrows[r] % B.Lq;
       if (a != a_cur) {
         doc_rows(a, c, len, base);
         a_cur = a;
@@ -791,19 +879,17 @@ static int64_t bwd_dq_rows(const BwdArgs& B, const float* w, int64_t r0, int64_t
     if (c + kAhead < B.C) prefetch_col(c + kAhead);
     int64_t a_cur = -1, len = 0, base = 0;
     const int32_t* am = nullptr;
-    const uint8_t* qm = nullptr;
     float wv = 0.f;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t a = r / B.Lq, i = r % B.Lq;
+      const int64_t a = vrows[r] / B.Lq, i = vrows[r] % B.Lq;
       if (a != a_cur) {
         doc_rows(a, c, len, base);
         am = B.argmax + (a * B.C + c) * B.Lq;
-        qm = B.q_mask + a * B.Lq;
         wv = w[a * B.C + c];
         a_cur = a;
       }
       const int32_t j = am[i];
-      if (j < 0 || !qm[i]) continue;
+      if (j < 0) continue;
       if (j >= len) {
         ++bad;
         continue;
@@ -823,16 +909,17 @@ static int64_t bwd_dq_rows(const BwdArgs& B, const float* w, int64_t r0, int64_t
     }
   }
   for (int64_t r = r0; r < r1; ++r) {
-    char* out = static_cast<char*>(B.dq) + r * D * esz;
+    char* out = static_cast<char*>(B.dq) + vrows[r] * D * esz;
     store_row(acc + (r - r0) * D, D, B.dtype, out);
   }
   return bad;
 }
 
 // dd rows of documents [b0, b1) and their dbias contributions (into `part`, one fixed block's partial sum).
-// Each document's rows are owned by one caller, accumulated over (a, i) in order: deterministic.
-static int64_t bwd_dd_docs(const BwdArgs& B, const float* w, const int32_t* n_valid, const float* q32, int64_t b0,
-                           int64_t b1, float* part, float* tile) {
+// Each document's rows are owned by one caller, accumulated over the valid (a, i) in order: deterministic. Only the
+// packed valid rows of each query are visited (query a's: vrows[vstart[a] .. vstart[a + 1]), fp32 rows q32[p]).
+static int64_t bwd_dd_docs(const BwdArgs& B, const float* w, const int32_t* n_valid, const int64_t* vstart,
+                           const int64_t* vrows, const float* q32, int64_t b0, int64_t b1, float* part, float* tile) {
   int64_t bad = 0;
   const size_t esz = B.dtype == kFloat32 ? 4 : 2;
   for (int64_t b = b0; b < b1; ++b) {
@@ -850,7 +937,8 @@ static int64_t bwd_dd_docs(const BwdArgs& B, const float* w, const int32_t* n_va
       a1 = a0 + 1;
     }
     // Rows [s0, s0 + n) at a time (fp32 staging of at most Lseg rows, whatever the document length); each (a, i)
-    // lands in exactly one segment. Bytes per document: Bq * Lq * 4 argmax reads per segment, len * D * esz written.
+    // lands in exactly one segment. Bytes per document: 4 argmax bytes per valid query row per segment, len * D * esz
+    // written.
     const int64_t seg = len <= B.Lseg ? (len > 0 ? len : 1) : B.Lseg;
     for (int64_t s0 = 0; s0 < len || (s0 == 0 && len == 0); s0 += seg) {
       const int64_t n = std::min(seg, len - s0);
@@ -859,7 +947,8 @@ static int64_t bwd_dd_docs(const BwdArgs& B, const float* w, const int32_t* n_va
         const int64_t c = B.group_size ? b - a * B.group_size : b;
         const float wv = w[a * B.C + c];
         const int32_t* am = B.argmax + (a * B.C + c) * B.Lq;
-        for (int64_t i = 0; i < B.Lq; ++i) {
+        for (int64_t p = vstart[a]; p < vstart[a + 1]; ++p) {
+          const int64_t i = vrows[p] - a * B.Lq;  // the original token index (the bias distance needs it)
           const int32_t j = am[i];
           if (j < 0) continue;
           if (j >= len) {
@@ -867,7 +956,7 @@ static int64_t bwd_dd_docs(const BwdArgs& B, const float* w, const int32_t* n_va
             continue;
           }
           if (j < s0 || j >= s0 + n) continue;
-          const float* qi = q32 + (a * B.Lq + i) * B.D;
+          const float* qi = q32 + p * B.D;
           float* dst = tile + (j - s0) * B.D;
           for (int64_t k = 0; k < B.D; ++k) dst[k] += wv * qi[k];
           if (B.R > 0) {

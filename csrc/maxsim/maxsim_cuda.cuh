@@ -32,6 +32,14 @@
 // Rows beyond 128 per query (Lq > 128) loop over row chunks inside the CTA, accumulating the score in place (the same
 // thread owns the same output element in every chunk, so the order is fixed).
 //
+// Masked query tokens cost nothing: a CTA packs the VALID (query, token) rows of its queries, in order, into the first
+// rows of its row block (sRowX / sRowI keep each packed row's query and original token, for the bias distance
+// n_a + j - i and for where argmax goes), so only ceil(valid rows / 32) warps compute (a warp, or the second m16 tile
+// of a warp, past the last valid row skips its mma and folds), only ceil(valid rows / RB) row chunks are streamed
+// (a 200-token query with 100 valid tokens: one chunk, not two), and a CTA whose queries have no valid token writes
+// its 0 scores and -1 argmax without reading a document. Masked rows get argmax -1 from a plain store loop. The grid
+// and the tiling still come from the padded shape (the plan never reads the mask, so it needs no device sync).
+//
 // ---- backward --------------------------------------------------------------------------------------------------------
 //   dq[a,i]      = sum_c w[a,c] d[doc(a,c), argmax[a,c,i]]            warp per row, gather; split over c, fixed order
 //   dd[b,j]     += w[a,c] q[a,i]  for every (a,i) whose argmax is j    fp32 atomics, or per-document CTAs that walk
@@ -39,6 +47,8 @@
 //                                                                     reproducible)
 //   dbias[r]    += w[a,c]         r = clamp(n_a + j - i, 0, R-1)       per-warp histograms, then a fixed-order sum
 // with w[a,c] = grad[a,c] (/ n_a for mean). Bytes: dq reads Bq*C*Lq*dim*esize of d (the winners), dd reads as much of q.
+// Masked query rows: the dq warp of a masked row writes its zero row and exits before reading any of its C argmax
+// entries; the dd and dbias kernels treat a masked row's entries as -1 (no winner) whatever the argmax holds.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -86,6 +96,7 @@ struct BwdParams {
   const void* d;            // padded [Nd, Ld, D] (sdb, sdj, 1) or packed [T, D] (sdj, 1)
   const int64_t* offsets;   // packed only
   const int32_t* argmax;    // [Bq, C, Lq] contiguous
+  const uint8_t* q_mask;    // bool [Bq, Lq], strides (sqmb, sqmi): a masked row's argmax entries are never read
   const int32_t* nq;        // [Bq] valid query tokens
   void* dq;                 // [Bq, Lq, D] contiguous, q's dtype
   float* dq_ws;             // [n_split, Bq*Lq, D] fp32 when n_split > 1
@@ -94,7 +105,7 @@ struct BwdParams {
   float* dbias;             // [R]
   float* dbias_ws;          // [n_part, R] zero-filled
   int64_t Bq, Lq, D, C, Ld, R, group_size;
-  int64_t sgb, sgc, sqb, sqi, sdb, sdj;
+  int64_t sgb, sgc, sqb, sqi, sdb, sdj, sqmb, sqmi;
   int64_t n_split, n_part, jt;
   int mean;
 };
@@ -129,7 +140,7 @@ inline size_t fwd_smem(int esize, int lds, int WR, int DS, int bias_floats) {
   size_t bytes = static_cast<size_t>(esize) * lds * (rows + 2 * BN * DS);
   bytes += ((2 * BN * DS + 15) / 16) * 16;  // masks
   bytes += 4 * DS * rows;                   // row maxima
-  bytes += 4 * rows;                        // n_a per query (QPB <= rows)
+  bytes += 4 * (4 * rows + 1);              // n_a and first packed row per query (QPB <= rows); query, token per row
   bytes += 4 * static_cast<size_t>(bias_floats);
   return bytes;
 }

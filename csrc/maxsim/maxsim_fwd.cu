@@ -137,8 +137,9 @@ __device__ __forceinline__ void load_chunk(const FwdParams& p, const SlotState& 
 
 // Scores of this warp's 32 rows against 16 tokens (n8 tiles 2*np, 2*np+1) of the slot's chunk, in the m16n8k16
 // accumulator layout: acc[mt][nt][e] is row mt*16 + g + 8*(e/2), column nt*8 + 2*t + (e%2) (g = lane/4, t = lane%4).
+// nmt (1 or 2, warp-uniform): m16 tiles holding a valid row; the second one's mma is skipped past the last valid row.
 template <typename T, int KT>
-__device__ __forceinline__ void score_tile(const FwdParams& p, const T* sQw, const T* tile, int np, int lane,
+__device__ __forceinline__ void score_tile(const FwdParams& p, const T* sQw, const T* tile, int np, int lane, int nmt,
                                            const uint32_t (&areg)[2][KT > 0 ? KT : 1][4], float (&acc)[2][2][4]) {
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
@@ -170,6 +171,7 @@ __device__ __forceinline__ void score_tile(const FwdParams& p, const T* sQw, con
           for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
+              if (mt >= nmt) continue;
               float& c = acc[mt][nt][2 * h + e];
               c = fmaf(qa[mt][h].x, db[nt][e].x, c);
               c = fmaf(qa[mt][h].y, db[nt][e].y, c);
@@ -188,6 +190,7 @@ __device__ __forceinline__ void score_tile(const FwdParams& p, const T* sQw, con
       ldmatrix_x4(b, brow + kt * 16);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
+        if (mt >= nmt) continue;
         uint32_t a[4];
         if constexpr (KT > 0) {
 #pragma unroll
@@ -214,7 +217,10 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
   uint8_t* sM = reinterpret_cast<uint8_t*>(sD + 2 * DS * BN * lds);  // [2][DS*BN]
   float* sRow = reinterpret_cast<float*>(sM + ((2 * DS * BN + 15) / 16) * 16);  // [DS][RB] row maxima
   int* sNa = reinterpret_cast<int*>(sRow + DS * RB);  // [QPB] valid query tokens
-  float* sBias = reinterpret_cast<float*>(sNa + RB);   // [bias_smem] pos_bias: one LDS per score element
+  int* sStart = sNa + RB;                              // [QPB + 1] first packed row of each query (block-relative)
+  int* sRowX = sStart + RB + 1;                        // [RB] packed row of this chunk -> query (a - a0)
+  int* sRowI = sRowX + RB;                             // [RB] packed row of this chunk -> original token index
+  float* sBias = reinterpret_cast<float*>(sRowI + RB);  // [bias_smem] pos_bias: one LDS per score element
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int slot = warp / WR, wr = warp - slot * WR;
@@ -227,11 +233,34 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
   const int64_t doc_base = p.group_size ? a0 * p.group_size : 0;  // grouped: query a0 owns docs a0*n .. a0*n+n-1
   const T* q = static_cast<const T*>(p.q);
 
-  for (int x = tid; x < a1 - a0; x += blockDim.x) {
+  const int nqb = static_cast<int>(a1 - a0);
+  for (int x = tid; x < nqb; x += blockDim.x) {
     int n = 0;
     for (int64_t i = 0; i < Lq; ++i) n += p.q_mask[(a0 + x) * p.sqmb + i * p.sqmi] != 0;
     sNa[x] = n;
   }
+  __syncthreads();
+  if (tid == 0) {  // QPB <= 128 queries: a serial prefix sum, once per CTA
+    int s = 0;
+    for (int x = 0; x < nqb; ++x) {
+      sStart[x] = s;
+      s += sNa[x];
+    }
+    sStart[nqb] = s;
+  }
+  __syncthreads();
+  const int n_rows = sStart[nqb];  // valid (query, token) rows of the block
+  if (n_rows == 0) {
+    // No valid token in any query of the block: every score is a sum over no terms (0), every argmax -1. No document
+    // is read.
+    for (int64_t u = tid; u < (col_end - col_begin) * nqb; u += blockDim.x) {
+      const int64_t c = col_begin + u / nqb, a = a0 + u % nqb;
+      p.scores[a * C + c] = 0.f;
+      for (int64_t i = 0; i < Lq; ++i) p.argmax[(a * C + c) * Lq + i] = -1;
+    }
+    return;
+  }
+  const int n_rc = (n_rows + RB - 1) / RB;  // row chunks holding valid rows (<= p.n_rc)
   for (int x = tid; x < p.bias_smem; x += blockDim.x) sBias[x] = p.pos_bias[x];
   // The k padding [D, Dpad) of the two stage buffers is never written by the loads: zero it once.
   if (p.Dpad != p.D) {
@@ -242,23 +271,38 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
     }
   }
 
-  for (int rc = 0; rc < p.n_rc; ++rc) {
-    const int64_t F0 = a0 * Lq + static_cast<int64_t>(rc) * RB;  // first flattened (a*Lq + i) row of this chunk
-    const int rows_blk = static_cast<int>(min64(RB, a1 * Lq - F0));
-    __syncthreads();  // the previous row chunk is done with sQ, sRow and the stage buffers
-    // Query rows -> sQ (zero rows past the block and the k padding, so the mma sees zeros there).
+  for (int rc = 0; rc < n_rc; ++rc) {
+    const int R0 = rc * RB;  // first packed row of this chunk
+    const int rows_blk = min(RB, n_rows - R0);
+    __syncthreads();  // the previous row chunk is done with sQ, sRow, sRowX / sRowI and the stage buffers
+    // Packed rows [R0, R0 + rows_blk) -> (query, original token): thread x walks query x's mask in token order, its
+    // k-th valid token being packed row sStart[x] + k. O(Lq) per query, once per chunk.
+    for (int x = tid; x < nqb; x += blockDim.x) {
+      int k = sStart[x];
+      for (int64_t i = 0; i < Lq && k < R0 + rows_blk; ++i) {
+        if (p.q_mask[(a0 + x) * p.sqmb + i * p.sqmi] == 0) continue;
+        if (k >= R0) {
+          sRowX[k - R0] = x;
+          sRowI[k - R0] = static_cast<int>(i);
+        }
+        ++k;
+      }
+    }
+    __syncthreads();
+    // Query rows -> sQ (zero rows past the valid ones and the k padding, so the mma sees zeros there).
     for (int u = tid; u < RB * p.Dpad; u += blockDim.x) {
       const int r = u / p.Dpad, k = u - r * p.Dpad;
       float v = 0.f;
       if (r < rows_blk && k < p.D) {
-        const int64_t F = F0 + r, a = F / Lq, i = F - a * Lq;
+        const int64_t a = a0 + sRowX[r], i = sRowI[r];
         v = to_f<T>(q[a * p.sqb + i * p.sqi + k]);
       }
       sQ[r * lds + k] = from_f<T>(v);
     }
     __syncthreads();
 
-    // This thread's rows (mt, h): r = wr*32 + mt*16 + h*8 + g; validity and the bias offset n_a - i.
+    // This thread's rows (mt, h): r = wr*32 + mt*16 + h*8 + g; validity (every packed row below rows_blk is a valid
+    // token) and the bias offset n_a - i with the token's ORIGINAL index i.
     bool rvalid[2][2];
     int bbase[2][2];
 #pragma unroll
@@ -266,14 +310,11 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = wr * WARP_M + mt * 16 + h * 8 + g;
-        rvalid[mt][h] = false;
-        bbase[mt][h] = 0;
-        if (r < rows_blk) {
-          const int64_t F = F0 + r, a = F / Lq, i = F - a * Lq;
-          rvalid[mt][h] = p.q_mask[a * p.sqmb + i * p.sqmi] != 0;
-          bbase[mt][h] = sNa[a - a0] - static_cast<int>(i);
-        }
+        rvalid[mt][h] = r < rows_blk;
+        bbase[mt][h] = rvalid[mt][h] ? sNa[sRowX[r]] - sRowI[r] : 0;
       }
+    // m16 tiles of this warp that hold a valid row (warp-uniform): 0 -> the warp only loads and synchronises.
+    const int nmt = min(2, max(0, (rows_blk - wr * WARP_M + 15) / 16));
     const T* sQw = sQ + wr * WARP_M * lds;
     uint32_t areg[2][KT > 0 ? KT : 1][4];
     if constexpr (KT > 0) {
@@ -314,14 +355,14 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
       cp_async_wait_1();  // this thread's copies of chunk `buf` have landed ...
       __syncthreads();    // ... and everyone else's
       const bool doc_end = cp_active && cp.chunk == cp.nchunks - 1;
-      if (cp_active) {
+      if (cp_active && nmt > 0) {
         const T* tile = tile_of(buf);
         const uint8_t* tmask = mask_of(buf);
         const int j0 = cp.chunk * BN;
 #pragma unroll
         for (int np = 0; np < BN / 16; ++np) {
           float acc[2][2][4];
-          score_tile<T, KT>(p, sQw, tile, np, lane, areg, acc);
+          score_tile<T, KT>(p, sQw, tile, np, lane, nmt, areg, acc);
           // Fold 16 columns into the running max: columns ascend within a thread, so a strict > keeps the lowest j.
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt)
@@ -360,10 +401,10 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
                 merge_max(best[mt][h], arg[mt][h], ob, oa);
               }
               const int r = wr * WARP_M + mt * 16 + h * 8 + g;
-              if (t == 0 && r < rows_blk) {
-                const int64_t F = F0 + r, a = F / Lq, i = F - a * Lq;
-                p.argmax[(a * C + cp.col) * Lq + i] = rvalid[mt][h] ? arg[mt][h] : -1;
-                sRow[slot * RB + r] = rvalid[mt][h] ? best[mt][h] : 0.f;
+              if (t == 0 && rvalid[mt][h]) {
+                const int64_t a = a0 + sRowX[r], i = sRowI[r];
+                p.argmax[(a * C + cp.col) * Lq + i] = arg[mt][h];
+                sRow[slot * RB + r] = best[mt][h];
               }
               best[mt][h] = -INFINITY;
               arg[mt][h] = -1;
@@ -371,17 +412,25 @@ __global__ void __launch_bounds__(128) maxsim_fwd_kernel(const FwdParams p) {
         }
       }
       __syncthreads();  // sRow is complete; buffer `buf` may be refilled by the next iteration
-      if (doc_end && lt < a1 - a0 && (p.n_rc == 1 || lt == 0)) {
-        // Sum the row maxima of query a = a0 + lt in row order (fixed order: reproducible).
+      if (doc_end && lt < nqb && (n_rc == 1 || lt == 0)) {
+        // Sum the row maxima of query a = a0 + lt (its packed rows, in token order: a fixed order, reproducible; the
+        // masked rows the unpacked kernel added as 0 change nothing).
         const int64_t a = a0 + lt;
-        const int rb = static_cast<int>(max64(0, lt * Lq - static_cast<int64_t>(rc) * RB));
-        const int re = static_cast<int>(min64(rows_blk, (lt + 1) * Lq - static_cast<int64_t>(rc) * RB));
+        const int rb = max(0, sStart[lt] - R0);
+        const int re = min(rows_blk, sStart[lt + 1] - R0);
         float s = 0.f;
         for (int r = rb; r < re; ++r) s += sRow[slot * RB + r];
         float* out = p.scores + a * C + cp.col;
         if (rc > 0) s = *out + s;
-        if (rc == p.n_rc - 1 && p.mean) s = s / static_cast<float>(max(1, sNa[lt]));
+        if (rc == n_rc - 1 && p.mean) s = s / static_cast<float>(max(1, sNa[lt]));
         *out = s;
+      }
+      if (doc_end && rc == 0) {
+        // The masked tokens of the block's queries: argmax -1 (never computed, so never written above).
+        for (int64_t u = lt; u < nqb * Lq; u += slot_threads) {
+          const int64_t a = a0 + u / Lq, i = u % Lq;
+          if (p.q_mask[a * p.sqmb + i * p.sqmi] == 0) p.argmax[(a * C + cp.col) * Lq + i] = -1;
+        }
       }
       slot_advance(p, cp, col_end, doc_base, DS);
       cp_active = cp.col < col_end;

@@ -183,13 +183,15 @@ void maxsim_bwd_cuda(const MaxsimArgs& a) {
   REATT_CHECK(a.dq != 0, "maxsim_bwd_cuda: null dq");
   REATT_CHECK(a.R == 0 || (a.dbias != 0 && a.dbias_ws != 0), "maxsim_bwd_cuda: pos_bias gradient needs dbias, dbias_ws");
   if (a.Bq == 0 || a.Lq == 0 || a.n_cols() == 0) return;
-  REATT_CHECK(a.grad != 0 && a.argmax != 0 && a.nq != 0, "maxsim_bwd_cuda: grad, argmax and nq are required");
+  REATT_CHECK(a.grad != 0 && a.argmax != 0 && a.nq != 0 && a.q_mask != 0,
+              "maxsim_bwd_cuda: grad, argmax, q_mask and nq are required");
   BwdParams p{};
   p.grad = reinterpret_cast<const float*>(a.grad);
   p.q = reinterpret_cast<const void*>(a.q);
   p.d = reinterpret_cast<const void*>(a.d);
   p.offsets = reinterpret_cast<const int64_t*>(a.d_offsets);
   p.argmax = reinterpret_cast<const int32_t*>(a.argmax);
+  p.q_mask = reinterpret_cast<const uint8_t*>(a.q_mask);
   p.nq = reinterpret_cast<const int32_t*>(a.nq);
   p.dq = reinterpret_cast<void*>(a.dq);
   p.dq_ws = reinterpret_cast<float*>(a.dq_ws);
@@ -210,6 +212,8 @@ void maxsim_bwd_cuda(const MaxsimArgs& a) {
   p.sqi = a.sq_l;
   p.sdb = a.packed() ? 0 : a.sd_b;
   p.sdj = a.sd_l;
+  p.sqmb = a.sqm_b;
+  p.sqmi = a.sqm_l;
   p.n_split = pl.n_split;
   p.n_part = pl.n_part;
   p.jt = pl.jt;

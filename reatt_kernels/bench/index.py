@@ -397,7 +397,8 @@ def bench_vectors(label: str, tokens, offsets, q, q_mask, gold, args, sweep, pee
           f"{residual.calibration}", flush=True)
 
     # Exact search and every residual configuration, timed interleaved in rounds (time_interleaved). Exact search gets
-    # the padded queries and their mask, as users pass them: the kernel packs the valid tokens itself.
+    # the padded queries and their mask, as users pass them: the maxsim kernels pack each query's valid tokens, so it
+    # pays for those only (tests/kernels/test_maxsim_qmask.py: padded and sliced queries give bitwise the same scores).
     systems = {"exact": lambda x, m: exact.search(x, m, k=K, backend=backend)}
     for j, params in enumerate(sweep):
         systems[f"residual-{j}"] = (lambda p: lambda x, m: residual.search(x, m, k=K, backend=backend, **p))(params)

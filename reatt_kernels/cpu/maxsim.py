@@ -50,7 +50,7 @@ def _args(ext, q, d, q_mask, d_offsets, group_size, mean):
         group_size=group_size, mean=bool(mean), n_threads=torch.get_num_threads(), isa=isa.for_kernel("maxsim"), seg=_seg(), **layout)
 
 
-def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, screen=None):
     ext = _ext.ext()
     Bq, Lq, D = q.shape
     C = group_size if group_size else (d_offsets.shape[0] - 1 if d_offsets is not None else d.shape[0])
@@ -65,8 +65,34 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
               argmax=_ext.ptr(argmax))
     if d_mask is not None:
         _ext.fill(args, d_mask=_ext.ptr(d_mask), sdm_b=d_mask.shape[1], sdm_l=1)
+    if screen is not None:  # a prepared corpus: the fp32 filter reads its screen rows instead of converting d
+        d_screen, d_norm = screen
+        _ext.fill(args, d_screen=_ext.ptr(d_screen), screen_ld=d_screen.stride(0), d_norm=_ext.ptr(d_norm))
     ext.maxsim_fwd_cpu(args)
     return scores, argmax
+
+
+def _maxsim_prepare(d_tokens, d_offsets):
+    """(d_screen bf16 [T, Dq], d_norm fp32 [Nd]) of a packed corpus, Dq = dim rounded up to 32: the fp32 filter's
+    per-document preparation, done once (csrc/maxsim/maxsim_cpu.cpp: maxsim_prepare_cpu)."""
+    ext = _ext.ext()
+    T, D = d_tokens.shape
+    Dq = (D + 31) // 32 * 32
+    d_screen = torch.empty((T, Dq), dtype=torch.bfloat16)
+    d_norm = torch.empty((d_offsets.shape[0] - 1,), dtype=torch.float32)
+    args = _ext.fill(ext.MaxsimArgs(), dtype=_ext.dtype_code(d_tokens), D=D, d=_ext.ptr(d_tokens),
+                     Nd=d_offsets.shape[0] - 1, T=T, sd_l=d_tokens.stride(0), sd_d=d_tokens.stride(1),
+                     d_offsets=_ext.ptr(d_offsets), d_screen=_ext.ptr(d_screen), screen_ld=Dq,
+                     d_norm=_ext.ptr(d_norm), n_threads=torch.get_num_threads())
+    ext.maxsim_prepare_cpu(args)
+    return d_screen, d_norm
+
+
+def screen_useful(dtype) -> bool:
+    """Whether this CPU's maxsim kernel reads a prepared screen for ``dtype``: the fp32 filter (fp32 and fp16 inputs)
+    runs on the avx512_bf16 path only (REATT_CPU_ISA_CAP counts)."""
+    return (_ext.has("maxsim_prepare_cpu") and dtype in (torch.float32, torch.float16)
+            and isa.runnable("avx512_bf16"))
 
 
 def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
@@ -91,8 +117,8 @@ class CpuMaxsim(MaxsimLauncher):
     def not_supported_reasons(self, tensors, **facts):
         return _maxsim_not_supported_reasons(tensors, **facts)
 
-    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
-        return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, screen=None):
+        return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, screen)
 
     def backward(self, grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):
         return _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic)

@@ -135,7 +135,7 @@ class CudaMaxsim(MaxsimLauncher):
     def not_supported_reasons(self, tensors, **facts):
         return _maxsim_not_supported_reasons(tensors, ext=self.ext, **facts)
 
-    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, screen=None):
         return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, ext=self.ext)
 
     def backward(self, grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):

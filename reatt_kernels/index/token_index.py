@@ -2,7 +2,9 @@
 
 Search pipelines (``index.search(q, q_mask, k, **params) -> (scores [Bq, k], doc_ids [Bq, k])``):
 
-exact, ``method="full"`` (default): ``maxsim_packed`` of every query against every live document, then top-k.
+exact, ``method="full"`` (default): ``maxsim_packed`` of every query against every live document, then top-k. The
+    padded query goes to the kernel as it is: every maxsim backend packs a query's valid tokens itself (issue 29), so
+    masked query tokens cost no work and need no slicing here.
 exact, ``method="flat"`` (ReAtt's inference path): each query token's ``k_token`` nearest tokens by inner product
     (faiss flat inner-product index on CPU, chunked matmul + top-k on CUDA), their documents as candidates, then an
     exact ``maxsim_packed`` rerank of the candidates.
@@ -207,6 +209,7 @@ class TokenIndex:
         self.metadata: dict = {}
         self._flat = None  # lazily built token-level flat index (exact, method="flat")
         self._calib_truth = None  # ((q, q_mask, sources), exact scores [n, N]): build-time calibration truth
+        self._prepared = None  # (tokens, offsets, PreparedCorpus): the exact corpus prepared for full search
 
     def _code_dtype(self) -> torch.dtype:
         """uint16 centroid ids where they fit (C <= 65536) on a CPU index: 2 bytes per token instead of 4. GPU indexes
@@ -712,7 +715,7 @@ class TokenIndex:
             empty = torch.zeros((q.shape[0], 0), device=self.device)
             return merge_topk(empty, empty.long(), k)
         if allow is None:
-            s = maxsim_packed(q.to(self.tokens.dtype), self.tokens, self.offsets, q_mask, backend=backend).float()
+            s = maxsim_packed(q.to(self.tokens.dtype), self._prepared_corpus(), None, q_mask, backend=backend).float()
             s = s.masked_fill(self.deleted[None, :], float("-inf"))
             ids = self.doc_ids[None, :].expand_as(s)
         else:  # score only the documents some query may return
@@ -727,6 +730,18 @@ class TokenIndex:
         out = merge_topk(s, ids, k)
         timer.stop("topk")
         return out
+
+    def _prepared_corpus(self):
+        """The exact corpus prepared once for full search (ops/maxsim.py: prepare_corpus; on a CPU with AVX512_BF16
+        the cpu kernel's bf16 screen rows and per-document norm bounds, 2 bytes per dimension per token held in RAM
+        beside the fp16 tokens, so no search converts the corpus again). Built on first use; rebuilt when the tokens or
+        offsets are replaced (add, compact, load), which is checked by identity on every call."""
+        from ..ops.maxsim import prepare_corpus
+
+        p = self._prepared
+        if p is None or p[0] is not self.tokens or p[1] is not self.offsets:
+            p = self._prepared = (self.tokens, self.offsets, prepare_corpus(self.tokens, self.offsets))
+        return p[2]
 
     def _flat_topk(self, qtok: Tensor, k_token: int) -> Tensor:
         """Rows of the k_token nearest tokens by inner product for each row of qtok [n, D] -> int64 [n, k']."""

@@ -2,13 +2,16 @@
 
 Every backend registered below is a :class:`reatt_kernels._launcher.MaxsimLauncher`::
 
-    forward(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean) -> (scores, argmax)
+    forward(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, screen=None) -> (scores, argmax)
     backward(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic) -> (dq, dd, dbias)
     not_supported_reasons(tensors, **facts) -> list[str]
 
 with the canonical layout of :mod:`reatt_kernels.reference.maxsim` (``q_mask`` is always a bool tensor here; ``d`` is
 padded [Nd, Ld, D] with optional ``d_mask``, or packed [T, D] with ``d_offsets``; grouped = padded + ``group_size``).
 Scores are fp32 [Bq, C] and argmax int32 [Bq, C, Lq]; dq/dd come back in the inputs' dtypes and shapes, dbias fp32.
+
+A corpus searched again and again can be prepared once (:func:`prepare_corpus` -> :class:`PreparedCorpus`), and
+:func:`maxsim` / :func:`maxsim_packed` take it in place of the documents.
 """
 from __future__ import annotations
 
@@ -56,22 +59,30 @@ def maxsim_fwd(
     mean: bool,
     deterministic: bool,
     backend: str,
+    d_screen: Optional[Tensor] = None,
+    d_norm: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Scores fp32 [Bq, C] and argmax int32 [Bq, C, Lq] (C = Nd, or group_size when grouped)."""
+    """Scores fp32 [Bq, C] and argmax int32 [Bq, C, Lq] (C = Nd, or group_size when grouped). ``d_screen`` /
+    ``d_norm``: the screen of a prepared packed corpus (:func:`prepare_corpus`), or None."""
     Bq, Lq = q.shape[0], q.shape[1]
     C = _n_cols(q, d, d_offsets, group_size)
     if Bq == 0 or C == 0 or Lq == 0:
         # Nothing to launch: a query with no tokens scores 0 against everything.
         return (torch.zeros((Bq, C), dtype=_score_dtype(q), device=q.device),
                 torch.full((Bq, C, Lq), -1, dtype=torch.int32, device=q.device))
+    screen = (d_screen, d_norm) if d_screen is not None else None
     with device_guard(q):
-        scores, argmax = get_impl("maxsim", backend).forward(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size,
-                                                                 mean)
+        impl = get_impl("maxsim", backend)
+        if screen is None:
+            scores, argmax = impl.forward(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)
+        else:
+            scores, argmax = impl.forward(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, screen=screen)
     return scores, argmax
 
 
 @maxsim_fwd.register_fake
-def _maxsim_fwd_fake(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, deterministic, backend):
+def _maxsim_fwd_fake(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, deterministic, backend,
+                     d_screen=None, d_norm=None):
     Bq, Lq = q.shape[0], q.shape[1]
     C = _n_cols(q, d, d_offsets, group_size)
     return q.new_empty((Bq, C), dtype=_score_dtype(q)), q.new_empty((Bq, C, Lq), dtype=torch.int32)
@@ -108,7 +119,7 @@ def _maxsim_bwd_fake(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, deterministic, backend = inputs
+    q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, deterministic, backend = inputs[:10]
     _, argmax = output
     ctx.save_for_backward(q, d, q_mask, d_offsets, argmax)
     ctx.n_bias = pos_bias.shape[0] if pos_bias is not None else 0
@@ -125,7 +136,7 @@ def _backward(ctx, g_scores, g_argmax):
     )
     dbias = db.to(ctx.bias_dtype) if ctx.n_bias else None
     return (dq if ctx.needs_input_grad[0] else None, dd if ctx.needs_input_grad[1] else None,
-            None, None, None, dbias, None, None, None, None)
+            None, None, None, dbias, None, None, None, None, None, None)
 
 
 maxsim_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -205,7 +216,97 @@ def _q_mask(q: Tensor, q_mask: Optional[Tensor]) -> Tensor:
     return q_mask
 
 
+# ---- a corpus prepared once ----------------------------------------------------------------------------------------------
+class PreparedCorpus:
+    """A packed corpus stored once for repeated search, in the layout the kernels read (:func:`prepare_corpus`).
+
+    - ``tokens`` [T, dim] (fp32, fp16 or bf16; contiguous): the document rows, as given. Every backend reads them; the
+      cpu kernel's bf16 screen reads them only to rescore its candidates (exactly, in fp32), about 1.3 dot products per
+      (query token, document) on clustered data.
+    - ``offsets`` int64 [Nd + 1], validated once here (never again per call).
+    - ``screen`` bf16 [T, Dq] (Dq = dim rounded up to 32, zero past dim) and ``norm`` fp32 [Nd] (an upper bound of the
+      largest row norm of each document): what the cpu kernel's fp32 filter otherwise computes from every document on
+      every call (csrc/maxsim/maxsim_cpu_isa.h: filt_prepare, about a fifth of a 1-query search on the dev VM). None
+      where that kernel does not run: tokens in bf16 (read as they are), another device, or a CPU without AVX512_BF16.
+
+    Frozen: search only. No gradient flows into it (queries still get theirs); rebuild it after the tokens change.
+    """
+
+    def __init__(self, tokens: Tensor, offsets: Tensor, screen: Optional[Tensor] = None,
+                 norm: Optional[Tensor] = None):
+        self.tokens, self.offsets, self.screen, self.norm = tokens, offsets, screen, norm
+
+    @property
+    def n_docs(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def nbytes(self) -> int:
+        """Bytes held: the rows, the offsets and, where built, the screen (2 * Dq bytes a token) and the bounds."""
+        return sum(t.numel() * t.element_size() for t in (self.tokens, self.offsets, self.screen, self.norm)
+                   if t is not None)
+
+    def __repr__(self) -> str:
+        return (f"PreparedCorpus(docs={self.n_docs}, tokens={self.tokens.shape[0]}, dim={self.dim}, dtype={self.dtype}, "
+                f"screen={'yes' if self.screen is not None else 'no'}, device={self.device})")
+
+
+def prepare_corpus(d_tokens: Tensor, d_offsets: Optional[Tensor] = None) -> PreparedCorpus:
+    """Store a corpus once for repeated :func:`maxsim` / :func:`maxsim_packed` calls (pass the result as ``d`` or
+    ``d_tokens``): the offsets are validated once, and where the cpu kernel screens in bf16 (fp32 / fp16 tokens on a
+    CPU with AVX512_BF16) its bf16 rows and per-document norm bounds are computed once instead of on every call.
+
+    Args:
+        d_tokens: packed [T, dim] with ``d_offsets`` int64 [Nd + 1], or padded [Nd, Ld, dim] without a mask (every
+            document Ld tokens long; offsets are made). fp32, fp16 or bf16; made contiguous.
+    Returns:
+        :class:`PreparedCorpus`. Results are those of the unprepared call, bit for bit (the screen only decides which
+        dot products the kernel computes exactly; tests/kernels/test_maxsim_prepared.py).
+    """
+    if isinstance(d_tokens, Tensor) and d_tokens.dim() == 3 and d_offsets is None:
+        Nd, Ld, D = d_tokens.shape
+        d_offsets = torch.arange(Nd + 1, dtype=torch.int64, device=d_tokens.device) * Ld
+        d_tokens = d_tokens.reshape(Nd * Ld, D)
+    _check_tensor("d_tokens", d_tokens, 2, "[T, dim] (or padded [Nd, Ld, dim] without d_offsets)")
+    if d_tokens.dtype == torch.float64:
+        raise TypeError("prepare_corpus: float64 corpora are for the torch reference only")
+    if d_tokens.shape[1] == 0:
+        raise ValueError("d_tokens must have dim >= 1")
+    if d_offsets is None:
+        raise ValueError("prepare_corpus: packed d_tokens [T, dim] need d_offsets int64 [Nd + 1]")
+    check_offsets(d_offsets, d_tokens.shape[0], d_tokens)
+    tokens, offsets = d_tokens.detach().contiguous(), d_offsets.contiguous()
+    screen = norm = None
+    if tokens.device.type == "cpu" and cpu_maxsim.screen_useful(tokens.dtype):
+        screen, norm = cpu_maxsim._maxsim_prepare(tokens, offsets)
+    return PreparedCorpus(tokens, offsets, screen, norm)
+
+
 # ---- functional API ----------------------------------------------------------------------------------------------------
+def _prepared_maxsim(q, corpus: PreparedCorpus, q_mask, pos_bias, reduce, backend, return_argmax, deterministic):
+    """maxsim_packed against a prepared corpus: no offsets check (done once), the screen passed to the op."""
+    _check_tensor("q", q, 3, "[Bq, Lq, dim]")
+    _check_common(q, corpus.tokens, pos_bias, reduce, "the prepared corpus")
+    _check_mask("q_mask", q_mask, q.shape[:2], q)
+    qm = _q_mask(q, q_mask)
+    name = select("maxsim", [q, corpus.tokens, qm, corpus.offsets, pos_bias], backend, dim=q.shape[-1],
+                  layout="packed", n_q=q.shape[0])
+    scores, argmax = torch.ops.reatt.maxsim_fwd(q, corpus.tokens, qm, None, corpus.offsets, pos_bias, 0,
+                                               reduce == "mean", deterministic, name, corpus.screen, corpus.norm)
+    return (scores, argmax) if return_argmax else scores
+
+
 def maxsim(q, d, q_mask=None, d_mask=None, *, pos_bias=None, reduce="sum", backend="auto", return_argmax=False,
            deterministic=False):
     """All-pairs MaxSim: every query against every padded document.
@@ -213,6 +314,7 @@ def maxsim(q, d, q_mask=None, d_mask=None, *, pos_bias=None, reduce="sum", backe
     Args:
         q: [Bq, Lq, dim] float32/float16/bfloat16 (any strides).
         d: [Nd, Ld, dim], same dtype and device as q.
+        d: or a :class:`PreparedCorpus` (:func:`prepare_corpus`; then no d_mask): scores [Bq, its Nd].
         q_mask: bool [Bq, Lq] or None (True = real token). d_mask: bool [Nd, Ld] or None.
         pos_bias: float [R] or None: ReAtt's relative-position bias per distance r = n_a + j - i (clamped to [0, R-1]).
         reduce: "sum" (search) or "mean" (over valid query tokens; ReAtt training).
@@ -225,6 +327,10 @@ def maxsim(q, d, q_mask=None, d_mask=None, *, pos_bias=None, reduce="sum", backe
         float32 scores [Bq, Nd] (and the argmax). An empty document scores -inf; a query with no valid token scores 0.
         Differentiable w.r.t. q, d and pos_bias (through the argmax; no token-pair scores are stored).
     """
+    if isinstance(d, PreparedCorpus):
+        if d_mask is not None:
+            raise ValueError("a PreparedCorpus takes no d_mask (its documents are packed rows)")
+        return _prepared_maxsim(q, d, q_mask, pos_bias, reduce, backend, return_argmax, deterministic)
     _check_tensor("q", q, 3, "[Bq, Lq, dim]")
     _check_tensor("d", d, 3, "[Nd, Ld, dim]")
     _check_common(q, d, pos_bias, reduce)
@@ -236,16 +342,23 @@ def maxsim(q, d, q_mask=None, d_mask=None, *, pos_bias=None, reduce="sum", backe
     return (scores, argmax) if return_argmax else scores
 
 
-def maxsim_packed(q, d_tokens, d_offsets, q_mask=None, *, pos_bias=None, reduce="sum", backend="auto",
+def maxsim_packed(q, d_tokens, d_offsets=None, q_mask=None, *, pos_bias=None, reduce="sum", backend="auto",
                   return_argmax=False, deterministic=False):
     """All-pairs MaxSim against ragged documents stored back to back (the index layout; no work on padding).
 
     Args:
         q: [Bq, Lq, dim]. d_tokens: [T, dim]. d_offsets: int64 [Nd + 1]; document b is rows d_offsets[b]:d_offsets[b+1]
-            (offsets start at 0, never decrease, end at T). Other arguments as in :func:`maxsim`.
+            (offsets start at 0, never decrease, end at T). Or ``d_tokens`` a :class:`PreparedCorpus` and
+            ``d_offsets`` None. Other arguments as in :func:`maxsim`.
     Returns:
         float32 scores [Bq, Nd] (and int32 argmax [Bq, Nd, Lq], positions inside each document).
     """
+    if isinstance(d_tokens, PreparedCorpus):
+        if d_offsets is not None:
+            raise ValueError("a PreparedCorpus carries its offsets: pass d_offsets=None")
+        return _prepared_maxsim(q, d_tokens, q_mask, pos_bias, reduce, backend, return_argmax, deterministic)
+    if d_offsets is None:
+        raise ValueError("maxsim_packed needs d_offsets int64 [Nd + 1] (or a PreparedCorpus as d_tokens)")
     _check_tensor("q", q, 3, "[Bq, Lq, dim]")
     _check_tensor("d_tokens", d_tokens, 2, "[T, dim]")
     _check_common(q, d_tokens, pos_bias, reduce, "d_tokens")

@@ -262,7 +262,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
 class TorchMaxsim(MaxsimLauncher):
     """The `torch` backend of maxsim: the spec itself (chunked, bounded memory)."""
 
-    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, screen=None):
         return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)
 
     def backward(self, grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean, deterministic):

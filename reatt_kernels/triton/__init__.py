@@ -18,7 +18,7 @@ class TritonMaxsim(MaxsimLauncher):
 
         return _maxsim_not_supported_reasons(tensors, **facts)
 
-    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
+    def forward(self, q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean, screen=None):
         from .maxsim import _maxsim_fwd
 
         return _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean)

@@ -37,6 +37,15 @@ Two regimes on the GPU (H100: 3.0 TB/s HBM, ~700 TFLOP/s bf16 dense):
   128 x 64 tile that is 8192 loads (~256 LSU cycles per SM), about as many cycles as the 128 x 64 x 64 wgmma itself,
   so with pos_bias the training forward may be load-unit-bound (est. up to ~2x slower than without; unmeasured).
 
+Masked query tokens. The launchers pass ``qperm`` int32 [Bq, Lq], each query's valid token indices first (in order),
+then its masked ones (a stable argsort of the mask: a device op, no sync), and every kernel reads its rows through
+it: row p of a query is its token qperm[a, p], valid iff p < n_a. The bias distance n_a + j - i and every store use
+that original index i. So a query's valid tokens fill its first token chunk(s): a forward program whose rows are all
+masked (a token chunk past every n_a of its queries, or queries with no valid token) reads no document and writes 0
+partial scores and -1 argmax; the dq and dbias programs of such a chunk skip their column loops (zero partials), and
+the deterministic dd kernel loops over each query's n_a valid tokens only. Inside a live program the masked rows still
+occupy their rows of the ``tl.dot`` (a dot has a fixed M): the packing removes whole tiles, not single rows.
+
 Backward (argmax only; no token-pair scores are recomputed), w[a, c] = grad[a, c] (/ n_a for mean):
 
 * ``_maxsim_bwd_dq_kernel`` gathers dq[a, i] = sum_c w[a, c] * d[doc(a, c), argmax[a, c, i]]. One program owns one
@@ -110,7 +119,7 @@ def _num_sms_of(index: int) -> int:
 # ---- forward -----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _maxsim_fwd_kernel(
-    q_ptr, d_ptr, qmask_ptr, dmask_ptr, off_ptr, bias_ptr, nq_ptr, scores_ptr, argmax_ptr,
+    q_ptr, d_ptr, qperm_ptr, dmask_ptr, off_ptr, bias_ptr, nq_ptr, scores_ptr, argmax_ptr,
     Bq, Lq, Ld, D, C, R, Nd, group_size, docs_per_prog, n_qblocks, n_tchunks,
     stride_qb, stride_ql, stride_qd,
     stride_db, stride_dl, stride_dd,
@@ -136,13 +145,15 @@ def _maxsim_fwd_kernel(
 
     rows = tl.arange(0, M)
     a = a0 + rows // M_TOK  # query of each row
-    i = i0 + rows % M_TOK  # raw token position of each row
-    row_ok = (a < Bq) & (i < Lq)
+    pk = i0 + rows % M_TOK  # packed position of each row: valid tokens first
+    row_ok = (a < Bq) & (pk < Lq)
     a64 = tl.cast(a, tl.int64)
-    i64 = i.to(tl.int64)
-    qm = tl.load(qmask_ptr + a64 * Lq + i64, mask=row_ok, other=0) != 0
-    valid = row_ok & qm
     na = tl.load(nq_ptr + a64, mask=a < Bq, other=0)  # valid tokens of each row's query (n_a)
+    i = tl.load(qperm_ptr + a64 * Lq + pk.to(tl.int64), mask=row_ok, other=0)  # its ORIGINAL token index
+    i64 = i.to(tl.int64)
+    valid = row_ok & (pk < na)
+    # A program whose rows are all masked reads no document (its scores are 0 and its argmax -1).
+    live = tl.max(valid.to(tl.int32), axis=0) > 0
 
     k = tl.arange(0, D_PAD)
     k_ok = k < D
@@ -175,7 +186,7 @@ def _maxsim_fwd_kernel(
             start = tl.load(off_ptr + b64)
             length = (tl.load(off_ptr + b64 + 1) - start).to(tl.int32)
             # Ragged documents: the tile loop stops at each document's own length (no work on padding).
-            for j0 in range(0, length, BLOCK_N):
+            for j0 in range(0, tl.where(live, length, 0), BLOCK_N):
                 j = j0 + cols
                 j_ok = j < length
                 dt = tl.load(d_ptr + (start + j.to(tl.int64))[None, :] * stride_dl + k64[:, None] * stride_dd,
@@ -189,7 +200,7 @@ def _maxsim_fwd_kernel(
         # document would pipeline nothing), and unrolling tiles would multiply the registers held live.
         m = tl.full([M], float("-inf"), tl.float32)
         am = tl.full([M], -1, tl.int32)
-        n_steps = (b_hi - b_lo) * TILES
+        n_steps = tl.where(live, (b_hi - b_lo) * TILES, 0)
         for step in range(0, n_steps):
             tile = step % TILES
             b = b_lo + step // TILES
@@ -210,6 +221,10 @@ def _maxsim_fwd_kernel(
             if tile == TILES - 1:
                 _maxsim_fwd_finish(m, am, valid, row_ok, a0, a64, i64, b - col_base, tchunk, nq_ptr, scores_ptr,
                                    argmax_ptr, Bq, Lq, C, QB, M_TOK, MEAN)
+        # The documents of a program with no valid row (no step above ran): 0 partial scores, -1 argmax.
+        for b in range(tl.where(live, b_hi, b_lo), b_hi):
+            _maxsim_fwd_finish(m, am, valid, row_ok, a0, a64, i64, b - col_base, tchunk, nq_ptr, scores_ptr,
+                               argmax_ptr, Bq, Lq, C, QB, M_TOK, MEAN)
 
 
 @triton.jit
@@ -258,6 +273,11 @@ def _pos_bias_f32(pos_bias):
 
 def _u8(mask):
     return mask.view(torch.uint8)
+
+
+def _qperm(q_mask):
+    """int32 [Bq, Lq]: each query's valid token indices in order, then its masked ones (the kernels' row order)."""
+    return torch.argsort((~q_mask).to(torch.int8), dim=1, stable=True).to(torch.int32).contiguous()
 
 
 def _nonempty(d):
@@ -341,6 +361,7 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
     argmax = empty((Bq, C, Lq), torch.int32, dev)
     qmask = _u8(q_mask.contiguous())
     nq = q_mask.sum(1, dtype=torch.int32)
+    qperm = _qperm(q_mask)
     bias = _pos_bias_f32(pos_bias) if pos_bias is not None else nq  # dummy pointer when there is no bias
     dmask = _u8(d_mask) if d_mask is not None else qmask
     off = d_offsets if packed else nq
@@ -353,7 +374,7 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
         dmask = qmask
     grid = (n_qblocks * n_dchunks,)
     _maxsim_fwd_kernel[grid](
-        q, _nonempty(d), qmask, dmask, off, bias, nq, scores, argmax,
+        q, _nonempty(d), qperm, dmask, off, bias, nq, scores, argmax,
         Bq, Lq, Ld, D, C, pos_bias.shape[0] if pos_bias is not None else 1, Nd, group_size, docs_per_prog,
         n_qblocks, n_tchunks,
         q.stride(0), q.stride(1), q.stride(2),
@@ -372,7 +393,7 @@ def _maxsim_fwd(q, d, q_mask, d_mask, d_offsets, pos_bias, group_size, mean):
 # ---- backward ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _maxsim_bwd_dq_kernel(
-    grad_ptr, q_ptr, d_ptr, off_ptr, argmax_ptr, nq_ptr, dqp_ptr, dd32_ptr,
+    grad_ptr, q_ptr, d_ptr, off_ptr, argmax_ptr, nq_ptr, qperm_ptr, dqp_ptr, dd32_ptr,
     Bq, Lq, Ld, D, C, group_size, cols_per_prog, n_tchunks,
     stride_gb, stride_gc,
     stride_qb, stride_ql, stride_qd,
@@ -396,14 +417,15 @@ def _maxsim_bwd_dq_kernel(
     i0 = (qprog % n_tchunks) * M_TOK
     rows = tl.arange(0, R)
     cr = rows // M_TOK  # column offset of each row inside a step (rows are column-major: c * M_TOK + i)
-    i = i0 + rows % M_TOK
-    row_ok = i < Lq
+    pk = i0 + rows % M_TOK  # packed position: valid tokens first
     a64 = tl.cast(a, tl.int64)
+    na = tl.load(nq_ptr + a64)
+    row_ok = pk < na  # a masked row's argmax entries are never read: its dq stays 0
+    i = tl.load(qperm_ptr + a64 * Lq + pk.to(tl.int64), mask=pk < Lq, other=0)  # original token index
     i64 = i.to(tl.int64)
     k = tl.arange(0, D_PAD)
     k_ok = k < D
     k64 = k.to(tl.int64)
-    na = tl.load(nq_ptr + a64)
     if ATOMIC_DD:
         # Kept in the input dtype (half the registers of fp32); rows repeat q[a, i] once per column of a step.
         qt = tl.load(q_ptr + a64 * stride_qb + i64[:, None] * stride_ql + k64[None, :] * stride_qd,
@@ -411,6 +433,7 @@ def _maxsim_bwd_dq_kernel(
     acc = tl.zeros([M_TOK, D_PAD], tl.float32)
     c_lo = cchunk * cols_per_prog
     c_hi = tl.minimum(c_lo + cols_per_prog, C)
+    c_hi = tl.where(i0 < na, c_hi, c_lo)  # a token chunk with no valid row: no column step (its partial dq is 0)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + cr
         c_ok = c < c_hi
@@ -437,14 +460,15 @@ def _maxsim_bwd_dq_kernel(
         if ATOMIC_DD:
             tl.atomic_add(dd32_ptr + row[:, None] * D + k64[None, :], g[:, None] * qt.to(tl.float32),
                           mask=ok[:, None] & k_ok[None, :], sem="relaxed")
-    dq_rows = i0 + tl.arange(0, M_TOK)
+    dq_p = i0 + tl.arange(0, M_TOK)
+    dq_rows = tl.load(qperm_ptr + a64 * Lq + dq_p.to(tl.int64), mask=dq_p < Lq, other=0)  # back to the token order
     tl.store(dqp_ptr + ((cchunk.to(tl.int64) * Bq + a64) * Lq + dq_rows.to(tl.int64)[:, None]) * D + k64[None, :], acc,
-             mask=(dq_rows < Lq)[:, None] & k_ok[None, :])
+             mask=(dq_p < Lq)[:, None] & k_ok[None, :])
 
 
 @triton.jit
 def _maxsim_bwd_dbias_kernel(
-    grad_ptr, argmax_ptr, nq_ptr, dbp_ptr,
+    grad_ptr, argmax_ptr, nq_ptr, qperm_ptr, dbp_ptr,
     Bq, Lq, C, R, cols_per_prog, n_tchunks,
     stride_gb, stride_gc,
     M_TOK: tl.constexpr, NB: tl.constexpr, MEAN: tl.constexpr,
@@ -458,15 +482,18 @@ def _maxsim_bwd_dbias_kernel(
     qprog = pid % n_qprog
     cchunk = pid // n_qprog
     a = qprog // n_tchunks
-    i = (qprog % n_tchunks) * M_TOK + tl.arange(0, M_TOK)
-    row_ok = i < Lq
+    p0 = (qprog % n_tchunks) * M_TOK
+    pk = p0 + tl.arange(0, M_TOK)  # packed position: valid tokens first
     a64 = tl.cast(a, tl.int64)
-    i64 = i.to(tl.int64)
     na = tl.load(nq_ptr + a64)
+    row_ok = pk < na  # masked rows: no entry read
+    i = tl.load(qperm_ptr + a64 * Lq + pk.to(tl.int64), mask=pk < Lq, other=0)  # original token index
+    i64 = i.to(tl.int64)
     bins = tl.arange(0, NB)
     hist = tl.zeros([M_TOK, NB], tl.float32)
     c_lo = cchunk * cols_per_prog
     c_hi = tl.minimum(c_lo + cols_per_prog, C)
+    c_hi = tl.where(p0 < na, c_hi, c_lo)  # a token chunk with no valid row reads nothing
     for c in range(c_lo, c_hi):
         c64 = tl.cast(c, tl.int64)
         g = tl.load(grad_ptr + a64 * stride_gb + c64 * stride_gc)
@@ -481,7 +508,7 @@ def _maxsim_bwd_dbias_kernel(
 
 @triton.jit
 def _maxsim_bwd_dd_kernel(
-    grad_ptr, q_ptr, off_ptr, argmax_ptr, nq_ptr, dd_ptr,
+    grad_ptr, q_ptr, off_ptr, argmax_ptr, nq_ptr, qperm_ptr, dd_ptr,
     Bq, Lq, Ld, D, C, group_size, n_tiles,
     stride_gb, stride_gc,
     stride_qb, stride_ql, stride_qd,
@@ -523,13 +550,15 @@ def _maxsim_bwd_dd_kernel(
     for a in range(a_lo, a_hi):
         a64 = tl.cast(a, tl.int64)
         g = tl.load(grad_ptr + a64 * stride_gb + col * stride_gc)
+        na = tl.load(nq_ptr + a64)
         if MEAN:
-            g = g / tl.maximum(tl.load(nq_ptr + a64), 1).to(tl.float32)
+            g = g / tl.maximum(na, 1).to(tl.float32)
         part = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        for i0 in range(0, Lq, LQ_T):
-            i = i0 + tl.arange(0, LQ_T)
-            i_ok = i < Lq
-            i64 = i.to(tl.int64)
+        # The query's n_a valid tokens only (packed first by qperm): masked tokens cost no one-hot dot.
+        for i0 in range(0, na, LQ_T):
+            pk = i0 + tl.arange(0, LQ_T)
+            i_ok = pk < na
+            i64 = tl.load(qperm_ptr + a64 * Lq + pk.to(tl.int64), mask=i_ok, other=0).to(tl.int64)
             am = tl.load(argmax_ptr + (a64 * C + col) * Lq + i64, mask=i_ok, other=-1)
             qt = tl.load(q_ptr + a64 * stride_qb + i64[:, None] * stride_ql + k64[None, :] * stride_qd,
                          mask=i_ok[:, None] & k_ok[None, :], other=0.0)
@@ -590,6 +619,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     ntok = d.shape[0] if packed else Nd * Ld
     D_PAD = max(16, _np2(D))
     nq = q_mask.sum(1, dtype=torch.int32)
+    qperm = _qperm(q_mask)
     grad = grad.to(torch.float32)
     ld_max = Ld
     if packed:
@@ -612,7 +642,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
     atomic = not deterministic and ntok > 0
     dd32 = torch.zeros((ntok, D), dtype=torch.float32, device=dev) if atomic else dqp
     _maxsim_bwd_dq_kernel[(Bq * n_tchunks * n_cchunks,)](
-        grad, q, _nonempty(d), off, argmax, nq, dqp, dd32,
+        grad, q, _nonempty(d), off, argmax, nq, qperm, dqp, dd32,
         Bq, Lq, Ld, D, C, group_size, cols_per_prog, n_tchunks,
         grad.stride(0), grad.stride(1),
         q.stride(0), q.stride(1), q.stride(2),
@@ -630,7 +660,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
             BLOCK_N = cfg["BLOCK_N"]
             n_tiles = max(1, _cdiv(ld_max, BLOCK_N))
             _maxsim_bwd_dd_kernel[(Nd * n_tiles,)](
-                grad, q, off, argmax, nq, dd,
+                grad, q, off, argmax, nq, qperm, dd,
                 Bq, Lq, Ld, D, C, group_size, n_tiles,
                 grad.stride(0), grad.stride(1),
                 q.stride(0), q.stride(1), q.stride(2),
@@ -654,7 +684,7 @@ def _maxsim_bwd(grad, q, d, q_mask, d_offsets, argmax, n_bias, group_size, mean,
         n_prog = Bq * n_tchunks_b * n_cchunks_b
         dbp = empty((n_prog, NB), torch.float32, dev)
         _maxsim_bwd_dbias_kernel[(n_prog,)](
-            grad, argmax, nq, dbp,
+            grad, argmax, nq, qperm, dbp,
             Bq, Lq, C, n_bias, cols_b, n_tchunks_b,
             grad.stride(0), grad.stride(1),
             M_TOK=M_TOK_B, NB=NB, MEAN=mean,

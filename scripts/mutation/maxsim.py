@@ -15,6 +15,8 @@ FWD_CU = "csrc/maxsim/maxsim_fwd.cu"
 BWD_CU = "csrc/maxsim/maxsim_bwd.cu"
 LAUNCH_CU = "csrc/maxsim/maxsim_launch.cu"  # the launch plans
 HEADER_CUH = "csrc/maxsim/maxsim_cuda.cuh"
+QM = "tests/kernels/test_maxsim_qmask.py"  # masked query tokens, every backend
+PREP = "tests/kernels/test_maxsim_prepared.py"  # a corpus prepared once
 
 MUTANTS = [
     # ---- Python, Triton and C++ CPU ----
@@ -152,7 +154,97 @@ MUTANTS = [
     # 12. The 64-bit element offset of the winning document row narrowed to int in the backward's dq gather: documents
     #     past 2^31 elements are read from the wrong place (a sparse 17 GB mapping under emulation).
     dict(name="maxsim-bwd-offset-narrowed-to-int", path=BWD_CU,
-         old="    int64_t base = 0;\n    if (c < c1) {",
-         new="    int base = 0;\n    if (c < c1) {",
+         old="    int64_t base = 0;\n    if (c < c_stop) {",
+         new="    int base = 0;\n    if (c < c_stop) {",
          tests=["tests/kernels/test_maxsim_cuda.py", "-k", "past_2e31"], build="emu"),
+    # ---- issue 29 item 0: masked query tokens packed out of the work (cpu lanes, cuda rows, triton chunks) -----------
+    # The bias of a contiguous tile read from the packed lane's position instead of its original token index.
+    dict(name="cpp-qpack-bias-at-lane-not-token", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="  if (qidx[p0 + nl - 1] - qidx[p0] == nl - 1) return {btab + qidx[p0] - j0, nullptr};",
+         new="  if (qidx[p0 + nl - 1] - qidx[p0] == nl - 1) return {btab + p0 - j0, nullptr};", build="cpu",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and cpu"]),
+    # The contiguity test of a tile looks at its first two lanes only: a tile with a hole further on reads one run.
+    dict(name="cpp-qpack-contiguity-first-pair-only", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="  if (qidx[p0 + nl - 1] - qidx[p0] == nl - 1) return",
+         new="  if (qidx[p0 + 1] - qidx[p0] == 1) return", build="cpu",
+         tests=[QM, "-k", "cpu_bias_gather"]),
+    # argmax of packed lane p written to token p instead of its original token qidx[p].
+    dict(name="cpp-qpack-argmax-to-lane", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="      am[qidx[p]] = idx[p];", new="      am[p] = idx[p];", build="cpu",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and cpu"]),
+    # The epilogue's valid count off by one: the last packed lane (the query's last valid token) is dropped.
+    dict(name="cpp-qpack-epilogue-drops-last-lane", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="  for (int64_t p = 0; p < n; ++p) {\n    if (idx[p] >= 0) {",
+         new="  for (int64_t p = 0; p + 1 < n; ++p) {\n    if (idx[p] >= 0) {", build="cpu",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and cpu"]),
+    # The scored lanes rounded down instead of up: the tail vector of valid tokens is never scored.
+    dict(name="cpp-qpack-lanes-rounded-down", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="    const int64_t Lqa = (A.n_valid[a] + W - 1) / W * W;",
+         new="    const int64_t Lqa = A.n_valid[a] / W * W;", build="cpu",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and cpu"]),
+    # The fp32 filter's exact rescoring adds the bias of the lane's position, not of its token (avx512_bf16 only).
+    dict(name="cpp-qpack-filter-rescore-bias-at-lane", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
+         old="      float e = dot_f32(q32 + i * D, row32(j - s0), D);\n      if (btab != nullptr) e += btab[qi[i] - j];",
+         new="      float e = dot_f32(q32 + i * D, row32(j - s0), D);\n      if (btab != nullptr) e += btab[i - j];",
+         build="cpu", tests=[QM, "-k", "cpu_isa and avx512_bf16 and dtype0"]),
+    # Backward: dq of packed row r stored at row r instead of its (query, token) row vrows[r].
+    dict(name="cpp-qpack-bwd-dq-at-packed-row", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="    char* out = static_cast<char*>(B.dq) + vrows[r] * D * esz;",
+         new="    char* out = static_cast<char*>(B.dq) + r * D * esz;", build="cpu",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and cpu"]),
+    # Backward: dd / dbias take the packed position as the token index (wrong argmax entry, wrong distance).
+    dict(name="cpp-qpack-bwd-dd-packed-position-as-token", path="csrc/maxsim/maxsim_cpu_isa.h",
+         old="          const int64_t i = vrows[p] - a * B.Lq;", new="          const int64_t i = p - vstart[a];",
+         build="cpu", tests=[QM, "-k", "test_maxsim_qmask_patterns and cpu"]),
+    # CUDA: the bias offset n_a - i of a packed row taken from its packed position instead of its original token.
+    dict(name="maxsim-qpack-bias-at-packed-row", path=FWD_CU,
+         old="bbase[mt][h] = rvalid[mt][h] ? sNa[sRowX[r]] - sRowI[r] : 0;",
+         new="bbase[mt][h] = rvalid[mt][h] ? sNa[sRowX[r]] - r : 0;", build="emu",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and cuda_emu"]),
+    # CUDA: the mean's division at the planned last row chunk, not the last chunk holding valid rows (a 150-token
+    # query with fewer than 128 valid tokens is never divided).
+    dict(name="maxsim-qpack-mean-at-planned-chunk", path=FWD_CU,
+         old="if (rc == n_rc - 1 && p.mean)", new="if (rc == p.n_rc - 1 && p.mean)", build="emu",
+         tests=[QM, "-k", "long_query and cuda_emu"]),
+    # CUDA: the masked tokens' argmax never written (left as the poisoned output).
+    dict(name="maxsim-qpack-masked-argmax-unwritten", path=FWD_CU,
+         old="          if (p.q_mask[a * p.sqmb + i * p.sqmi] == 0) p.argmax[(a * C + cp.col) * Lq + i] = -1;",
+         new="          (void)a;", build="emu",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and cuda_emu"]),
+    # CUDA: the packed-row walk counts the chunk's rows from 0 instead of the query's first packed row.
+    dict(name="maxsim-qpack-row-walk-ignores-query-start", path=FWD_CU,
+         old="      int k = sStart[x];\n", new="      int k = 0;\n", build="emu",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and cuda_emu"]),
+    # Triton: the valid-row test off by one (row n_a, a masked token, is scored and summed).
+    dict(name="triton-qpack-valid-count-off-by-one", path="reatt_kernels/triton/maxsim.py",
+         old="    valid = row_ok & (pk < na)\n", new="    valid = row_ok & (pk <= na)\n",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and triton"]),
+    # Triton: a dq token chunk with a single valid row is taken for an empty one and skipped.
+    dict(name="triton-qpack-dq-skips-one-row-chunk", path="reatt_kernels/triton/maxsim.py",
+         old="    c_hi = tl.where(i0 < na, c_hi, c_lo)", new="    c_hi = tl.where(i0 + 1 < na, c_hi, c_lo)",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and triton"]),
+    # Triton: the forward uses each row's packed position as its token (q rows, bias distance and argmax row).
+    dict(name="triton-qpack-row-is-packed-position", path="reatt_kernels/triton/maxsim.py",
+         old="    i64 = i.to(tl.int64)\n    valid = row_ok & (pk < na)\n",
+         new="    i64 = pk.to(tl.int64)\n    valid = row_ok & (pk < na)\n",
+         tests=[QM, "-k", "test_maxsim_qmask_patterns and triton"]),
+    # ---- issue 29 item 1: a corpus prepared once (rk.prepare_corpus; read by the avx512_bf16 filter) ----------------
+    # The per-document norm bound taken from the document's first row: the screen's eps no longer covers its rows.
+    dict(name="cpp-prepared-norm-bound-first-row-only", path="csrc/maxsim/maxsim_cpu.cpp", isa="avx512_bf16",
+         old="      if (s2 > mx2) mx2 = s2;\n", new="      if (t == off[b]) mx2 = s2;\n", build="cpu",
+         tests=[PREP, "-k", "layout"]),
+    # A later segment of a long prepared document reads the screen rows of its first segment.
+    dict(name="cpp-prepared-screen-ignores-segment", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
+         old="A.d16 + (A.offsets[b] + s0) * A.Dq, row0 + s0 * A.sd_l};",
+         new="A.d16 + A.offsets[b] * A.Dq, row0 + s0 * A.sd_l};", build="cpu",
+         tests=[PREP, "-k", "equals_unprepared and avx512_bf16"]),
+    # A candidate row of a prepared fp16 corpus converted from the wrong place (an element offset, not a row offset).
+    dict(name="cpp-prepared-rescore-row-offset", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
+         old="    row_to_f32(elem_ptr(A.d, A.dtype, g.row_s0 + r * A.sd_l), A.dtype, A.sd_d, D, t32);\n",
+         new="    row_to_f32(elem_ptr(A.d, A.dtype, g.row_s0 + r), A.dtype, A.sd_d, D, t32);\n", build="cpu",
+         tests=[PREP, "-k", "equals_unprepared and avx512_bf16"]),
+    # The fallback converts a prepared fp16 segment but keeps the segment's row stride (0: every row is row 0).
+    dict(name="cpp-prepared-fallback-keeps-row-stride", path="csrc/maxsim/maxsim_cpu_isa.h", isa="avx512_bf16",
+         old="    r32 = t32;\n    ld32 = D;\n", new="    r32 = t32;\n", build="cpu",
+         tests=[PREP, "-k", "adversarial"]),
 ]

@@ -119,6 +119,47 @@ def test_residual_recall_vs_exact(corpus, exact, nbits):
     assert recall(pi, ei, 10) >= RECALL_FLOOR[nbits] - 0.15, recall(pi, ei, 10)
 
 
+def test_exact_search_padded_queries_cost_valid_tokens_only(corpus, exact):
+    """Exact search passes a padded query to the kernel as it is (the kernel packs the valid tokens; issue 29): padded
+    queries with holes give bitwise the scores and ids of the same queries sliced to their valid tokens, on the cpu
+    backend, whose packed lanes run the very same tiles as the sliced query's."""
+    _, _, q, _ = corpus
+    Bq, L, D = q.shape
+    g = torch.Generator().manual_seed(9)
+    qp = torch.randn(Bq, 2 * L, D, generator=g).to(q.dtype)  # junk in the masked slots: it must never matter
+    qm = torch.zeros(Bq, 2 * L, dtype=torch.bool)
+    for a in range(Bq):
+        pos = torch.sort(torch.randperm(2 * L, generator=g)[:L]).values
+        qp[a, pos] = q[a]
+        qm[a, pos] = True
+    ps, pi = exact.search(qp, qm, k=10, backend="cpu")
+    for a in range(Bq):
+        ss, si = exact.search(q[a:a + 1], k=10, backend="cpu")
+        assert torch.equal(pi[a:a + 1], si) and torch.equal(ps[a:a + 1], ss), f"query {a}: padded != sliced"
+
+
+def test_exact_index_prepares_its_corpus_once():
+    """Exact full search reads a corpus prepared once (rk.prepare_corpus): the same one for every search, rebuilt when
+    the tokens change (add, compact), with the results of maxsim_packed on the raw tokens."""
+    import reatt_kernels as rk
+
+    docs = [torch.nn.functional.normalize(torch.randn(n, 16), dim=-1) for n in (3, 5, 2, 4, 7)]
+    index = TokenIndex.build(docs, kind="exact", progress=False)
+    q = docs[3][None, :2].clone()
+    s, i = index.search(q, k=5)
+    first = index._prepared_corpus()
+    assert index._prepared_corpus() is first and isinstance(first, rk.PreparedCorpus)
+    want = rk.maxsim_packed(q.half(), index.tokens, index.offsets).float()
+    assert torch.equal(s, want.topk(5, dim=1).values) and i[0, 0] == 3
+    new = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    index.add([new])
+    s2, i2 = index.search(new[None, :2], k=1)
+    assert index._prepared_corpus() is not first and i2[0, 0] == 5, "the added document must be found"
+    index.delete([5])
+    index.compact()
+    assert index._prepared_corpus().n_docs == 5 and index.search(new[None, :2], k=1)[1][0, 0] != 5
+
+
 def test_exact_flat_path_matches_full(corpus, exact):
     _, _, q, _ = corpus
     fs, fi = exact.search(q, k=10)
