@@ -59,6 +59,15 @@ def _as_stream(vectors):
                     f"of chunks, got {type(vectors).__name__}")
 
 
+def _stream_tokens(stream) -> Optional[int]:
+    """Tokens of a list or packed input (known before it is read); None for an iterator."""
+    if isinstance(stream, Tensor):
+        return stream.shape[0]
+    if isinstance(stream, list):
+        return sum(x.shape[0] for x in stream)
+    return None
+
+
 def _training_sample(stream, d_offsets, it, buffered, sample_tokens, seed):
     """k-means sample: random documents across the corpus when it has random access (list / packed), else the
     first ``sample_tokens`` tokens of the stream (kept in ``buffered`` to be encoded afterwards)."""
