@@ -11,7 +11,7 @@ of each file.
 INDEX = "tests/index/test_index.py"
 
 MUTANTS = [
-    dict(name="token-index-deleted-not-masked", path="reatt_kernels/index/token_index.py",
-         old='s = s.masked_fill(self.deleted[None, :], float("-inf"))', new="s = s",
+    dict(name="token-index-deleted-not-masked", path="reatt_kernels/index/exact.py",
+         old='s = s.masked_fill(ix.deleted[None, :], float("-inf"))', new="s = s",
          tests=[INDEX, "-k", "deleted_documents_never_returned_small"]),
 ]

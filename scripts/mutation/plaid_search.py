@@ -42,9 +42,9 @@ MUTANTS = [
          old="    keep = torch.arange(Lq, device=q.device)[None, :] < n_valid[:, None]",
          new="    keep = torch.arange(Lq, device=q.device)[None, :] < (n_valid[:, None] - 1).clamp(min=1)",
          tests=[PS, "-k", "dyadic and torch"]),
-    dict(name="index-subset-ignored-by-exact-search", path="reatt_kernels/index/token_index.py",
+    dict(name="index-subset-ignored-by-exact-search", path="reatt_kernels/index/exact.py",
          old="            s = s.masked_fill(~allow[:, rows], float(\"-inf\"))\n", new="",
          tests=[SUBSET, "-k", "exact_subset"]),
-    dict(name="index-validate-accepts-any-code", path="reatt_kernels/index/token_index.py",
+    dict(name="index-validate-accepts-any-code", path="reatt_kernels/index/residual.py",
          old="            if lo < 0 or hi >= C:", new="            if lo < 0 or hi > C:", tests=[VALIDATE]),
 ]
