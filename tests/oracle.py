@@ -374,7 +374,8 @@ def plaid_search_oracle(q, q_mask, centroids, weights, codes, packed, d_offsets,
                         live=None, allow=None, cand=None) -> dict:
     """For every query a and document b: approx[a, b] = sum_{valid i} max_t q_ai . c_{code_t} (centroid interaction)
     and exact[a, b] = sum_{valid i} max_t q_ai . (c_{code_t} + r_t) (the decompressed MaxSim), both float64 with their
-    magnitudes; eligible[a, b] (live, allowed, among the candidates); and the spec's answer: the ncand eligible
+    magnitudes (mag; rmag: sum_i max_t sum_d |q_id| |r_td|, the residual half's); eligible[a, b] (live, allowed,
+    among the candidates); and the spec's answer: the ncand eligible
     documents with approx > -inf, best first by (approx, then lower row), reranked by exact, the k best by (exact, then
     lower row) -> docs [Bq, k] and scores [Bq, k], (-1, -inf) padded."""
     q = f64(q)
@@ -388,6 +389,8 @@ def plaid_search_oracle(q, q_mask, centroids, weights, codes, packed, d_offsets,
     approx = torch.full((Bq, Nd), float("-inf"), dtype=F64)
     exact = torch.full((Bq, Nd), float("-inf"), dtype=F64)
     mag = torch.zeros(Bq, Nd, dtype=F64)
+    rmag = torch.zeros(Bq, Nd, dtype=F64)  # sum_i max_t sum_d |q_id| |r_td|: the residual half's magnitude
+    rabs = (v - cvec).abs()
     eligible = torch.zeros(Bq, Nd, dtype=torch.bool)
     for a in range(Bq):
         cands = range(Nd) if cand is None else [int(b) for b in _cpu(cand)[a] if int(b) >= 0]
@@ -404,6 +407,7 @@ def plaid_search_oracle(q, q_mask, centroids, weights, codes, packed, d_offsets,
             approx[a, b] = (qa @ cvec[off[b]:off[b + 1]].T).max(-1).values.sum()
             exact[a, b] = (qa @ v[off[b]:off[b + 1]].T).max(-1).values.sum()
             mag[a, b] = (qa.abs() @ vmag[off[b]:off[b + 1]].T).amax(-1).sum()
+            rmag[a, b] = (qa.abs() @ rabs[off[b]:off[b + 1]].T).amax(-1).sum()
     docs = torch.full((Bq, k), -1, dtype=torch.int64)
     scores = torch.full((Bq, k), float("-inf"), dtype=F64)
     for a in range(Bq):
@@ -413,7 +417,7 @@ def plaid_search_oracle(q, q_mask, centroids, weights, codes, packed, d_offsets,
         best = sorted(kept, key=lambda b: (-float(exact[a, b]), b))[:k]
         for r, b in enumerate(best):
             docs[a, r], scores[a, r] = b, exact[a, b]
-    return dict(approx=approx, exact=exact, mag=mag, eligible=eligible, docs=docs, scores=scores)
+    return dict(approx=approx, exact=exact, mag=mag, rmag=rmag, eligible=eligible, docs=docs, scores=scores)
 
 
 # ---- PyLate's ColBERT scores (reatt_kernels.compat.pylate) -----------------------------------------------------------

@@ -1,5 +1,5 @@
 // The plaid_search CPU kernels, compiled once per instruction-set level by plaid_search_cpu.cpp (each inclusion
-// inside its own namespace under `#pragma GCC target`, with REATT_PS_LEVEL = 2 avx512, 1 avx2, 0 scalar), so every
+// inside its own namespace under `#pragma GCC target`, with REATT_PS_LEVEL = 3 avx512_bf16, 2 avx512, 1 avx2, 0 scalar), so every
 // path can be forced and tested on one machine (csrc/cpu_isa.h). No include guard: included once per level, on purpose.
 // Semantics: reatt_kernels/reference/plaid_search.py. Costs: plaid_search_cpu.cpp.
 
@@ -47,7 +47,7 @@ static void decode_tile(const float* __restrict w, const uint8_t* __restrict pk,
                         float* __restrict buf) {
   constexpr int K = 1 << NBITS, PER_BYTE = 8 / NBITS, MASK = K - 1;
   int64_t d_done = 0;
-#if REATT_PS_LEVEL == 2
+#if REATT_PS_LEVEL >= 2
   {
     constexpr int PER_WORD = 32 / NBITS;
     const int64_t words = P / 4;
@@ -92,7 +92,7 @@ static void decode_tile(const float* __restrict w, const uint8_t* __restrict pk,
   }
 }
 
-#if REATT_PS_LEVEL == 2
+#if REATT_PS_LEVEL >= 2
 // The AVX-512 micro-kernel: 6 query rows x 32 tokens per pass, 12 zmm accumulators; per dimension 2 tile loads and
 // 6 broadcasts feed 12 FMAs (the loads, not the FMAs, would bind a 4-row x 16-token block: 5 loads per 4 FMAs).
 // Lanes past nt (the tile's tail) are -inf before the max; a NaN pair score is skipped, as std::max(m, NaN) keeps m.
@@ -166,12 +166,80 @@ static void tile_maxdots(const float* __restrict q, int32_t nq, const float* __r
 }
 #endif
 
+#if REATT_PS_LEVEL == 3
+// ---- the avx512_bf16 rerank: vdpbf16ps, two dimensions per lane ------------------------------------------------------
+// The decoded fp32 tile is rounded to bf16 and interleaved so that each 32-bit lane holds one token's pair of
+// dimensions (2p, 2p + 1); each query row is rounded the same way once per call. One vdpbf16ps then does two
+// multiply-adds per lane (fp32 accumulation): half the instructions of the fp32 micro-kernel.
+// Rounding: both operands are rounded to nearest bf16 (relative error <= 2^-9 each), products and sums stay fp32, so
+// |score - fp32 score| <= ~2^-8 sum_i max_t sum_d |q_id| |r_td| (plus fp32 rounding); the centroid half of every
+// score comes from the fp32 table, untouched. tests/kernels/test_plaid_search.py checks this bound against the float64
+// oracle; REATT_CPU_ISA=avx512 runs the fp32 rerank (fp32-level scores) on the same CPU.
+static inline __m512i bf16_pairs(__m512 even, __m512 odd) {
+  const __m512i e = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(even)));
+  const __m512i o = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(odd)));
+  return _mm512_or_si512(e, _mm512_slli_epi32(o, 16));
+}
+
+// pb[p * TILE + j] = bf16 pair (buf[2p][j], buf[2p + 1][j]) (a missing dimension 2p + 1 of an odd D is 0).
+static void pack_pairs(const float* __restrict buf, int64_t D, uint32_t* __restrict pb) {
+  const int64_t Dh = (D + 1) / 2;
+  for (int64_t p = 0; p < Dh; ++p)
+    for (int h = 0; h < TILE / 16; ++h) {
+      const __m512 even = _mm512_load_ps(buf + 2 * p * TILE + 16 * h);
+      const __m512 odd = 2 * p + 1 < D ? _mm512_load_ps(buf + (2 * p + 1) * TILE + 16 * h) : _mm512_setzero_ps();
+      _mm512_store_si512(pb + p * TILE + 16 * h, bf16_pairs(even, odd));
+    }
+}
+
+// tile_maxdots with bf16 pairs: qb [rows][Dh] (query rows as bf16 pairs), pb [Dh][TILE].
+static void tile_maxdots_bf16(const uint32_t* __restrict qb, int32_t nq, const uint32_t* __restrict pb, int64_t Dh,
+                              int nt, const float* __restrict tab, int64_t LP, const int32_t* __restrict tcodes,
+                              float* __restrict best) {
+  constexpr int R = 6;
+  const __m512i lp = _mm512_set1_epi32(static_cast<int32_t>(LP));
+  const __m512i off0 = _mm512_mullo_epi32(_mm512_loadu_si512(tcodes), lp);
+  const __m512i off1 = _mm512_mullo_epi32(_mm512_loadu_si512(tcodes + 16), lp);
+  const __mmask16 m0 = static_cast<__mmask16>(nt >= 16 ? 0xFFFFu : (1u << nt) - 1u);
+  const __mmask16 m1 = static_cast<__mmask16>(nt >= 32 ? 0xFFFFu : nt <= 16 ? 0u : (1u << (nt - 16)) - 1u);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i0 = 0; i0 < nq; i0 += R) {
+    const int ni = static_cast<int>(std::min<int64_t>(R, nq - i0));
+    const uint32_t* qr[R];
+    for (int r = 0; r < R; ++r) qr[r] = qb + std::min<int64_t>(i0 + r, nq - 1) * Dh;
+    __m512 acc0[R], acc1[R];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < Dh; ++p) {
+      const __m512bh t0 = reinterpret_cast<__m512bh>(_mm512_load_si512(pb + p * TILE));
+      const __m512bh t1 = reinterpret_cast<__m512bh>(_mm512_load_si512(pb + p * TILE + 16));
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(qr[r][p])));
+        acc0[r] = _mm512_dpbf16_ps(acc0[r], t0, b);
+        acc1[r] = _mm512_dpbf16_ps(acc1[r], t1, b);
+      }
+    }
+    for (int r = 0; r < ni; ++r) {
+      const __m512i col = _mm512_set1_epi32(static_cast<int32_t>(i0 + r));
+      const __m512 c0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, _mm512_add_epi32(off0, col), tab, 4);
+      const __m512 c1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, _mm512_add_epi32(off1, col), tab, 4);
+      __m512 s0 = _mm512_add_ps(acc0[r], c0), s1 = _mm512_add_ps(acc1[r], c1);
+      s0 = _mm512_mask_mov_ps(ninf, m0 & _mm512_cmp_ps_mask(s0, s0, _CMP_ORD_Q), s0);
+      s1 = _mm512_mask_mov_ps(ninf, m1 & _mm512_cmp_ps_mask(s1, s1, _CMP_ORD_Q), s1);
+      best[i0 + r] = std::max(best[i0 + r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+    }
+  }
+}
+#endif
+
 // The decompressed MaxSim of one document against the queries that selected it (`who`: query indices), from the
 // table (centroid part) and the residual buckets: out[w] = sum_{i < nq} max_t (table[code_t, i] + q_i . r_t).
 template <int NBITS, typename Code>
-static void rerank_doc(const PlaidSearchArgs& A, const float* table, const float* q, const int32_t* nv,
-                       const float* weights, const Code* codes, const uint8_t* packed, const int64_t* off, int64_t b,
-                       const int64_t* who, int64_t n_who, float* out, float* buf, float* best, int* bad) {
+static void rerank_doc(const PlaidSearchArgs& A, const float* table, const float* q, const uint32_t* qb,
+                       const int32_t* nv, const float* weights, const Code* codes, const uint8_t* packed,
+                       const int64_t* off, int64_t b, const int64_t* who, int64_t n_who, float* out, float* buf,
+                       uint32_t* pbuf, float* best, int* bad) {
   const int64_t P = A.D * NBITS / 8, LP = A.LP, D = A.D, C = A.C;
   int32_t tcodes[TILE];
   for (int64_t w = 0; w < n_who; ++w)
@@ -186,10 +254,21 @@ static void rerank_doc(const PlaidSearchArgs& A, const float* table, const float
       tcodes[j] = ok ? code : 0;
     }
     decode_tile<NBITS>(weights, packed + t0 * P, P, D, nt, buf);
+#if REATT_PS_LEVEL == 3
+    const int64_t Dh = (D + 1) / 2;
+    pack_pairs(buf, D, pbuf);
+    for (int64_t w = 0; w < n_who; ++w) {
+      const int64_t a = who[w];
+      tile_maxdots_bf16(qb + a * LP * Dh, nv[a], pbuf, Dh, nt, table + a * C * LP, LP, tcodes, best + w * LP);
+    }
+#else
+    (void)qb;
+    (void)pbuf;
     for (int64_t w = 0; w < n_who; ++w) {
       const int64_t a = who[w];
       tile_maxdots(q + a * LP * D, nv[a], buf, D, nt, table + a * C * LP, LP, tcodes, best + w * LP);
     }
+#endif
   }
   for (int64_t w = 0; w < n_who; ++w) {
     const int64_t a = who[w];
@@ -234,6 +313,20 @@ static void plaid_search_impl(const PlaidSearchArgs& A) {
   std::vector<float> rer(static_cast<size_t>(Bq * M), NEG);    // their rerank scores
   std::vector<int64_t> pair_doc, pair_idx, group_off;          // (query, slot) pairs grouped by document
   int bad = 0;
+  // avx512_bf16: every query row as bf16 pairs once per call ([Bq][LP][ceil(D / 2)], round to nearest even)
+  std::vector<uint32_t> qb;
+#if REATT_PS_LEVEL == 3
+  {
+    const int64_t Dh = (A.D + 1) / 2;
+    qb.assign(static_cast<size_t>(Bq * A.LP * Dh), 0u);
+    for (int64_t r = 0; r < Bq * A.LP; ++r)
+      for (int64_t p = 0; p < Dh; ++p) {
+        const uint32_t lo = float_to_bf16(q[r * A.D + 2 * p]);
+        const uint32_t hi = 2 * p + 1 < A.D ? float_to_bf16(q[r * A.D + 2 * p + 1]) : 0u;
+        qb[r * Dh + p] = lo | (hi << 16);
+      }
+  }
+#endif
   Clock::time_point t_a = Clock::now(), t_b = t_a, t_c = t_a;
 #pragma omp parallel num_threads(A.nthreads) reduction(max : bad)
   {
@@ -307,6 +400,7 @@ static void plaid_search_impl(const PlaidSearchArgs& A) {
     // (3) rerank: decompressed MaxSim of the chosen documents, one document per work item
     {
       std::vector<float> buf(static_cast<size_t>(A.D) * TILE + 16), best;
+      std::vector<uint32_t> pairs(static_cast<size_t>((A.D + 1) / 2) * TILE + 16);
       std::vector<int64_t> who;
       std::vector<float> res;
       const int64_t n_groups = static_cast<int64_t>(group_off.size()) - 1;
@@ -319,8 +413,9 @@ static void plaid_search_impl(const PlaidSearchArgs& A) {
         for (int64_t p = p0; p < p1; ++p) who[p - p0] = pair_idx[p] / M;
         // 64-byte aligned tile: the decoder's zmm stores
         float* tile = buf.data() + ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64) / sizeof(float);
-        rerank_doc<NBITS, Code>(A, table, q, nv, weights, codes, packed, off, sel[pair_idx[p0]], who.data(), p1 - p0,
-                                res.data(), tile, best.data(), &bad);
+        uint32_t* ptile = pairs.data() + ((64 - reinterpret_cast<uintptr_t>(pairs.data()) % 64) % 64) / 4;
+        rerank_doc<NBITS, Code>(A, table, q, qb.data(), nv, weights, codes, packed, off, sel[pair_idx[p0]],
+                                who.data(), p1 - p0, res.data(), tile, ptile, best.data(), &bad);
         for (int64_t p = p0; p < p1; ++p) rer[pair_idx[p]] = res[p - p0];
       }
     }

@@ -30,7 +30,7 @@ KERNELS = {
     "residual_maxsim": "avx512",
     "centroid_interaction": "avx512",
     "reader_teacher": "avx512",
-    "plaid_search": "avx512",
+    "plaid_search": "avx512_bf16",
     "roofline": "avx512_bf16",
 }
 

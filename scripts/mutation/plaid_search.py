@@ -30,6 +30,10 @@ MUTANTS = [
          build="cpu", tests=[PS, "-k", "dyadic and cpu"]),
     dict(name="cpp-plaid-avx512-decode-skips-the-tail-bytes", path=KERNEL, isa="avx512",
          old="    d_done = words * PER_WORD;", new="    d_done = D;", build="cpu", tests=[PS, "-k", "dyadic and cpu"]),
+    # the avx512_bf16 rerank's pair packing (each lane: one token's dimensions 2p, 2p + 1)
+    dict(name="cpp-plaid-bf16-pairs-even-twice", path=KERNEL, isa="avx512_bf16",
+         old="  return _mm512_or_si512(e, _mm512_slli_epi32(o, 16));", new="  return _mm512_or_si512(e, _mm512_slli_epi32(e, 16));",
+         build="cpu", tests=[PS, "-k", "isa_paths and avx512_bf16"]),
     # ---- dispatch (plaid_search_cpu.cpp) ----
     dict(name="cpp-plaid-dispatch-nbits-2-as-4", path="csrc/plaid_search/plaid_search_cpu.cpp",
          old="    case 2: run<2, Code>(level, a); return;", new="    case 2: run<4, Code>(level, a); return;",
