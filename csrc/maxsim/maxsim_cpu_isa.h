@@ -505,11 +505,12 @@ struct FiltSeg {
   float nmax;
   const uint16_t* t16;   // bf16 pairs of the segment's rows, Dq elements apart
   int64_t row_s0;        // element offset of row s0 in d (rows sd_l apart): where r32 == nullptr converts from
+  bool prefetch_rows;    // the rows are not in cache (a prepared corpus): prefetch the rows pass 2 rescores
 };
 
 static FiltSeg filt_prepare(const FwdArgs& A, int64_t row0, int64_t s0, int64_t n, const uint8_t* jmask, float* t32,
                             uint16_t* t16) {
-  FiltSeg g{s0, n, nullptr, 0, 0.f, t16, row0 + s0 * A.sd_l};
+  FiltSeg g{s0, n, nullptr, 0, 0.f, t16, row0 + s0 * A.sd_l, false};
   if (A.dtype == kFloat32 && A.sd_d == 1) {
     g.r32 = static_cast<const float*>(A.d) + row0 + s0 * A.sd_l;
     g.ld32 = A.sd_l;
@@ -529,7 +530,7 @@ static FiltSeg filt_prepare(const FwdArgs& A, int64_t row0, int64_t s0, int64_t 
 // exact index's storage) are converted one candidate row at a time (filt_segment), 2 * D bytes each, instead of the
 // whole segment on every call. The document's bound holds for each of its segments.
 static FiltSeg filt_prepared(const FwdArgs& A, int64_t b, int64_t row0, int64_t s0, int64_t n) {
-  FiltSeg g{s0, n, nullptr, 0, A.dnorm[b], A.d16 + (A.offsets[b] + s0) * A.Dq, row0 + s0 * A.sd_l};
+  FiltSeg g{s0, n, nullptr, 0, A.dnorm[b], A.d16 + (A.offsets[b] + s0) * A.Dq, row0 + s0 * A.sd_l, true};
   if (A.dtype == kFloat32 && A.sd_d == 1) {
     g.r32 = static_cast<const float*>(A.d) + g.row_s0;
     g.ld32 = A.sd_l;
@@ -585,6 +586,17 @@ static void filt_segment(const FwdArgs& A, int64_t a, const FiltSeg& g, float* S
   const float* q32 = A.q32 + a * A.Lq * D;
   std::memcpy(pm, mx, sizeof(float) * Lqp);
   std::memcpy(pi, idx, sizeof(int32_t) * Lqp);
+  if (g.prefetch_rows) {
+    // A prepared corpus streams only the screen rows, so the rows pass 2 rescores are not in cache. Every live lane
+    // rescores its pass-1 winner: request all those rows now (up to nv rows, D * esize bytes each) so their DRAM
+    // latencies overlap, instead of one miss after another in the loop below.
+    const int64_t esz = A.dtype == kFloat32 ? 4 : 2, bytes = ((D - 1) * A.sd_d + 1) * esz;
+    for (int64_t i = 0; i < nv; ++i) {
+      if (jt[i] < 0) continue;
+      const char* row = elem_ptr(A.d, A.dtype, g.row_s0 + (jt[i] - s0) * A.sd_l);
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 0, 3);
+    }
+  }
   int64_t budget = 4 * nv + 64;
   for (int64_t i0 = 0; i0 < Lqa && budget >= 0; i0 += W) {
     const __mmask16 live = tail_mask16(nv - i0);  // the packed lanes of valid tokens

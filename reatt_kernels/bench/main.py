@@ -22,9 +22,10 @@ The job:
 2. measures the machine's roofline in the same process (streaming bandwidth, and the compute ceiling: on CPU the
    bf16 dot-product or fp32 FMA peak of the C probes, on GPU a bf16 matmul; :func:`reatt_kernels.bench.util.roofline`);
 3. times ``scores = maxsim_packed(q, corpus); scores.topk(k)`` with each backend in ``available_backends()``, where
-   ``corpus = prepare_corpus(d_tokens, d_offsets)`` is made once before any timing (its cost is each row's
-   ``prepare_ms``; a search engine stores its corpus once, then searches it many times), (a backend that cannot run is
-   reported "n/a" with its reasons), next to naive PyTorch
+   ``corpus = prepare_corpus(d_tokens, d_offsets)`` is made once before any timing (offsets validated once; its cost
+   is each row's ``prepare_ms``; a search engine stores its corpus once, then searches it many times; the cpu kernel's
+   bf16 screen is left off: it does not pay yet, see prepare_corpus), (a backend that cannot run is reported "n/a"
+   with its reasons), next to naive PyTorch
    (pad to 128 + mask, ``einsum``, ``amax``, sum; chunked over documents: the docs/baselines.md baseline);
 4. real text: builds the default index (``TokenIndex.build`` with its defaults, through the public API only) and times
    its search at the same batch sizes; then scores ``--queries`` questions with exact search and with the index:

@@ -110,10 +110,10 @@ class ExactPayload(Payload):
         return out
 
     def prepared_corpus(self, offsets: Tensor):
-        """The exact corpus prepared once for full search (ops/maxsim.py: prepare_corpus; on a CPU with AVX512_BF16
-        the cpu kernel's bf16 screen rows and per-document norm bounds, 2 bytes per dimension per token held in RAM
-        beside the fp16 tokens, so no search converts the corpus again). Built on first use; rebuilt when the tokens or
-        offsets are replaced (add, compact, load), which is checked by identity on every call."""
+        """The exact corpus prepared once for full search (ops/maxsim.py: prepare_corpus: rows and offsets validated
+        once, not on every search; no copy of the tokens). Without the bf16 screen, which does not pay yet (see
+        prepare_corpus): once it does, ``screen=True`` here is the whole change. Built on first use; rebuilt when the
+        tokens or offsets are replaced (add, compact, load), which is checked by identity on every call."""
         from ..ops.maxsim import prepare_corpus
 
         p = self._prepared

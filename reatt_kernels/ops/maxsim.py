@@ -225,9 +225,10 @@ class PreparedCorpus:
       (query token, document) on clustered data.
     - ``offsets`` int64 [Nd + 1], validated once here (never again per call).
     - ``screen`` bf16 [T, Dq] (Dq = dim rounded up to 32, zero past dim) and ``norm`` fp32 [Nd] (an upper bound of the
-      largest row norm of each document): what the cpu kernel's fp32 filter otherwise computes from every document on
-      every call (csrc/maxsim/maxsim_cpu_isa.h: filt_prepare, about a fifth of a 1-query search on the dev VM). None
-      where that kernel does not run: tokens in bf16 (read as they are), another device, or a CPU without AVX512_BF16.
+      largest row norm of each document), only with ``prepare_corpus(..., screen=True)``: what the cpu kernel's fp32
+      filter otherwise computes from every document on every call (csrc/maxsim/maxsim_cpu_isa.h: filt_prepare). None
+      by default, and where that kernel does not run: tokens in bf16 (read as they are), another device, or a CPU
+      without AVX512_BF16.
 
     Frozen: search only. No gradient flows into it (queries still get theirs); rebuild it after the tokens change.
     """
@@ -262,14 +263,23 @@ class PreparedCorpus:
                 f"screen={'yes' if self.screen is not None else 'no'}, device={self.device})")
 
 
-def prepare_corpus(d_tokens: Tensor, d_offsets: Optional[Tensor] = None) -> PreparedCorpus:
+def prepare_corpus(d_tokens: Tensor, d_offsets: Optional[Tensor] = None, *, screen: bool = False) -> PreparedCorpus:
     """Store a corpus once for repeated :func:`maxsim` / :func:`maxsim_packed` calls (pass the result as ``d`` or
-    ``d_tokens``): the offsets are validated once, and where the cpu kernel screens in bf16 (fp32 / fp16 tokens on a
-    CPU with AVX512_BF16) its bf16 rows and per-document norm bounds are computed once instead of on every call.
+    ``d_tokens``): contiguous rows and offsets validated once, never again per call.
+
+    ``screen=True`` also stores what the cpu kernel's bf16 screen computes from every document on every call (fp32 /
+    fp16 tokens on a CPU with AVX512_BF16): bf16 rows and per-document norm bounds (+2 bytes per dimension per token).
+    Off by default because, measured, it does not pay yet: the kernel then streams the bf16 rows but reads the rows it
+    rescores from DRAM one document at a time, where the unprepared call has just streamed (and converted) them. On the
+    dev VM (AMD EPYC Zen 5, 2 threads, 8000 docs x 128 tokens x 128 fp32, quiet; indicative): 1 query 18.3 ms
+    unprepared, 18.0 prepared, 25.6 with the screen; 16 queries 219, 218, 244 ms (fp16 alike). It pays once the rows
+    to rescore are prefetched a document ahead (issue 29, item 3: the batched exact fold); the layout, the kernel path
+    and its tests are in place for that.
 
     Args:
         d_tokens: packed [T, dim] with ``d_offsets`` int64 [Nd + 1], or padded [Nd, Ld, dim] without a mask (every
             document Ld tokens long; offsets are made). fp32, fp16 or bf16; made contiguous.
+        screen: build the cpu kernel's bf16 screen (above).
     Returns:
         :class:`PreparedCorpus`. Results are those of the unprepared call, bit for bit (the screen only decides which
         dot products the kernel computes exactly; tests/kernels/test_maxsim_prepared.py).
@@ -287,10 +297,10 @@ def prepare_corpus(d_tokens: Tensor, d_offsets: Optional[Tensor] = None) -> Prep
         raise ValueError("prepare_corpus: packed d_tokens [T, dim] need d_offsets int64 [Nd + 1]")
     check_offsets(d_offsets, d_tokens.shape[0], d_tokens)
     tokens, offsets = d_tokens.detach().contiguous(), d_offsets.contiguous()
-    screen = norm = None
-    if tokens.device.type == "cpu" and cpu_maxsim.screen_useful(tokens.dtype):
-        screen, norm = cpu_maxsim._maxsim_prepare(tokens, offsets)
-    return PreparedCorpus(tokens, offsets, screen, norm)
+    rows16 = norm = None
+    if screen and tokens.device.type == "cpu" and cpu_maxsim.screen_useful(tokens.dtype):
+        rows16, norm = cpu_maxsim._maxsim_prepare(tokens, offsets)
+    return PreparedCorpus(tokens, offsets, rows16, norm)
 
 
 # ---- functional API ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""A corpus prepared once (issue 29, item 1): ``rk.prepare_corpus`` stores the offsets (validated once) and, where the
-cpu kernel screens fp32 / fp16 documents in bf16 (an AVX512_BF16 CPU), its bf16 screen rows and per-document norm
-bounds, so no search converts the corpus again. ``maxsim`` and ``maxsim_packed`` take the prepared corpus in place of
+"""A corpus prepared once (issue 29, item 1): ``rk.prepare_corpus`` stores the offsets (validated once) and, with
+``screen=True`` where the cpu kernel screens fp32 / fp16 documents in bf16 (an AVX512_BF16 CPU), its bf16 screen rows
+and per-document norm bounds, so no search converts the corpus again. ``maxsim`` and ``maxsim_packed`` take the prepared corpus in place of
 the documents.
 
 The screen only decides which dot products the kernel computes exactly, so the results must be those of the
@@ -45,7 +45,7 @@ def test_prepare_corpus_layout():
     upper bound of each document's largest row norm, and tight (an empty document: 0). bf16 tokens need no screen."""
     tok, off = _corpus(9, 30, 40, torch.float32, _unit, empty=(1, 4))
     tok[off[2] + 3] *= 3.0  # the largest row of document 2 is not its first
-    c = rk.prepare_corpus(tok, off)
+    c = rk.prepare_corpus(tok, off, screen=True)
     assert c.n_docs == 9 and c.dim == 40 and torch.equal(c.offsets, off)
     if not cpu_maxsim.screen_useful(torch.float32):
         assert c.screen is None and c.norm is None
@@ -56,7 +56,8 @@ def test_prepare_corpus_layout():
         rows = tok[off[b]:off[b + 1]].double()
         true = rows.norm(dim=1).max().item() if rows.shape[0] else 0.0
         assert true <= c.norm[b].item() <= true * (1 + 1e-5) + 1e-30, f"document {b}: bound {c.norm[b]} vs {true}"
-    assert rk.prepare_corpus(tok.bfloat16(), off).screen is None
+    assert rk.prepare_corpus(tok.bfloat16(), off, screen=True).screen is None
+    assert rk.prepare_corpus(tok, off).screen is None  # off by default
 
 
 @needs_cpu_ext
@@ -76,7 +77,7 @@ def test_prepared_equals_unprepared(isa, dtype, seg, force_isa, monkeypatch):
         qm = random_mask((Bq, Lq), p_true=0.6)
         qm[1] = False
         pb = torch.randn(20) * 0.1
-        corpus = rk.prepare_corpus(tok, off)
+        corpus = rk.prepare_corpus(tok, off, screen=True)
         s1, a1 = rk.maxsim_packed(q, corpus, None, qm, pos_bias=pb, reduce="mean", backend="cpu", return_argmax=True)
         s0, a0 = rk.maxsim_packed(q, tok, off, qm, pos_bias=pb, reduce="mean", backend="cpu", return_argmax=True)
         assert torch.equal(a1, a0), f"{isa} {dtype}: argmax differs from the unprepared call"
@@ -108,7 +109,7 @@ def test_prepared_filter_adversarial(dtype, seg, monkeypatch):
     qm = torch.ones(Bq, Lq, dtype=torch.bool)
     qm[1, 3] = False
     pb = torch.randint(-4, 5, (Lq + Ld,)).float() / 8
-    s, am = rk.maxsim_packed(q, rk.prepare_corpus(tok, off), None, qm, pos_bias=pb, backend="cpu",
+    s, am = rk.maxsim_packed(q, rk.prepare_corpus(tok, off, screen=True), None, qm, pos_bias=pb, backend="cpu",
                              return_argmax=True)
     orc = maxsim_oracle("packed", q, tok, qm, None, off, pb, "sum")
     assert torch.equal(am.long(), orc["argmax"]), "argmax differs from the exact oracle"
@@ -122,7 +123,7 @@ def test_prepared_corpus_every_backend_and_autograd(backend):
     dev = device_for(backend)
     tok, off = _corpus(6, 13, 33, torch.float32, lambda s: discrete(s, scale=2), seed=2)
     tok, off = tok.to(dev), off.to(dev)
-    corpus = rk.prepare_corpus(tok, off)
+    corpus = rk.prepare_corpus(tok, off, screen=True)
     q = discrete((3, 7, 33), scale=2).to(dev).requires_grad_(True)
     qm = random_mask((3, 7)).to(dev)
     s1, a1 = rk.maxsim_packed(q, corpus, None, qm, backend=backend, return_argmax=True)
@@ -169,7 +170,7 @@ def test_prepared_screen_skipped_below_bf16(monkeypatch):
     if cpu_isa.info()["best"] != "avx512":
         pytest.skip("this CPU has no avx512 path to cap at")
     tok, off = _corpus(3, 5, 16, torch.float32, _unit)
-    assert rk.prepare_corpus(tok, off).screen is None
+    assert rk.prepare_corpus(tok, off, screen=True).screen is None
 
 
 @needs_cpu_ext
@@ -177,7 +178,7 @@ def test_prepared_opcheck():
     """reatt::maxsim_fwd with a prepared screen (its two optional tensors) passes torch.library.opcheck (schema, fake
     tensor, autograd registration)."""
     tok, off = _corpus(4, 6, 16, torch.float32, _unit)
-    c = rk.prepare_corpus(tok, off)
+    c = rk.prepare_corpus(tok, off, screen=True)
     q = _unit((3, 5, 16)).requires_grad_(True)
     qm = random_mask((3, 5))
     pb = torch.randn(12, requires_grad=True)
