@@ -99,7 +99,10 @@ def _kmeans_lloyd(x: Tensor, k: int, niter: int, seed: int) -> Tensor:
     cent = x[torch.randperm(S, generator=g)[:k]].clone()
     for _ in range(max(1, niter)):
         a = assign(x, cent, bf16=True).long()
-        sums = torch.zeros(k, D, dtype=torch.float64).index_add_(0, a, x.double())
+        # fp64 sums, a block of rows at a time: the sample's fp64 copy (2x its fp32 size) would be the build's peak
+        sums = torch.zeros(k, D, dtype=torch.float64)
+        for r0 in range(0, S, 1 << 12):
+            sums.index_add_(0, a[r0:r0 + (1 << 12)], x[r0:r0 + (1 << 12)].double())
         cnt = torch.bincount(a, minlength=k)
         cent = (sums / cnt.clamp(min=1)[:, None]).float()
         empty = torch.nonzero(cnt == 0).flatten()
@@ -165,9 +168,10 @@ def assign_probe(device="cpu", dim: int = 128) -> dict:
 
 
 def _score_chunk(C: int) -> int:
-    """Tokens per assignment chunk: the [chunk, C] score block stays near 2^24 elements (32 MiB in bf16) however
-    many centroids there are (a fixed 32k-token chunk against 32k centroids would be a 4 GiB block)."""
-    return max(256, (1 << 24) // max(C, 1))
+    """Tokens per assignment chunk: the [chunk, C] score block stays near 2^22 elements (8 MiB in bf16) however
+    many centroids there are (a fixed 32k-token chunk against 32k centroids would be a 4 GiB block). Small blocks
+    also keep the build's RSS down: the allocator keeps freed temporaries in the process."""
+    return max(256, (1 << 22) // max(C, 1))
 
 
 def assign(x: Tensor, centroids: Tensor, *, bf16: Optional[bool] = None) -> Tensor:
@@ -200,6 +204,50 @@ def assign(x: Tensor, centroids: Tensor, *, bf16: Optional[bool] = None) -> Tens
     return out
 
 
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by the build's temporaries back to the OS (glibc's malloc_trim): the allocator keeps
+    them otherwise, and they count in the process's RSS, which the build's memory budget measures. No-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _lloyd_max(rs: Tensor, qs_cut: Tensor, qs_w: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """Quantile cutoffs and weights of each row of ``rs`` (fp64 [Db, S], every row sorted), refined by ``iters``
+    Lloyd-Max steps: weights <- bucket means, cutoffs <- midpoints. -> (cutoffs fp32 [Db, K - 1], weights fp32 [Db, K]).
+
+    Every statistic reads the sorted rows: the quantiles are two gathers (torch.quantile's linear interpolation at
+    q (S - 1)); each Lloyd-Max step finds its buckets with K - 1 binary searches per row and sums them with a prefix
+    sum, O(Db K log S) per step instead of bucketing all S values again (measured on 2^16 x 384: 7.3 s of quantiles
+    and 7.6 s of Lloyd-Max before, about 1 s now). A value's bucket is #{k : cutoffs[k] < value} (the encoder's
+    rule), so bucket k ends after the values <= cutoff k. The refinement lowers the decode error (most in the tails,
+    where equal-probability buckets are wide) at no cost per token."""
+    Db, S = rs.shape
+
+    def quantiles(qs: Tensor) -> Tensor:
+        pos = qs * (S - 1)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=S - 1)
+        frac = (pos - lo.double())[None, :]
+        return rs[:, lo] * (1 - frac) + rs[:, hi] * frac  # [Db, len(qs)]
+
+    cutoffs = quantiles(qs_cut).float().contiguous()
+    weights = quantiles(qs_w).float().contiguous()
+    prefix = torch.cat([torch.zeros(Db, 1, dtype=torch.float64), rs.cumsum(1)], 1)  # [Db, S + 1]
+    for _ in range(iters):
+        ends = torch.searchsorted(rs, cutoffs.double().contiguous(), right=True)  # [Db, K - 1]
+        bounds = torch.cat([torch.zeros(Db, 1, dtype=torch.int64), ends, torch.full((Db, 1), S)], 1)  # [Db, K + 1]
+        sums = prefix.gather(1, bounds[:, 1:]) - prefix.gather(1, bounds[:, :-1])
+        cnt = (bounds[:, 1:] - bounds[:, :-1]).double()
+        weights = torch.where(cnt > 0, sums / cnt.clamp(min=1), weights.double()).float()
+        weights = weights.sort(dim=1).values
+        cutoffs = (0.5 * (weights[:, 1:] + weights[:, :-1])).contiguous()
+    return cutoffs, weights
+
+
 class ResidualCodec:
     """Centroids fp32 [C, D], cutoffs fp32 [D, 2^nbits - 1], weights fp32 [D, 2^nbits]."""
 
@@ -229,47 +277,31 @@ class ResidualCodec:
         check_nbits(nbits, sample.shape[1])
         sample = sample.float().cpu()
         cent = kmeans(sample, n_centroids, niter=niter, seed=seed, gpu=gpu)
+        release_freed_memory()  # k-means' temporaries
         K = 1 << nbits
         qs_cut = torch.arange(1, K, dtype=torch.float64) / K
         qs_w = (torch.arange(K, dtype=torch.float64) + 0.5) / K
-        # Quantiles and Lloyd-Max per dimension over the residuals of at most 2^16 sample rows: 16 buckets per
-        # dimension are placed well by 65k values, and the temporaries ([S, D] residuals, [D, S] int64 bucket ids,
-        # fp64 sums) stay near 64 MiB instead of several copies of the whole sample (the build's peak memory).
-        sub = sample[torch.randperm(sample.shape[0], generator=torch.Generator().manual_seed(seed))[: 1 << 16]]
-        r = sub - cent[assign(sub, cent).long()]
-        del sub
-        # Every statistic below reads each dimension's residuals sorted once ([D, S]): the quantiles are two gathers
-        # (torch.quantile's linear interpolation at q (S - 1)), and each Lloyd-Max step finds its buckets with K - 1
-        # binary searches per dimension and sums them with a prefix sum: O(D K log S) per step, not O(D S) for
-        # bucketing all S values again (measured on 2^16 x 384: 7.3 s of quantiles + 7.6 s of Lloyd-Max before).
-        rs = torch.sort(r.T.contiguous(), dim=1).values.double()  # [D, S]
-        del r
-        D, S = rs.shape
-
-        def quantiles(qs: Tensor) -> Tensor:
-            pos = qs * (S - 1)
-            lo = pos.floor().long()
-            hi = (lo + 1).clamp(max=S - 1)
-            frac = (pos - lo.double())[None, :]
-            return rs[:, lo] * (1 - frac) + rs[:, hi] * frac  # [D, len(qs)]
-
-        cutoffs = quantiles(qs_cut).float().contiguous()
-        weights = quantiles(qs_w).float().contiguous()
-        # Lloyd-Max refinement from the quantile start: weights <- bucket means, cutoffs <- midpoints. Lowers the
-        # decode error (most in the tails, where equal-probability buckets are wide) at no cost per token. A value's
-        # bucket is #{k : cutoffs[d, k] < value} (the encoder's rule), so bucket k ends after the values <= cutoff k.
-        prefix = torch.cat([torch.zeros(D, 1, dtype=torch.float64), rs.cumsum(1)], 1)  # [D, S + 1]
-        for _ in range(lloyd_iters):
-            ends = torch.searchsorted(rs, cutoffs.double().contiguous(), right=True)  # [D, K - 1]
-            bounds = torch.cat([torch.zeros(D, 1, dtype=torch.int64), ends, torch.full((D, 1), S)], 1)  # [D, K + 1]
-            sums = prefix.gather(1, bounds[:, 1:]) - prefix.gather(1, bounds[:, :-1])
-            cnt = (bounds[:, 1:] - bounds[:, :-1]).double()
-            weights = torch.where(cnt > 0, sums / cnt.clamp(min=1), weights.double()).float()
-            weights = weights.sort(dim=1).values
-            cutoffs = (0.5 * (weights[:, 1:] + weights[:, :-1])).contiguous()
+        # Quantiles and Lloyd-Max per dimension over the residuals of at most 2^15 sample rows (2,048 values per
+        # bucket at 4 bits), computed in place a block at a time: the temporaries stay near 50 MiB beside the sample,
+        # which is the build's peak (its memory budget: 1.5 x the index + the sample).
+        r = sample[torch.randperm(sample.shape[0], generator=torch.Generator().manual_seed(seed))[: 1 << 15]]
+        a = assign(r, cent).long()
+        for r0 in range(0, r.shape[0], 1 << 12):
+            r[r0:r0 + (1 << 12)] -= cent[a[r0:r0 + (1 << 12)]]
+        del a
+        # Each dimension's residuals sorted once (_lloyd_max reads only the sorted rows). A block of dimensions at a time (each dimension's statistics are independent), so the sorted fp64 copy and
+        # its prefix sums stay near 2 x 64 x S x 8 bytes (64 MiB at S = 2^16), not 2 x D x S x 8 (400 MiB at D = 384).
+        D, S = r.shape[1], r.shape[0]
+        cut_rows, w_rows = [], []
+        for d0 in range(0, D, 64):
+            rs = torch.sort(r[:, d0:d0 + 64].T.contiguous(), dim=1).values.double()  # [Db, S]
+            cutoffs, weights = _lloyd_max(rs, qs_cut, qs_w, lloyd_iters)
+            cut_rows.append(cutoffs)
+            w_rows.append(weights)
+        cutoffs, weights = torch.cat(cut_rows), torch.cat(w_rows)
         return cls(cent, cutoffs.contiguous(), weights.contiguous(), nbits)
 
-    def encode(self, x: Tensor, chunk: int = 1 << 15, *, bf16: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor, chunk: int = 1 << 13, *, bf16: Optional[bool] = None) -> tuple[Tensor, Tensor]:
         """x [T, D] -> (codes int32 [T], packed uint8 [T, D * nbits // 8]) on x's device. ``bf16``: see
         :func:`assign`."""
         dev = x.device

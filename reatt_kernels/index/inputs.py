@@ -70,14 +70,21 @@ def _stream_tokens(stream) -> Optional[int]:
 
 def _training_sample(stream, d_offsets, it, buffered, sample_tokens, seed):
     """k-means sample: random documents across the corpus when it has random access (list / packed), else the
-    first ``sample_tokens`` tokens of the stream (kept in ``buffered`` to be encoded afterwards)."""
+    first ``sample_tokens`` tokens of the stream (kept in ``buffered`` to be encoded afterwards).
+
+    The fp32 sample is the build's largest block (its memory budget's "one chunk"), so it is written in place, a
+    block of rows at a time: never a list of pieces plus their concatenation, nor a half-precision copy beside the
+    fp32 one (each doubled the build's peak)."""
     g = torch.Generator().manual_seed(seed)
     if isinstance(stream, Tensor):
         T = stream.shape[0]
-        if T <= sample_tokens:
-            return stream.float().cpu(), buffered, T
-        rows = torch.randperm(T, generator=g)[:sample_tokens].sort().values
-        return stream[rows.to(stream.device)].float().cpu(), buffered, T
+        rows = None if T <= sample_tokens else torch.randperm(T, generator=g)[:sample_tokens].sort().values
+        n = T if rows is None else rows.numel()
+        out = torch.empty((n, stream.shape[1]), dtype=torch.float32)
+        for r0 in range(0, n, 1 << 13):  # small blocks: the allocator keeps freed temporaries in the RSS
+            src = stream[r0:r0 + (1 << 13)] if rows is None else stream[rows[r0:r0 + (1 << 13)].to(stream.device)]
+            out[r0:r0 + src.shape[0]] = src.float().cpu()
+        return out, buffered, T
     if isinstance(stream, list):
         T = sum(x.shape[0] for x in stream)
         order = torch.randperm(len(stream), generator=g).tolist()
@@ -85,17 +92,34 @@ def _training_sample(stream, d_offsets, it, buffered, sample_tokens, seed):
         for i in order:
             if n >= sample_tokens:
                 break
-            picked.append(stream[i].float().cpu())
+            picked.append(i)
             n += stream[i].shape[0]
-        return (torch.cat(picked) if picked else torch.zeros(0, 1)), buffered, T
+        return _stack_f32([stream[i] for i in picked]), buffered, T
     n = sum(c[0].shape[0] for c in buffered)
     for ch in it:
         buffered.append(ch)
         n += ch[0].shape[0]
         if n >= sample_tokens:
             break
-    sample = torch.cat([c[0].float().cpu() for c in buffered]) if buffered else torch.zeros(0, 1)
-    return sample[:sample_tokens], buffered, n
+    return _stack_f32([c[0] for c in buffered], limit=sample_tokens), buffered, n
+
+
+def _stack_f32(parts, limit: Optional[int] = None) -> Tensor:
+    """The rows of ``parts`` (tensors [L_i, D], any float dtype and device) in one fp32 CPU tensor, written in place;
+    at most ``limit`` rows."""
+    if not parts:
+        return torch.zeros(0, 1)
+    n = sum(x.shape[0] for x in parts)
+    n = n if limit is None else min(n, limit)
+    out = torch.empty((n, parts[0].shape[1]), dtype=torch.float32)
+    r = 0
+    for x in parts:
+        take = min(x.shape[0], n - r)
+        if take <= 0:
+            break
+        out[r:r + take] = x[:take].float().cpu()
+        r += take
+    return out
 
 
 def _ragged_rows(offsets: Tensor, docs: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import calibration, residual_search
-from .codec import ResidualCodec, check_nbits, default_n_centroids, default_sample_tokens
+from .codec import ResidualCodec, check_nbits, default_n_centroids, default_sample_tokens, release_freed_memory
 from .inputs import _training_sample
 from .io import IndexCorruptedError
 from .payload import Payload, _no_extra
@@ -58,12 +58,14 @@ class ResidualPayload(Payload):
             if sample_tokens == "auto":
                 sample_tokens = default_sample_tokens(T0, k0)
             sample, buffered, known_T = _training_sample(stream, d_offsets, it, buffered, int(sample_tokens), seed)
+            release_freed_memory()  # the sampling's temporaries: the sample is the build's one large block
             T = n_tokens_hint or known_T
             if sample.shape[0] == 0:
                 raise ValueError("a residual index needs tokens to train its centroids (or pass codec=)")
             k = default_n_centroids(T) if n_centroids == "auto" else int(n_centroids)
             codec = ResidualCodec.train(sample, k, nbits, niter=kmeans_iters, seed=seed)
             del sample  # not held while the corpus is encoded
+            release_freed_memory()
         return codec, codec.nbits, buffered
 
     def calibration_queries(self, stream, d_offsets, buffered, seed: int):
