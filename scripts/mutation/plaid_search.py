@@ -30,6 +30,13 @@ MUTANTS = [
          build="cpu", tests=[PS, "-k", "dyadic and cpu"]),
     dict(name="cpp-plaid-avx512-decode-skips-the-tail-bytes", path=KERNEL, isa="avx512",
          old="    d_done = words * PER_WORD;", new="    d_done = D;", build="cpu", tests=[PS, "-k", "dyadic and cpu"]),
+    # the SIMD centroid interaction (two accumulator sets, even and odd tokens): each level's merge and odd tail
+    dict(name="cpp-plaid-simd-ci-odd-tokens-dropped", path=KERNEL, isa="avx2",
+         old="ci_store(acc + v * W, ci_max(b[v], a[v]));", new="ci_store(acc + v * W, a[v]);",
+         build="cpu", tests=[PS, "-k", "dyadic and cpu"]),
+    dict(name="cpp-plaid-simd-ci-last-token-of-odd-tail-skipped", path=KERNEL, isa="avx2",
+         old="  if (t < t1) {\n    const float* ra = row(t);", new="  if (false) {\n    const float* ra = row(t);",
+         build="cpu", tests=[PS, "-k", "every_token_position"]),
     # the avx512_bf16 rerank's pair packing (each lane: one token's dimensions 2p, 2p + 1)
     dict(name="cpp-plaid-bf16-pairs-even-twice", path=KERNEL, isa="avx512_bf16",
          old="  return _mm512_or_si512(e, _mm512_slli_epi32(o, 16));", new="  return _mm512_or_si512(e, _mm512_slli_epi32(e, 16));",

@@ -74,6 +74,28 @@ def test_plaid_keeps_ncandidates_by_centroid_interaction(corpus, residual):
     assert set(residual.last_timings) == {"scan", "topk"}
 
 
+def test_batch_with_mixed_query_lengths_equals_one_query_at_a_time(corpus, residual):
+    """A batch whose queries fall in different LP classes (valid counts 1..16, 17..32, 33..48) runs one kernel call
+    per class: every query gets exactly what it gets alone, with and without a per-query allow-list."""
+    d, off, _, _ = corpus
+    g = torch.Generator().manual_seed(3)
+    lens = [40, 3, 17, 9, 33, 16, 1, 25]
+    q = torch.randn(len(lens), DIM, 41, generator=g).transpose(1, 2)[:, 1:]  # [8, 40, DIM], non-contiguous
+    mask = torch.zeros(len(lens), 40, dtype=torch.bool)
+    for a, n in enumerate(lens):
+        mask[a, torch.randperm(40, generator=g)[:n]] = True  # valid tokens scattered, not a prefix
+    ids = residual.doc_ids
+    subset = [ids[torch.randperm(ids.numel(), generator=g)[:n]].tolist() for n in (50, 7, 300, 120, 2, 90, 300, 33)]
+    for sub in (None, subset):
+        for ncand in (8, "auto"):
+            s, i = residual.search(q, k=5, q_mask=mask, ncandidates=ncand, subset=sub)
+            for a in range(len(lens)):
+                s1, i1 = residual.search(q[a:a + 1], k=5, q_mask=mask[a:a + 1], ncandidates=ncand,
+                                         subset=None if sub is None else [sub[a]])
+                assert torch.equal(i[a], i1[0]), (a, sub is None, ncand)
+                assert torch.equal(s[a], s1[0]), (a, sub is None, ncand)
+
+
 def test_deleted_documents_never_returned_by_any_method(corpus):
     d, off, q, src = corpus
     index = TokenIndex.build(d, d_offsets=off, kind="residual", nbits=2, n_centroids=32, progress=False)

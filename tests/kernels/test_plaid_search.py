@@ -106,6 +106,34 @@ def test_plaid_search_cpu_isa_paths(isa, force_isa):
                     assert Nd == 11
 
 
+@pytest.mark.parametrize("isa", isa_params("plaid_search"))
+@pytest.mark.skipif(not _has_cpu_ext(), reason="no C++ extension")
+def test_plaid_search_interaction_sees_every_token_position(isa, force_isa):
+    """The centroid interaction's max reaches every token of a document (the SIMD levels split even and odd tokens and
+    treat an odd tail apart): document 0 has one "high" token, at each position of each length 1..9 in turn, among
+    "low" ones; document 1 is all "mid". With ncandidates = 1 only the interaction's winner is reranked, so the answer
+    is document 0 exactly when its high token was seen. Queries of 1 and 17 valid tokens (LP 16 and 32)."""
+    force_isa(isa)
+    D, nbits = 16, 4
+    g = torch.Generator().manual_seed(7)
+    cent = torch.zeros(3, D)
+    cent[:, 0] = torch.tensor([-1.0, 0.5, 2.0])  # codes: 0 low, 1 mid, 2 high (dyadic: exact in fp32)
+    cent[:, 1:] = torch.randint(-2, 3, (3, D - 1), generator=g).float() / 64
+    w = torch.randint(-1, 2, (D, 1 << nbits), generator=g).float() / 256  # residuals too small to reorder
+    for nq in (1, 17):
+        q = torch.zeros(1, nq, D)
+        q[..., 0] = 1.0
+        q[..., 1:] = torch.randint(-2, 3, (1, nq, D - 1), generator=g).float() / 64
+        for L in range(1, 10):
+            for pos in range(L):
+                codes = torch.tensor([0] * L + [1] * L, dtype=torch.int32)
+                codes[pos] = 2
+                packed = torch.randint(0, 256, (2 * L, D * nbits // 8), generator=g, dtype=torch.uint8)
+                off = torch.tensor([0, L, 2 * L])
+                s, d = plaid_search(q, cent, w, codes, packed, off, nbits, k=1, ncandidates=1, backend="cpu")
+                assert d.tolist() == [[0]], f"{isa}: nq={nq} length {L}, high token at {pos}: got document {d}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plaid_search_ties_go_to_the_lower_row(backend):
     """Identical documents tie exactly in both stages: the lower rows are selected and returned first."""
