@@ -10,88 +10,18 @@ constexpr int TILE = 32;  // document tokens decoded and scored together (two zm
 // LP = 16) and one 2- or 4-byte code per token; LP fixed at compile time so the row max is LP/16 zmm registers.
 // An out-of-range code is clamped to row 0 and reported (`bad`): the kernel never reads past the table, and the cost
 // of the check is one compare per token (no separate validation pass over the codes).
-#if REATT_PS_LEVEL >= 1
-// SIMD levels: the row max in LP / W vector registers, written with intrinsics because GCC does not vectorise the
-// plain loop below (measured: it compiled to 16 scalar loads and vmaxss per token at LP = 16). Two accumulator sets take
-// the even and the odd tokens, so one token's max never waits on the previous one's (vmaxps latency, not the L2 row
-// load, would bind a single chain); they are merged once per document. Per token: one code load, LP / W row loads
-// and as many maxes. std::max(acc, r) keeps acc when either is NaN; ci_max(r, acc) (max_ps) returns its second operand then too.
-#if REATT_PS_LEVEL >= 2
-using CiVec = __m512;
-constexpr int CI_W = 16;
-static inline CiVec ci_load(const float* p) { return _mm512_loadu_ps(p); }
-static inline CiVec ci_max(CiVec r, CiVec acc) { return _mm512_max_ps(r, acc); }
-static inline void ci_store(float* p, CiVec v) { _mm512_store_ps(p, v); }
-#else
-using CiVec = __m256;
-constexpr int CI_W = 8;
-static inline CiVec ci_load(const float* p) { return _mm256_loadu_ps(p); }
-static inline CiVec ci_max(CiVec r, CiVec acc) { return _mm256_max_ps(r, acc); }
-static inline void ci_store(float* p, CiVec v) { _mm256_store_ps(p, v); }
-#endif
+#define REATT_CI_SIMD (REATT_PS_LEVEL >= 2 ? 2 : REATT_PS_LEVEL)
+#include "centroid_row_max_cpu.h"  // NOLINT: included once per ISA, on purpose
+#undef REATT_CI_SIMD
 template <int LP, typename Code>
 static float ci_doc(const float* __restrict tab, int32_t nq, const Code* __restrict codes, int64_t t0, int64_t t1,
                     int64_t C, int* bad) {
-  constexpr int W = CI_W;
-  constexpr int NV = LP / W;
-  int32_t bad_code = 0;
-  auto row = [&](int64_t t) {
-    const int32_t code = static_cast<int32_t>(codes[t]);
-    const bool ok = code >= 0 && code < C;
-    bad_code |= !ok;
-    return tab + static_cast<int64_t>(ok ? code : 0) * LP;  // an out-of-range code reads row 0 and is reported
-  };
-  CiVec a[NV], b[NV];
-  {
-    const float* r = row(t0);
-    for (int v = 0; v < NV; ++v) a[v] = b[v] = ci_load(r + v * W);  // max is idempotent: both sets start at token t0
-  }
-  int64_t t = t0 + 1;
-  for (; t + 1 < t1; t += 2) {
-    const float* ra = row(t);
-    const float* rb = row(t + 1);
-    for (int v = 0; v < NV; ++v) {
-      a[v] = ci_max(ci_load(ra + v * W), a[v]);
-      b[v] = ci_max(ci_load(rb + v * W), b[v]);
-    }
-  }
-  if (t < t1) {
-    const float* ra = row(t);
-    for (int v = 0; v < NV; ++v) a[v] = ci_max(ci_load(ra + v * W), a[v]);
-  }
   alignas(64) float acc[LP];
-  for (int v = 0; v < NV; ++v) ci_store(acc + v * W, ci_max(b[v], a[v]));
-  if (bad_code) *bad = 2;
+  if (ci_row_max<LP, Code>(tab, codes, t0, t1, C, acc)) *bad = 2;
   float s = 0.f;
   for (int i = 0; i < nq; ++i) s += acc[i];  // only the valid (packed-first) query tokens are summed
   return s;
 }
-#else
-template <int LP, typename Code>
-static float ci_doc(const float* __restrict tab, int32_t nq, const Code* __restrict codes, int64_t t0, int64_t t1,
-                    int64_t C, int* bad) {
-  float acc[LP];
-  int32_t bad_code = 0;
-  {
-    const int32_t code = static_cast<int32_t>(codes[t0]);
-    const bool ok = code >= 0 && code < C;
-    bad_code |= !ok;
-    const float* r = tab + static_cast<int64_t>(ok ? code : 0) * LP;
-    for (int i = 0; i < LP; ++i) acc[i] = r[i];
-  }
-  for (int64_t t = t0 + 1; t < t1; ++t) {
-    const int32_t code = static_cast<int32_t>(codes[t]);
-    const bool ok = code >= 0 && code < C;
-    bad_code |= !ok;
-    const float* r = tab + static_cast<int64_t>(ok ? code : 0) * LP;
-    for (int i = 0; i < LP; ++i) acc[i] = std::max(acc[i], r[i]);
-  }
-  if (bad_code) *bad = 2;
-  float s = 0.f;
-  for (int i = 0; i < nq; ++i) s += acc[i];  // only the valid (packed-first) query tokens are summed
-  return s;
-}
-#endif
 
 // ---- stage 3: decode a tile of residuals, transposed: buf[d * TILE + j] = w[d, bucket(t0 + j, d)] ----------------------
 // Bit layout (reatt_kernels/reference/residual_maxsim.py): dimension d in byte d * nbits / 8 at bit (d * nbits) % 8,

@@ -29,31 +29,41 @@
 
 #include "common.h"
 #include "cpu_isa.h"
+#if REATT_ISA_X86
+#include <immintrin.h>  // the centroid row max (centroid_row_max_cpu.h) is written with intrinsics
+#endif
 #include "residual_maxsim/residual_maxsim_args.h"
 
 namespace reatt {
 namespace {
 
 // ---- the per-ISA instantiations ------------------------------------------------------------------------------------
-// The loops are plain C++ (the compiler vectorises them for each target); what differs is the vector width the
-// compiler may use: 512-bit (avx512), 256-bit with FMA (avx2), or the baseline 128-bit SSE2 (scalar).
+// The loops are plain C++ (the compiler vectorises them for each target), except the centroid row max, written with
+// intrinsics in centroid_row_max_cpu.h because GCC left it scalar; what differs is the vector width the compiler may
+// use: 512-bit (avx512), 256-bit with FMA (avx2), or the baseline 128-bit SSE2 (scalar).
 #if REATT_ISA_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#define REATT_CI_SIMD 2
 namespace avx512 {
 #include "residual_maxsim/residual_maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 }  // namespace avx512
+#undef REATT_CI_SIMD
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define REATT_CI_SIMD 1
 namespace avx2 {
 #include "residual_maxsim/residual_maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 }  // namespace avx2
+#undef REATT_CI_SIMD
 #pragma GCC pop_options
 #endif
+#define REATT_CI_SIMD 0
 namespace scalar {
 #include "residual_maxsim/residual_maxsim_cpu_isa.h"  // NOLINT: included once per ISA, on purpose
 }  // namespace scalar
+#undef REATT_CI_SIMD
 
 // One function of each level's namespace, chosen by the resolved level (REATT_CPU_ISA through args.isa).
 #if REATT_ISA_X86

@@ -7,6 +7,7 @@ constexpr int TILE = 16;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // ---- centroid interaction -------------------------------------------------------------------------------------------
+#include "centroid_row_max_cpu.h"  // NOLINT: included once per ISA, on purpose (REATT_CI_SIMD set by the includer)
 // One (query, candidate) pair per iteration; the running max over the document's tokens is LP floats in registers.
 template <int LP>
 void ci_impl(const float* __restrict table, const bool* __restrict q_mask, const int32_t* __restrict codes,
@@ -28,22 +29,8 @@ void ci_impl(const float* __restrict table, const bool* __restrict q_mask, const
     const float* tab = table + a * C * LP;
     // The launcher validated every code (ops/centroid_interaction.py); an out-of-range one is clamped to row 0 and
     // reported, never read past the table. The hot loop is branch-free: one row load and LP maxes per token.
-    int32_t bad_code = 0;
-    float acc[LP];
-    {
-      const int32_t code = codes[t0];
-      const bool ok = code >= 0 && code < C;
-      bad_code |= !ok;
-      const float* r = tab + static_cast<int64_t>(ok ? code : 0) * LP;
-      for (int i = 0; i < LP; ++i) acc[i] = r[i];
-    }
-    for (int64_t t = t0 + 1; t < t1; ++t) {
-      const int32_t code = codes[t];
-      const bool ok = code >= 0 && code < C;
-      bad_code |= !ok;
-      const float* r = tab + static_cast<int64_t>(ok ? code : 0) * LP;
-      for (int i = 0; i < LP; ++i) acc[i] = std::max(acc[i], r[i]);
-    }
+    alignas(64) float acc[LP];
+    const int bad_code = ci_row_max<LP, int32_t>(tab, codes, t0, t1, C, acc);
     if (bad_code) bad->store(2);
     // only valid query tokens are summed: masked columns (and the padding past Lq) may hold anything
     float s = 0.f;

@@ -3,6 +3,7 @@ index features built on it (subset allow-lists, load-time validation). Format: m
 
 PS = "tests/kernels/test_plaid_search.py"
 KERNEL = "csrc/plaid_search/plaid_search_cpu_isa.h"
+ROW_MAX = "csrc/centroid_row_max_cpu.h"  # shared with centroid_interaction (residual_maxsim_cpu_isa.h)
 SUBSET = "tests/index/test_index_subset.py"
 VALIDATE = "tests/index/test_index_validate.py"
 
@@ -30,11 +31,11 @@ MUTANTS = [
          build="cpu", tests=[PS, "-k", "dyadic and cpu"]),
     dict(name="cpp-plaid-avx512-decode-skips-the-tail-bytes", path=KERNEL, isa="avx512",
          old="    d_done = words * PER_WORD;", new="    d_done = D;", build="cpu", tests=[PS, "-k", "dyadic and cpu"]),
-    # the SIMD centroid interaction (two accumulator sets, even and odd tokens): each level's merge and odd tail
-    dict(name="cpp-plaid-simd-ci-odd-tokens-dropped", path=KERNEL, isa="avx2",
+    # the SIMD centroid row max (two accumulator sets, even and odd tokens): the merge and the odd tail
+    dict(name="cpp-plaid-simd-ci-odd-tokens-dropped", path=ROW_MAX, isa="avx2",
          old="ci_store(acc + v * W, ci_max(b[v], a[v]));", new="ci_store(acc + v * W, a[v]);",
          build="cpu", tests=[PS, "-k", "dyadic and cpu"]),
-    dict(name="cpp-plaid-simd-ci-last-token-of-odd-tail-skipped", path=KERNEL, isa="avx2",
+    dict(name="cpp-plaid-simd-ci-last-token-of-odd-tail-skipped", path=ROW_MAX, isa="avx2",
          old="  if (t < t1) {\n    const float* ra = row(t);", new="  if (false) {\n    const float* ra = row(t);",
          build="cpu", tests=[PS, "-k", "every_token_position"]),
     # the avx512_bf16 rerank's pair packing (each lane: one token's dimensions 2p, 2p + 1)
