@@ -11,5 +11,9 @@ cd "$(dirname "$0")/../.."
 if [ "${REATT_CI_PYLATE:-1}" = 0 ]; then echo "SKIPPED: REATT_CI_PYLATE=0"; exit 0; fi
 make --no-print-directory pylate-env
 PY=.venv-pylate/bin/python
-"$PY" -m pytest -q -p no:cacheprovider tests/compat  # our compat tests under PyLate's torch 2.11
+# Our compat tests under PyLate's torch 2.11, except the triton backend's: that torch pins triton 3.6, whose
+# interpreter (TRITON_INTERPRET=1, the only way Triton runs without a GPU) raises "TypeError: only 0-dimensional arrays
+# can be converted to Python scalars" inside its own launch code on our kernels. Those tests pass in the main env
+# (triton 3.8.0, make test); on a GPU the side env's triton 3.6 compiles for real and the GPU check runs them.
+"$PY" -m pytest -q -p no:cacheprovider tests/compat -k "not triton"
 bash scripts/pylate/run_pylate_tests.sh all
