@@ -176,11 +176,15 @@ def run_train(quick, device, rows):
         return
     model.train()
     bs = 4 if quick else 16
-    queries, docs = stdlib_texts(3 * bs)
-    contrastive = [model.tokenize(queries[:bs], is_query=True), model.tokenize(docs[:bs], is_query=False),
-                   model.tokenize(docs[bs:2 * bs], is_query=False)]
     n_ways = 4 if quick else 8
     kd_bs = max(1, bs // 2)
+    queries, docs = stdlib_texts(max(3 * bs, kd_bs * n_ways))  # enough documents for both cases
+    # both document columns tokenized in one call, then split, so they share a padded length: PyLate 1.6's
+    # Contrastive stacks the columns (torch.stack), which refuses columns padded to different lengths
+    both = model.tokenize(docs[:2 * bs], is_query=False)
+    contrastive = [model.tokenize(queries[:bs], is_query=True),
+                   {k: v[:bs] if torch.is_tensor(v) else v for k, v in both.items()},
+                   {k: v[bs:2 * bs] if torch.is_tensor(v) else v for k, v in both.items()}]
     kd = [model.tokenize(queries[:kd_bs], is_query=True), model.tokenize(docs[:kd_bs * n_ways], is_query=False)]
     kd_labels = torch.rand(kd_bs, n_ways, generator=torch.Generator().manual_seed(2)).to(device)
     cases = [("contrastive", f"Contrastive, {bs} queries x (1 pos + 1 neg), in-batch negatives", losses.Contrastive,
