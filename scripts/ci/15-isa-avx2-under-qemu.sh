@@ -41,7 +41,8 @@ QEMU_VALUES_NATIVE="test_maxsim_cpu_isa_fwd_bwd or test_prepared_equals_unprepar
 REATT_UNDER_QEMU=1 qemu-x86_64 -cpu max "$PY" -m pytest -q -p no:cacheprovider tests -m "isa_path" \
   -k "not ($QEMU_VALUES_NATIVE)" tests/tooling/test_isa.py
 set +e
-REATT_UNDER_QEMU=1 qemu-x86_64 -cpu max "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m "isa_path" \
+# REATT_ISA_REPORT unset: these values are judged natively, so this run must not mark maxsim avx2 failed or tested
+REATT_ISA_REPORT= REATT_UNDER_QEMU=1 qemu-x86_64 -cpu max "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m "isa_path" \
   -k "$QEMU_VALUES_NATIVE" >/tmp/reatt-qemu-values.log 2>&1
 rc=$?
 set -e
